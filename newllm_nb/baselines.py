@@ -1,0 +1,130 @@
+"""Equal-parameter baselines with New-LLM's interface: ``forward(ids, state, reset) -> (logits, state)``.
+
+* ``LSTMLM``: cuDNN ``nn.LSTM``; the recurrent state is ``(h, c)``.
+* ``TransformerLM``: causal, PyTorch SDPA, learned positions; it carries no state between windows
+  (its memory is the window), and ``reset`` blocks attention across example boundaries.
+
+``matched_config`` sizes either to a New-LLM config's parameter count so comparisons are fair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .model import ContextVectorLLM
+
+
+def _init(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        H = config.lstm_hidden or config.hidden_dim
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.lstm = nn.LSTM(config.embed_dim, H, num_layers=config.lstm_layers, batch_first=True,
+                            dropout=config.dropout if config.lstm_layers > 1 else 0.0)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(H, config.vocab_size)
+        _init(self, config.init_std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, context=None, reset: Optional[torch.Tensor] = None):
+        x = self.drop(self.embed(ids))
+        B, T = ids.shape
+        state = context
+        # cuDNN cannot reset mid-sequence: run the chunks between reset columns, zeroing rows that reset.
+        cuts = [0] + ([] if reset is None else
+                      [t for t in torch.nonzero(reset[:, 1:].any(0)).flatten().add(1).tolist()]) + [T]
+        outs = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if state is not None and reset is not None:
+                keep = (~reset[:, a]).to(x.dtype).view(1, B, 1)
+                state = (state[0] * keep.to(state[0].dtype), state[1] * keep.to(state[1].dtype))
+            out, state = self.lstm(x[:, a:b], state)
+            outs.append(out)
+        return self.head(self.drop(torch.cat(outs, 1))), state
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.tf_dim or config.embed_dim
+        self.tok = nn.Embedding(config.vocab_size, d)
+        self.pos = nn.Embedding(config.max_len, d)
+        layer = nn.TransformerEncoderLayer(d, config.tf_heads, 4 * d, config.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, config.tf_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.vocab_size)
+        _init(self, config.init_std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, context=None, reset: Optional[torch.Tensor] = None):
+        B, T = ids.shape
+        if T > self.config.max_len:
+            raise ValueError(f"sequence length {T} exceeds TransformerLM max_len {self.config.max_len}")
+        x = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
+        if reset is None:
+            mask = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device, dtype=x.dtype)
+            h = self.blocks(x, mask=mask, is_causal=True)
+        else:  # causal within each example: True = may attend, expanded to a float mask per head
+            seg = reset.long().cumsum(1)
+            allowed = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril() & (seg[:, :, None] == seg[:, None, :])
+            mask = torch.zeros(B, T, T, dtype=x.dtype, device=ids.device).masked_fill(~allowed, float("-inf"))
+            mask = mask.repeat_interleave(self.config.tf_heads, 0)
+            h = self.blocks(x, mask=mask)
+        return self.head(self.norm(h)), None
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    return {"newllm": ContextVectorLLM, "lstm": LSTMLM, "transformer": TransformerLM}[config.arch](config)
+
+
+def count_parameters(config: ModelConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(config).parameters())
+
+
+def matched_config(config: ModelConfig, arch: str, target: Optional[int] = None) -> ModelConfig:
+    """A baseline ``arch`` config whose parameter count is closest to ``target`` (default: ``config``'s)."""
+    target = target or count_parameters(dataclasses.replace(config, arch="newllm"))
+    if arch == "newllm":
+        return dataclasses.replace(config, arch="newllm")
+    if arch == "lstm":
+        sizes = range(8, 4097, 8)
+        make = lambda s: dataclasses.replace(config, arch="lstm", lstm_hidden=s)  # noqa: E731
+    elif arch == "transformer":
+        step = 2 * config.tf_heads
+        sizes = range(step, 4097, step)
+        make = lambda s: dataclasses.replace(config, arch="transformer", tf_dim=s)  # noqa: E731
+    else:
+        raise ValueError(f"unknown arch {arch!r}: newllm, lstm or transformer")
+    best = min(sizes, key=lambda s: abs(count_parameters(make(s)) - target))
+    return make(best)
+
+
+def detach_state(state):
+    """Detach a carried state (tensor, tuple of tensors or None) between truncated-BPTT windows."""
+    if state is None:
+        return None
+    if torch.is_tensor(state):
+        return state.detach()
+    return tuple(s.detach() for s in state)
+

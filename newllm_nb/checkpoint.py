@@ -1,0 +1,202 @@
+"""Checkpoints: one safetensors file holding weights, optimizer tensors and RNG state, with the run's
+config, tokenizer, history and trainer state as JSON in its metadata. Nothing is unpickled on load.
+
+Writes are atomic (temp file in the same folder, fsync, ``os.replace``), so a crash or a Colab
+disconnect never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+FORMAT = "newllm_nb/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, foreign, or does not fit the model."""
+
+
+def _atomic_write(path: Union[str, Path], write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
+    tensors, meta_state = {}, {}
+    for idx, st in sd["state"].items():
+        meta_state[str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta_state[str(idx)][k] = v
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"state": meta_state, "param_groups": groups}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {int(i): dict(v) for i, v in meta["state"].items()}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: dict, tokenizer=None,
+                    history: Optional[list] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scaler=None, trainer_state: Optional[dict] = None, extra_tensors: Optional[dict] = None
+                    ) -> Path:
+    """Write one checkpoint atomically. Everything needed to chat or resume travels in this file."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"format": FORMAT, "config": config, "history": history or [],
+                            "trainer_state": trainer_state or {}}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer.to_json()
+    if optimizer is not None:
+        opt_t, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_t)
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = scaler.state_dict()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
+    metadata = {"newllm_nb": json.dumps(meta)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return Path(path)
+
+
+class Checkpoint:
+    """What ``load_checkpoint`` returns: tensors and parsed metadata, no model built yet."""
+
+    def __init__(self, path: Path, tensors: dict, meta: dict) -> None:
+        self.path, self.tensors, self.meta = path, tensors, meta
+
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+    @property
+    def history(self) -> list:
+        return self.meta.get("history", [])
+
+    @property
+    def trainer_state(self) -> dict:
+        return self.meta.get("trainer_state", {})
+
+    def model_state(self) -> dict:
+        return {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+
+    def tokenizer(self):
+        from .tokenizer import tokenizer_from_json
+
+        if "tokenizer" not in self.meta:
+            raise CheckpointError(f"{self.path}: checkpoint carries no tokenizer")
+        return tokenizer_from_json(self.meta["tokenizer"])
+
+    def optimizer_state(self) -> Optional[dict]:
+        return _unflatten_optimizer(self.tensors, self.meta["optimizer"]) if "optimizer" in self.meta else None
+
+    def extra(self, name: str) -> Optional[torch.Tensor]:
+        return self.tensors.get(f"extra.{name}")
+
+    def restore_rng(self) -> None:
+        if "rng.cpu" in self.tensors:
+            torch.set_rng_state(self.tensors["rng.cpu"])
+        cuda = [self.tensors[k] for k in sorted(self.tensors) if k.startswith("rng.cuda.")]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Load weights, raising CheckpointError that names every missing / unexpected / misshapen tensor."""
+        state = self.model_state()
+        own = model.state_dict()
+        problems = [f"missing {k}" for k in own if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in own]
+        problems += [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                     for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if problems:
+            raise CheckpointError(f"{self.path} does not fit this model ({len(problems)} problem(s)): "
+                                  + "; ".join(problems[:6]))
+        model.load_state_dict(state)
+
+
+def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; CheckpointError names the file and the problem."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (p / name).exists():
+                p = p / name
+                break
+        else:
+            raise CheckpointError(f"no best.safetensors or last.safetensors in {p}")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.stat().st_size < 16:
+        raise CheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p} is not a readable safetensors checkpoint (truncated or foreign file): {e}") \
+            from e
+    if "newllm_nb" not in metadata:
+        raise CheckpointError(f"{p} is a safetensors file but not a newllm_nb checkpoint (no metadata)")
+    try:
+        meta = json.loads(metadata["newllm_nb"])
+    except ValueError as e:
+        raise CheckpointError(f"{p}: checkpoint metadata is corrupt: {e}") from e
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{p}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    return Checkpoint(p, tensors, meta)
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
+    """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, checkpoint)."""
+    from .baselines import build_model
+    from .config import RunConfig
+
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = RunConfig.from_dict(ckpt.config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: config in checkpoint is invalid: {e}") from e
+    model = build_model(cfg.model)
+    ckpt.load_into(model)
+    return model.to(device).eval(), ckpt.tokenizer(), ckpt

@@ -1,0 +1,276 @@
+"""Plain dataclass configs with validation and the seed's presets.
+
+Every invalid value raises ``ValueError`` naming the field, so a mistyped widget or CLI flag fails
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+def is_smoke() -> bool:
+    """True when ``NEWLLM_SMOKE=1``: tests and CI shrink data and epochs, nothing else changes."""
+    return os.environ.get("NEWLLM_SMOKE", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _check(name: str, ok: bool, why: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"invalid config value {name}={value!r}: {why}")
+
+
+def _int(obj: Any, name: str, lo: int, hi: Optional[int] = None) -> None:
+    v = getattr(obj, name)
+    _check(name, isinstance(v, int) and not isinstance(v, bool), "must be an integer", v)
+    _check(name, v >= lo, f"must be >= {lo}", v)
+    if hi is not None:
+        _check(name, v <= hi, f"must be <= {hi}", v)
+
+
+def _float(obj: Any, name: str, lo: float, hi: Optional[float] = None, lo_open: bool = False,
+           hi_open: bool = False) -> None:
+    v = getattr(obj, name)
+    _check(name, isinstance(v, (int, float)) and not isinstance(v, bool), "must be a number", v)
+    _check(name, v == v and abs(v) != float("inf"), "must be finite", v)
+    _check(name, v > lo if lo_open else v >= lo, f"must be {'>' if lo_open else '>='} {lo}", v)
+    if hi is not None:
+        _check(name, v < hi if hi_open else v <= hi, f"must be {'<' if hi_open else '<='} {hi}", v)
+
+
+def _choice(obj: Any, name: str, choices: tuple) -> None:
+    v = getattr(obj, name)
+    _check(name, v in choices, f"must be one of {choices}", v)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a New-LLM model (or of a baseline: ``arch`` picks the family)."""
+
+    vocab_size: int = 1000
+    embed_dim: int = 256
+    context_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.1
+    context_dropout: float = 0.0  # dropout on the recurrent context path (0 = seed)
+    context_tanh: bool = False  # tanh on the candidate W_u h; the seed's code has none
+    init_std: float = 0.02
+    arch: str = "newllm"  # newllm | lstm | transformer
+    # Baseline sizes (set by baselines.matched_config; ignored by New-LLM).
+    lstm_hidden: int = 0
+    lstm_layers: int = 1
+    tf_dim: int = 0
+    tf_layers: int = 2
+    tf_heads: int = 4
+    max_len: int = 1024  # Transformer position table
+    grown_from: Optional[int] = None  # context_dim before expand_context(), if grown
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _int(self, "vocab_size", 5)
+        for name in ("embed_dim", "context_dim", "hidden_dim"):
+            _int(self, name, 1, 65536)
+        _int(self, "num_layers", 1, 64)
+        _float(self, "dropout", 0.0, 1.0, hi_open=True)
+        _float(self, "context_dropout", 0.0, 1.0, hi_open=True)
+        _check("context_tanh", isinstance(self.context_tanh, bool), "must be True or False", self.context_tanh)
+        _float(self, "init_std", 0.0, lo_open=True)
+        _choice(self, "arch", ("newllm", "lstm", "transformer"))
+        _int(self, "lstm_hidden", 0)
+        _int(self, "lstm_layers", 1, 16)
+        _int(self, "tf_dim", 0)
+        _int(self, "tf_layers", 1, 64)
+        _int(self, "tf_heads", 1, 64)
+        _int(self, "max_len", 1)
+        if self.arch == "transformer" and self.tf_dim:
+            _check("tf_dim", self.tf_dim % self.tf_heads == 0, "must be divisible by tf_heads", self.tf_dim)
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is cut into training windows."""
+
+    dataset: str = "wikitext"  # wikitext | dolly | instruct (any instruction set, see data.load_instructions)
+    path: Optional[str] = None  # explicit local file / folder; else the hub; else the bundled sample
+    max_seq_length: int = 64
+    tokenizer: str = "word"  # word | bpe
+    mode: str = "windows"  # windows (seed) | stream (stateful BPTT) | packed (Dolly, reset per example)
+    reset_at_articles: bool = True  # stream mode: zero the context at each WikiText article
+    response_only_loss: bool = False  # Dolly: loss only on the Response part
+    max_examples: Optional[int] = None  # cap on paragraphs / records (smoke mode)
+    field_map: Optional[dict] = None  # instruct: {"instruction": "instruction", "context": "input", ...}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _choice(self, "dataset", ("wikitext", "dolly", "instruct"))
+        _int(self, "max_seq_length", 4, 1 << 20)
+        _choice(self, "tokenizer", ("word", "bpe"))
+        _choice(self, "mode", ("windows", "stream", "packed"))
+        if self.max_examples is not None:
+            _int(self, "max_examples", 1)
+        if self.path is not None:
+            _check("path", isinstance(self.path, (str, os.PathLike)) and str(self.path).strip() != "",
+                   "must be a non-empty path", self.path)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``lr=None`` means the seed rule lr = 1e-4 * sqrt(batch / 32)."""
+
+    epochs: int = 150
+    batch_size: int = 2048
+    lr: Optional[float] = None
+    optimizer: str = "adam"  # adam (seed) | adamw
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant (seed) | cosine (with warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    clip: Union[str, float] = "seed"  # "seed": 0.5 / 1.0 / 2.0 before epoch 10 / 30 / after; or a norm
+    patience: int = 30
+    min_delta: float = 0.001
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 42
+    seed_compatible: bool = False  # metrics averaged per batch, as the seed did
+    fast_path: str = "auto"  # auto | off | graph | compile  (CUDA only)
+    checkpoint_every_minutes: float = 10.0
+    keep_every: int = 0  # also keep epoch_{k}.safetensors every k epochs (0 = only best + last)
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else seed_lr(self.batch_size)
+
+    def clip_for_epoch(self, epoch: int) -> float:
+        """Gradient-norm limit for a 0-based epoch."""
+        if self.clip == "seed":
+            return 0.5 if epoch < 10 else 1.0 if epoch < 30 else 2.0
+        return float(self.clip)
+
+    def validate(self) -> None:
+        _int(self, "epochs", 1, 100_000)
+        _int(self, "batch_size", 1, 1 << 20)
+        if self.lr is not None:
+            _float(self, "lr", 0.0, 1.0, lo_open=True)
+        _choice(self, "optimizer", ("adam", "adamw"))
+        _float(self, "weight_decay", 0.0, 1.0)
+        _choice(self, "schedule", ("constant", "cosine"))
+        _int(self, "warmup_steps", 0)
+        _float(self, "min_lr_ratio", 0.0, 1.0)
+        if self.clip != "seed":
+            _float(self, "clip", 0.0, lo_open=True)
+        _int(self, "patience", 1)
+        _float(self, "min_delta", 0.0)
+        _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"))
+        _check("device", isinstance(self.device, str) and (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")),
+            "must be auto, cpu, cuda, cuda:N or mps", self.device)
+        _int(self, "seed", 0)
+        _choice(self, "fast_path", ("auto", "off", "graph", "compile"))
+        _float(self, "checkpoint_every_minutes", 0.0, lo_open=True)
+        _int(self, "keep_every", 0)
+        _int(self, "max_nonfinite", 1)
+
+
+def seed_lr(batch_size: int) -> float:
+    """The seed's learning-rate rule: 1e-4 * sqrt(batch / 32)."""
+    return 1e-4 * (batch_size / 32) ** 0.5
+
+
+@dataclass
+class RunConfig:
+    """Model + data + training: everything a run needs, saved with each checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(model=config_from_dict(ModelConfig, d.get("model", {})),
+                   data=config_from_dict(DataConfig, d.get("data", {})),
+                   train=config_from_dict(TrainConfig, d.get("train", {})))
+
+
+def config_from_dict(cls: type, d: dict) -> Any:
+    """Build a config dataclass from a dict, naming any unknown key."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
+def _seed_wikitext() -> RunConfig:
+    return RunConfig(ModelConfig(num_layers=4), DataConfig("wikitext", max_seq_length=64),
+                     TrainConfig(epochs=150, patience=30))
+
+
+def _seed_dolly() -> RunConfig:
+    return RunConfig(ModelConfig(num_layers=1), DataConfig("dolly", max_seq_length=128),
+                     TrainConfig(epochs=100, patience=20))
+
+
+def _best_wikitext() -> RunConfig:
+    # The package's recipe (issue 6): stateful BPTT, AdamW + warm-up/cosine, norm clipping.
+    return RunConfig(ModelConfig(num_layers=1, dropout=0.1),
+                     DataConfig("wikitext", max_seq_length=64, mode="stream"),
+                     TrainConfig(epochs=40, patience=6, optimizer="adamw", weight_decay=0.01,
+                                 schedule="cosine", warmup_steps=100, clip=1.0, batch_size=64, lr=2e-3))
+
+
+def _smoke() -> RunConfig:
+    return RunConfig(ModelConfig(vocab_size=300, embed_dim=32, context_dim=32, hidden_dim=64, num_layers=1),
+                     DataConfig("wikitext", max_seq_length=32, max_examples=80),
+                     TrainConfig(epochs=2, batch_size=32, lr=3e-3, patience=5, show_progress=False))
+
+
+PRESETS = {"seed_wikitext": _seed_wikitext, "seed_dolly": _seed_dolly, "best_wikitext": _best_wikitext,
+           "smoke": _smoke}
+
+
+def preset(name: str, **overrides: Any) -> RunConfig:
+    """A fresh preset; ``overrides`` are ``section__field=value`` (e.g. ``train__epochs=3``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return apply_overrides(cfg, **overrides)
+
+
+def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
+    """Return a copy with ``section__field=value`` overrides applied and validated."""
+    parts: dict = {"model": {}, "data": {}, "train": {}}
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if section not in parts or not name:
+            raise ValueError(f"override {key!r} must look like model__num_layers / data__path / train__epochs")
+        parts[section][name] = value
+    d = cfg.to_dict()
+    for section, values in parts.items():
+        d[section].update(values)
+    return RunConfig.from_dict(d)
+
+
+def smoke_config(cfg: RunConfig) -> RunConfig:
+    """Under ``NEWLLM_SMOKE=1``: at most 2 epochs and a capped data sample; unchanged otherwise."""
+    if not is_smoke():
+        return cfg
+    return apply_overrides(cfg, train__epochs=min(cfg.train.epochs, 2),
+                           data__max_examples=min(cfg.data.max_examples or 120, 120))

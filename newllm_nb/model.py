@@ -1,0 +1,112 @@
+"""New-LLM: an attention-free language model whose whole context is one fixed-size vector.
+
+For each token t (c_0 = 0):
+
+    h_t      = FNN([embed(x_t) ; c_{t-1}])                    N x (Linear + ReLU + Dropout)
+    logits_t = W_out h_t
+    c_t      = clamp(LayerNorm(sigmoid(W_f h_t) * c_{t-1} + sigmoid(W_i h_t) * (W_u h_t)), -10, 10)
+
+No attention and no positional embeddings: the state carried between tokens is c_t alone, so
+memory is O(1) in sequence length.
+
+Only the recurrence must run token by token. Everything else is hoisted out of the time loop:
+the embedding half of layer 1 is one matmul over all positions, the output head runs once over
+all hidden states, and W_f / W_i / W_u are one fused matmul. ``step`` is the literal single-token
+update, used by generation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+CONTEXT_CLAMP = 10.0
+
+
+class ContextVectorLLM(nn.Module):
+    """The New-LLM cell. ``forward(ids, context)`` returns ``(logits, final_context)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        E, C, H = config.embed_dim, config.context_dim, config.hidden_dim
+        self.embed = nn.Embedding(config.vocab_size, E)
+        # Layer 1 reads [embed ; context]; its weight is split at use so the embedding half can be hoisted.
+        self.fnn = nn.ModuleList([nn.Linear(E + C, H)] + [nn.Linear(H, H) for _ in range(config.num_layers - 1)])
+        self.drop = nn.Dropout(config.dropout)
+        self.ctx_drop = nn.Dropout(config.context_dropout)
+        self.gates = nn.Linear(H, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
+        self.norm = nn.LayerNorm(C)
+        self.head = nn.Linear(H, config.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Seed init: weights N(0, init_std), biases zero, LayerNorm identity."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, self.config.init_std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        self.norm.reset_parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_context(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        """c_0 = 0."""
+        return torch.zeros(batch_size, self.config.context_dim, device=device or self.embed.weight.device,
+                           dtype=dtype or self.embed.weight.dtype)
+
+    # -- the recurrence, one token ------------------------------------------------------------------
+    def _cell(self, x_proj: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One time step given layer 1's hoisted embedding projection ``x_proj`` = W_e e_t + b."""
+        W_c = self.fnn[0].weight[:, self.config.embed_dim:]
+        h = self.drop(F.relu(x_proj + F.linear(self.ctx_drop(c), W_c)))
+        for layer in self.fnn[1:]:
+            h = self.drop(F.relu(layer(h)))
+        f, i, u = self.gates(h).chunk(3, dim=-1)
+        if self.config.context_tanh:
+            u = torch.tanh(u)
+        c = self.norm(torch.sigmoid(f) * c + torch.sigmoid(i) * u).clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+        return h, c
+
+    def _embed_proj(self, ids: torch.Tensor) -> torch.Tensor:
+        W_e = self.fnn[0].weight[:, : self.config.embed_dim]
+        return F.linear(self.embed(ids), W_e, self.fnn[0].bias)
+
+    def step(self, token_ids: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance one token: ``token_ids`` [B] -> (logits [B, V], new context [B, C])."""
+        h, c = self._cell(self._embed_proj(token_ids), context)
+        return self.head(h), c
+
+    # -- a whole sequence -----------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, context: Optional[torch.Tensor] = None,
+                reset: Optional[torch.Tensor] = None, return_trajectory: bool = False):
+        """Run ``ids`` [B, T] from ``context`` (zeros if None).
+
+        ``reset`` [B, T] (bool) zeroes the context *before* token t where True: packed sequences
+        start fresh at each example. Returns ``(logits [B, T, V], context [B, C])``, plus the context
+        trajectory [B, T, C] (c_1..c_T) when ``return_trajectory``.
+        """
+        B, T = ids.shape
+        c = self.init_context(B) if context is None else context
+        x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
+        keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
+        hs, cs = [], []
+        for t in range(T):
+            if keep is not None:
+                c = c * keep[:, t]
+            h, c = self._cell(x_proj[:, t], c)
+            hs.append(h)
+            if return_trajectory:
+                cs.append(c)
+        logits = self.head(torch.stack(hs, dim=1))  # hoisted: one matmul over all hidden states
+        if return_trajectory:
+            return logits, c, torch.stack(cs, dim=1)
+        return logits, c

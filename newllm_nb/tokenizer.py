@@ -1,0 +1,137 @@
+"""Tokenizers with one interface: the seed's word tokenizer and a byte-level BPE option.
+
+Both reserve PAD/UNK/BOS/EOS = 0/1/2/3, ``encode`` adds BOS and EOS by default, and both
+round-trip through JSON (``to_json`` / ``tokenizer_from_json``) so a checkpoint carries its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Iterable, Protocol
+
+from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def to_json(self) -> str: ...
+
+
+class WordTokenizer:
+    """Lowercase, whitespace split, the top ``vocab_size - 4`` words by frequency (the seed's)."""
+
+    kind = "word"
+
+    def __init__(self, words: list[str]) -> None:
+        self.itos = list(SPECIAL_TOKENS) + [w for w in words if w not in SPECIAL_TOKENS]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000) -> WordTokenizer:
+        if vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+        counts: Counter = Counter()
+        for text in texts:
+            counts.update(text.lower().split())
+        for tok in SPECIAL_TOKENS:
+            counts.pop(tok, None)
+        if not counts:
+            raise ValueError("cannot build a vocabulary: the training texts contain no words")
+        return cls([w for w, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS))])
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = [self.stoi.get(w, UNK_ID) for w in text.lower().split()]
+        return [BOS_ID, *ids, EOS_ID] if add_special else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        specials = (PAD_ID, BOS_ID, EOS_ID)
+        return " ".join(self.itos[i] if 0 <= i < self.vocab_size else "<unk>" for i in map(int, ids)
+                        if i not in specials)
+
+    def decode_token(self, token_id: int) -> str:
+        """The text a streaming generator should append for one token."""
+        return "" if token_id in (PAD_ID, BOS_ID, EOS_ID) else " " + self.decode([token_id])
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "words": self.itos[len(SPECIAL_TOKENS):]})
+
+
+class BPETokenizer:
+    """Byte-level BPE trained offline with Hugging Face ``tokenizers``; no word splitting needed,
+    so it handles scripts without spaces (Japanese, Chinese) and never produces UNK."""
+
+    kind = "bpe"
+
+    def __init__(self, tok) -> None:  # tok: tokenizers.Tokenizer
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE(unk_token=SPECIAL_TOKENS[UNK_ID]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise ValueError("cannot train BPE: the training texts are empty")
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [BOS_ID, *ids, EOS_ID] if add_special else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def decode_token(self, token_id: int) -> str:
+        # Byte-level pieces may be partial UTF-8; generate.py decodes the running sequence instead.
+        return self.decode([token_id])
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "tokenizer": self._tok.to_str()})
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> WordTokenizer | BPETokenizer:
+    if kind == "word":
+        return WordTokenizer.train(texts, vocab_size)
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    raise ValueError(f"unknown tokenizer kind {kind!r}: choose 'word' or 'bpe'")
+
+
+def tokenizer_from_json(s: str) -> WordTokenizer | BPETokenizer:
+    """Inverse of ``to_json``; raises ValueError on anything else."""
+    try:
+        d = json.loads(s)
+        kind = d["kind"]
+        if kind == "word":
+            return WordTokenizer(list(d["words"]))
+        if kind == "bpe":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            return BPETokenizer(HFTokenizer.from_str(d["tokenizer"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"not a newllm_nb tokenizer JSON: {e}") from e
+    raise ValueError(f"not a newllm_nb tokenizer JSON: unknown kind {kind!r}")
+
+
+def save_tokenizer(tok: WordTokenizer | BPETokenizer, path: str) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, tok.to_json())
+
+
+def load_tokenizer(path: str) -> WordTokenizer | BPETokenizer:
+    with open(path, encoding="utf-8") as f:
+        return tokenizer_from_json(f.read())

@@ -44,7 +44,7 @@ def classify(name: str) -> str:
 def detect(device: Optional[str] = None) -> HardwareInfo:
     """Describe the CUDA device (or the CPU when there is none)."""
     if device != "cpu" and torch.cuda.is_available():
-        idx = torch.device(device).index or 0 if device and device.startswith("cuda") else 0
+        idx = (torch.device(device).index if device and device.startswith("cuda") else None) or 0
         p = torch.cuda.get_device_properties(idx)
         return HardwareInfo(classify(p.name), p.name, f"cuda:{idx}", round(p.total_memory / 2**30, 1),
                             f"{p.major}.{p.minor}", bool(torch.cuda.is_bf16_supported()))
@@ -64,7 +64,7 @@ def recommend(info: Optional[HardwareInfo] = None) -> Recommendation:
     """Batch by the seed's table (H100/H200 at least 4096; unknown GPUs by memory; CPU 256), lr by its rule."""
     info = info or detect()
     if info.kind == "CPU":
-        batch = 256
+        batch = 64  # small batches: more updates per epoch where every step is slow
     elif info.kind in SEED_GPU_TABLE:
         batch = SEED_GPU_TABLE[info.kind]
     elif info.kind == "H200":

@@ -280,6 +280,9 @@ class Trainer:
         """Train until ``epochs`` or early stopping; returns the history (one dict per epoch)."""
         from tqdm.auto import tqdm
 
+        if self.run_dir is not None and self.run_dir.exists():
+            for stale in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write; never a checkpoint
+                stale.unlink()
         if resume and self.last_path is not None and self.last_path.exists():
             self.resume(self.last_path)
             print(f"resumed {self.last_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")

@@ -1,0 +1,110 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm_nb import ContextVectorLLM, ModelConfig
+
+SEED_PARAMS = {1: 1_426_152, 4: 2_214_120, 6: 2_739_432}
+
+
+@pytest.mark.parametrize("layers", sorted(SEED_PARAMS))
+def test_parameter_counts_at_seed_defaults(layers):
+    assert ContextVectorLLM(ModelConfig(num_layers=layers)).num_parameters() == SEED_PARAMS[layers]
+
+
+def test_init_is_normal_002_with_zero_biases():
+    m = ContextVectorLLM(ModelConfig(num_layers=2))
+    w = torch.cat([m.embed.weight.flatten(), m.fnn[0].weight.flatten(), m.head.weight.flatten()])
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert all(float(layer.bias.detach().abs().max()) == 0 for layer in [*m.fnn, m.gates, m.head])
+
+
+def literal_loop(m: ContextVectorLLM, ids, c=None, reset=None):
+    """The equations of DEVELOPERS.md written token by token, with W_f / W_i / W_u as separate matrices."""
+    cfg = m.config
+    C = cfg.context_dim
+    W_f, W_i, W_u = m.gates.weight[:C], m.gates.weight[C:2 * C], m.gates.weight[2 * C:]
+    b_f, b_i, b_u = m.gates.bias[:C], m.gates.bias[C:2 * C], m.gates.bias[2 * C:]
+    B, T = ids.shape
+    c = torch.zeros(B, C) if c is None else c
+    out = []
+    for t in range(T):
+        if reset is not None:
+            c = torch.where(reset[:, t, None], torch.zeros_like(c), c)
+        h = torch.cat([m.embed(ids[:, t]), c], dim=-1)
+        for layer in m.fnn:
+            h = F.relu(layer(h))
+        out.append(m.head(h))
+        u = h @ W_u.T + b_u
+        if cfg.context_tanh:
+            u = torch.tanh(u)
+        pre = torch.sigmoid(h @ W_f.T + b_f) * c + torch.sigmoid(h @ W_i.T + b_i) * u
+        c = torch.clamp(F.layer_norm(pre, (C,), m.norm.weight, m.norm.bias), -10, 10)
+    return torch.stack(out, 1), c
+
+
+def small(**kw):
+    return ModelConfig(vocab_size=50, embed_dim=12, context_dim=10, hidden_dim=16, dropout=0.0, **kw)
+
+
+@pytest.mark.parametrize("layers,tanh,with_reset", [(1, False, False), (3, False, True), (2, True, False)])
+def test_hoisted_forward_matches_literal_loop_outputs_and_gradients(layers, tanh, with_reset):
+    torch.manual_seed(0)
+    m = ContextVectorLLM(small(num_layers=layers, context_tanh=tanh))
+    with torch.no_grad():  # non-trivial biases / LayerNorm so every term is exercised
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 50, (3, 9))
+    c0 = torch.randn(3, 10)
+    reset = (torch.rand(3, 9) < 0.3) if with_reset else None
+    logits, c = m(ids, c0, reset)
+    ref_logits, ref_c = literal_loop(m, ids, c0, reset)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad((logits.square().mean() + c.sum()), list(m.parameters()))
+    g_ref = torch.autograd.grad((ref_logits.square().mean() + ref_c.sum()), list(m.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_state_carried_over_two_calls_equals_one_call():
+    torch.manual_seed(1)
+    m = ContextVectorLLM(small(num_layers=2)).eval()
+    ids = torch.randint(0, 50, (2, 20))
+    full_logits, full_c = m(ids)
+    a_logits, a_c = m(ids[:, :7])
+    b_logits, b_c = m(ids[:, 7:], a_c)
+    torch.testing.assert_close(torch.cat([a_logits, b_logits], 1), full_logits)
+    torch.testing.assert_close(b_c, full_c)
+
+
+def test_step_equals_forward_and_trajectory_has_every_context():
+    torch.manual_seed(2)
+    m = ContextVectorLLM(small(num_layers=2)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    logits, c, traj = m(ids, return_trajectory=True)
+    assert traj.shape == (2, 6, 10)
+    ctx = m.init_context(2)
+    for t in range(6):
+        step_logits, ctx = m.step(ids[:, t], ctx)
+        torch.testing.assert_close(step_logits, logits[:, t])
+        torch.testing.assert_close(ctx, traj[:, t])
+    assert float(traj.abs().max()) <= 10.0
+
+
+def test_reset_mask_equals_separate_runs():
+    torch.manual_seed(3)
+    m = ContextVectorLLM(small()).eval()
+    a, b = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 4))
+    reset = torch.zeros(1, 9, dtype=torch.bool)
+    reset[0, 5] = True
+    logits, _ = m(torch.cat([a, b], 1), reset=reset)
+    torch.testing.assert_close(logits[:, 5:], m(b)[0])
+
+
+def test_context_dropout_only_in_training():
+    m = ContextVectorLLM(dataclasses.replace(small(), context_dropout=0.5)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(m(ids)[0], m(ids)[0])

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from newllm_nb import ContextVectorLLM, preset
+from newllm_nb.checkpoint import CheckpointError, load_checkpoint
+from newllm_nb.config import apply_overrides
+from newllm_nb.data import WindowData, prepare
+from newllm_nb.trainer import Metrics, NonFiniteLossError, Trainer, evaluate, lr_at
+
+
+def tiny(**ov):
+    base = dict(model__vocab_size=200, model__embed_dim=16, model__context_dim=16, model__hidden_dim=32,
+                data__max_seq_length=16, data__max_examples=60, train__batch_size=16, train__lr=5e-3,
+                train__epochs=3, train__patience=10)
+    base.update(ov)
+    return preset("smoke", **base)
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare(tiny().data, 200)
+
+
+def make(cfg, prepared, run_dir=None):
+    torch.manual_seed(cfg.train.seed)
+    cfg = apply_overrides(cfg, model__vocab_size=prepared.tokenizer.vocab_size)
+    return Trainer(ContextVectorLLM(cfg.model), prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir)
+
+
+def test_loss_falls_on_the_bundled_sample(prepared):
+    hist = make(tiny(train__epochs=4), prepared).fit()
+    assert len(hist) == 4
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.3
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    assert math.log(prepared.tokenizer.vocab_size) > hist[-1]["val_loss"]
+    for k in ("train_loss", "val_loss", "val_ppl", "val_acc", "tokens_per_s", "seconds", "lr"):
+        assert math.isfinite(hist[-1][k]), k
+
+
+def _losses(h):
+    return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_acc"], r["lr"], r["best"]) for r in h]
+
+
+@pytest.mark.parametrize("mode", ["windows", "stream"])
+def test_stop_then_resume_equals_uninterrupted(tmp_path, mode):
+    cfg = tiny(train__epochs=4, data__mode=mode, train__optimizer="adamw", train__schedule="cosine",
+               train__warmup_steps=3, train__weight_decay=0.01)
+    p = prepare(cfg.data, 200)
+    full = make(cfg, p).fit()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(rec):
+        if rec["epoch"] == 2:
+            raise Stop
+
+    first = make(cfg, p, tmp_path)
+    first.callbacks.append(stop_after_two)
+    with pytest.raises(Stop):
+        first.fit()
+    assert load_checkpoint(tmp_path / "last.safetensors").trainer_state["epoch"] == 2
+    # A fresh process would do exactly this: same config, same run dir -> resumes at epoch 3.
+    resumed = make(cfg, p, tmp_path).fit()
+    assert len(resumed) == 4
+    for a, b in zip(_losses(full), _losses(resumed)):
+        assert a[0] == b[0] and a[5] == b[5]
+        assert a[1:5] == pytest.approx(b[1:5], rel=1e-5, abs=1e-7)
+
+
+def test_finished_run_is_skipped_and_other_model_refused(tmp_path, prepared):
+    h = make(tiny(train__epochs=1), prepared, tmp_path).fit()
+    again = make(tiny(train__epochs=1), prepared, tmp_path)
+    assert again.fit() == h
+    with pytest.raises(CheckpointError, match="another model config"):
+        make(tiny(train__epochs=1, model__hidden_dim=48), prepared, tmp_path).fit()
+
+
+def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path, prepared):
+    t = make(tiny(train__epochs=2, train__max_nonfinite=3), prepared, tmp_path)
+    calls = {"n": 0}
+
+    def inject_nan_once(loss):
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    t.loss_hook = inject_nan_once
+    before = [p.detach().clone() for p in t.model.parameters()]
+    hist = t.fit()
+    assert hist[0]["nonfinite_steps"] == 1 and math.isfinite(hist[-1]["val_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+    t2 = make(tiny(train__epochs=2, train__max_nonfinite=3), prepared, tmp_path / "b")
+    t2.loss_hook = lambda loss: loss * float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive non-finite.*learning rate.*Last good checkpoint"):
+        t2.fit()
+
+
+def test_nonfinite_step_leaves_weights_untouched(prepared):
+    t = make(tiny(train__epochs=1, train__max_nonfinite=100), prepared)
+    t.loss_hook = lambda loss: loss * float("inf")
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+    assert t.history[0]["nonfinite_steps"] == t.train_data.num_batches(16)
+
+
+def test_metrics_token_weighted_vs_seed_per_batch():
+    m, s = Metrics(False), Metrics(True)
+    for ls, n, c in [(10.0, 10, 5), (1.0, 1, 0)]:
+        m.add(torch.tensor(ls), torch.tensor(n), torch.tensor(c))
+        s.add(torch.tensor(ls), torch.tensor(n), torch.tensor(c))
+    assert m.result()["loss"] == pytest.approx(11 / 11) and m.result()["acc"] == pytest.approx(5 / 11)
+    assert s.result()["acc"] == pytest.approx((0.5 + 0.0) / 2)
+    x = torch.tensor([[2, 5, 6, 0], [2, 7, 0, 0]])
+    data = WindowData(x)
+    model = ContextVectorLLM(tiny().model)
+    r = evaluate(model, data)
+    assert r["tokens"] == 3  # PAD targets not counted
+
+
+def test_lr_schedule_warmup_cosine():
+    tc = tiny(train__schedule="cosine", train__warmup_steps=10, train__lr=1e-3, train__min_lr_ratio=0.1).train
+    assert lr_at(tc, 0, 100) == pytest.approx(1e-4)
+    assert lr_at(tc, 9, 100) == pytest.approx(1e-3)
+    assert lr_at(tc, 100, 100) == pytest.approx(1e-4)
+    assert lr_at(tiny(train__lr=2e-3).train, 50, 100) == pytest.approx(2e-3)
+
+
+def test_fp16_on_cpu_is_a_clear_error(prepared):
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        make(tiny(train__precision="fp16", train__device="cpu"), prepared)

@@ -1,0 +1,262 @@
+"""Generation with O(1) state: prime the context on the prompt once, then one ``step`` per token.
+
+The seed's chat re-encoded its whole window for every new token (O(n^2) work, context cut at
+max_seq_length). Here the prompt is read once (in chunks, so a 100k-character prompt costs bounded
+memory) and every new token costs one cell update, however long the text or conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .config import BOS_ID, EOS_ID, PAD_ID
+from .data import dolly_prompt
+
+
+@dataclass
+class Sampling:
+    """How to pick the next token. ``temperature=0`` or ``greedy=True`` means argmax."""
+
+    max_new_tokens: int = 60
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; CTRL-style on tokens already seen
+    greedy: bool = False
+    stop: Sequence[str] = field(default_factory=lambda: ("Instruction:",))  # case-insensitive
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0):
+            raise ValueError(f"invalid max_new_tokens={self.max_new_tokens!r}: must be an integer >= 0")
+        if not self.temperature >= 0:
+            raise ValueError(f"invalid temperature={self.temperature!r}: must be >= 0")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"invalid top_k={self.top_k!r}: must be an integer >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid top_p={self.top_p!r}: must be in (0, 1]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"invalid repetition_penalty={self.repetition_penalty!r}: must be > 0")
+
+
+def _sampling(sampling: Optional[Sampling], overrides: dict) -> Sampling:
+    return replace(sampling or Sampling(), **overrides)
+
+
+@torch.no_grad()
+def prime(model, ids: torch.Tensor, context: Optional[torch.Tensor] = None, chunk: int = 2048
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``ids`` [B, T] (T >= 1) in chunks; return (logits at the last position [B, V], context)."""
+    if ids.shape[1] == 0:
+        raise ValueError("cannot prime on an empty prompt")
+    logits = None
+    for i in range(0, ids.shape[1], chunk):
+        logits, context = model(ids[:, i:i + chunk], context)
+    return logits[:, -1], context
+
+
+def pick_next(logits: torch.Tensor, s: Sampling, seen: Optional[torch.Tensor] = None,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]; ``seen`` [B, V] bool marks tokens for the repetition penalty."""
+    logits = logits.float().clone()
+    logits[:, PAD_ID] = float("-inf")
+    logits[:, BOS_ID] = float("-inf")
+    if s.repetition_penalty != 1.0 and seen is not None:
+        pen = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if s.greedy or s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p (>= 1 token)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _generator(s: Sampling, device: torch.device) -> Optional[torch.Generator]:
+    return None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
+
+
+@torch.no_grad()
+def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = None,
+                context: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(token [B], logits it was drawn from [B, V], context after reading it [B, C])`` per new token.
+
+    ``prompt_ids`` [B, T] may be right-padded with ``lengths`` giving each row's length; the
+    context is taken at each row's last real token. Stops after ``max_new_tokens`` (callers stop earlier).
+    """
+    s = sampling or Sampling()
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device)
+    B = prompt_ids.shape[0]
+    if lengths is None:
+        logits, ctx = prime(model, prompt_ids, context)
+    else:  # one forward for a right-padded batch; read each row's state at its own last token
+        all_logits, _, traj = model(prompt_ids, context, return_trajectory=True)
+        last = (lengths.to(device) - 1).clamp(min=0)
+        rows = torch.arange(B, device=device)
+        logits, ctx = all_logits[rows, last], traj[rows, last]
+    seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+    seen.scatter_(1, prompt_ids.clamp(max=logits.shape[-1] - 1), True)
+    gen = _generator(s, device)
+    for _ in range(s.max_new_tokens):
+        tok = pick_next(logits, s, seen, gen)
+        seen[torch.arange(B, device=device), tok] = True
+        step_logits = logits
+        logits, ctx = model.step(tok, ctx)
+        yield tok, step_logits, ctx
+
+
+def encode_prompt(tokenizer, text: str, bos: bool = True) -> list[int]:
+    ids = tokenizer.encode(text, add_special=False)
+    return ([BOS_ID] if bos else []) + ids
+
+
+class _TextAssembler:
+    """Turn token ids into text incrementally, holding back what could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tok, self.stop = tokenizer, [s.lower() for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+        self._pending: list[int] = []
+
+    def add(self, token_id: int) -> str:
+        if getattr(self.tok, "kind", "word") == "word":
+            self.text += self.tok.decode_token(token_id)
+        else:  # byte-level BPE: a character may span tokens; wait until it decodes cleanly
+            self._pending.append(token_id)
+            piece = self.tok.decode(self._pending)
+            if piece.endswith("\ufffd"):
+                return ""
+            self.text += piece
+            self._pending = []
+        low = self.text.lower()
+        hits = [low.find(s) for s in self.stop if s in low]
+        if hits:
+            self.text = self.text[: min(hits)].rstrip()
+            self.stopped = True
+            return self.flush()
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = max(self.emitted, len(self.text) - hold)
+        out, self.emitted = self.text[self.emitted:safe], safe
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+
+def stream(model, tokenizer, prompt: str, sampling: Optional[Sampling] = None,
+           context: Optional[torch.Tensor] = None, state: Optional[dict] = None, **overrides) -> Iterator[str]:
+    """Yield text pieces as they are generated. Stops at EOS, a stop string, or ``max_new_tokens``.
+
+    ``state`` (optional dict) receives ``context`` (after the last token read) and ``tokens``.
+    """
+    s = _sampling(sampling, overrides)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, bos=context is None)])
+    if ids.shape[1] == 0:  # continuing a context with nothing new: read an EOS-free no-op is impossible
+        raise ValueError("empty prompt: nothing to condition on")
+    asm = _TextAssembler(tokenizer, s.stop)
+    ctx = None
+    for tok, _, ctx in iter_tokens(model, ids, s, context):
+        t = int(tok)
+        asm.ids.append(t)
+        if t == EOS_ID:
+            break
+        piece = asm.add(t)
+        if piece:
+            yield piece
+        if asm.stopped:
+            break
+    tail = "" if asm.stopped else asm.flush()
+    if tail:
+        yield tail
+    if state is not None:
+        state["context"], state["tokens"] = ctx, asm.ids
+
+
+def generate(model, tokenizer, prompt: str, sampling: Optional[Sampling] = None, **overrides) -> str:
+    """The whole continuation of ``prompt`` as one string."""
+    return "".join(stream(model, tokenizer, prompt, sampling, **overrides)).strip()
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: Sequence[str], sampling: Optional[Sampling] = None,
+                   **overrides) -> list[str]:
+    """Continue several prompts at once (one primed batch, one ``step`` per token for all rows)."""
+    s = _sampling(sampling, overrides)
+    enc = [encode_prompt(tokenizer, p) for p in prompts]
+    lengths = torch.tensor([len(e) for e in enc])
+    ids = torch.full((len(enc), int(lengths.max())), PAD_ID, dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+    asms = [_TextAssembler(tokenizer, s.stop) for _ in prompts]
+    done = [False] * len(prompts)
+    for tok, _, _ in iter_tokens(model, ids, s, lengths=lengths):
+        for i, t in enumerate(tok.tolist()):
+            if done[i]:
+                continue
+            if t == EOS_ID:
+                done[i] = True
+                continue
+            asms[i].add(t)
+            done[i] = asms[i].stopped
+        if all(done):
+            break
+    return [(a.text if a.stopped else a.text).strip() for a in asms]
+
+
+class ChatSession:
+    """Multi-turn chat that keeps the context vector across turns.
+
+    Each turn is formatted like the Dolly training text (``Instruction: ... Response:``); the reply's
+    tokens are read into the same context, so a new token costs the same however long the talk.
+    """
+
+    EMPTY_MESSAGE = "(Type a message first: empty input was not sent to the model.)"
+
+    def __init__(self, model, tokenizer, sampling: Optional[Sampling] = None, **overrides) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.sampling = _sampling(sampling, overrides)
+        self.reset()
+
+    def reset(self) -> None:
+        self.context: Optional[torch.Tensor] = None
+        self.turns: list[tuple[str, str]] = []
+        self.tokens_read = 0
+
+    def stream(self, message: str, context_text: str = "") -> Iterator[str]:
+        """Yield the reply in pieces. Empty / whitespace-only input yields a message, no model call."""
+        if not isinstance(message, str) or not message.strip():
+            yield self.EMPTY_MESSAGE
+            return
+        prompt = dolly_prompt(" ".join(message.split()), context_text)
+        state: dict = {}
+        parts = []
+        for piece in stream(self.model, self.tokenizer, prompt, self.sampling, context=self.context, state=state):
+            parts.append(piece)
+            yield piece
+        reply = "".join(parts).strip()
+        ctx = state.get("context")
+        if ctx is not None:
+            self.context = ctx
+        self.tokens_read += len(encode_prompt(self.tokenizer, prompt)) + len(state.get("tokens", []))
+        self.turns.append((message, reply))
+
+    def send(self, message: str, context_text: str = "") -> str:
+        return "".join(self.stream(message, context_text)).strip()

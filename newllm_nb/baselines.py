@@ -86,7 +86,8 @@ class TransformerLM(nn.Module):
             h = self.blocks(x, mask=mask, is_causal=True)
         else:  # causal within each example: True = may attend, expanded to a float mask per head
             seg = reset.long().cumsum(1)
-            allowed = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril() & (seg[:, :, None] == seg[:, None, :])
+            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            allowed = causal & (seg[:, :, None] == seg[:, None, :])
             mask = torch.zeros(B, T, T, dtype=x.dtype, device=ids.device).masked_fill(~allowed, float("-inf"))
             mask = mask.repeat_interleave(self.config.tf_heads, 0)
             h = self.blocks(x, mask=mask)

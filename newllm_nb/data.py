@@ -22,15 +22,27 @@ import json
 import os
 import random
 import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .config import BOS_ID, EOS_ID, PAD_ID, DataConfig, is_smoke
 
-DATA_DIR = Path(os.environ.get("NEWLLM_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
+
+def _find_data_dir() -> Path:
+    """$NEWLLM_DATA_DIR, else the repo's data/ (editable install), else a Colab clone's data/."""
+    candidates = [os.environ.get("NEWLLM_DATA_DIR"), Path(__file__).resolve().parent.parent / "data",
+                  Path.cwd() / "newllm-nb" / "data", Path("/content/newllm-nb/data")]
+    for c in candidates:
+        if c and (Path(c) / "dolly-sample.jsonl").exists():
+            return Path(c)
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+DATA_DIR = _find_data_dir()
 WIKITEXT_SAMPLE = DATA_DIR / "wikitext-sample"
 DOLLY_SAMPLE = DATA_DIR / "dolly-sample.jsonl"
 DOLLY_FIELDS = ("instruction", "context", "response", "category")

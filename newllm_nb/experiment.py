@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -60,3 +61,27 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,
                      Path(run_dir) if run_dir else None, sum(p.numel() for p in model.parameters()),
                      time.perf_counter() - t0, trainer)
+
+
+def category_table(model: torch.nn.Module, tokenizer, records: list, max_seq_length: int,
+                   device: Union[str, torch.device] = "cpu") -> pd.DataFrame:  # noqa: F821
+    """Validation loss / PPL / accuracy per Dolly category (token-weighted, non-PAD targets)."""
+    import pandas as pd
+
+    from .data import WindowData, dolly_sequences
+
+    rows = []
+    for cat in sorted({r.get("category", "unknown") for r in records}):
+        recs = [r for r in records if r.get("category", "unknown") == cat]
+        m = evaluate(model, WindowData(*dolly_sequences(recs, tokenizer, max_seq_length)), 256, device)
+        rows.append({"category": cat, "examples": len(recs), "tokens": m["tokens"], "val_loss": round(m["loss"], 4),
+                     "val_ppl": round(m["ppl"], 2), "val_acc_%": round(100 * m["acc"], 1)})
+    return pd.DataFrame(rows).set_index("category")
+
+
+def latest_checkpoint(prefix: str) -> Optional[Path]:
+    """The newest ``best.safetensors`` under the runs folder whose run name starts with ``prefix``."""
+    from .colab import runs_root
+
+    found = sorted(runs_root().glob(f"{prefix}*/best.safetensors"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

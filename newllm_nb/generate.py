@@ -7,8 +7,9 @@ memory) and every new token costs one cell update, however long the text or conv
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -173,7 +174,8 @@ def stream(model, tokenizer, prompt: str, sampling: Optional[Sampling] = None,
         raise ValueError("empty prompt: nothing to condition on")
     asm = _TextAssembler(tokenizer, s.stop)
     ctx = None
-    for tok, _, ctx in iter_tokens(model, ids, s, context):
+    for tok, _, new_ctx in iter_tokens(model, ids, s, context):
+        ctx = new_ctx
         t = int(tok)
         asm.ids.append(t)
         if t == EOS_ID:

@@ -1,7 +1,15 @@
 import pytest
 
-from newllm_nb.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, config_from_dict,
-                              preset, seed_lr)
+from newllm_nb.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    preset,
+    seed_lr,
+)
 
 BAD = [
     (ModelConfig, "vocab_size", 0), (ModelConfig, "vocab_size", 2.5), (ModelConfig, "embed_dim", 0),

@@ -5,9 +5,23 @@ import pytest
 import torch
 
 from newllm_nb.config import DataConfig
-from newllm_nb.data import (DataError, StreamData, WindowData, dolly_sequences, dolly_stream, dolly_text,
-                            hub_reachable, load_dolly, load_wikitext, make_windows, prepare, read_jsonl,
-                            split_records, wikitext_sequences, wikitext_stream)
+from newllm_nb.data import (
+    DataError,
+    StreamData,
+    WindowData,
+    dolly_sequences,
+    dolly_stream,
+    dolly_text,
+    hub_reachable,
+    load_dolly,
+    load_wikitext,
+    make_windows,
+    prepare,
+    read_jsonl,
+    split_records,
+    wikitext_sequences,
+    wikitext_stream,
+)
 from newllm_nb.tokenizer import WordTokenizer
 
 

@@ -3,8 +3,16 @@ import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig
 from newllm_nb.config import EOS_ID
-from newllm_nb.generate import (ChatSession, Sampling, encode_prompt, generate, generate_batch, iter_tokens,
-                                pick_next, stream)
+from newllm_nb.generate import (
+    ChatSession,
+    Sampling,
+    encode_prompt,
+    generate,
+    generate_batch,
+    iter_tokens,
+    pick_next,
+    stream,
+)
 from newllm_nb.tokenizer import WordTokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "instruction:", "response:", "a", "dog", "ran"]

@@ -1,0 +1,58 @@
+"""The seed's layer sweep, resumable: each finished run's result is saved, re-running skips it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import pandas as pd
+
+from .baselines import matched_config
+from .config import RunConfig, smoke_config
+from .data import Prepared, prepare
+from .experiment import run_experiment
+
+
+def sweep_configs(base: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",)):
+    """(arch, layers, config) for every run; baselines are sized to New-LLM at that layer count."""
+    for arch in archs:
+        for n in layers:
+            m = dataclasses.replace(base.model, num_layers=n, arch="newllm")
+            yield arch, n, dataclasses.replace(base, model=matched_config(m, arch))
+
+
+def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path], archs: Sequence[str] = ("newllm",),
+              prepared: Optional[Prepared] = None,
+              on_run_start: Optional[Callable[[str, int], Sequence[Callable[[dict], None]]]] = None) -> pd.DataFrame:
+    """Train every (arch, layers) pair on the same data; returns one row per run.
+
+    ``out_dir/<arch>-L<n>/result.json`` marks a finished run (skipped on re-run); an unfinished one
+    resumes from its last checkpoint, so a disconnect loses at most the run in progress.
+    ``on_run_start(arch, n)`` may return epoch callbacks (live plots).
+    """
+    base = smoke_config(base)
+    out_dir = Path(out_dir)
+    rows = []
+    for arch, n, cfg in sweep_configs(base, layers, archs):
+        rd = out_dir / f"{arch}-L{n}"
+        done = rd / "result.json"
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            print(f"{arch} L{n}: finished earlier, skipped")
+            continue
+        if prepared is None:
+            prepared = prepare(base.data, base.model.vocab_size)
+        callbacks = on_run_start(arch, n) if on_run_start else ()
+        res = run_experiment(cfg, rd, callbacks=callbacks, prepared=prepared)
+        best = min(res.history, key=lambda r: r["val_loss"]) if res.history else {}
+        row = {"arch": arch, "layers": n, "params": res.params, "best_val_ppl": round(res.metrics["ppl"], 3),
+               "val_acc_%": round(100 * res.metrics["acc"], 2), "best_epoch": best.get("epoch"),
+               "epochs": len(res.history), "seconds": round(sum(r["seconds"] for r in res.history), 1)}
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(done, json.dumps(row))
+        rows.append(row)
+    return pd.DataFrame(rows)

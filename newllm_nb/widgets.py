@@ -1,0 +1,159 @@
+"""Hyperparameter panels built from core ipywidgets only (sliders, dropdowns, checkboxes, text, boxes),
+so they work on Colab's ipywidgets 7 and on 8.
+
+The panel never runs anything: a plain notebook cell calls ``panel.config()`` to read the current
+values, so headless execution simply uses the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from .config import RunConfig, preset
+from .hardware import detect, recommend
+
+STYLE = {"description_width": "140px"}
+
+
+def _w():
+    import ipywidgets  # lazy: the GPU box and scripts need not have it
+
+    return ipywidgets
+
+
+class TrainingPanel:
+    """Widgets for model / data / training settings, pre-filled from a preset and this machine."""
+
+    def __init__(self, preset_name: str = "seed_wikitext", base: Optional[RunConfig] = None) -> None:
+        w = _w()
+        cfg = base or preset(preset_name)
+        rec = recommend(detect())
+        self.base = cfg
+        m, d, t = cfg.model, cfg.data, cfg.train
+        lay = w.Layout(width="420px")
+        self.layers = w.IntSlider(value=m.num_layers, min=1, max=8, description="FNN layers", style=STYLE, layout=lay)
+        dims = [32, 64, 128, 256, 384, 512, 768, 1024]
+        self.embed = w.Dropdown(options=dims, value=m.embed_dim, description="embed dim", style=STYLE, layout=lay)
+        self.context = w.Dropdown(options=dims, value=m.context_dim, description="context dim", style=STYLE,
+                                  layout=lay)
+        self.hidden = w.Dropdown(options=dims, value=m.hidden_dim, description="hidden dim", style=STYLE, layout=lay)
+        self.vocab = w.Dropdown(options=[500, 1000, 2000, 5000, 10000], value=m.vocab_size, description="vocab size",
+                                style=STYLE, layout=lay)
+        self.dropout = w.FloatSlider(value=m.dropout, min=0.0, max=0.5, step=0.05, description="dropout",
+                                     style=STYLE, layout=lay)
+        self.seq = w.IntSlider(value=d.max_seq_length, min=16, max=512, step=16, description="max seq length",
+                               style=STYLE, layout=lay)
+        batches = sorted({32, 64, 128, 256, 512, 1024, 2048, 4096, rec.batch_size})
+        self.batch = w.Dropdown(options=batches, value=rec.batch_size, description="batch size", style=STYLE,
+                                layout=lay)
+        self.lr = w.FloatLogSlider(value=t.lr or rec.lr, base=10, min=-5, max=-1.5, step=0.05, readout_format=".1e",
+                                   description="learning rate", style=STYLE, layout=lay)
+        self.seed_lr = w.Checkbox(value=t.lr is None, description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE)
+        self.epochs = w.IntSlider(value=t.epochs, min=1, max=300, description="max epochs", style=STYLE, layout=lay)
+        self.patience = w.IntSlider(value=t.patience, min=1, max=100, description="patience", style=STYLE, layout=lay)
+        self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], value=t.precision,
+                                    description="precision", style=STYLE, layout=lay)
+        self.mode = w.Dropdown(options=["windows", "stream", "packed"], value=d.mode, description="batching",
+                               style=STYLE, layout=lay)
+        self.source = w.Dropdown(options=[("hub (else bundled sample)", "auto"), ("bundled sample", "sample"),
+                                          ("local path", "path")], value="auto", description="data source",
+                                 style=STYLE, layout=lay)
+        self.path = w.Text(value="", placeholder="file or folder (local path only)", description="path",
+                           style=STYLE, layout=lay)
+        self.widget = w.VBox([
+            w.HTML("<b>Model</b>"), w.HBox([w.VBox([self.layers, self.embed, self.context]),
+                                            w.VBox([self.hidden, self.vocab, self.dropout])]),
+            w.HTML("<b>Data</b>"), w.HBox([w.VBox([self.source, self.path]), w.VBox([self.seq, self.mode])]),
+            w.HTML("<b>Training</b>"), w.HBox([w.VBox([self.batch, self.lr, self.seed_lr]),
+                                               w.VBox([self.epochs, self.patience, self.precision])]),
+        ])
+
+    def _ipython_display_(self):  # display(panel) shows the widgets
+        from IPython.display import display
+
+        display(self.widget)
+
+    def config(self) -> RunConfig:
+        """The RunConfig for the widgets' current values (validated: a bad value raises ValueError)."""
+        from .data import DOLLY_SAMPLE, WIKITEXT_SAMPLE
+
+        b = self.base
+        path = None
+        if self.source.value == "sample":
+            path = str(WIKITEXT_SAMPLE if b.data.dataset == "wikitext" else DOLLY_SAMPLE)
+        elif self.source.value == "path":
+            if not self.path.value.strip():
+                raise ValueError("invalid config value path='': choose a file or folder, or another data source")
+            path = self.path.value.strip()
+        return RunConfig(
+            model=dataclasses.replace(b.model, num_layers=self.layers.value, embed_dim=self.embed.value,
+                                      context_dim=self.context.value, hidden_dim=self.hidden.value,
+                                      vocab_size=self.vocab.value, dropout=self.dropout.value),
+            data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path),
+            train=dataclasses.replace(b.train, batch_size=self.batch.value,
+                                      lr=None if self.seed_lr.value else float(self.lr.value),
+                                      epochs=self.epochs.value, patience=self.patience.value,
+                                      precision=self.precision.value))
+
+
+def choice_boxes(options, selected, description: str = ""):
+    """A row of checkboxes (core widgets) and a function returning the ticked options."""
+    w = _w()
+    boxes = [w.Checkbox(value=o in selected, description=str(o), indent=False, layout=w.Layout(width="110px"))
+             for o in options]
+    row = w.HBox([w.Label(description, layout=w.Layout(width="140px")), *boxes])
+    return row, lambda: [o for o, b in zip(options, boxes) if b.value]
+
+
+class ChatPanel:
+    """Text box + send button + output area + sampling sliders around a ChatSession.
+
+    ``ask(text)`` is what the button calls; a notebook cell can call it too (headless runs do).
+    """
+
+    def __init__(self, session) -> None:
+        w = _w()
+        self.session = session
+        s = session.sampling
+        self.temperature = w.FloatSlider(value=s.temperature, min=0.0, max=2.0, step=0.05, description="temperature",
+                                         style=STYLE)
+        self.top_k = w.IntSlider(value=s.top_k, min=0, max=200, description="top-k (0=off)", style=STYLE)
+        self.top_p = w.FloatSlider(value=s.top_p, min=0.05, max=1.0, step=0.05, description="top-p", style=STYLE)
+        self.max_tokens = w.IntSlider(value=s.max_new_tokens, min=1, max=400, description="max tokens", style=STYLE)
+        self.text = w.Text(placeholder="Ask something…", layout=w.Layout(width="480px"))
+        self.send = w.Button(description="Send", button_style="primary")
+        self.reset_btn = w.Button(description="New conversation")
+        self.out = w.Output(layout=w.Layout(border="1px solid #ccc", min_height="120px"))
+        self.send.on_click(lambda _: self.ask(self.text.value))
+        self.reset_btn.on_click(lambda _: self.reset())
+        self.widget = w.VBox([w.HBox([self.temperature, self.top_k]), w.HBox([self.top_p, self.max_tokens]),
+                              w.HBox([self.text, self.send, self.reset_btn]), self.out])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def _sync(self) -> None:
+        self.session.sampling = dataclasses.replace(self.session.sampling, temperature=self.temperature.value,
+                                                    top_k=self.top_k.value, top_p=self.top_p.value,
+                                                    max_new_tokens=self.max_tokens.value)
+
+    def ask(self, message: str) -> str:
+        """Send ``message``, stream the reply into the output area and return it."""
+        self._sync()
+        self.text.value = ""
+        with self.out:
+            print(f"you: {message}")
+            print("model:", end="", flush=True)
+            parts = []
+            for piece in self.session.stream(message):
+                parts.append(piece)
+                print(piece, end="", flush=True)
+            print()
+        return "".join(parts).strip()
+
+    def reset(self) -> None:
+        self.session.reset()
+        self.out.clear_output()

@@ -1,0 +1,92 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/newllm-nb/newllm-nb/blob/main/notebooks/01_wikitext.ipynb)
+#
+# # 01 · Train New-LLM on WikiText-2
+#
+# New-LLM reads one token at a time and keeps **everything it knows about the past in one fixed-size
+# context vector** $c_t$: no attention, no positional embeddings, O(1) state in sequence length.
+#
+# $$h = \mathrm{FNN}([e(x_t); c_{t-1}]),\quad c_t = \mathrm{clamp}(\mathrm{LN}(\sigma(W_f h)\odot c_{t-1} + \sigma(W_i h)\odot W_u h), -10, 10)$$
+#
+# Data comes from the Hugging Face hub (`wikitext-2-raw-v1`); offline it falls back to a local path
+# or the small sample bundled in `data/`. Metrics are token-weighted over non-PAD targets (UNK included).
+
+# %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
+import sys
+import subprocess
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+
+# %%
+from IPython.display import display
+from newllm_nb import colab, is_smoke
+
+display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
+SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
+print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root())
+
+# %% [markdown]
+# ## Settings
+# Pre-filled with the seed's WikiText preset (4 layers, sequence 64, early stopping after 30 flat epochs)
+# and this machine's batch size. Change anything, then run the next cell.
+
+# %%
+from newllm_nb.widgets import TrainingPanel
+
+panel = TrainingPanel("seed_wikitext")
+panel
+
+# %% [markdown]
+# ## Train
+# This cell reads the widgets' current values. Re-running it with the same settings resumes the run
+# from its last checkpoint (a Colab disconnect loses minutes, not the run).
+
+# %%
+from newllm_nb.experiment import run_experiment
+from newllm_nb.plots import LivePlot, history_frame
+
+cfg = panel.config()
+live = LivePlot("New-LLM on WikiText-2")
+result = run_experiment(cfg, colab.run_dir("wikitext", cfg), callbacks=[live.update])
+live.history = list(result.history)
+live.draw()
+
+# %%
+history_frame(result.history).tail(10)
+
+# %% [markdown]
+# ## Evaluation and checkpoint
+
+# %%
+import pandas as pd
+
+pd.DataFrame([{"data": result.prepared.source, "params": result.params, "epochs": len(result.history),
+               "val_loss": result.metrics["loss"], "val_ppl": result.metrics["ppl"],
+               "val_acc_%": 100 * result.metrics["acc"], "tokens": result.metrics["tokens"],
+               "checkpoint": str(result.best_path)}]).T.rename(columns={0: "best weights"})
+
+# %% [markdown]
+# ## Sampled continuations
+# Generation primes the context on the prompt once, then costs one cell update per new token.
+
+# %%
+from newllm_nb.generate import generate_batch
+
+prompts = ["the history of the", "in the early", "the river is"]
+texts = generate_batch(result.model, result.tokenizer, prompts, temperature=0.8, top_k=40, max_new_tokens=30,
+                       seed=0, stop=())
+pd.DataFrame({"prompt": prompts, "continuation": texts})

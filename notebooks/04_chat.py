@@ -1,0 +1,84 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/newllm-nb/newllm-nb/blob/main/notebooks/04_chat.ipynb)
+#
+# # 04 · Chat with what you trained
+#
+# The reply streams token by token. The whole conversation lives in **one context vector**: every new
+# token costs the same however long the chat gets (the seed re-encoded its window for each token).
+# By default this loads the newest checkpoint from notebook 02; paste another path to use it instead.
+
+# %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
+import sys
+import subprocess
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+
+# %%
+from IPython.display import display
+from newllm_nb import colab, is_smoke
+
+display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
+SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
+print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root())
+
+# %% [markdown]
+# ## Load a checkpoint
+
+# %%
+import ipywidgets as w
+
+from newllm_nb.experiment import latest_checkpoint
+
+default = latest_checkpoint("dolly")
+path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensors", description="checkpoint",
+                  layout=w.Layout(width="640px"))
+path_box
+
+# %%
+from newllm_nb.checkpoint import load_model
+from newllm_nb.experiment import run_experiment
+from newllm_nb.config import preset
+
+if path_box.value.strip():
+    model, tokenizer, ckpt = load_model(path_box.value.strip())
+    print("loaded", ckpt.path, "| trained epochs:", len(ckpt.history))
+else:
+    print("No checkpoint from notebook 02 yet: training a small Dolly model so this notebook still works.")
+    demo = run_experiment(preset("seed_dolly", train__epochs=3, train__batch_size=32, train__show_progress=False),
+                          colab.run_dir("chat-demo"))
+    model, tokenizer = demo.model.cpu().eval(), demo.tokenizer
+
+# %% [markdown]
+# ## Chat
+# Type below and press **Send**; sliders change sampling for the next reply.
+
+# %%
+from newllm_nb.generate import ChatSession
+from newllm_nb.widgets import ChatPanel
+
+chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_new_tokens=60, seed=0))
+chat
+
+# %% [markdown]
+# Headless (or just to see it work), the same function the button calls answers two fixed prompts:
+
+# %%
+import pandas as pd
+
+prompts = ["What does a river otter eat?", "Give me ideas for a weekend by the sea."]
+display(pd.DataFrame({"prompt": prompts, "reply": [chat.ask(p) for p in prompts]}))
+print("context vector shape after", len(chat.session.turns), "turns:", tuple(chat.session.context.shape))

@@ -1,0 +1,53 @@
+"""Every notebook executes headless in smoke mode (through nbmake), stays paired with its .py, and is
+committed without outputs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+EXPECTED = ["00_setup", "01_wikitext", "02_dolly", "03_layer_sweep", "04_chat"]
+
+
+def test_all_five_notebooks_exist_as_pairs():
+    assert [p.stem for p in NOTEBOOKS] == EXPECTED
+    assert sorted(p.stem for p in NB_DIR.glob("*.py")) == EXPECTED
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_ipynb_and_py_are_in_sync(nb):
+    jupytext = pytest.importorskip("jupytext")
+    a, b = jupytext.read(nb), jupytext.read(nb.with_suffix(".py"))
+    assert _cells(a) == _cells(b), f"{nb.name} and {nb.with_suffix('.py').name} drifted: run `jupytext --sync`"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs(nb):
+    nbformat = pytest.importorskip("nbformat")
+    for cell in nbformat.read(nb, as_version=4).cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{nb.name} carries outputs"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    # One folder for the whole session: 04_chat finds the checkpoint 02_dolly wrote.
+    return tmp_path_factory.mktemp("notebook-runs")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_headless_in_smoke_mode(nb, runs_dir):
+    pytest.importorskip("nbmake")
+    env = dict(os.environ, NEWLLM_SMOKE="1", NEWLLM_RUNS_DIR=str(runs_dir), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, "-m", "pytest", "--nbmake", "--nbmake-timeout=240", "-q",
+                        "-p", "no:cacheprovider", str(nb)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

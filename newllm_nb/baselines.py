@@ -94,6 +94,36 @@ class TransformerLM(nn.Module):
         return self.head(self.norm(h)), None
 
 
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """A preallocated KV cache for ``decode_step``: memory grows linearly with ``max_len``."""
+        d, H = self.tok.embedding_dim, self.config.tf_heads
+        w = self.tok.weight
+        shape = (len(self.blocks.layers), batch_size, H, max_len, d // H)
+        return {"k": torch.zeros(shape, device=w.device, dtype=w.dtype),
+                "v": torch.zeros(shape, device=w.device, dtype=w.dtype), "len": 0}
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token with a KV cache (eval mode): the same computation as ``forward`` at that position.
+        Positions past ``max_len`` wrap around (only the generation benchmark goes that far)."""
+        import torch.nn.functional as F
+
+        B, pos = token_ids.shape[0], cache["len"]
+        d, H = self.tok.embedding_dim, self.config.tf_heads
+        x = self.tok(token_ids) + self.pos.weight[pos % self.config.max_len]
+        for i, layer in enumerate(self.blocks.layers):
+            att = layer.self_attn
+            q, k, v = F.linear(layer.norm1(x), att.in_proj_weight, att.in_proj_bias).view(B, 3, H, d // H).unbind(1)
+            cache["k"][i, :, :, pos] = k
+            cache["v"][i, :, :, pos] = v
+            a = F.scaled_dot_product_attention(q[:, :, None], cache["k"][i, :, :, : pos + 1],
+                                               cache["v"][i, :, :, : pos + 1])
+            x = x + att.out_proj(a.reshape(B, d))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        cache["len"] = pos + 1
+        return self.head(self.norm(x))
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     return {"newllm": ContextVectorLLM, "lstm": LSTMLM, "transformer": TransformerLM}[config.arch](config)
 

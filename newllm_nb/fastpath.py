@@ -25,9 +25,12 @@ from .model import ContextVectorLLM
 
 
 class GraphedStep:
-    def __init__(self, trainer, compile_cell: bool = False) -> None:
+    def __init__(self, trainer, compile_cell: bool = False, use_graph: bool = True) -> None:
         self.t = trainer
-        self.mode = "cuda-graph"
+        # use_graph=False runs the very same static-buffer step without capture (any device): the CPU
+        # tests check it against the trainer's eager step.
+        self.use_graph = use_graph
+        self.mode = "cuda-graph" if use_graph else "static-eager"
         self.failed = not isinstance(trainer.model, ContextVectorLLM)
         self.graph = None
         self.sig = None
@@ -71,6 +74,10 @@ class GraphedStep:
         if b.reset is not None:
             self.static["r"] = torch.zeros(B, T, dtype=torch.bool, device=dev)
         self._fill(b)
+        self.params = [p for p in t.model.parameters() if p.requires_grad]
+        self.sig = (B, T, b.reset is not None)
+        if not self.use_graph:
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
@@ -82,9 +89,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = self._fwd_bwd()
-        self.params = [p for p in t.model.parameters() if p.requires_grad]
         self.grads = [p.grad for p in self.params]
-        self.sig = (B, T, b.reset is not None)
         torch.cuda.synchronize()
         self.warmup_s = time.perf_counter() - t0
 
@@ -93,6 +98,16 @@ class GraphedStep:
         if self.failed:
             return None
         sig = (*b.x.shape, b.reset is not None)
+        if not self.use_graph:
+            if self.sig is None:
+                self._capture(b)
+            elif sig != self.sig:
+                return None
+            else:
+                self._fill(b)
+            self.t.optimizer.zero_grad(set_to_none=True)
+            loss_sum, n, correct, c = self._fwd_bwd()
+            return loss_sum, n, correct, c.clone()
         if self.graph is None:
             try:
                 self._capture(b)

@@ -119,6 +119,68 @@ def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = 
         yield tok, step_logits, ctx
 
 
+@torch.no_grad()
+def decode_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+               use_graph: Optional[bool] = None, chunk: int = 32) -> torch.Tensor:
+    """Bulk generation of token ids [B, max_new_tokens] (on the CPU), no stop conditions.
+
+    On CUDA, ``chunk`` consecutive single-token steps (cell update + greedy or Gumbel-max sampling) are
+    captured in one CUDA graph and replayed, and ids are copied to pinned host memory chunk by chunk:
+    device memory stays constant however many tokens are generated.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    use_graph = device.type == "cuda" if use_graph is None else use_graph
+    B = prompt_ids.shape[0]
+    logits, ctx = prime(model, prompt_ids.to(device))
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(lg: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
+        if temperature == 0:
+            return lg.argmax(-1)
+        u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
+        return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
+
+    tok = sample(logits, gen)
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, pin_memory=device.type == "cuda")
+    if not use_graph:
+        for i in range(max_new_tokens):
+            out[:, i] = tok.cpu()
+            logits, ctx = model.step(tok, ctx)
+            tok = sample(logits, gen)
+        return out
+    torch.cuda.manual_seed(seed)  # graph-safe RNG: the default CUDA generator (philox offsets advance per replay)
+    s_tok, s_ctx = tok.clone(), ctx.clone()
+    s_out = torch.empty(B, chunk, dtype=torch.long, device=device)
+
+    def body() -> None:
+        t, c = s_tok, s_ctx
+        for j in range(chunk):
+            s_out[:, j] = t
+            lg, c = model.step(t, c)
+            t = sample(lg, None)
+        s_tok.copy_(t)
+        s_ctx.copy_(c)
+
+    init_tok, init_ctx = s_tok.clone(), s_ctx.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    s_tok.copy_(init_tok)
+    s_ctx.copy_(init_ctx)
+    for i in range(0, max_new_tokens, chunk):
+        graph.replay()
+        n = min(chunk, max_new_tokens - i)
+        out[:, i:i + n].copy_(s_out[:, :n], non_blocking=True)
+    torch.cuda.synchronize()
+    return out
+
+
 def encode_prompt(tokenizer, text: str, bos: bool = True) -> list[int]:
     ids = tokenizer.encode(text, add_special=False)
     return ([BOS_ID] if bos else []) + ids

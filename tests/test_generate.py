@@ -116,3 +116,42 @@ def test_chat_keeps_state_shape_and_accepts_any_text(lm):
     assert not torch.equal(ctx, chat.context)  # the conversation moved the state
     chat.reset()
     assert chat.context is None and chat.turns == []
+
+
+def test_decode_ids_greedy_equals_streaming_greedy(lm):
+    from newllm_nb.generate import decode_ids
+
+    model, tok = lm
+    prompt = torch.tensor([encode_prompt(tok, "the cat sat"), encode_prompt(tok, "a dog ran")])
+    ids = decode_ids(model, prompt, 40, use_graph=False)
+    ref = torch.stack([t for t, _, _ in iter_tokens(model, prompt, Sampling(greedy=True, max_new_tokens=40))], 1)
+    assert torch.equal(ids, ref)
+    a = decode_ids(model, prompt, 30, temperature=1.0, seed=5, use_graph=False)
+    b = decode_ids(model, prompt, 30, temperature=1.0, seed=5, use_graph=False)
+    assert torch.equal(a, b) and not torch.equal(a, ids[:, :30])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_ids_cuda_graph_equals_eager(lm):
+    from newllm_nb.generate import decode_ids
+
+    model, tok = lm
+    model = ContextVectorLLM(model.config).cuda().eval()
+    prompt = torch.tensor([encode_prompt(tok, "the cat sat")])
+    g = decode_ids(model, prompt, 100, use_graph=True, chunk=16)
+    e = decode_ids(model, prompt, 100, use_graph=False)
+    assert torch.equal(g, e)
+
+
+def test_transformer_kv_cache_step_equals_forward():
+    from newllm_nb.baselines import TransformerLM
+
+    torch.manual_seed(0)
+    m = TransformerLM(ModelConfig(vocab_size=40, arch="transformer", tf_dim=16, tf_heads=4, tf_layers=2,
+                                  max_len=32, dropout=0.0)).eval()
+    ids = torch.randint(0, 40, (2, 10))
+    with torch.no_grad():
+        ref, _ = m(ids)
+    cache = m.init_cache(2, 10)
+    steps = torch.stack([m.decode_step(ids[:, t], cache) for t in range(10)], 1)
+    torch.testing.assert_close(steps, ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,138 @@
+"""Memory and speed of batch-1 generation vs length: New-LLM (one context vector) against a causal
+Transformer with a KV cache of about equal parameters.
+
+New-LLM: prime on a 1-token prompt, then one cell update per token (``generate.decode_ids``; on CUDA
+the single-token step is captured in a CUDA graph, 32 steps a replay). Transformer: ``decode_step``
+with a preallocated KV cache for the whole length. Where the Transformer would take too long
+(length > --tf-full-max), its cache is allocated at full length and only the last --tf-tail steps
+run (memory is real, tokens/s comes from those steps; the CSV says so in ``measured_steps``).
+
+    python benchmarks/generation_memory.py                       # 1k, 10k, 100k (+1M on GPU)
+    python benchmarks/generation_memory.py --lengths 1000,10000  # a quick CPU look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import pandas as pd
+import torch
+
+from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb.baselines import TransformerLM, matched_config
+from newllm_nb.bench import device_name
+from newllm_nb.generate import decode_ids
+
+
+def _mem_reset(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev, fallback_bytes: int) -> float:
+    # GPU: the allocator's peak. CPU: the bytes of weights + generation state (context or KV cache).
+    return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else fallback_bytes / 2**20
+
+
+def bench_newllm(model, n: int, dev) -> dict:
+    _mem_reset(dev)
+    prompt = torch.tensor([[2]])
+    decode_ids(model, prompt, 64)  # warm-up (graph capture) outside the timing
+    _mem_reset(dev)
+    t0 = time.perf_counter()
+    ids = decode_ids(model, prompt, n)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = model.config.context_dim * 4
+    assert ids.shape == (1, n)
+    return {"tokens_per_s": n / s, "peak_mem_mb": _peak(dev, weights + state), "measured_steps": n,
+            "state_mb": state / 2**20}
+
+
+@torch.no_grad()
+def bench_transformer(model, n: int, dev, full_max: int, tail: int) -> dict:
+    _mem_reset(dev)
+    cache = model.init_cache(1, n)
+    steps = n if n <= full_max else min(tail, n)
+    cache["len"] = n - steps
+    tok = torch.tensor([2], device=dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model.decode_step(tok, cache)
+        tok = logits.argmax(-1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = cache["k"].numel() * cache["k"].element_size() * 2
+    return {"tokens_per_s": steps / s, "peak_mem_mb": _peak(dev, weights + kv), "measured_steps": steps,
+            "state_mb": kv / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--lengths", default="1000,10000,100000" + (",1000000" if cuda else ""))
+    ap.add_argument("--layers", type=int, default=1, help="New-LLM FNN layers (seed defaults otherwise)")
+    ap.add_argument("--tf-full-max", type=int, default=100_000, help="longest Transformer run done in full")
+    ap.add_argument("--tf-tail", type=int, default=2000, help="steps timed at the end of longer Transformer runs")
+    ap.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=args.layers, dropout=0.0)
+    newllm = ContextVectorLLM(cfg).to(dev, dtype).eval()
+    tf = TransformerLM(matched_config(cfg, "transformer")).to(dev, dtype).eval()
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        for name, fn in [("New-LLM", lambda: bench_newllm(newllm, n, dev)),
+                         ("Transformer+KV", lambda: bench_transformer(tf, n, dev, args.tf_full_max, args.tf_tail))]:
+            r = fn()
+            params = sum(p.numel() for p in (newllm if name == "New-LLM" else tf).parameters())
+            rows.append({"model": name, "params": params, "tokens": n, **r, "device": device_name(dev),
+                         "dtype": args.dtype})
+            print(f"{name:15s} {n:>9,} tokens  {r['tokens_per_s']:>10,.0f} tok/s  peak {r['peak_mem_mb']:9.1f} MiB "
+                  f"(steps timed {r['measured_steps']:,})", flush=True)
+    df = pd.DataFrame(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    csv = os.path.join(args.out_dir, "generation_memory.csv")
+    df.to_csv(csv, index=False)
+    nl = df[df.model == "New-LLM"].sort_values("tokens")
+    spread = (nl.peak_mem_mb.max() - nl.peak_mem_mb.min()) / nl.peak_mem_mb.min()
+    print(f"\ndevice: {device_name(dev)} | dtype {args.dtype}")
+    print(df.drop(columns=["device"]).round(2).to_string(index=False))
+    print(f"\nNew-LLM peak memory spread over {nl.tokens.min():,}..{nl.tokens.max():,} tokens: {100 * spread:.2f}% | "
+          f"min New-LLM speed {nl.tokens_per_s.min():,.0f} tok/s")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, g in df.groupby("model"):
+        a.plot(g.tokens, g.peak_mem_mb, "o-", label=name)
+        b.plot(g.tokens, g.tokens_per_s, "o-", label=name)
+    for ax, yl in ((a, "peak memory (MiB)"), (b, "tokens / s (batch 1)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    a.set_yscale("log")
+    fig.suptitle(f"Generation vs length on {device_name(dev)}")
+    fig.tight_layout()
+    png = os.path.join(args.out_dir, "generation_memory.png")
+    fig.savefig(png, dpi=110)
+    print(f"wrote {csv} and {png}")
+
+
+if __name__ == "__main__":
+    main()

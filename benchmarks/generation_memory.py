@@ -23,7 +23,7 @@ import torch
 from newllm_nb import ContextVectorLLM, ModelConfig
 from newllm_nb.baselines import TransformerLM, matched_config
 from newllm_nb.bench import device_name
-from newllm_nb.generate import decode_ids
+from newllm_nb.generate import GraphDecoder, decode_ids
 
 
 def _mem_reset(dev):
@@ -38,13 +38,13 @@ def _peak(dev, fallback_bytes: int) -> float:
     return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else fallback_bytes / 2**20
 
 
-def bench_newllm(model, n: int, dev) -> dict:
-    _mem_reset(dev)
+def bench_newllm(model, n: int, dev, decoder) -> dict:
     prompt = torch.tensor([[2]])
-    decode_ids(model, prompt, 64)  # warm-up (graph capture) outside the timing
+    run = decoder.run if decoder is not None else (lambda p, k: decode_ids(model, p, k))
+    run(prompt, 64)  # warm-up (graph capture) outside the timing
     _mem_reset(dev)
     t0 = time.perf_counter()
-    ids = decode_ids(model, prompt, n)
+    ids = run(prompt, n)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     s = time.perf_counter() - t0
@@ -91,11 +91,14 @@ def main() -> None:
     cfg = ModelConfig(num_layers=args.layers, dropout=0.0)
     newllm = ContextVectorLLM(cfg).to(dev, dtype).eval()
     tf = TransformerLM(matched_config(cfg, "transformer")).to(dev, dtype).eval()
+    decoder = GraphDecoder(newllm) if cuda else None  # one captured single-token step for every length
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
-        for name, fn in [("New-LLM", lambda: bench_newllm(newllm, n, dev)),
-                         ("Transformer+KV", lambda: bench_transformer(tf, n, dev, args.tf_full_max, args.tf_tail))]:
-            r = fn()
+        for name in ("New-LLM", "Transformer+KV"):
+            if name == "New-LLM":
+                r = bench_newllm(newllm, n, dev, decoder)
+            else:
+                r = bench_transformer(tf, n, dev, args.tf_full_max, args.tf_tail)
             params = sum(p.numel() for p in (newllm if name == "New-LLM" else tf).parameters())
             rows.append({"model": name, "params": params, "tokens": n, **r, "device": device_name(dev),
                          "dtype": args.dtype})

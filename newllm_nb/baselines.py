@@ -116,8 +116,10 @@ class TransformerLM(nn.Module):
             q, k, v = F.linear(layer.norm1(x), att.in_proj_weight, att.in_proj_bias).view(B, 3, H, d // H).unbind(1)
             cache["k"][i, :, :, pos] = k
             cache["v"][i, :, :, pos] = v
-            a = F.scaled_dot_product_attention(q[:, :, None], cache["k"][i, :, :, : pos + 1],
-                                               cache["v"][i, :, :, : pos + 1])
+            # One query: plain attention (SDPA's cuDNN backend would build a new plan for every length).
+            keys, vals = cache["k"][i, :, :, : pos + 1], cache["v"][i, :, :, : pos + 1]
+            w = (keys @ q.unsqueeze(-1)).squeeze(-1).float().mul_((d // H) ** -0.5).softmax(-1)
+            a = (w.to(vals.dtype).unsqueeze(-2) @ vals).squeeze(-2)
             x = x + att.out_proj(a.reshape(B, d))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
         cache["len"] = pos + 1

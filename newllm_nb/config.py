@@ -106,7 +106,8 @@ class DataConfig:
     reset_at_articles: bool = True  # stream mode: zero the context at each WikiText article
     response_only_loss: bool = False  # Dolly: loss only on the Response part
     max_examples: Optional[int] = None  # cap on paragraphs / records (smoke mode)
-    field_map: Optional[dict] = None  # instruct: {"instruction": "instruction", "context": "input", ...}
+    field_map: Optional[dict] = None  # instruct: ours -> theirs, e.g. {"context": "input", "response": "output"}
+    hub_name: Optional[str] = None  # instruct: a Hugging Face dataset name (else ``path``)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +147,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 10.0
     keep_every: int = 0  # also keep epoch_{k}.safetensors every k epochs (0 = only best + last)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    freeze_base: bool = False  # grown models (expansion.py): train only the new context dimensions
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -184,6 +186,7 @@ class TrainConfig:
         _float(self, "checkpoint_every_minutes", 0.0, lo_open=True)
         _int(self, "keep_every", 0)
         _int(self, "max_nonfinite", 1)
+        _check("freeze_base", isinstance(self.freeze_base, bool), "must be True or False", self.freeze_base)
 
 
 def seed_lr(batch_size: int) -> float:

@@ -506,7 +506,7 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     if cfg.dataset == "dolly":
         rs = load_dolly(cfg.path, max_examples)
     else:
-        rs = load_instructions(cfg.path, None, cfg.field_map, max_examples)
+        rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples)
     tok = tokenizer or train_tokenizer(cfg.tokenizer, [dolly_text(r) for r in rs.train], vocab_size)
     if cfg.mode == "packed" or cfg.mode == "stream":
         def make(recs):

@@ -119,65 +119,83 @@ def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = 
         yield tok, step_logits, ctx
 
 
+def _sample_ids(lg: torch.Tensor, temperature: float, g: Optional[torch.Generator]) -> torch.Tensor:
+    if temperature == 0:
+        return lg.argmax(-1)
+    u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
+    return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: graph-safe sampling
+
+
+class GraphDecoder:
+    """``chunk`` consecutive single-token steps (cell update + greedy / Gumbel-max sampling) captured in
+    one CUDA graph, captured once and replayed for any number of tokens. Device memory is constant:
+    ids leave the GPU chunk by chunk into pinned host memory."""
+
+    def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0) -> None:
+        self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
+        dev = next(model.parameters()).device
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.ctx = model.init_context(batch_size)
+        self.out = torch.empty(batch_size, chunk, dtype=torch.long, device=dev)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    @torch.no_grad()
+    def _body(self) -> None:
+        t, c = self.tok, self.ctx
+        for j in range(self.chunk):
+            self.out[:, j] = t
+            lg, c = self.model.step(t, c)
+            t = _sample_ids(lg, self.temperature, None)
+        self.tok.copy_(t)
+        self.ctx.copy_(c)
+
+    def _capture(self) -> None:
+        saved = self.tok.clone(), self.ctx.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+        self.tok.copy_(saved[0])
+        self.ctx.copy_(saved[1])
+
+    @torch.no_grad()
+    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
+        torch.cuda.manual_seed(seed)  # the graph draws from the default CUDA generator (philox offsets)
+        self.tok.copy_(_sample_ids(logits, self.temperature, None))
+        self.ctx.copy_(ctx)
+        if self.graph is None:
+            self._capture()
+        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=True)
+        for i in range(0, max_new_tokens, self.chunk):
+            self.graph.replay()
+            n = min(self.chunk, max_new_tokens - i)
+            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=True)
+        torch.cuda.synchronize()
+        return out
+
+
 @torch.no_grad()
 def decode_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                use_graph: Optional[bool] = None, chunk: int = 32) -> torch.Tensor:
-    """Bulk generation of token ids [B, max_new_tokens] (on the CPU), no stop conditions.
-
-    On CUDA, ``chunk`` consecutive single-token steps (cell update + greedy or Gumbel-max sampling) are
-    captured in one CUDA graph and replayed, and ids are copied to pinned host memory chunk by chunk:
-    device memory stays constant however many tokens are generated.
-    """
+    """Bulk generation of token ids [B, max_new_tokens] (returned on the CPU), no stop conditions.
+    On CUDA it uses a ``GraphDecoder``; elsewhere (or ``use_graph=False``) the eager step loop."""
     device = next(model.parameters()).device
     model.eval()
-    use_graph = device.type == "cuda" if use_graph is None else use_graph
-    B = prompt_ids.shape[0]
+    if use_graph if use_graph is not None else device.type == "cuda":
+        return GraphDecoder(model, prompt_ids.shape[0], chunk, temperature).run(prompt_ids, max_new_tokens, seed)
     logits, ctx = prime(model, prompt_ids.to(device))
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def sample(lg: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
-        if temperature == 0:
-            return lg.argmax(-1)
-        u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
-        return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
-
-    tok = sample(logits, gen)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, pin_memory=device.type == "cuda")
-    if not use_graph:
-        for i in range(max_new_tokens):
-            out[:, i] = tok.cpu()
-            logits, ctx = model.step(tok, ctx)
-            tok = sample(logits, gen)
-        return out
-    torch.cuda.manual_seed(seed)  # graph-safe RNG: the default CUDA generator (philox offsets advance per replay)
-    s_tok, s_ctx = tok.clone(), ctx.clone()
-    s_out = torch.empty(B, chunk, dtype=torch.long, device=device)
-
-    def body() -> None:
-        t, c = s_tok, s_ctx
-        for j in range(chunk):
-            s_out[:, j] = t
-            lg, c = model.step(t, c)
-            t = sample(lg, None)
-        s_tok.copy_(t)
-        s_ctx.copy_(c)
-
-    init_tok, init_ctx = s_tok.clone(), s_ctx.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    s_tok.copy_(init_tok)
-    s_ctx.copy_(init_ctx)
-    for i in range(0, max_new_tokens, chunk):
-        graph.replay()
-        n = min(chunk, max_new_tokens - i)
-        out[:, i:i + n].copy_(s_out[:, :n], non_blocking=True)
-    torch.cuda.synchronize()
+    tok = _sample_ids(logits, temperature, gen)
+    out = torch.empty(prompt_ids.shape[0], max_new_tokens, dtype=torch.long)
+    for i in range(max_new_tokens):
+        out[:, i] = tok.cpu()
+        logits, ctx = model.step(tok, ctx)
+        tok = _sample_ids(logits, temperature, gen)
     return out
 
 

@@ -64,10 +64,15 @@ class ContextVectorLLM(nn.Module):
                            dtype=dtype or self.embed.weight.dtype)
 
     # -- the recurrence, one token ------------------------------------------------------------------
-    def _cell(self, x_proj: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _context_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        # Layer 1's context half, sliced (and cast, under autocast) once per call rather than per token:
+        # a slice is not a leaf, so autocast's weight-cast cache would not help inside the loop.
+        return self.fnn[0].weight[:, self.config.embed_dim:].to(dtype)
+
+    def _cell(self, x_proj: torch.Tensor, c: torch.Tensor, W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step given layer 1's hoisted embedding projection ``x_proj`` = W_e e_t + b."""
-        W_c = self.fnn[0].weight[:, self.config.embed_dim:]
-        h = self.drop(F.relu(x_proj + F.linear(self.ctx_drop(c), W_c)))
+        c_in = self.ctx_drop(c) if self.config.context_dropout > 0 else c  # skip a no-op kernel per step
+        h = self.drop(F.relu(x_proj + F.linear(c_in.to(W_c.dtype), W_c)))
         for layer in self.fnn[1:]:
             h = self.drop(F.relu(layer(h)))
         f, i, u = self.gates(h).chunk(3, dim=-1)
@@ -82,7 +87,8 @@ class ContextVectorLLM(nn.Module):
 
     def step(self, token_ids: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance one token: ``token_ids`` [B] -> (logits [B, V], new context [B, C])."""
-        h, c = self._cell(self._embed_proj(token_ids), context)
+        x_proj = self._embed_proj(token_ids)
+        h, c = self._cell(x_proj, context, self._context_weight(x_proj.dtype))
         return self.head(h), c
 
     # -- a whole sequence -----------------------------------------------------------------------------
@@ -98,11 +104,12 @@ class ContextVectorLLM(nn.Module):
         c = self.init_context(B) if context is None else context
         x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
         keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
+        W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []
         for t in range(T):
             if keep is not None:
                 c = c * keep[:, t]
-            h, c = self._cell(x_proj[:, t], c)
+            h, c = self._cell(x_proj[:, t], c, W_c)
             hs.append(h)
             if return_trajectory:
                 cs.append(c)

@@ -88,3 +88,18 @@ def plot_sweep(df: pd.DataFrame):
     fig.tight_layout()
     plt.close(fig)  # returned for display once, not also by the inline backend
     return fig
+
+
+def plot_curves(df: pd.DataFrame, x: str = "epoch", y: str = "val_ppl", by: str = "variant", title: str = ""):
+    """One line per ``by`` value (e.g. the context-expansion variants)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, g in df.groupby(by, sort=False):
+        ax.plot(g[x], g[y], "o-", ms=3, label=name)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -134,15 +134,16 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     kw = {"lr": cfg.effective_lr}
+    params = [p for p in model.parameters() if p.requires_grad]
     if device.type == "cuda":
         kw["fused"] = True  # one kernel for the whole update
     if cfg.optimizer == "adamw":
         # No decay on biases, LayerNorm and embeddings' 1-D params.
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, **kw)
-    return torch.optim.Adam(model.parameters(), weight_decay=cfg.weight_decay, **kw)
+    return torch.optim.Adam(params, weight_decay=cfg.weight_decay, **kw)
 
 
 class Trainer:
@@ -161,6 +162,11 @@ class Trainer:
         self.device = resolve_device(self.tc.device)
         self.precision = resolve_precision(self.tc.precision, self.device)
         self.model = model.to(self.device)
+        self._freeze = None
+        if self.tc.freeze_base:
+            from .expansion import BaseFreeze
+
+            self._freeze = BaseFreeze(self.model)  # before the optimizer: fully frozen params are left out
         self.train_data, self.valid_data = train, valid
         self.tokenizer = tokenizer
         self.run_dir = Path(run_dir) if run_dir else None
@@ -270,9 +276,11 @@ class Trainer:
         finite = bool(torch.isfinite(loss_sum))
         if finite:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
             self.scaler.step(self.optimizer)  # fp16: skipped by the scaler if the grads overflowed
             self.scaler.update()
+            if self._freeze is not None:
+                self._freeze.restore()
         self._state = new_state
         return finite, loss_sum, n, correct
 

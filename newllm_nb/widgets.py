@@ -61,10 +61,20 @@ class TrainingPanel:
                                  style=STYLE, layout=lay)
         self.path = w.Text(value="", placeholder="file or folder (local path only)", description="path",
                            style=STYLE, layout=lay)
+        self.tokenizer = w.Dropdown(options=[("words (seed)", "word"), ("byte-level BPE", "bpe")], value=d.tokenizer,
+                                    description="tokenizer", style=STYLE, layout=lay)
+        data_rows = [self.source, self.path, self.tokenizer]
+        self.instruct = d.dataset in ("dolly", "instruct")
+        if self.instruct:  # any instruction dataset: a hub name or a local jsonl, renamed field by field
+            self.hub_name = w.Text(value=d.hub_name or "", placeholder="empty = databricks-dolly-15k",
+                                   description="hub dataset", style=STYLE, layout=lay)
+            self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
+                                    description="field mapping", style=STYLE, layout=lay)
+            data_rows += [self.hub_name, self.field_map]
         self.widget = w.VBox([
             w.HTML("<b>Model</b>"), w.HBox([w.VBox([self.layers, self.embed, self.context]),
                                             w.VBox([self.hidden, self.vocab, self.dropout])]),
-            w.HTML("<b>Data</b>"), w.HBox([w.VBox([self.source, self.path]), w.VBox([self.seq, self.mode])]),
+            w.HTML("<b>Data</b>"), w.HBox([w.VBox(data_rows), w.VBox([self.seq, self.mode])]),
             w.HTML("<b>Training</b>"), w.HBox([w.VBox([self.batch, self.lr, self.seed_lr]),
                                                w.VBox([self.epochs, self.patience, self.precision])]),
         ])
@@ -90,11 +100,41 @@ class TrainingPanel:
             model=dataclasses.replace(b.model, num_layers=self.layers.value, embed_dim=self.embed.value,
                                       context_dim=self.context.value, hidden_dim=self.hidden.value,
                                       vocab_size=self.vocab.value, dropout=self.dropout.value),
-            data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path),
+            data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
+                                     tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
             train=dataclasses.replace(b.train, batch_size=self.batch.value,
                                       lr=None if self.seed_lr.value else float(self.lr.value),
                                       epochs=self.epochs.value, patience=self.patience.value,
                                       precision=self.precision.value))
+
+
+    def _instruct_fields(self, path) -> dict:
+        if not self.instruct:
+            return {}
+        fmap = parse_field_map(self.field_map.value)
+        hub = self.hub_name.value.strip() or None
+        if hub or (fmap and path):
+            return {"dataset": "instruct", "hub_name": None if path else hub, "field_map": fmap}
+        return {"dataset": "dolly", "field_map": None, "hub_name": None}
+
+
+def parse_field_map(text: str) -> Optional[dict]:
+    """``"context=input, response=output"`` -> ``{"context": "input", "response": "output"}``."""
+    if not text.strip():
+        return None
+    out = {}
+    for part in text.split(","):
+        ours, sep, theirs = part.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not sep or ours not in ("instruction", "context", "response", "category") or not theirs:
+            raise ValueError(f"invalid config value field_map={text!r}: write ours=theirs pairs, ours one of "
+                             "instruction, context, response, category")
+        out[ours] = theirs
+    return out
+
+
+def _format_map(m: Optional[dict]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (m or {}).items())
 
 
 def choice_boxes(options, selected, description: str = ""):

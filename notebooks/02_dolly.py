@@ -21,6 +21,11 @@
 # Each example becomes `Instruction: … Context: … Response: …` (Context only when present), split
 # 90/10 with seed 42 like the seed. The seed reached validation PPL 15.6 with **one** FNN layer.
 # Offline, the bundled `data/dolly-sample.jsonl` (same schema, 8 categories) stands in.
+#
+# **Any instruction dataset** works too: give a hub name (or a local jsonl as the data source) and a field
+# mapping, e.g. `context=input, response=output` for Alpaca-style sets. For scripts without spaces
+# between words (Japanese, Chinese) pick the byte-level BPE tokenizer; `data/instruct-ja-sample.jsonl`
+# is a small Japanese sample in that schema.
 
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
 import sys

@@ -51,3 +51,24 @@ def test_notebook_runs_headless_in_smoke_mode(nb, runs_dir):
     r = subprocess.run([sys.executable, "-m", "pytest", "--nbmake", "--nbmake-timeout=240", "-q",
                         "-p", "no:cacheprovider", str(nb)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_training_panel_reads_widget_values_into_a_valid_config():
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.widgets import TrainingPanel, parse_field_map
+
+    p = TrainingPanel("seed_dolly")
+    cfg = p.config()
+    assert cfg.data.dataset == "dolly" and cfg.model.num_layers == 1 and cfg.data.max_seq_length == 128
+    p.layers.value, p.seq.value, p.seed_lr.value, p.lr.value = 3, 64, False, 1e-3
+    p.source.value, p.path.value, p.field_map.value = "path", "x.jsonl", "context=input, response=output"
+    p.tokenizer.value = "bpe"
+    cfg = p.config()
+    assert (cfg.model.num_layers, cfg.data.max_seq_length, cfg.data.dataset, cfg.data.tokenizer) == \
+        (3, 64, "instruct", "bpe")
+    assert cfg.data.field_map == {"context": "input", "response": "output"} and cfg.train.lr == pytest.approx(1e-3)
+    p.path.value = ""
+    with pytest.raises(ValueError, match="path="):
+        p.config()
+    with pytest.raises(ValueError, match="field_map="):
+        parse_field_map("answer=output")

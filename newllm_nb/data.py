@@ -213,17 +213,18 @@ def is_article_heading(line: str) -> bool:
     return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
 
 
-def wikitext_stream(lines: Sequence[str], tokenizer, reset_at_articles: bool = True
+def wikitext_stream(lines: Sequence[str], tokenizer, reset_at_articles: bool = True, reset_every_line: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """All non-empty lines as one token stream (BOS ... EOS per line) and a reset flag per token
-    (True at the first token of each article when ``reset_at_articles``, and at the very start)."""
+    (True at the very start, at each article when ``reset_at_articles``, at every line when
+    ``reset_every_line``: the seed's conditioning, each paragraph from a zero context)."""
     ids: list[int] = []
     resets: list[bool] = []
     for line in lines:
         if not line.strip():
             continue
         enc = tokenizer.encode(line.strip())
-        start = not ids or (reset_at_articles and is_article_heading(line))
+        start = not ids or reset_every_line or (reset_at_articles and is_article_heading(line))
         resets.extend([start] + [False] * (len(enc) - 1))
         ids.extend(enc)
     if len(ids) < 4:

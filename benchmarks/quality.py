@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def seed_recipe(batch: int, max_epochs: int) -> TrainConfig:
 
 
 # Chosen by `--grid` (see benchmarks/RESULTS.md): stateful BPTT + AdamW + warm-up/cosine + norm clipping.
-BEST = dict(lr=3e-3, weight_decay=0.1, dropout=0.1, context_dropout=0.0, batch=32)
+BEST = dict(lr=1e-3, weight_decay=0.01, dropout=0.3, context_dropout=0.1, batch=32)
 
 
 def best_recipe(max_epochs: int, lr: float = BEST["lr"], weight_decay: float = BEST["weight_decay"],
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--runs", help="comma-separated subset of run names (default: all)")
     ap.add_argument("--seed-batch", type=int, default=128, help="seed recipe batch (lr follows the seed rule)")
     ap.add_argument("--max-epochs", type=int, default=150, help="seed recipe cap (patience 30 usually stops it)")
-    ap.add_argument("--best-epochs", type=int, default=30)
+    ap.add_argument("--best-epochs", type=int, default=40)
     ap.add_argument("--grid", action="store_true", help="run the recipe grid (New-LLM L1, vocab 1000) instead")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="append the table here")
@@ -168,7 +169,7 @@ def main() -> None:
                 print(line)
     if not args.no_append and len(df):
         with open(args.results, "a", encoding="utf-8") as f:
-            cmd = "python benchmarks/quality.py" + (" --grid" if args.grid else "")
+            cmd = "python " + " ".join(sys.argv)
             f.write(f"\n### quality.py{' --grid' if args.grid else ''} ({time.strftime('%Y-%m-%d')})\n\n"
                     f"`{cmd}` | {header}\n\n{_md(df)}\n")
 

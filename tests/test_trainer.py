@@ -132,3 +132,38 @@ def test_lr_schedule_warmup_cosine():
 def test_fp16_on_cpu_is_a_clear_error(prepared):
     with pytest.raises(ValueError, match="precision='fp16'"):
         make(tiny(train__precision="fp16", train__device="cpu"), prepared)
+
+
+def test_cuda_oom_is_caught_with_advice_and_last_checkpoint_kept(tmp_path, prepared):
+    t = make(tiny(train__epochs=3), prepared, tmp_path)
+    calls = {"n": 0}
+    steps_per_epoch = prepared.train.num_batches(16)
+
+    def oom_in_second_epoch(loss):
+        calls["n"] += 1
+        if calls["n"] > steps_per_epoch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss
+
+    t.loss_hook = oom_in_second_epoch
+    with pytest.raises(RuntimeError, match=r"out of memory at batch_size=16: try batch_size=8.*last.safetensors"):
+        t.fit()
+    assert load_checkpoint(tmp_path / "last.safetensors").trainer_state["epoch"] == 1
+
+
+def test_keep_every_and_bounded_checkpoint_files(tmp_path, prepared):
+    make(tiny(train__epochs=4, train__keep_every=2), prepared, tmp_path).fit()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.safetensors", "epoch_2.safetensors", "epoch_4.safetensors", "last.safetensors"]
+
+
+def test_sweep_saves_each_run_and_skips_finished_ones(tmp_path, prepared, capsys):
+    from newllm_nb.sweep import run_sweep
+
+    cfg = tiny(train__epochs=1, model__vocab_size=prepared.tokenizer.vocab_size)
+    df = run_sweep(cfg, [1, 2], tmp_path, archs=("newllm", "lstm"), prepared=prepared)
+    assert list(zip(df.arch, df.layers)) == [("newllm", 1), ("newllm", 2), ("lstm", 1), ("lstm", 2)]
+    assert df.params.iloc[2] == pytest.approx(df.params.iloc[0], rel=0.1)  # LSTM sized to match
+    again = run_sweep(cfg, [1, 2], tmp_path, archs=("newllm", "lstm"), prepared=prepared)
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert again.equals(df)

@@ -38,7 +38,8 @@ def main() -> None:
         variants = [("seed per-token loop", cfg, dict(fast_path="off", seed_loop=True)),
                     ("package eager (hoisted)", cfg, dict(fast_path="off"))]
         if cuda:
-            variants.append(("package fast path (CUDA graph)", cfg, dict(fast_path="graph")))
+            variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))
+            variants.append(("package fast path (graph + BPTT)", cfg, dict(fast_path="graph")))
             if args.compile:
                 variants.append(("fast path + compiled cell", cfg, dict(fast_path="compile")))
         variants += [("cuDNN LSTM, equal params", matched_config(cfg, "lstm"), dict(fast_path="off")),

@@ -143,7 +143,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
     seed_compatible: bool = False  # metrics averaged per batch, as the seed did
-    fast_path: str = "auto"  # auto | off | graph | compile  (CUDA only)
+    fast_path: str = "auto"  # auto = graph (CUDA graph + hand-written BPTT) | graph-autograd | compile | off
     checkpoint_every_minutes: float = 10.0
     keep_every: int = 0  # also keep epoch_{k}.safetensors every k epochs (0 = only best + last)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
@@ -182,7 +182,7 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")),
             "must be auto, cpu, cuda, cuda:N or mps", self.device)
         _int(self, "seed", 0)
-        _choice(self, "fast_path", ("auto", "off", "graph", "compile"))
+        _choice(self, "fast_path", ("auto", "off", "graph", "graph-autograd", "compile"))
         _float(self, "checkpoint_every_minutes", 0.0, lo_open=True)
         _int(self, "keep_every", 0)
         _int(self, "max_nonfinite", 1)

@@ -10,6 +10,9 @@ Adam step stay eager. The fp16 GradScaler's inf check reads a device flag and ma
 that decision cannot live inside a static graph, and keeping it outside makes fp16, bf16 and fp32
 share one code path, the non-finite-loss guard included, at the cost of a few extra launches.
 
+Inside the graph the model runs its hand-written BPTT (``recurrence.py``) unless
+``fast_path="graph-autograd"`` or ``"compile"`` asks for autograd through the loop.
+
 Static shapes: one graph per batch shape; a batch of another shape (the last partial batch) runs
 eagerly. Any capture failure prints one line and the trainer continues eagerly.
 """
@@ -25,7 +28,7 @@ from .model import ContextVectorLLM
 
 
 class GraphedStep:
-    def __init__(self, trainer, compile_cell: bool = False, use_graph: bool = True) -> None:
+    def __init__(self, trainer, compile_cell: bool = False, use_graph: bool = True, fused_bptt: bool = True) -> None:
         self.t = trainer
         # use_graph=False runs the very same static-buffer step without capture (any device): the CPU
         # tests check it against the trainer's eager step.
@@ -35,6 +38,10 @@ class GraphedStep:
         self.graph = None
         self.sig = None
         self.warmup_s = 0.0
+        if fused_bptt and use_graph and not compile_cell and not self.failed:
+            # Hand-written BPTT (recurrence.py): each weight gradient one big matmul instead of T small ones.
+            trainer.model.fused_bptt = True
+            self.mode = "cuda-graph+bptt"
         if compile_cell and not self.failed:
             try:
                 # Per-step cell compiled first: fuses the gate / LayerNorm / clamp element-wise work.

@@ -44,6 +44,8 @@ class ContextVectorLLM(nn.Module):
         self.gates = nn.Linear(H, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
         self.norm = nn.LayerNorm(C)
         self.head = nn.Linear(H, config.vocab_size)
+        # The GPU fast path switches this on: same function, hand-written BPTT (recurrence.py).
+        self.fused_bptt = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,6 +93,11 @@ class ContextVectorLLM(nn.Module):
         h, c = self._cell(x_proj, context, self._context_weight(x_proj.dtype))
         return self.head(h), c
 
+    def _use_fused(self, return_trajectory: bool) -> bool:
+        cfg = self.config
+        return (self.fused_bptt and torch.is_grad_enabled() and not return_trajectory
+                and cfg.context_dropout == 0 and not cfg.context_tanh)
+
     # -- a whole sequence -----------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, context: Optional[torch.Tensor] = None,
                 reset: Optional[torch.Tensor] = None, return_trajectory: bool = False):
@@ -104,6 +111,14 @@ class ContextVectorLLM(nn.Module):
         c = self.init_context(B) if context is None else context
         x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
         keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
+        if self._use_fused(return_trajectory):
+            from .recurrence import NewLLMRecurrence
+
+            layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
+            hs, c = NewLLMRecurrence.apply(x_proj, c, keep, self.fnn[0].weight[:, self.config.embed_dim:],
+                                           self.gates.weight, self.gates.bias, self.norm.weight, self.norm.bias,
+                                           self.config.dropout, self.training, *layers)
+            return self.head(hs), c
         W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []
         for t in range(T):

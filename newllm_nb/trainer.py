@@ -262,7 +262,8 @@ class Trainer:
             return self._fast
         from .fastpath import GraphedStep
 
-        self._fast = GraphedStep(self, compile_cell=self.tc.fast_path == "compile")
+        self._fast = GraphedStep(self, compile_cell=self.tc.fast_path == "compile",
+                                 fused_bptt=self.tc.fast_path in ("auto", "graph"))
         return self._fast
 
     def _train_step(self, b: Batch, clip: float) -> tuple:

@@ -15,11 +15,11 @@ from newllm_nb.fastpath import GraphedStep
 from newllm_nb.trainer import Trainer
 
 
-def _trainer(device, precision, fast_path, dropout=0.0, layers=2):
+def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2):
     torch.manual_seed(0)
     cfg = RunConfig(ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=layers,
                                 dropout=dropout),
-                    DataConfig(max_seq_length=9), TrainConfig(batch_size=8, lr=1e-2, precision=precision,
+                    DataConfig(max_seq_length=9), TrainConfig(batch_size=8, lr=lr, precision=precision,
                                                               fast_path=fast_path, device=device))
     return Trainer(ContextVectorLLM(cfg.model), None, None, cfg)
 
@@ -60,21 +60,34 @@ def test_fast_path_declines_other_shapes_and_models():
     assert GraphedStep(t).run(_batches(1, False)[0]) is None
 
 
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["graph", "graph-autograd"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("stateful", [False, True])
 def test_cuda_graph_matches_eager_on_gpu(precision, stateful, mode):
-    eager = _trainer("cuda", precision, "off")
-    fast = _trainer("cuda", precision, mode)
-    losses = []
-    for b in _batches(6, stateful):
-        le = eager._train_step(b, 1.0)[1] / (b.y != 0).sum().cuda()
-        lf = fast._train_step(b, 1.0)[1] / (b.y != 0).sum().cuda()
-        losses.append((float(le), float(lf)))
-    assert fast.fast_path_used.startswith("cuda-graph")
     tol = 1e-4 if precision == "fp32" else 3e-2
+    batches = _batches(6, stateful)
+    # 1) Gradients of the first step, from identical weights: equal within AMP tolerance.
+    eager, fast = _trainer("cuda", precision, "off"), _trainer("cuda", precision, mode)
+    eager._forward_backward(batches[0])
+    fast._maybe_fast_path().run(batches[0])
+    assert fast.fast_path_used == "eager" and fast._fast.mode.startswith("cuda-graph")
+    for pe, pf in zip(eager.model.parameters(), fast.model.parameters()):
+        assert _rel(pf.grad, pe.grad) < tol, (precision, _rel(pf.grad, pe.grad))
+    # 2) Several optimizer steps: the same losses, and weights that stay close (Adam turns rounding noise in
+    #    near-zero gradients into lr-sized steps, so the weights are compared at a moderate lr).
+    eager, fast = _trainer("cuda", precision, "off", lr=1e-3), _trainer("cuda", precision, mode, lr=1e-3)
+    losses = []
+    for b in batches:
+        n = (b.y != 0).sum().cuda()
+        losses.append((float(eager._train_step(b, 1.0)[1] / n), float(fast._train_step(b, 1.0)[1] / n)))
+    assert fast.fast_path_used.startswith("cuda-graph")
     for le, lf in losses:
         assert abs(le - lf) <= tol * max(1.0, abs(le)), losses
-    for pe, pf in zip(eager.model.parameters(), fast.model.parameters()):
-        torch.testing.assert_close(pe, pf, rtol=tol * 10, atol=tol)
+    worst = max(_rel(pf.detach(), pe.detach()) for pe, pf in zip(eager.model.parameters(), fast.model.parameters()))
+    print(f"{mode} {precision} stateful={stateful}: worst relative weight difference after 6 steps {worst:.2e}")
+    assert worst < (1e-4 if precision == "fp32" else 2e-2)

@@ -65,16 +65,22 @@ def _rel(a, b):
 
 
 def _grads_match(eager, fast, b, tol):
-    """Gradients of one step from identical weights (and carried state): eager vs fast path."""
-    eager.model.load_state_dict(fast.model.state_dict())
-    eager._state = None if fast._state is None else fast._state.clone()
-    eager._forward_backward(b)
+    """Gradients of one step from identical weights (and carried state). Under AMP both paths round
+    differently, so each is measured against an fp32 eager reference: the fast path must be within
+    ``tol`` of it, or at worst twice as far as the eager AMP path is."""
+    ref = _trainer("cuda", "fp32", "off")
+    grads = {}
+    for name, t in (("eager", eager), ("ref", ref)):
+        t.model.load_state_dict(fast.model.state_dict())
+        t._state = None if fast._state is None else fast._state.clone()
+        t._forward_backward(b)
+        grads[name] = [p.grad.float() / t.scaler.get_scale() for p in t.model.parameters()]
     fast._maybe_fast_path().run(b)
-    se, sf = eager.scaler.get_scale(), fast.scaler.get_scale()  # 1.0 unless fp16
-    for (name, pe), pf in zip(eager.model.named_parameters(), fast.model.parameters()):
-        ge, gf = pe.grad.float() / se, pf.grad.float() / sf
-        assert torch.isfinite(ge).all() and torch.isfinite(gf).all(), name
-        assert _rel(gf, ge) < tol, (name, _rel(gf, ge))
+    grads["fast"] = [p.grad.float() / fast.scaler.get_scale() for p in fast.model.parameters()]
+    for (name, _), gf, ge, gr in zip(fast.model.named_parameters(), grads["fast"], grads["eager"], grads["ref"]):
+        assert torch.isfinite(gf).all() and torch.isfinite(ge).all(), name
+        err_fast, err_eager = _rel(gf, gr), _rel(ge, gr)
+        assert err_fast < max(tol, 2 * err_eager), (name, err_fast, err_eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -85,6 +85,9 @@ class GraphedStep:
         self.sig = (B, T, b.reset is not None)
         if not self.use_graph:
             return
+        # Warm-up and capture must not consume the RNG stream (dropout), so a resumed run, which captures
+        # at a different step, draws the same random numbers as an uninterrupted one.
+        rng = torch.cuda.get_rng_state(dev)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
@@ -98,6 +101,7 @@ class GraphedStep:
             self.out = self._fwd_bwd()
         self.grads = [p.grad for p in self.params]
         torch.cuda.synchronize()
+        torch.cuda.set_rng_state(rng, dev)
         self.warmup_s = time.perf_counter() - t0
 
     def run(self, b: Batch):

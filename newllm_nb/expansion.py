@@ -88,12 +88,12 @@ class BaseFreeze:
             p.copy_(torch.where(mask, p, base))
 
 
-def growth_gap(model: ContextVectorLLM, grown: ContextVectorLLM, data, device="cpu") -> dict:
+def growth_gap(model: ContextVectorLLM, grown: ContextVectorLLM, data) -> dict:
     """Validation loss of the base model and of the grown model right after growth (same data)."""
     from .trainer import evaluate
 
-    before = evaluate(model, data, 256, device)["loss"]
-    after = evaluate(grown, data, 256, device)["loss"]
+    before = evaluate(model, data, 256, next(model.parameters()).device)["loss"]
+    after = evaluate(grown, data, 256, next(grown.parameters()).device)["loss"]
     return {"loss_before": before, "loss_after": after, "relative_change": (after - before) / before}
 
 

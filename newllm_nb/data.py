@@ -77,7 +77,7 @@ def _load_from_hub(*args, **kwargs):
     try:
         import datasets  # noqa: F401  (lazy: the GPU box and minimal installs lack it)
     except ImportError:
-        print("datasets is not installed: using local data")
+        print("`datasets` is not installed (pip install datasets): using the bundled sample in data/")
         return None
     if not hub_reachable():
         print("Hugging Face hub unreachable (or HF_HUB_OFFLINE set): using the bundled sample in data/")

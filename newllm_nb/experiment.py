@@ -63,6 +63,19 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
                      time.perf_counter() - t0, trainer)
 
 
+def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
+    """``run_experiment`` with a live loss / PPL plot, in the runs folder for these settings
+    (``colab.run_dir``): re-running with the same settings resumes, other settings start a new run."""
+    from .colab import run_dir
+    from .plots import LivePlot
+
+    live = LivePlot(title)
+    res = run_experiment(cfg, run_dir(name, cfg), callbacks=[live.update])
+    live.history = list(res.history)  # a resumed run: show the epochs from before the restart too
+    live.draw()
+    return res
+
+
 def category_table(model: torch.nn.Module, tokenizer, records: list, max_seq_length: int,
                    device: Union[str, torch.device] = "cpu") -> pd.DataFrame:  # noqa: F821
     """Validation loss / PPL / accuracy per Dolly category (token-weighted, non-PAD targets)."""

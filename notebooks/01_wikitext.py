@@ -56,14 +56,11 @@ panel
 # from its last checkpoint (a Colab disconnect loses minutes, not the run).
 
 # %%
-from newllm_nb.experiment import run_experiment
-from newllm_nb.plots import LivePlot, history_frame
+from newllm_nb.experiment import train_live
+from newllm_nb.plots import history_frame
 
 cfg = panel.config()
-live = LivePlot("New-LLM on WikiText-2")
-result = run_experiment(cfg, colab.run_dir("wikitext", cfg), callbacks=[live.update])
-live.history = list(result.history)
-live.draw()
+result = train_live(cfg, "wikitext", "New-LLM on WikiText-2")
 
 # %%
 history_frame(result.history).tail(10)

@@ -53,14 +53,11 @@ panel
 # ## Train (reads the widgets' current values; re-running resumes)
 
 # %%
-from newllm_nb.experiment import run_experiment
-from newllm_nb.plots import LivePlot, history_frame
+from newllm_nb.experiment import train_live
+from newllm_nb.plots import history_frame
 
 cfg = panel.config()
-live = LivePlot("New-LLM on Dolly-15k")
-result = run_experiment(cfg, colab.run_dir("dolly", cfg), callbacks=[live.update])
-live.history = list(result.history)
-live.draw()
+result = train_live(cfg, "dolly", "New-LLM on Dolly-15k")
 print("checkpoint:", result.best_path)
 
 # %%

@@ -83,6 +83,11 @@ class BaseFreeze:
             self.items.append((p, mask, p.detach().clone()))
 
     @torch.no_grad()
+    def snapshot(self) -> None:
+        """Take the current base entries as the ones to keep (after loading a checkpoint)."""
+        self.items = [(p, mask, p.detach().clone()) for p, mask, _ in self.items]
+
+    @torch.no_grad()
     def restore(self) -> None:
         for p, mask, base in self.items:
             p.copy_(torch.where(mask, p, base))

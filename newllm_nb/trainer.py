@@ -221,6 +221,8 @@ class Trainer:
             raise CheckpointError(f"{ckpt.path} was written for another model config "
                                   f"({ckpt.config.get('model')}); use a new run name or the same settings")
         ckpt.load_into(self.model)
+        if self._freeze is not None:
+            self._freeze.snapshot()  # the frozen base is the checkpoint's, not the fresh model's
         opt = ckpt.optimizer_state()
         if opt is None:
             raise CheckpointError(f"{ckpt.path} has no optimizer state: it is a 'best' checkpoint, not resumable")

@@ -78,3 +78,27 @@ def test_fine_tune_all_moves_old_entries_and_grown_checkpoint_round_trips(traine
 
     again, _, ck = load_model(tmp_path / "best.safetensors")
     assert again.config.grown_from == 16 and again.config.context_dim == 24
+
+
+def test_freeze_base_resume_keeps_the_checkpoint_base(trained, tmp_path):
+    model, p, cfg = trained
+    cfg2 = apply_overrides(cfg, model__context_dim=24, model__grown_from=16, train__freeze_base=True,
+                           train__epochs=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(rec):
+        raise Stop
+
+    big = expand_context(model, 24)
+    t = Trainer(big, p.train, p.valid, cfg2, p.tokenizer, tmp_path, callbacks=[stop])
+    with pytest.raises(Stop):
+        t.fit()
+    base = {k: v.detach().clone() for k, v in big.named_parameters()}
+    torch.manual_seed(123)
+    fresh = ContextVectorLLM(cfg2.model)  # random weights: resume must replace them, base included
+    Trainer(fresh, p.train, p.valid, cfg2, p.tokenizer, tmp_path).fit()
+    masks = trainable_masks(fresh)
+    for name, v in fresh.named_parameters():
+        assert torch.equal(v.detach()[~masks[name]], base[name][~masks[name]]), name

@@ -56,8 +56,8 @@ def seed_recipe(batch: int, max_epochs: int) -> TrainConfig:
 
 # Chosen by `--grid` on the dev set (see benchmarks/RESULTS.md), per vocabulary size:
 # stateful BPTT + AdamW + warm-up/cosine + norm clipping, and this regularisation.
-BEST = {1000: dict(lr=1e-3, weight_decay=0.01, dropout=0.3, context_dropout=0.1),
-        10000: dict(lr=1e-3, weight_decay=0.01, dropout=0.3, context_dropout=0.1)}
+BEST = {1000: dict(lr=1e-3, weight_decay=0.01, dropout=0.5, context_dropout=0.3),
+        10000: dict(lr=1e-3, weight_decay=0.01, dropout=0.5, context_dropout=0.3)}
 
 
 def best_recipe(max_epochs: int, lr: float = 1e-3, weight_decay: float = 0.01, batch: int = 32) -> TrainConfig:

@@ -233,8 +233,8 @@ def _seed_dolly() -> RunConfig:
 
 def _best_wikitext() -> RunConfig:
     # The package's recipe (issue 6), chosen by `benchmarks/quality.py --grid` (benchmarks/RESULTS.md):
-    # stateful BPTT, AdamW + warm-up/cosine, norm clipping, dropout 0.3 and context dropout 0.1.
-    return RunConfig(ModelConfig(num_layers=1, dropout=0.3, context_dropout=0.1),
+    # stateful BPTT, AdamW + warm-up/cosine, norm clipping, dropout 0.5 and context dropout 0.3.
+    return RunConfig(ModelConfig(num_layers=1, dropout=0.5, context_dropout=0.3),
                      DataConfig("wikitext", max_seq_length=64, mode="stream"),
                      TrainConfig(epochs=40, patience=5, optimizer="adamw", weight_decay=0.01, schedule="cosine",
                                  warmup_steps=200, clip=1.0, batch_size=32, lr=1e-3))

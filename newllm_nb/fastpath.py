@@ -38,7 +38,8 @@ class GraphedStep:
         self.graph = None
         self.sig = None
         self.warmup_s = 0.0
-        if fused_bptt and use_graph and not compile_cell and not self.failed:
+        if fused_bptt and use_graph and not compile_cell and not self.failed \
+                and not trainer.model.config.context_tanh:
             # Hand-written BPTT (recurrence.py): each weight gradient one big matmul instead of T small ones.
             trainer.model.fused_bptt = True
             self.mode = "cuda-graph+bptt"

@@ -95,8 +95,7 @@ class ContextVectorLLM(nn.Module):
 
     def _use_fused(self, return_trajectory: bool) -> bool:
         cfg = self.config
-        return (self.fused_bptt and torch.is_grad_enabled() and not return_trajectory
-                and cfg.context_dropout == 0 and not cfg.context_tanh)
+        return self.fused_bptt and torch.is_grad_enabled() and not return_trajectory and not cfg.context_tanh
 
     # -- a whole sequence -----------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, context: Optional[torch.Tensor] = None,
@@ -117,7 +116,8 @@ class ContextVectorLLM(nn.Module):
             layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
             hs, c = NewLLMRecurrence.apply(x_proj, c, keep, self.fnn[0].weight[:, self.config.embed_dim:],
                                            self.gates.weight, self.gates.bias, self.norm.weight, self.norm.bias,
-                                           self.config.dropout, self.training, *layers)
+                                           self.config.dropout, self.config.context_dropout, self.training,
+                                           *layers)
             return self.head(hs), c
         W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []

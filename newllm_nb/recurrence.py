@@ -6,8 +6,8 @@ sequential (gradients w.r.t. activations and the carried context) and stores the
 pre-activation gradients; each weight gradient is then **one** large matmul over all B·T positions.
 Same function as ``ContextVectorLLM.forward`` (tests compare outputs and gradients with autograd).
 
-Per step (FNN layers j = 1..N, dropout p in training):
-    a_1 = x_proj_t + W_c c_{t-1}        h_j = D_j ⊙ a_j,  D_j = 1[a_j > 0] ⊙ dropout mask / (1 - p)
+Per step (FNN layers j = 1..N, dropout p in training, context dropout mask M_c):
+    a_1 = x_proj_t + W_c (M_c ⊙ c_{t-1})        h_j = D_j ⊙ a_j,  D_j = 1[a_j > 0] ⊙ dropout mask / (1 - p)
     a_j = W_j h_{j-1} + b_j             g = W_g h_N + b_g = [f | i | u]
     x = σ(f) ⊙ c_{t-1} + σ(i) ⊙ u      c_t = clamp(LayerNorm(x), -10, 10)
 """
@@ -26,7 +26,7 @@ class NewLLMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_proj: torch.Tensor, c0: torch.Tensor, keep: Optional[torch.Tensor], W_c: torch.Tensor,
                 W_g: torch.Tensor, b_g: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, p: float,
-                training: bool, *layers: torch.Tensor):
+                p_ctx: float, training: bool, *layers: torch.Tensor):
         B, T, H = x_proj.shape
         C = c0.shape[1]
         dt = x_proj.dtype  # matmul dtype: bf16 / fp16 under autocast, else fp32
@@ -42,11 +42,17 @@ class NewLLMRecurrence(torch.autograd.Function):
         YM = torch.empty(T, B, C, dtype=torch.bool, device=dev)
         c = c0.float()
         drop = training and p > 0
+        ctx_drop = training and p_ctx > 0  # dropout on the context path into layer 1 (not on the gate product)
+        MC = torch.empty(T, B, C, dtype=torch.float32, device=dev) if ctx_drop else None
         for t in range(T):
             if keep is not None:
                 c = c * keep[:, t]
             Cin[t] = c
-            h = c.to(dt)
+            if ctx_drop:
+                MC[t] = torch.empty_like(c).bernoulli_(1 - p_ctx) / (1 - p_ctx)
+                h = (c * MC[t]).to(dt)
+            else:
+                h = c.to(dt)
             for j in range(L):
                 a = torch.addmm(x_proj[:, t], h, Wc.t()) if j == 0 else torch.addmm(Ws[j - 1][1], h, Ws[j - 1][0].t())
                 D = (a > 0).to(dt)
@@ -65,14 +71,16 @@ class NewLLMRecurrence(torch.autograd.Function):
             SF[t], SI[t], U[t], XH[t], RS[t] = sf, si, u, xhat, rstd
             YM[t] = (y >= -CLAMP) & (y <= CLAMP)
             c = y.clamp(-CLAMP, CLAMP)
-        ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev), Wc, Wg, ln_w, Hs, Ds,
+        ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
+                              MC if ctx_drop else torch.empty(0, device=dev), Wc, Wg, ln_w, Hs, Ds,
                               Cin, SF, SI, U, XH, RS, YM, *[w for w, _ in Ws])
+        ctx.ctx_drop = ctx_drop
         ctx.has_keep, ctx.dtypes = keep is not None, (c0.dtype, W_c.dtype)
         return Hs[L - 1].transpose(0, 1), c
 
     @staticmethod
     def backward(ctx, d_hs: torch.Tensor, d_c: Optional[torch.Tensor]):
-        keep, Wc, Wg, ln_w, Hs, Ds, Cin, SF, SI, U, XH, RS, YM, *Ws = ctx.saved_tensors
+        keep, MC, Wc, Wg, ln_w, Hs, Ds, Cin, SF, SI, U, XH, RS, YM, *Ws = ctx.saved_tensors
         L, T, B, H = Hs.shape
         C = Cin.shape[-1]
         dt = Hs.dtype
@@ -96,18 +104,20 @@ class NewLLMRecurrence(torch.autograd.Function):
                 dA[j, t] = da
                 if j:
                     dh = da @ Ws[j - 1]
-            dc = dx * sf + (da @ Wc).float()
+            d_in = (da @ Wc).float()
+            dc = dx * sf + (d_in * MC[t] if ctx.ctx_drop else d_in)
             if ctx.has_keep:
                 dc = dc * keep[:, t]
         # Weight gradients: one matmul each over all T*B positions.
         flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
         d_Wg = (flatG.t() @ Hs[L - 1].reshape(-1, H)).float()
         d_bg = flatG.float().sum(0)
-        d_Wc = (flatA[0].t() @ Cin.reshape(-1, C).to(dt)).float()
+        c_in = Cin * MC if ctx.ctx_drop else Cin  # what layer 1 actually read
+        d_Wc = (flatA[0].t() @ c_in.reshape(-1, C).to(dt)).float()
         layer_grads = []
         for j in range(1, L):
             layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
         d_lnw = (DY * XH).sum((0, 1))
         d_lnb = DY.sum((0, 1))
         d_x = dA[0].transpose(0, 1)
-        return (d_x, dc.to(ctx.dtypes[0]), None, d_Wc, d_Wg, d_bg, d_lnw, d_lnb, None, None, *layer_grads)
+        return (d_x, dc.to(ctx.dtypes[0]), None, d_Wc, d_Wg, d_bg, d_lnw, d_lnb, None, None, None, *layer_grads)

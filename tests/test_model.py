@@ -149,7 +149,11 @@ def test_hand_written_bptt_dropout_is_active_only_in_training(ctx_drop):
 def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_masks():
     """Same masks for both: draw them from one seed (both paths consume bernoulli draws in the same
     order when dropout on h is off)."""
+    torch.manual_seed(0)
     m = ContextVectorLLM(dataclasses.replace(small(num_layers=2), context_dropout=0.4))
+    with torch.no_grad():  # away from the tiny-init regime, where LayerNorm amplifies fp32 rounding
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     ids = torch.randint(0, 50, (3, 7))
     outs = {}
     for fused in (False, True):
@@ -158,5 +162,5 @@ def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_mas
         logits, c = m(ids)
         outs[fused] = (logits, torch.autograd.grad(logits.square().mean() + c.sum(), list(m.parameters())))
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[True][1], outs[False][1]):  # mask scaling rounds in a different order: atol 1e-5
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

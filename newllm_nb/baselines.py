@@ -141,14 +141,16 @@ def matched_config(config: ModelConfig, arch: str, target: Optional[int] = None)
     if arch == "newllm":
         return dataclasses.replace(config, arch="newllm")
     if arch == "lstm":
-        sizes = range(8, 4097, 8)
-        make = lambda s: dataclasses.replace(config, arch="lstm", lstm_hidden=s)  # noqa: E731
+        sizes, field = range(8, 4097, 8), "lstm_hidden"
     elif arch == "transformer":
         step = 2 * config.tf_heads
-        sizes = range(step, 4097, step)
-        make = lambda s: dataclasses.replace(config, arch="transformer", tf_dim=s)  # noqa: E731
+        sizes, field = range(step, 4097, step), "tf_dim"
     else:
         raise ValueError(f"unknown arch {arch!r}: newllm, lstm or transformer")
+
+    def make(size: int) -> ModelConfig:
+        return dataclasses.replace(config, arch=arch, **{field: size})
+
     best = min(sizes, key=lambda s: abs(count_parameters(make(s)) - target))
     return make(best)
 

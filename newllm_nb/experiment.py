@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 
@@ -15,6 +15,9 @@ from .baselines import build_model
 from .config import RunConfig, smoke_config
 from .data import Prepared, prepare
 from .trainer import Trainer, evaluate
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -77,7 +80,7 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
 
 
 def category_table(model: torch.nn.Module, tokenizer, records: list, max_seq_length: int,
-                   device: Union[str, torch.device] = "cpu") -> pd.DataFrame:  # noqa: F821
+                   device: Union[str, torch.device] = "cpu") -> pd.DataFrame:
     """Validation loss / PPL / accuracy per Dolly category (token-weighted, non-PAD targets)."""
     import pandas as pd
 

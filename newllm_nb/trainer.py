@@ -180,7 +180,7 @@ class Trainer:
         self.best_val = float("inf")
         self.bad_epochs = 0
         self.finished = False
-        self.nonfinite_total = 0
+        self.nonfinite_epoch = 0
         self._state = None  # carried context (stateful data)
         self._metrics = Metrics(self.tc.seed_compatible)
         self._epoch_seconds = 0.0
@@ -201,7 +201,7 @@ class Trainer:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_val": self.best_val if math.isfinite(self.best_val) else None, "bad_epochs": self.bad_epochs,
                 "finished": self.finished, "metrics": self._metrics.state(),
-                "epoch_seconds": self._epoch_seconds, "nonfinite_total": self.nonfinite_total}
+                "epoch_seconds": self._epoch_seconds, "nonfinite_epoch": self.nonfinite_epoch}
 
     def save(self, path: Union[str, Path], full: bool = True) -> Path:
         extra = {}
@@ -237,7 +237,7 @@ class Trainer:
         self.finished = ts.get("finished", False)
         self._metrics.load(ts["metrics"])
         self._epoch_seconds = ts.get("epoch_seconds", 0.0)
-        self.nonfinite_total = ts.get("nonfinite_total", 0)
+        self.nonfinite_epoch = ts.get("nonfinite_epoch", 0)
         states = [ckpt.extra(f"state.{i}") for i in range(2)]
         states = [s.to(self.device) for s in states if s is not None]
         self._state = None if not states else states[0] if len(states) == 1 else tuple(states)
@@ -328,7 +328,7 @@ class Trainer:
                         self._metrics.add(loss_sum, n, correct)
                     else:
                         consecutive_bad += 1
-                        self.nonfinite_total += 1
+                        self.nonfinite_epoch += 1
                         if consecutive_bad >= tc.max_nonfinite:
                             raise NonFiniteLossError(
                                 f"{consecutive_bad} consecutive non-finite losses at epoch {self.epoch + 1}, "
@@ -373,7 +373,7 @@ class Trainer:
         rec = {"epoch": self.epoch + 1, "train_loss": train["loss"], "train_ppl": train["ppl"],
                "val_loss": val["loss"], "val_ppl": val["ppl"], "val_acc": val["acc"],
                "tokens_per_s": train["tokens"] / seconds if seconds > 0 else float("nan"),
-               "seconds": seconds, "lr": lr, "clip": clip, "nonfinite_steps": self.nonfinite_total}
+               "seconds": seconds, "lr": lr, "clip": clip, "nonfinite_steps": self.nonfinite_epoch}
         improved = val["loss"] < self.best_val - tc.min_delta
         if improved:
             self.best_val, self.bad_epochs = val["loss"], 0
@@ -385,7 +385,7 @@ class Trainer:
         self.step_in_epoch = 0
         self._metrics = Metrics(tc.seed_compatible)
         self._epoch_seconds = 0.0
-        self.nonfinite_total = 0
+        self.nonfinite_epoch = 0
         self._state = None
         if self.bad_epochs >= tc.patience or self.epoch >= tc.epochs:
             self.finished = True

@@ -55,8 +55,12 @@ def _train(args: argparse.Namespace) -> int:
 
     info = detect(args.device if args.device not in (None, "auto") else None)
     rec = recommend(info)
-    cfg = preset(args.preset or f"seed_{args.dataset}")
-    ov = {"data__dataset": args.dataset, "train__batch_size": args.batch_size or rec.batch_size}
+    name = args.preset or f"seed_{args.dataset}"
+    cfg = preset(name)
+    ov = {"data__dataset": args.dataset}
+    # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
+    if args.batch_size or name.startswith("seed_"):
+        ov["train__batch_size"] = args.batch_size or rec.batch_size
     for flag, key in [("layers", "model__num_layers"), ("epochs", "train__epochs"), ("lr", "train__lr"),
                       ("seq_len", "data__max_seq_length"), ("vocab_size", "model__vocab_size"),
                       ("patience", "train__patience"), ("precision", "train__precision"),

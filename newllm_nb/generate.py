@@ -87,6 +87,12 @@ def _generator(s: Sampling, device: torch.device) -> Optional[torch.Generator]:
     return None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
 
 
+def _check_steppable(model) -> None:
+    if not callable(getattr(model, "step", None)):
+        raise ValueError(f"generation needs a New-LLM model (one context vector, `step`); got {type(model).__name__}: "
+                         "train or load a New-LLM checkpoint (arch='newllm')")
+
+
 @torch.no_grad()
 def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = None,
                 context: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None
@@ -97,6 +103,7 @@ def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = 
     context is taken at each row's last real token. Stops after ``max_new_tokens`` (callers stop earlier).
     """
     s = sampling or Sampling()
+    _check_steppable(model)
     model.eval()
     device = next(model.parameters()).device
     prompt_ids = prompt_ids.to(device)
@@ -313,6 +320,7 @@ class ChatSession:
     EMPTY_MESSAGE = "(Type a message first: empty input was not sent to the model.)"
 
     def __init__(self, model, tokenizer, sampling: Optional[Sampling] = None, **overrides) -> None:
+        _check_steppable(model)
         self.model, self.tokenizer = model, tokenizer
         self.sampling = _sampling(sampling, overrides)
         self.reset()

@@ -155,3 +155,14 @@ def test_transformer_kv_cache_step_equals_forward():
     cache = m.init_cache(2, 10)
     steps = torch.stack([m.decode_step(ids[:, t], cache) for t in range(10)], 1)
     torch.testing.assert_close(steps, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_baseline_models_get_a_clear_error(lm):
+    from newllm_nb.baselines import LSTMLM
+
+    _, tok = lm
+    lstm = LSTMLM(ModelConfig(vocab_size=tok.vocab_size, embed_dim=8, lstm_hidden=8, arch="lstm"))
+    with pytest.raises(ValueError, match="needs a New-LLM model.*LSTMLM"):
+        ChatSession(lstm, tok)
+    with pytest.raises(ValueError, match="needs a New-LLM model"):
+        generate(lstm, tok, "the cat")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -47,7 +46,7 @@ class SeedLoop(nn.Module):
 
 def probe_throughput(model_cfg: ModelConfig, batch_size: int, seq_len: int, steps: int = 10,
                      precision: str = "auto", fast_path: str = "auto", device: str = "auto",
-                     warmup: int = 2, data: Optional[Batch] = None, seed_loop: bool = False) -> dict:
+                     warmup: int = 2, seed_loop: bool = False) -> dict:
     """Median step time of whole training steps (forward, backward, clip, Adam) on random tokens."""
     cfg = RunConfig(model_cfg, DataConfig(max_seq_length=seq_len + 1),
                     TrainConfig(batch_size=batch_size, precision=precision, fast_path=fast_path, device=device,
@@ -59,7 +58,7 @@ def probe_throughput(model_cfg: ModelConfig, batch_size: int, seq_len: int, step
     t = Trainer(model, None, None, cfg)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(4, model_cfg.vocab_size, (batch_size, seq_len + 1), generator=gen)
-    b = data or Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), None, False)
+    b = Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), None, False)
     sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)

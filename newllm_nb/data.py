@@ -416,11 +416,6 @@ class WindowData:
             idx = order[i:i + batch_size]
             yield Batch(self.x[idx], self.y[idx], None, False)
 
-    def subset(self, n: int) -> WindowData:
-        out = WindowData.__new__(WindowData)
-        out.x, out.y = self.x[:n], self.y[:n]
-        return out
-
 
 class StreamData:
     """One token stream split into B parallel streams, read in consecutive windows of ``seq_len``.

@@ -40,9 +40,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 where the GPU supports it, fp16 (+GradScaler) on other GPUs, fp32 on CPU."""
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        from .hardware import detect, pick_precision
+
+        return pick_precision(detect(str(device)))
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("invalid config value precision='fp16': fp16 training needs a CUDA GPU (use fp32 or bf16)")
     return precision

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .config import BOS_ID, EOS_ID, PAD_ID, DataConfig, is_smoke
+from .config import BOS_ID, EOS_ID, PAD_ID, DataConfig
 
 
 def _find_data_dir() -> Path:
@@ -486,9 +486,7 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     """Load ``cfg.dataset``, train (or reuse) a tokenizer on its training split, build datasets."""
     from .tokenizer import train_tokenizer
 
-    max_examples = cfg.max_examples
-    if is_smoke() and max_examples is None:
-        max_examples = 120
+    max_examples = cfg.max_examples  # smoke mode caps this through config.smoke_config
     S = cfg.max_seq_length
     if cfg.dataset == "wikitext":
         sp = load_wikitext(cfg.path, max_examples)

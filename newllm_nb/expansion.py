@@ -1,10 +1,11 @@
 """Context expansion (the seed's growth experiment): grow a trained model's context vector, e.g. 256 -> 512,
 and keep training either everything ("fine-tune all") or only the new dimensions ("freeze base").
 
-New weights start at zero, as the seed did, so the new context entries start at 0 and stay 0 until
-they learn. The old dimensions still change slightly: LayerNorm now normalises over the larger
-vector, so its mean and variance include the new zeros. ``growth_gap`` measures the effect
-instead of assuming it away.
+New weights start at zero, as the seed did: the new context entries feed nothing (their columns in
+layer 1 are zero) and their candidate input is zero. The old dimensions still change slightly:
+LayerNorm now normalises over the larger vector, and with its new gains at 1 the new entries come
+out of it non-zero (which is also what lets them start learning). ``growth_gap`` measures the
+effect instead of assuming it away.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class BaseFreeze:
 
     def __init__(self, model: ContextVectorLLM) -> None:
         self.items = []
+        masks = trainable_masks(model)
         for name, p in model.named_parameters():
-            mask = trainable_masks(model)[name].to(p.device)
+            mask = masks[name].to(p.device)
             if not mask.any():
                 p.requires_grad_(False)
                 continue

@@ -110,31 +110,28 @@ class GraphedStep:
         if self.failed:
             return None
         sig = (*b.x.shape, b.reset is not None)
-        if not self.use_graph:
-            if self.sig is None:
-                self._capture(b)
-            elif sig != self.sig:
-                return None
-            else:
-                self._fill(b)
-            self.t.optimizer.zero_grad(set_to_none=True)
-            loss_sum, n, correct, c = self._fwd_bwd()
-            return loss_sum, n, correct, c.clone()
-        if self.graph is None:
+        if self.sig is None:  # first batch: allocate the static buffers (and capture the graph)
             try:
                 self._capture(b)
-                print(f"fast path: {self.mode} captured for batch {sig[0]}x{sig[1]} in {self.warmup_s:.1f}s")
             except Exception as e:
+                if not self.use_graph:
+                    raise
                 print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); training eagerly")
                 self.failed, self.graph = True, None
                 self.t.optimizer.zero_grad(set_to_none=True)
                 return None
+            if self.use_graph:
+                print(f"fast path: {self.mode} captured for batch {sig[0]}x{sig[1]} in {self.warmup_s:.1f}s")
         elif sig != self.sig:
             return None
         else:
             self._fill(b)
-        self.graph.replay()
-        for p, g in zip(self.params, self.grads):  # an eager step in between may have replaced p.grad
-            p.grad = g
-        loss_sum, n, correct, c = self.out
+        if self.use_graph:
+            self.graph.replay()
+            for p, g in zip(self.params, self.grads):  # an eager step in between may have replaced p.grad
+                p.grad = g
+            loss_sum, n, correct, c = self.out
+        else:
+            self.t.optimizer.zero_grad(set_to_none=True)
+            loss_sum, n, correct, c = self._fwd_bwd()
         return loss_sum, n, correct, c.clone()

@@ -76,8 +76,8 @@ def pick_next(logits: torch.Tensor, s: Sampling, seen: Optional[torch.Tensor] = 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p (>= 1 token)
+        p_sorted = sorted_logits.softmax(-1)
+        drop = p_sorted.cumsum(-1) - p_sorted >= s.top_p  # keep the smallest set reaching top_p (>= 1 token)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -223,6 +223,7 @@ class _TextAssembler:
         self._pending: list[int] = []
 
     def add(self, token_id: int) -> str:
+        before = len(self.text)
         if getattr(self.tok, "kind", "word") == "word":
             self.text += self.tok.decode_token(token_id)
         else:  # byte-level BPE: a character may span tokens; wait until it decodes cleanly
@@ -232,13 +233,15 @@ class _TextAssembler:
                 return ""
             self.text += piece
             self._pending = []
-        low = self.text.lower()
-        hits = [low.find(s) for s in self.stop if s in low]
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        # Only text that the new piece can complete is searched: O(1) per token, not O(length).
+        start = max(0, before - hold)
+        low = self.text[start:].lower()
+        hits = [start + low.find(s) for s in self.stop if s in low]
         if hits:
             self.text = self.text[: min(hits)].rstrip()
             self.stopped = True
             return self.flush()
-        hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = max(self.emitted, len(self.text) - hold)
         out, self.emitted = self.text[self.emitted:safe], safe
         return out
@@ -257,7 +260,7 @@ def stream(model, tokenizer, prompt: str, sampling: Optional[Sampling] = None,
     """
     s = _sampling(sampling, overrides)
     ids = torch.tensor([encode_prompt(tokenizer, prompt, bos=context is None)])
-    if ids.shape[1] == 0:  # continuing a context with nothing new: read an EOS-free no-op is impossible
+    if ids.shape[1] == 0:  # continuing a context with an empty prompt: there is no token to read
         raise ValueError("empty prompt: nothing to condition on")
     asm = _TextAssembler(tokenizer, s.stop)
     ctx = None
@@ -307,7 +310,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], sampling: Optional[
             done[i] = asms[i].stopped
         if all(done):
             break
-    return [(a.text if a.stopped else a.text).strip() for a in asms]
+    return [a.text.strip() for a in asms]
 
 
 class ChatSession:

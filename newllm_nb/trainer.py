@@ -66,7 +66,8 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Metrics:
-    """Token-weighted (default) or per-batch-averaged (seed) loss / accuracy, accumulated on device."""
+    """Token-weighted (default) or per-batch-averaged (seed) loss / accuracy, accumulated as Python floats
+    (one host sync per batch, which the non-finite check needs anyway)."""
 
     def __init__(self, seed_compatible: bool = False) -> None:
         self.seed_compatible = seed_compatible

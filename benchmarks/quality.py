@@ -5,13 +5,15 @@ Data: the first 90% of the lines of --file train (its last 5% serve as the dev s
 stopping and best-checkpoint choice); the last 10% (or --eval-file) is the evaluation text, never seen
 in training or model selection.
 
-Evaluation (the same tokens for every model): the evaluation lines as one stream, every token
-predicted once, PPL token-weighted over non-PAD targets (UNK included, BOS never a target).
-Seed-recipe models read each paragraph from a zero context (as they were trained); stateful models
-carry their state through each article; the Transformer reads 63-token windows (its training length).
+Evaluation (the same tokens for every model): the evaluation lines as one token stream cut into
+--eval-streams parallel streams (default 8, each starting from a zero state), every token predicted
+once, PPL token-weighted over non-PAD targets (UNK included, BOS never a target). Seed-recipe models
+read each paragraph from a zero context (as they were trained); stateful models carry their state
+through each article; the Transformer reads windows of its training length.
 
     python benchmarks/quality.py                         # the full table (GPU recommended)
-    python benchmarks/quality.py --grid                  # the recipe grid that chose the defaults
+    python benchmarks/quality.py --grid stage1           # the lr / decay / dropout grid (session 1)
+    python benchmarks/quality.py --grid stage2 --jobs 8  # tying, embedding dropout, weight averaging...
     python benchmarks/quality.py --vocab 1000 --runs newllm-best-L1 --max-epochs 2   # a quick look
 """
 
@@ -23,7 +25,9 @@ import itertools
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -54,15 +58,60 @@ def seed_recipe(batch: int, max_epochs: int) -> TrainConfig:
     return TrainConfig(epochs=max_epochs, batch_size=batch, patience=30, show_progress=False)
 
 
-# Chosen by `--grid` on the dev set (see benchmarks/RESULTS.md), per vocabulary size:
-# stateful BPTT + AdamW + warm-up/cosine + norm clipping, and this regularisation.
-BEST = {1000: dict(lr=1e-3, weight_decay=0.01, dropout=0.5, context_dropout=0.3),
-        10000: dict(lr=1e-3, weight_decay=0.01, dropout=0.5, context_dropout=0.3)}
+# A recipe: ModelConfig fields, TrainConfig fields and the BPTT window ("seq", tokens incl. the target shift).
+# Session 1's grid (lr x weight decay x dropout x context dropout, RESULTS.md) chose STAGE1; `--grid` then
+# measures each addition below on the dev set, and BEST is the variant with the lowest dev PPL per vocabulary
+# (three rounds, benchmarks/RESULTS.md). It is defined after VARIANTS.
+STAGE1 = dict(lr=1e-3, weight_decay=0.01, dropout=0.5, context_dropout=0.3)
+VARIANTS = {
+    "stage1": {},
+    "tie": dict(tie_embeddings=True),
+    "tie+edrop": dict(tie_embeddings=True, embed_dropout=0.1),
+    "tie+ema": dict(tie_embeddings=True, ema_decay=0.995),
+    "tie+edrop+ema": dict(tie_embeddings=True, embed_dropout=0.1, ema_decay=0.995),
+    "tie+edrop+ema.999": dict(tie_embeddings=True, embed_dropout=0.1, ema_decay=0.999),
+    "tie+edrop+ema+seq128": dict(tie_embeddings=True, embed_dropout=0.1, ema_decay=0.995, seq=128),
+    "tie+edrop+ema+wide": dict(tie_embeddings=True, embed_dropout=0.1, ema_decay=0.995, context_dim=384,
+                               hidden_dim=768),
+    # Second round, around the best of the first (embedding dropout and seq 128 did not help at vocab 1000).
+    "tie+ema+wide": dict(tie_embeddings=True, ema_decay=0.995, context_dim=384, hidden_dim=768),
+    "tie+ema+wide+drop0.4": dict(tie_embeddings=True, ema_decay=0.995, context_dim=384, hidden_dim=768,
+                                 dropout=0.4),
+    "tie+ema+wide+batch16": dict(tie_embeddings=True, ema_decay=0.995, context_dim=384, hidden_dim=768, batch=16),
+    "tie+ema+lr2e-3": dict(tie_embeddings=True, ema_decay=0.995, lr=2e-3),
+    # Third round: batch 16 and lr 2e-3 were each better at vocab 1000; edrop+ema best at vocab 10000.
+    "tie+ema+wide+batch16+lr2e-3": dict(tie_embeddings=True, ema_decay=0.995, context_dim=384, hidden_dim=768,
+                                        batch=16, lr=2e-3),
+    "tie+ema+batch16+lr2e-3": dict(tie_embeddings=True, ema_decay=0.995, batch=16, lr=2e-3),
+    "tie+edrop+ema+batch16": dict(tie_embeddings=True, embed_dropout=0.1, ema_decay=0.995, batch=16),
+    "edrop+ema": dict(embed_dropout=0.1, ema_decay=0.995),
+    "tie+edrop0.2+ema": dict(tie_embeddings=True, embed_dropout=0.2, ema_decay=0.995),
+}
+# Fourth round (vocab 1000): one change each on top of the third round's best there.
+_R3 = VARIANTS["tie+ema+batch16+lr2e-3"]
+VARIANTS.update({
+    "r3+cdrop0.4": {**_R3, "context_dropout": 0.4},
+    "r3+drop0.6": {**_R3, "dropout": 0.6},
+    "r3+ema.998": {**_R3, "ema_decay": 0.998},
+    "r3+wd0.1": {**_R3, "weight_decay": 0.1},
+    "r3+lr3e-3": {**_R3, "lr": 3e-3},
+})
+BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **VARIANTS["tie+edrop0.2+ema"]}}
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-def best_recipe(max_epochs: int, lr: float = 1e-3, weight_decay: float = 0.01, batch: int = 32) -> TrainConfig:
+def best_recipe(max_epochs: int, lr: float = 1e-3, weight_decay: float = 0.01, batch: int = 32,
+                ema_decay: float = 0.0) -> TrainConfig:
     return TrainConfig(epochs=max_epochs, batch_size=batch, lr=lr, optimizer="adamw", weight_decay=weight_decay,
-                       schedule="cosine", warmup_steps=200, clip=1.0, patience=5, show_progress=False)
+                       schedule="cosine", warmup_steps=200, clip=1.0, patience=5, ema_decay=ema_decay,
+                       show_progress=False)
+
+
+def split_recipe(recipe: dict, max_epochs: int) -> tuple[dict, TrainConfig, int]:
+    """(ModelConfig overrides, TrainConfig, seq) of a recipe dict."""
+    model = {k: v for k, v in recipe.items() if k in MODEL_KEYS}
+    train = {k: v for k, v in recipe.items() if k in ("lr", "weight_decay", "ema_decay", "batch")}
+    return model, best_recipe(max_epochs, **train), recipe.get("seq", SEQ)
 
 
 def load_splits(args) -> tuple[list, list, list]:
@@ -76,16 +125,21 @@ def load_splits(args) -> tuple[list, list, list]:
     return train, dev, eval_lines
 
 
-def run_one(name, model_cfg, train_cfg, mode, data, device, workdir) -> dict:
+def run_one(name, model_cfg, train_cfg, mode, data, device, workdir, seq: int = SEQ, eval_streams: int = 8,
+            extra: Optional[dict] = None) -> dict:
+    torch.set_num_threads(2)  # several runs may share the machine (--jobs)
     tok, train_lines, dev_lines, eval_lines = data
     if mode == "seed":
         train = WindowData(wikitext_sequences(train_lines, tok, SEQ))
         dev = WindowData(wikitext_sequences(dev_lines, tok, SEQ))
         ev = StreamData(*wikitext_stream(eval_lines, tok, reset_every_line=True), seq_len=SEQ - 1)
     else:
-        train, dev = (StreamData(*wikitext_stream(x, tok), seq_len=SEQ - 1) for x in (train_lines, dev_lines))
-        ev = StreamData(*wikitext_stream(eval_lines, tok), seq_len=SEQ - 1)
-    cfg = RunConfig(model_cfg, DataConfig(max_seq_length=SEQ, mode="windows" if mode == "seed" else "stream"),
+        train, dev = (StreamData(*wikitext_stream(x, tok), seq_len=seq - 1) for x in (train_lines, dev_lines))
+        # The Transformer reads windows of its training length; the recurrent models carry state, so any
+        # window length gives them the same predictions (63 keeps evaluation identical across recipes).
+        ev_seq = seq if model_cfg.arch == "transformer" else SEQ
+        ev = StreamData(*wikitext_stream(eval_lines, tok), seq_len=ev_seq - 1)
+    cfg = RunConfig(model_cfg, DataConfig(max_seq_length=seq, mode="windows" if mode == "seed" else "stream"),
                     dataclasses.replace(train_cfg, device=device))
     torch.manual_seed(0)
     model = build_model(model_cfg)
@@ -95,8 +149,8 @@ def run_one(name, model_cfg, train_cfg, mode, data, device, workdir) -> dict:
     hist = trainer.fit(resume=False)
     secs = time.perf_counter() - t0
     load_checkpoint(trainer.best_path).load_into(trainer.model)
-    m = evaluate(trainer.model, ev, 256, trainer.device, trainer.precision)
-    return {"run": name, "vocab": tok.vocab_size, "params": sum(p.numel() for p in model.parameters()),
+    m = evaluate(trainer.model, ev, eval_streams, trainer.device, trainer.precision)
+    return {**(extra or {}), "run": name, "vocab": tok.vocab_size, "params": sum(p.numel() for p in model.parameters()),
             "eval_ppl": round(m["ppl"], 2), "eval_acc_%": round(100 * m["acc"], 2), "eval_tokens": m["tokens"],
             "dev_ppl": round(min(r["val_ppl"] for r in hist), 2),
             "epochs": len(hist), "best_epoch": min(hist, key=lambda r: r["val_loss"])["epoch"],
@@ -111,9 +165,15 @@ def main() -> None:
     ap.add_argument("--runs", help="comma-separated subset of run names (default: all)")
     ap.add_argument("--seed-batch", type=int, default=128, help="seed recipe batch (lr follows the seed rule)")
     ap.add_argument("--max-epochs", type=int, default=150, help="seed recipe cap (patience 30 usually stops it)")
-    ap.add_argument("--best-epochs", type=int, default=40)
-    ap.add_argument("--grid", action="store_true", help="run the recipe grid (New-LLM L1, each --vocab) instead")
-    ap.add_argument("--grid-lr", type=float, nargs="+", default=[1e-3], help="learning rates for --grid")
+    ap.add_argument("--best-epochs", type=int, default=40, help="epochs (and cosine length) of the other recipes")
+    ap.add_argument("--grid", nargs="?", const="stage1", choices=["stage1", "stage2"],
+                    help="instead of the table, choose a recipe on the dev set (New-LLM L1, each --vocab): stage1 "
+                         "= lr x weight decay x dropout x context dropout; stage2 = the VARIANTS on top of STAGE1")
+    ap.add_argument("--variants", help="--grid stage2: comma-separated subset of VARIANTS (default: all)")
+    ap.add_argument("--grid-lr", type=float, nargs="+", default=[1e-3], help="learning rates for --grid stage1")
+    ap.add_argument("--eval-streams", type=int, default=8,
+                    help="the evaluation text is read as this many parallel streams (each from a zero state)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (train_s is then not comparable)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="append the table here")
     ap.add_argument("--no-append", action="store_true")
@@ -121,44 +181,61 @@ def main() -> None:
     train_lines, dev_lines, eval_lines = load_splits(args)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
+    jobs = []  # (name, ModelConfig, TrainConfig, mode, data, seq, extra columns)
+    for V in [int(v) for v in args.vocab.split(",")]:
+        tok = WordTokenizer.train([x for x in train_lines if x.strip()], V)
+        data = (tok, train_lines, dev_lines, eval_lines)
+        base = ModelConfig(vocab_size=tok.vocab_size)
+        if args.grid == "stage1":
+            for lr, wd, dr, cd in itertools.product(args.grid_lr, [0.01, 0.1], [0.3, 0.5], [0.1, 0.3]):
+                mc = dataclasses.replace(base, num_layers=1, dropout=dr, context_dropout=cd)
+                jobs.append((f"lr{lr:g}-wd{wd:g}-drop{dr:g}-cdrop{cd:g}", mc, best_recipe(args.best_epochs, lr, wd),
+                             "best", data, SEQ, {"lr": lr, "weight_decay": wd, "dropout": dr, "context_dropout": cd}))
+        elif args.grid == "stage2":
+            for name, var in VARIANTS.items():
+                if args.variants and name not in args.variants.split(","):
+                    continue
+                m, tc, seq = split_recipe({**STAGE1, **var}, args.best_epochs)
+                jobs.append((name, dataclasses.replace(base, num_layers=1, **m), tc, "best", data, seq, {}))
+        else:
+            m, tc, seq = split_recipe(BEST.get(V, BEST[1000]), args.best_epochs)
+            plan = [
+                ("newllm-seed-L1", dataclasses.replace(base, num_layers=1), "seed"),
+                ("newllm-seed-L4", dataclasses.replace(base, num_layers=4), "seed"),
+                ("newllm-best-L1", dataclasses.replace(base, **{**m, "num_layers": 1}), "best"),
+                ("newllm-best-L4", dataclasses.replace(base, **{**m, "num_layers": 4}), "best"),
+                # Baselines: the same recipe (regularisers, tying, optimiser), sized to New-LLM L4's parameters.
+                ("lstm-best", matched_config(dataclasses.replace(base, **{**m, "num_layers": 4}), "lstm"), "best"),
+                ("transformer-best", matched_config(dataclasses.replace(base, **{**m, "num_layers": 4}),
+                                                    "transformer"), "best"),
+            ]
+            for name, mc, mode in plan:
+                if args.runs and name not in args.runs.split(","):
+                    continue
+                jobs.append((name, mc, seed_recipe(args.seed_batch, args.max_epochs) if mode == "seed" else tc,
+                             mode, data, SEQ if mode == "seed" else seq, {}))
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        if args.grid:  # choose by dev_ppl (the eval text plays no part in the choice)
-            for V in [int(v) for v in args.vocab.split(",")]:
-                tok = WordTokenizer.train([x for x in train_lines if x.strip()], V)
-                data = (tok, train_lines, dev_lines, eval_lines)
-                for lr, wd, dr, cd in itertools.product(args.grid_lr, [0.01, 0.1], [0.3, 0.5], [0.1, 0.3]):
-                    mc = ModelConfig(vocab_size=tok.vocab_size, num_layers=1, dropout=dr, context_dropout=cd)
-                    name = f"lr{lr:g}-wd{wd:g}-drop{dr:g}-cdrop{cd:g}"
-                    r = run_one(name, mc, best_recipe(args.best_epochs, lr, wd), "best", data, str(dev), work)
-                    rows.append({**r, "lr": lr, "weight_decay": wd, "dropout": dr, "context_dropout": cd})
+        calls = [(name, mc, tc, mode, data, str(dev), work, seq, args.eval_streams, extra)
+                 for name, mc, tc, mode, data, seq, extra in jobs]
+        if args.jobs > 1:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(run_one, *c) for c in calls]
+                for f in as_completed(futures):
+                    rows.append(f.result())
                     print(rows[-1], flush=True)
+            order = {c[0] + str(c[4][0].vocab_size): i for i, c in enumerate(calls)}
+            rows.sort(key=lambda r: order[r["run"] + str(r["vocab"])])
         else:
-            for V in [int(v) for v in args.vocab.split(",")]:
-                tok = WordTokenizer.train([x for x in train_lines if x.strip()], V)
-                data = (tok, train_lines, dev_lines, eval_lines)
-                base = ModelConfig(vocab_size=tok.vocab_size)
-                best = BEST.get(V, BEST[1000])
-                best_m = dict(dropout=best["dropout"], context_dropout=best["context_dropout"])
-                plan = [
-                    ("newllm-seed-L1", dataclasses.replace(base, num_layers=1), "seed"),
-                    ("newllm-seed-L4", dataclasses.replace(base, num_layers=4), "seed"),
-                    ("newllm-best-L1", dataclasses.replace(base, num_layers=1, **best_m), "best"),
-                    ("newllm-best-L4", dataclasses.replace(base, num_layers=4, **best_m), "best"),
-                    ("lstm-best", matched_config(dataclasses.replace(base, num_layers=4), "lstm"), "best"),
-                    ("transformer-best", matched_config(dataclasses.replace(base, num_layers=4), "transformer"),
-                     "best"),
-                ]
-                for name, mc, mode in plan:
-                    if args.runs and name not in args.runs.split(","):
-                        continue
-                    tc = seed_recipe(args.seed_batch, args.max_epochs) if mode == "seed" else \
-                        best_recipe(args.best_epochs, best["lr"], best["weight_decay"])
-                    rows.append(run_one(f"{name}", mc, tc, mode, data, str(dev), work))
-                    print(rows[-1], flush=True)
+            for c in calls:
+                rows.append(run_one(*c))
+                print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     header = (f"device: {device_name(dev)} | train {args.file} (first 90% of lines, last 5% of those = dev) | "
-              f"eval {'--eval-file ' + args.eval_file if args.eval_file else 'last 10% of lines'}")
+              f"eval {'--eval-file ' + args.eval_file if args.eval_file else 'last 10% of lines'} "
+              f"as {args.eval_streams} streams" + (f" | {args.jobs} runs in parallel" if args.jobs > 1 else ""))
     print("\n" + header)
     print(df.to_string(index=False))
     if not args.grid and len(df):
@@ -175,7 +252,7 @@ def main() -> None:
     if not args.no_append and len(df):
         with open(args.results, "a", encoding="utf-8") as f:
             cmd = "python " + " ".join(sys.argv)
-            f.write(f"\n### quality.py{' --grid' if args.grid else ''} ({time.strftime('%Y-%m-%d')})\n\n"
+            f.write(f"\n### quality.py{' --grid ' + args.grid if args.grid else ''} ({time.strftime('%Y-%m-%d')})\n\n"
                     f"`{cmd}` | {header}\n\n{_md(df)}\n")
 
 

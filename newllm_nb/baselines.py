@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .model import ContextVectorLLM
+from .model import ContextVectorLLM, TiedHead, embed_lookup
 
 
 def _init(module: nn.Module, std: float) -> None:
@@ -25,6 +25,8 @@ def _init(module: nn.Module, std: float) -> None:
             nn.init.normal_(m.weight, 0.0, std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, TiedHead):
+            nn.init.zeros_(m.bias)
 
 
 class LSTMLM(nn.Module):
@@ -36,14 +38,14 @@ class LSTMLM(nn.Module):
         self.lstm = nn.LSTM(config.embed_dim, H, num_layers=config.lstm_layers, batch_first=True,
                             dropout=config.dropout if config.lstm_layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(H, config.vocab_size)
+        self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
         _init(self, config.init_std)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids: torch.Tensor, context=None, reset: Optional[torch.Tensor] = None):
-        x = self.drop(self.embed(ids))
+        x = self.drop(embed_lookup(self.embed, ids, self.config.embed_dropout, self.training))
         B, T = ids.shape
         state = context
         # cuDNN cannot reset mid-sequence: run the chunks between reset columns, zeroing rows that reset.
@@ -70,7 +72,7 @@ class TransformerLM(nn.Module):
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, config.tf_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, config.vocab_size)
+        self.head = TiedHead(self.tok, d) if config.tie_embeddings else nn.Linear(d, config.vocab_size)
         _init(self, config.init_std)
 
     def num_parameters(self) -> int:
@@ -80,7 +82,8 @@ class TransformerLM(nn.Module):
         B, T = ids.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence length {T} exceeds TransformerLM max_len {self.config.max_len}")
-        x = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
+        x = embed_lookup(self.tok, ids, self.config.embed_dropout, self.training) + \
+            self.pos(torch.arange(T, device=ids.device))
         if reset is None:
             mask = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device, dtype=x.dtype)
             h = self.blocks(x, mask=mask, is_causal=True)

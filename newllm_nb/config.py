@@ -60,6 +60,8 @@ class ModelConfig:
     dropout: float = 0.1
     context_dropout: float = 0.0  # dropout on the recurrent context path (0 = seed)
     context_tanh: bool = False  # tanh on the candidate W_u h; the seed's code has none
+    tie_embeddings: bool = False  # output layer shares the input embedding (model.TiedHead); seed: separate
+    embed_dropout: float = 0.0  # word-type dropout on the embedding (model.embed_lookup); 0 = seed
     init_std: float = 0.02
     arch: str = "newllm"  # newllm | lstm | transformer
     # Baseline sizes (set by baselines.matched_config; ignored by New-LLM).
@@ -82,6 +84,9 @@ class ModelConfig:
         _float(self, "dropout", 0.0, 1.0, hi_open=True)
         _float(self, "context_dropout", 0.0, 1.0, hi_open=True)
         _check("context_tanh", isinstance(self.context_tanh, bool), "must be True or False", self.context_tanh)
+        _check("tie_embeddings", isinstance(self.tie_embeddings, bool), "must be True or False",
+               self.tie_embeddings)
+        _float(self, "embed_dropout", 0.0, 1.0, hi_open=True)
         _float(self, "init_std", 0.0, lo_open=True)
         _choice(self, "arch", ("newllm", "lstm", "transformer"))
         _int(self, "lstm_hidden", 0)
@@ -148,6 +153,7 @@ class TrainConfig:
     keep_every: int = 0  # also keep epoch_{k}.safetensors every k epochs (0 = only best + last)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     freeze_base: bool = False  # grown models (expansion.py): train only the new context dimensions
+    ema_decay: float = 0.0  # > 0: validate and keep `best` with an exponential moving average of the weights
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -187,6 +193,7 @@ class TrainConfig:
         _int(self, "keep_every", 0)
         _int(self, "max_nonfinite", 1)
         _check("freeze_base", isinstance(self.freeze_base, bool), "must be True or False", self.freeze_base)
+        _float(self, "ema_decay", 0.0, 1.0, hi_open=True)
 
 
 def seed_lr(batch_size: int) -> float:

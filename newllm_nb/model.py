@@ -28,6 +28,36 @@ from .config import ModelConfig
 CONTEXT_CLAMP = 10.0
 
 
+def embed_lookup(embed: nn.Embedding, ids: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Embedding lookup with word-type dropout (AWD-LSTM's ``dropoute``): while training, each
+    vocabulary row is zeroed with probability ``p`` for the whole batch (the rest scaled by 1/(1-p)),
+    so the model cannot lean on any single word's vector."""
+    if not training or p == 0:
+        return embed(ids)
+    keep = torch.empty(embed.weight.shape[0], 1, device=ids.device, dtype=embed.weight.dtype).bernoulli_(1 - p)
+    return F.embedding(ids, embed.weight * keep / (1 - p), embed.padding_idx)
+
+
+class TiedHead(nn.Module):
+    """Output layer sharing the input embedding (Press & Wolf 2017): logits = E (P h) + b.
+
+    ``P`` maps the hidden size to the embedding size (None when they are equal). At vocab 10000 this
+    replaces a hidden x vocab matrix (5.1M parameters at hidden 512) with hidden x embed (0.13M).
+    The embedding is referenced, not registered, so its weight is saved once (as ``embed.weight``).
+    """
+
+    def __init__(self, embed: nn.Embedding, in_dim: int) -> None:
+        super().__init__()
+        V, E = embed.weight.shape
+        self.proj = nn.Linear(in_dim, E, bias=False) if in_dim != E else None
+        self.bias = nn.Parameter(torch.zeros(V))
+        self._embed = [embed]  # a list: not a submodule
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.proj(h) if self.proj is not None else h
+        return F.linear(x, self._embed[0].weight, self.bias)
+
+
 class ContextVectorLLM(nn.Module):
     """The New-LLM cell. ``forward(ids, context)`` returns ``(logits, final_context)``."""
 
@@ -43,7 +73,7 @@ class ContextVectorLLM(nn.Module):
         self.ctx_drop = nn.Dropout(config.context_dropout)
         self.gates = nn.Linear(H, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
         self.norm = nn.LayerNorm(C)
-        self.head = nn.Linear(H, config.vocab_size)
+        self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
         # The GPU fast path switches this on: same function, hand-written BPTT (recurrence.py).
         self.fused_bptt = False
         self.reset_parameters()
@@ -55,6 +85,8 @@ class ContextVectorLLM(nn.Module):
                 nn.init.normal_(m.weight, 0.0, self.config.init_std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        if isinstance(self.head, TiedHead):
+            nn.init.zeros_(self.head.bias)
         self.norm.reset_parameters()
 
     def num_parameters(self) -> int:
@@ -85,7 +117,7 @@ class ContextVectorLLM(nn.Module):
 
     def _embed_proj(self, ids: torch.Tensor) -> torch.Tensor:
         W_e = self.fnn[0].weight[:, : self.config.embed_dim]
-        return F.linear(self.embed(ids), W_e, self.fnn[0].bias)
+        return F.linear(embed_lookup(self.embed, ids, self.config.embed_dropout, self.training), W_e, self.fnn[0].bias)
 
     def step(self, token_ids: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance one token: ``token_ids`` [B] -> (logits [B, V], new context [B, C])."""

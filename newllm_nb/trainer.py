@@ -147,6 +147,40 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.Adam(params, weight_decay=cfg.weight_decay, **kw)
 
 
+class WeightAverage:
+    """Exponential moving average of the weights (Polyak averaging), for validation and ``best``.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates, so the average does not
+    remember the random initialisation. ``applied()`` swaps the averaged weights in (in place, so a
+    captured CUDA graph keeps its addresses) and restores the trained ones afterwards.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.is_floating_point()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self):
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
 class Trainer:
     """Train ``model`` on ``train`` and validate on ``valid`` according to ``config.train``.
 
@@ -173,6 +207,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.callbacks = list(callbacks)
         self.optimizer = make_optimizer(self.model, self.tc, self.device)
+        self.ema = WeightAverage(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.history: list[dict] = []
         self.epoch = 0  # next epoch to run (0-based)
@@ -202,7 +237,8 @@ class Trainer:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_val": self.best_val if math.isfinite(self.best_val) else None, "bad_epochs": self.bad_epochs,
                 "finished": self.finished, "metrics": self._metrics.state(),
-                "epoch_seconds": self._epoch_seconds, "nonfinite_epoch": self.nonfinite_epoch}
+                "epoch_seconds": self._epoch_seconds, "nonfinite_epoch": self.nonfinite_epoch,
+                "ema_updates": self.ema.updates if self.ema else 0}
 
     def save(self, path: Union[str, Path], full: bool = True) -> Path:
         extra = {}
@@ -210,6 +246,8 @@ class Trainer:
         if full and st is not None:
             for i, t in enumerate((st,) if torch.is_tensor(st) else st):
                 extra[f"state.{i}"] = t
+        if full and self.ema is not None:
+            extra.update({f"ema.{i}": t for i, t in enumerate(self.ema.shadow)})
         return save_checkpoint(path, self.model, config=self.cfg.to_dict(), tokenizer=self.tokenizer,
                                history=self.history, optimizer=self.optimizer if full else None,
                                scaler=self.scaler if full else None, trainer_state=self._trainer_state(),
@@ -242,6 +280,13 @@ class Trainer:
         states = [ckpt.extra(f"state.{i}") for i in range(2)]
         states = [s.to(self.device) for s in states if s is not None]
         self._state = None if not states else states[0] if len(states) == 1 else tuple(states)
+        if self.ema is not None:
+            shadow = [ckpt.extra(f"ema.{i}") for i in range(len(self.ema.shadow))]
+            if any(t is None for t in shadow):
+                raise CheckpointError(f"{ckpt.path} has no weight average (ema_decay was 0 when it was written); "
+                                      f"resume with ema_decay=0 or start a new run")
+            self.ema.shadow = [t.to(self.device, p.dtype) for t, p in zip(shadow, self.ema.params)]
+            self.ema.updates = ts.get("ema_updates", 0)
         ckpt.restore_rng()
 
     # -- one optimisation step ----------------------------------------------------------------------
@@ -285,6 +330,8 @@ class Trainer:
             self.scaler.update()
             if self._freeze is not None:
                 self._freeze.restore()
+            if self.ema is not None:
+                self.ema.update()
         self._state = new_state
         return finite, loss_sum, n, correct
 
@@ -365,11 +412,15 @@ class Trainer:
                 self.save(self.last_path)
         return self.history
 
+    def _averaged(self):
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def _end_epoch(self, lr: float, clip: float) -> None:
         tc = self.tc
         train = self._metrics.result()
-        val = evaluate(self.model, self.valid_data, min(tc.batch_size, 1024), self.device, self.precision,
-                       tc.seed_compatible)
+        with self._averaged():  # validation and `best` use the averaged weights when ema_decay > 0
+            val = evaluate(self.model, self.valid_data, min(tc.batch_size, 1024), self.device, self.precision,
+                           tc.seed_compatible)
         seconds = self._epoch_seconds
         rec = {"epoch": self.epoch + 1, "train_loss": train["loss"], "train_ppl": train["ppl"],
                "val_loss": val["loss"], "val_ppl": val["ppl"], "val_acc": val["acc"],
@@ -392,7 +443,8 @@ class Trainer:
             self.finished = True
         if self.run_dir:
             if improved:
-                self.save(self.best_path, full=False)
+                with self._averaged():
+                    self.save(self.best_path, full=False)
             if tc.keep_every and self.epoch % tc.keep_every == 0:
                 self.save(self.run_dir / f"epoch_{self.epoch}.safetensors", full=False)
             self.save(self.last_path)

@@ -18,7 +18,8 @@ BAD = [
     (ModelConfig, "context_dropout", 1.5), (ModelConfig, "context_tanh", "yes"), (ModelConfig, "init_std", 0.0),
     (ModelConfig, "arch", "gru"), (ModelConfig, "lstm_hidden", -1), (ModelConfig, "lstm_layers", 0),
     (ModelConfig, "tf_dim", -1), (ModelConfig, "tf_layers", 0), (ModelConfig, "tf_heads", 0),
-    (ModelConfig, "max_len", 0),
+    (ModelConfig, "max_len", 0), (ModelConfig, "tie_embeddings", 1), (ModelConfig, "embed_dropout", 1.0),
+    (ModelConfig, "embed_dropout", -0.5),
     (DataConfig, "dataset", "imdb"), (DataConfig, "max_seq_length", 1), (DataConfig, "tokenizer", "char"),
     (DataConfig, "mode", "random"), (DataConfig, "max_examples", 0), (DataConfig, "path", "  "),
     (TrainConfig, "epochs", 0), (TrainConfig, "batch_size", 0), (TrainConfig, "lr", 0.0),
@@ -27,7 +28,8 @@ BAD = [
     (TrainConfig, "clip", 0.0), (TrainConfig, "clip", "auto"), (TrainConfig, "patience", 0),
     (TrainConfig, "min_delta", -1.0), (TrainConfig, "precision", "fp8"), (TrainConfig, "device", "tpu"),
     (TrainConfig, "seed", -1), (TrainConfig, "fast_path", "turbo"), (TrainConfig, "checkpoint_every_minutes", 0.0),
-    (TrainConfig, "keep_every", -1), (TrainConfig, "max_nonfinite", 0),
+    (TrainConfig, "keep_every", -1), (TrainConfig, "max_nonfinite", 0), (TrainConfig, "ema_decay", 1.0),
+    (TrainConfig, "ema_decay", -0.1),
 ]
 
 
@@ -60,3 +62,19 @@ def test_seed_lr_rule_and_clip_schedule():
     tc = TrainConfig()
     assert [tc.clip_for_epoch(e) for e in (0, 9, 10, 29, 30, 100)] == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0]
     assert TrainConfig(clip=0.7).clip_for_epoch(50) == 0.7
+
+
+def test_best_wikitext_preset_is_the_benchmarked_recipe():
+    """The preset users get is the recipe benchmarks/quality.py measured (its BEST at vocab 1000)."""
+    import runpy
+    from pathlib import Path
+
+    q = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "quality.py"), run_name="quality")
+    model, train, seq = q["split_recipe"](q["BEST"][1000], 60)
+    cfg = preset("best_wikitext")
+    for k, v in model.items():
+        assert getattr(cfg.model, k) == v, k
+    for k in ("lr", "weight_decay", "ema_decay", "batch_size", "optimizer", "schedule", "warmup_steps", "clip",
+              "patience", "epochs"):
+        assert getattr(cfg.train, k) == getattr(train, k), k
+    assert cfg.data.max_seq_length == seq and cfg.data.mode == "stream"

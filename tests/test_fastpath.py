@@ -15,12 +15,12 @@ from newllm_nb.fastpath import GraphedStep
 from newllm_nb.trainer import Trainer
 
 
-def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2):
+def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2, tie=False, ema=0.0):
     torch.manual_seed(0)
     cfg = RunConfig(ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=layers,
-                                dropout=dropout),
+                                dropout=dropout, tie_embeddings=tie),
                     DataConfig(max_seq_length=9), TrainConfig(batch_size=8, lr=lr, precision=precision,
-                                                              fast_path=fast_path, device=device))
+                                                              fast_path=fast_path, device=device, ema_decay=ema))
     return Trainer(ContextVectorLLM(cfg.model), None, None, cfg)
 
 
@@ -34,10 +34,10 @@ def _batches(n, stateful, B=8, T=8):
     return out
 
 
-@pytest.mark.parametrize("stateful", [False, True])
-def test_static_buffer_step_equals_eager_on_cpu(stateful):
-    eager = _trainer("cpu", "fp32", "off")
-    static = _trainer("cpu", "fp32", "off")
+@pytest.mark.parametrize("stateful,tie,ema", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.9)])
+def test_static_buffer_step_equals_eager_on_cpu(stateful, tie, ema):
+    eager = _trainer("cpu", "fp32", "off", tie=tie, ema=ema)
+    static = _trainer("cpu", "fp32", "off", tie=tie, ema=ema)
     static._fast = GraphedStep(static, use_graph=False)
     for b in _batches(5, stateful):
         e = eager._train_step(b, 1.0)
@@ -47,6 +47,9 @@ def test_static_buffer_step_equals_eager_on_cpu(stateful):
     for pe, ps in zip(eager.model.parameters(), static.model.parameters()):
         torch.testing.assert_close(pe, ps)
     torch.testing.assert_close(eager._state, static._state)
+    if ema:
+        for a, b in zip(eager.ema.shadow, static.ema.shadow):
+            torch.testing.assert_close(a, b)
 
 
 def test_fast_path_declines_other_shapes_and_models():
@@ -87,18 +90,18 @@ def _grads_match(eager, fast, b, tol):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["graph", "graph-autograd"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("stateful", [False, True])
-def test_cuda_graph_matches_eager_on_gpu(precision, stateful, mode):
+@pytest.mark.parametrize("stateful,tie", [(False, False), (True, False), (True, True)])
+def test_cuda_graph_matches_eager_on_gpu(precision, stateful, mode, tie):
     # AMP tolerance: 5% relative gradient-norm error against fp32 (bf16 keeps ~3 significant digits and
     # the error compounds through the recurrence); fp32 must agree to 1e-4.
     tol = 1e-4 if precision == "fp32" else 5e-2
     batches = _batches(7, stateful)
-    eager, fast = _trainer("cuda", precision, "off"), _trainer("cuda", precision, mode)
+    eager, fast = _trainer("cuda", precision, "off", tie=tie), _trainer("cuda", precision, mode, tie=tie)
     if precision == "fp16":  # start below GradScaler's default 65536 so the first steps do not overflow
         for t in (eager, fast):
             t.scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
     _grads_match(eager, fast, batches[0], tol)  # first step
-    eager, fast = _trainer("cuda", precision, "off"), _trainer("cuda", precision, mode)
+    eager, fast = _trainer("cuda", precision, "off", tie=tie), _trainer("cuda", precision, mode, tie=tie)
     if precision == "fp16":
         for t in (eager, fast):
             t.scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)

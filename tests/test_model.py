@@ -80,9 +80,10 @@ def test_state_carried_over_two_calls_equals_one_call():
     torch.testing.assert_close(b_c, full_c)
 
 
-def test_step_equals_forward_and_trajectory_has_every_context():
+@pytest.mark.parametrize("tie", [False, True])
+def test_step_equals_forward_and_trajectory_has_every_context(tie):
     torch.manual_seed(2)
-    m = ContextVectorLLM(small(num_layers=2)).eval()
+    m = ContextVectorLLM(small(num_layers=2, tie_embeddings=tie, embed_dropout=0.3)).eval()
     ids = torch.randint(0, 50, (2, 6))
     logits, c, traj = m(ids, return_trajectory=True)
     assert traj.shape == (2, 6, 10)
@@ -164,3 +165,69 @@ def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_mas
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs[True][1], outs[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
+    from newllm_nb.checkpoint import load_checkpoint, save_checkpoint
+
+    untied = ContextVectorLLM(ModelConfig())
+    tied = ContextVectorLLM(ModelConfig(tie_embeddings=True))
+    V, E, H = 1000, 256, 512
+    assert tied.num_parameters() == untied.num_parameters() - H * V + H * E  # head: H x V -> H x E (+ same bias)
+    assert not any("_embed" in k for k in tied.state_dict())
+    m = ContextVectorLLM(small(tie_embeddings=True))
+    ids = torch.randint(0, 50, (2, 6))
+    logits, _ = m(ids)
+    logits.sum().backward()
+    # The embedding gets gradient from both ends: rows never read as input still move through the head.
+    unseen = sorted(set(range(50)) - set(ids.flatten().tolist()))
+    assert m.embed.weight.grad[unseen].abs().sum() > 0
+    with torch.no_grad():
+        m.embed.weight[7].add_(1.0)  # changing an embedding row changes that word's logit
+    assert not torch.allclose(m(ids)[0][..., 7], logits[..., 7])
+    path = save_checkpoint(tmp_path / "t.safetensors", m, config={"model": dataclasses.asdict(m.config)})
+    again = ContextVectorLLM(small(tie_embeddings=True))
+    load_checkpoint(path).load_into(again)
+    torch.testing.assert_close(again(ids)[0], m(ids)[0])
+    assert again.head._embed[0] is again.embed  # still shared after loading
+
+
+def test_embed_dropout_drops_whole_word_types_in_training_only():
+    m = ContextVectorLLM(small(embed_dropout=0.5))
+    ids = torch.tensor([[5, 9, 5, 9, 5, 9, 11, 11]])
+    from newllm_nb.model import embed_lookup
+
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        e = embed_lookup(m.embed, ids, 0.5, True)
+        for w in (5, 9, 11):
+            rows = e[0, ids[0] == w]
+            assert torch.equal(rows, rows[:1].expand_as(rows))  # one decision per word type
+            dropped = bool(rows.abs().sum() == 0)
+            if not dropped:
+                torch.testing.assert_close(rows[0], 2 * m.embed.weight[w])  # survivors scaled by 1/(1-p)
+            seen.add(dropped)
+    assert seen == {True, False}
+    m.eval()
+    torch.testing.assert_close(m(ids)[0], m(ids)[0])
+    torch.testing.assert_close(embed_lookup(m.embed, ids, 0.5, False), m.embed(ids))
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_baselines_take_tying_and_embedding_dropout(arch):
+    from newllm_nb.baselines import build_model, matched_config
+
+    base = ModelConfig(vocab_size=1000)
+    plain = build_model(matched_config(base, arch))
+    tied_cfg = matched_config(dataclasses.replace(base, tie_embeddings=True, embed_dropout=0.2), arch)
+    tied = build_model(tied_cfg)
+    # Matched to the tied New-LLM, which is smaller: the tied baseline is too.
+    assert tied.num_parameters() < plain.num_parameters()
+    assert abs(tied.num_parameters() - ContextVectorLLM(dataclasses.replace(tied_cfg, arch="newllm"))
+               .num_parameters()) < 0.03 * tied.num_parameters()  # size steps of 8
+    ids = torch.randint(0, 1000, (2, 7))
+    logits, _ = tied(ids)
+    assert logits.shape == (2, 7, 1000)
+    logits.sum().backward()
+    assert tied.embed.weight.grad.abs().sum() > 0 if arch == "lstm" else tied.tok.weight.grad.abs().sum() > 0

@@ -43,10 +43,10 @@ def _losses(h):
     return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_acc"], r["lr"], r["best"]) for r in h]
 
 
-@pytest.mark.parametrize("mode", ["windows", "stream"])
-def test_stop_then_resume_equals_uninterrupted(tmp_path, mode):
+@pytest.mark.parametrize("mode,ema", [("windows", 0.0), ("stream", 0.0), ("stream", 0.9)])
+def test_stop_then_resume_equals_uninterrupted(tmp_path, mode, ema):
     cfg = tiny(train__epochs=4, data__mode=mode, train__optimizer="adamw", train__schedule="cosine",
-               train__warmup_steps=3, train__weight_decay=0.01)
+               train__warmup_steps=3, train__weight_decay=0.01, train__ema_decay=ema, model__tie_embeddings=ema > 0)
     p = prepare(cfg.data, 200)
     full = make(cfg, p).fit()
 
@@ -68,6 +68,51 @@ def test_stop_then_resume_equals_uninterrupted(tmp_path, mode):
     for a, b in zip(_losses(full), _losses(resumed)):
         assert a[0] == b[0] and a[5] == b[5]
         assert a[1:5] == pytest.approx(b[1:5], rel=1e-5, abs=1e-7)
+
+
+def test_weight_average_math_and_swap():
+    from newllm_nb.trainer import WeightAverage
+
+    lin = torch.nn.Linear(3, 2)
+    avg = WeightAverage(lin, 0.5)
+    start = [p.detach().clone() for p in lin.parameters()]
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(1.0)
+    avg.update()  # decay min(0.5, 2/11): shadow = start + (1 - 2/11) * 1
+    for s0, sh in zip(start, avg.shadow):
+        torch.testing.assert_close(sh, s0 + 9 / 11)
+    trained = [p.detach().clone() for p in lin.parameters()]
+    with avg.applied():
+        for p, sh in zip(lin.parameters(), avg.shadow):
+            torch.testing.assert_close(p, sh)
+    for p, t in zip(lin.parameters(), trained):  # restored afterwards
+        torch.testing.assert_close(p, t)
+
+
+def test_validation_and_best_use_the_averaged_weights(tmp_path, prepared):
+    cfg = tiny(train__epochs=3, train__ema_decay=0.95)
+    t = make(cfg, prepared, tmp_path)
+    hist = t.fit()
+    raw = [p.detach().clone() for p in t.model.parameters()]
+    assert any(not torch.equal(r, s) for r, s in zip(raw, t.ema.shadow))
+    with t.ema.applied():
+        averaged = evaluate(t.model, prepared.valid, 16, "cpu")
+    assert hist[-1]["val_loss"] == pytest.approx(averaged["loss"], rel=1e-6)
+    assert evaluate(t.model, prepared.valid, 16, "cpu")["loss"] != pytest.approx(averaged["loss"], rel=1e-6)
+    last = load_checkpoint(tmp_path / "last.safetensors")  # resumable: the trained weights + the average
+    for (name, p), r in zip(t.model.named_parameters(), raw):
+        assert torch.equal(last.tensors[f"model.{name}"], r)
+    assert hist[-1]["best"]  # still improving at epoch 3, so `best` holds the final averaged weights
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    for (name, _), s in zip(t.model.named_parameters(), t.ema.shadow):
+        assert torch.equal(best.tensors[f"model.{name}"], s)
+
+
+def test_resuming_without_a_stored_average_is_a_clear_error(tmp_path, prepared):
+    make(tiny(train__epochs=2), prepared, tmp_path).fit()
+    with pytest.raises(CheckpointError, match="no weight average"):
+        make(tiny(train__epochs=3, train__ema_decay=0.9), prepared, tmp_path).fit()
 
 
 def test_finished_run_is_skipped_and_other_model_refused(tmp_path, prepared):

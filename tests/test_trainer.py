@@ -101,7 +101,7 @@ def test_validation_and_best_use_the_averaged_weights(tmp_path, prepared):
     assert hist[-1]["val_loss"] == pytest.approx(averaged["loss"], rel=1e-6)
     assert evaluate(t.model, prepared.valid, 16, "cpu")["loss"] != pytest.approx(averaged["loss"], rel=1e-6)
     last = load_checkpoint(tmp_path / "last.safetensors")  # resumable: the trained weights + the average
-    for (name, p), r in zip(t.model.named_parameters(), raw):
+    for (name, _), r in zip(t.model.named_parameters(), raw):
         assert torch.equal(last.tensors[f"model.{name}"], r)
     assert hist[-1]["best"]  # still improving at epoch 3, so `best` holds the final averaged weights
     best = load_checkpoint(tmp_path / "best.safetensors")

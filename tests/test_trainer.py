@@ -96,17 +96,18 @@ def test_validation_and_best_use_the_averaged_weights(tmp_path, prepared):
     hist = t.fit()
     raw = [p.detach().clone() for p in t.model.parameters()]
     assert any(not torch.equal(r, s) for r, s in zip(raw, t.ema.shadow))
-    with t.ema.applied():
-        averaged = evaluate(t.model, prepared.valid, 16, "cpu")
+    with t.ema.applied():  # the trainer validated with batch 16 on its device and precision
+        averaged = evaluate(t.model, prepared.valid, 16, t.device, t.precision)
     assert hist[-1]["val_loss"] == pytest.approx(averaged["loss"], rel=1e-6)
-    assert evaluate(t.model, prepared.valid, 16, "cpu")["loss"] != pytest.approx(averaged["loss"], rel=1e-6)
+    assert evaluate(t.model, prepared.valid, 16, t.device, t.precision)["loss"] != pytest.approx(averaged["loss"],
+                                                                                               rel=1e-6)
     last = load_checkpoint(tmp_path / "last.safetensors")  # resumable: the trained weights + the average
     for (name, _), r in zip(t.model.named_parameters(), raw):
-        assert torch.equal(last.tensors[f"model.{name}"], r)
+        assert torch.equal(last.tensors[f"model.{name}"], r.cpu())
     assert hist[-1]["best"]  # still improving at epoch 3, so `best` holds the final averaged weights
     best = load_checkpoint(tmp_path / "best.safetensors")
     for (name, _), s in zip(t.model.named_parameters(), t.ema.shadow):
-        assert torch.equal(best.tensors[f"model.{name}"], s)
+        assert torch.equal(best.tensors[f"model.{name}"], s.cpu())
 
 
 def test_resuming_without_a_stored_average_is_a_clear_error(tmp_path, prepared):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from .config import RunConfig, preset
+from .config import PRESETS, RunConfig, preset
 from .hardware import detect, recommend
 
 STYLE = {"description_width": "140px"}
@@ -23,15 +23,25 @@ def _w():
 
 
 class TrainingPanel:
-    """Widgets for model / data / training settings, pre-filled from a preset and this machine."""
+    """Widgets for model / data / training settings, pre-filled from a preset and this machine.
+
+    The *recipe* dropdown lists the presets for the same dataset (e.g. the seed's WikiText recipe and the
+    package's measured one); choosing one re-fills every widget from it (it only sets values: the work
+    still runs in a plain cell that calls ``config()``).
+    """
 
     def __init__(self, preset_name: str = "seed_wikitext", base: Optional[RunConfig] = None) -> None:
         w = _w()
         cfg = base or preset(preset_name)
-        rec = recommend(detect())
+        self.rec = recommend(detect())
         self.base = cfg
         m, d, t = cfg.model, cfg.data, cfg.train
         lay = w.Layout(width="420px")
+        names = [n for n in PRESETS if n != "smoke" and preset(n).data.dataset == d.dataset]
+        if base is not None or preset_name not in names:
+            names = [preset_name]
+        self.recipe = w.Dropdown(options=names, value=names[0] if preset_name not in names else preset_name,
+                                 description="recipe (preset)", style=STYLE, layout=lay, disabled=len(names) == 1)
         self.layers = w.IntSlider(value=m.num_layers, min=1, max=8, description="FNN layers", style=STYLE, layout=lay)
         dims = [32, 64, 128, 256, 384, 512, 768, 1024]
         self.embed = w.Dropdown(options=dims, value=m.embed_dim, description="embed dim", style=STYLE, layout=lay)
@@ -40,15 +50,20 @@ class TrainingPanel:
         self.hidden = w.Dropdown(options=dims, value=m.hidden_dim, description="hidden dim", style=STYLE, layout=lay)
         self.vocab = w.Dropdown(options=[500, 1000, 2000, 5000, 10000], value=m.vocab_size, description="vocab size",
                                 style=STYLE, layout=lay)
-        self.dropout = w.FloatSlider(value=m.dropout, min=0.0, max=0.5, step=0.05, description="dropout",
+        self.dropout = w.FloatSlider(value=m.dropout, min=0.0, max=0.7, step=0.05, description="dropout",
                                      style=STYLE, layout=lay)
+        self.context_dropout = w.FloatSlider(value=m.context_dropout, min=0.0, max=0.7, step=0.05,
+                                             description="context dropout", style=STYLE, layout=lay)
+        self.tie = w.Checkbox(value=m.tie_embeddings, description="tie output layer to embedding", style=STYLE)
+        self.ema = w.FloatSlider(value=t.ema_decay, min=0.0, max=0.999, step=0.001, readout_format=".3f",
+                                 description="weight avg (0=off)", style=STYLE, layout=lay)
         self.seq = w.IntSlider(value=d.max_seq_length, min=16, max=512, step=16, description="max seq length",
                                style=STYLE, layout=lay)
-        batches = sorted({32, 64, 128, 256, 512, 1024, 2048, 4096, rec.batch_size})
-        self.batch = w.Dropdown(options=batches, value=rec.batch_size, description="batch size", style=STYLE,
+        batches = sorted({8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, self.rec.batch_size, t.batch_size})
+        self.batch = w.Dropdown(options=batches, value=self._batch_for(cfg), description="batch size", style=STYLE,
                                 layout=lay)
-        self.lr = w.FloatLogSlider(value=t.lr or rec.lr, base=10, min=-5, max=-1.5, step=0.05, readout_format=".1e",
-                                   description="learning rate", style=STYLE, layout=lay)
+        self.lr = w.FloatLogSlider(value=t.lr or self.rec.lr, base=10, min=-5, max=-1.5, step=0.05,
+                                   readout_format=".1e", description="learning rate", style=STYLE, layout=lay)
         self.seed_lr = w.Checkbox(value=t.lr is None, description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE)
         self.epochs = w.IntSlider(value=t.epochs, min=1, max=300, description="max epochs", style=STYLE, layout=lay)
         self.patience = w.IntSlider(value=t.patience, min=1, max=100, description="patience", style=STYLE, layout=lay)
@@ -71,13 +86,32 @@ class TrainingPanel:
             self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
                                     description="field mapping", style=STYLE, layout=lay)
             data_rows += [self.hub_name, self.field_map]
+        self.recipe.observe(lambda change: self._fill(preset(change["new"])), names="value")
         self.widget = w.VBox([
-            w.HTML("<b>Model</b>"), w.HBox([w.VBox([self.layers, self.embed, self.context]),
-                                            w.VBox([self.hidden, self.vocab, self.dropout])]),
+            self.recipe,
+            w.HTML("<b>Model</b>"), w.HBox([w.VBox([self.layers, self.embed, self.context, self.tie]),
+                                            w.VBox([self.hidden, self.vocab, self.dropout, self.context_dropout])]),
             w.HTML("<b>Data</b>"), w.HBox([w.VBox(data_rows), w.VBox([self.seq, self.mode])]),
-            w.HTML("<b>Training</b>"), w.HBox([w.VBox([self.batch, self.lr, self.seed_lr]),
+            w.HTML("<b>Training</b>"), w.HBox([w.VBox([self.batch, self.lr, self.seed_lr, self.ema]),
                                                w.VBox([self.epochs, self.patience, self.precision])]),
         ])
+
+    def _batch_for(self, cfg: RunConfig) -> int:
+        # Seed recipes (lr by the seed rule) take this machine's batch; measured recipes keep their own.
+        return self.rec.batch_size if cfg.train.lr is None else cfg.train.batch_size
+
+    def _fill(self, cfg: RunConfig) -> None:
+        """Set every widget from ``cfg`` (the recipe dropdown's callback; no work runs here)."""
+        self.base = cfg
+        m, d, t = cfg.model, cfg.data, cfg.train
+        for widget, value in ((self.layers, m.num_layers), (self.embed, m.embed_dim), (self.context, m.context_dim),
+                              (self.hidden, m.hidden_dim), (self.vocab, m.vocab_size), (self.dropout, m.dropout),
+                              (self.context_dropout, m.context_dropout), (self.tie, m.tie_embeddings),
+                              (self.seq, d.max_seq_length), (self.mode, d.mode), (self.tokenizer, d.tokenizer),
+                              (self.batch, self._batch_for(cfg)), (self.lr, t.lr or self.rec.lr),
+                              (self.seed_lr, t.lr is None), (self.ema, t.ema_decay), (self.epochs, t.epochs),
+                              (self.patience, t.patience), (self.precision, t.precision)):
+            widget.value = value
 
     def _ipython_display_(self):  # display(panel) shows the widgets
         from IPython.display import display
@@ -99,13 +133,15 @@ class TrainingPanel:
         return RunConfig(
             model=dataclasses.replace(b.model, num_layers=self.layers.value, embed_dim=self.embed.value,
                                       context_dim=self.context.value, hidden_dim=self.hidden.value,
-                                      vocab_size=self.vocab.value, dropout=self.dropout.value),
+                                      vocab_size=self.vocab.value, dropout=self.dropout.value,
+                                      context_dropout=self.context_dropout.value,
+                                      tie_embeddings=bool(self.tie.value)),
             data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
                                      tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
             train=dataclasses.replace(b.train, batch_size=self.batch.value,
                                       lr=None if self.seed_lr.value else float(self.lr.value),
                                       epochs=self.epochs.value, patience=self.patience.value,
-                                      precision=self.precision.value))
+                                      precision=self.precision.value, ema_decay=float(self.ema.value)))
 
 
     def _instruct_fields(self, path) -> dict:

@@ -72,3 +72,23 @@ def test_training_panel_reads_widget_values_into_a_valid_config():
         p.config()
     with pytest.raises(ValueError, match="field_map="):
         parse_field_map("answer=output")
+
+
+def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.config import preset
+    from newllm_nb.widgets import TrainingPanel
+
+    p = TrainingPanel("seed_wikitext")
+    assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext"}
+    seed_batch = p.config().train.batch_size  # the seed recipe takes this machine's batch
+    p.recipe.value = "best_wikitext"
+    cfg, best = p.config(), preset("best_wikitext")
+    assert (cfg.model, cfg.data, cfg.train) == (best.model, best.data, best.train)  # measured recipe kept whole
+    p.ema.value, p.tie.value, p.context_dropout.value = 0.0, False, 0.1
+    cfg = p.config()
+    assert (cfg.train.ema_decay, cfg.model.tie_embeddings, cfg.model.context_dropout) == (0.0, False, 0.1)
+    p.recipe.value = "seed_wikitext"
+    cfg, seed = p.config(), preset("seed_wikitext")
+    assert (cfg.model, cfg.data) == (seed.model, seed.data)
+    assert cfg.train.lr is None and cfg.train.batch_size == seed_batch and cfg.train.ema_decay == 0.0

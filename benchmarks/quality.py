@@ -60,8 +60,8 @@ def seed_recipe(batch: int, max_epochs: int) -> TrainConfig:
 
 # A recipe: ModelConfig fields, TrainConfig fields and the BPTT window ("seq", tokens incl. the target shift).
 # Session 1's grid (lr x weight decay x dropout x context dropout, RESULTS.md) chose STAGE1; `--grid` then
-# measures each addition below on the dev set, and BEST is the variant with the lowest dev PPL per vocabulary
-# (three rounds, benchmarks/RESULTS.md). It is defined after VARIANTS.
+# measures each addition below on the dev set; BEST (below VARIANTS) is the variant with the lowest dev PPL
+# per vocabulary after four rounds (benchmarks/RESULTS.md).
 STAGE1 = dict(lr=1e-3, weight_decay=0.01, dropout=0.5, context_dropout=0.3)
 VARIANTS = {
     "stage1": {},

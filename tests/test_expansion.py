@@ -102,3 +102,16 @@ def test_freeze_base_resume_keeps_the_checkpoint_base(trained, tmp_path):
     masks = trainable_masks(fresh)
     for name, v in fresh.named_parameters():
         assert torch.equal(v.detach()[~masks[name]], base[name][~masks[name]]), name
+
+
+def test_a_tied_model_grows_with_its_shared_head():
+    from newllm_nb import ModelConfig
+
+    torch.manual_seed(0)
+    m = ContextVectorLLM(ModelConfig(vocab_size=60, embed_dim=8, context_dim=8, hidden_dim=16, tie_embeddings=True))
+    big = expand_context(m, 12)
+    assert big.head._embed[0] is big.embed and torch.equal(big.embed.weight, m.embed.weight)
+    assert torch.equal(big.head.proj.weight, m.head.proj.weight) and torch.equal(big.head.bias, m.head.bias)
+    ids = torch.randint(0, 60, (2, 1))
+    # First token from a zero context: the new (zero) dimensions cannot change its logits.
+    torch.testing.assert_close(big.eval()(ids)[0], m.eval()(ids)[0])

@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--runs", help="comma-separated subset of run names (default: all)")
     ap.add_argument("--seed-batch", type=int, default=128, help="seed recipe batch (lr follows the seed rule)")
     ap.add_argument("--max-epochs", type=int, default=150, help="seed recipe cap (patience 30 usually stops it)")
-    ap.add_argument("--best-epochs", type=int, default=40, help="epochs (and cosine length) of the other recipes")
+    ap.add_argument("--best-epochs", type=int, default=60, help="epochs (and cosine length) of the other recipes")
     ap.add_argument("--grid", nargs="?", const="stage1", choices=["stage1", "stage2"],
                     help="instead of the table, choose a recipe on the dev set (New-LLM L1, each --vocab): stage1 "
                          "= lr x weight decay x dropout x context dropout; stage2 = the VARIANTS on top of STAGE1")

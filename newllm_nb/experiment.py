@@ -59,6 +59,8 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
         from .checkpoint import load_checkpoint
 
         load_checkpoint(trainer.best_path).load_into(trainer.model)
+    elif trainer.ema is not None:  # no checkpoints written: use the averaged weights, which validation measured
+        trainer.ema.copy_to_model()
     metrics = evaluate(trainer.model, prepared.valid, min(cfg.train.batch_size, 1024), trainer.device,
                        trainer.precision, cfg.train.seed_compatible)
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,

@@ -167,6 +167,12 @@ class WeightAverage:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
 
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Keep the averaged weights in the model for good (no checkpoint to reload them from)."""
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
     @contextlib.contextmanager
     def applied(self):
         with torch.no_grad():

@@ -213,3 +213,12 @@ def test_sweep_saves_each_run_and_skips_finished_ones(tmp_path, prepared, capsys
     again = run_sweep(cfg, [1, 2], tmp_path, archs=("newllm", "lstm"), prepared=prepared)
     assert "finished earlier, skipped" in capsys.readouterr().out
     assert again.equals(df)
+
+
+def test_without_checkpoints_the_result_keeps_the_averaged_weights(monkeypatch):
+    from newllm_nb.experiment import run_experiment
+
+    monkeypatch.setenv("NEWLLM_SMOKE", "1")
+    cfg = tiny(train__epochs=2, train__ema_decay=0.9, train__show_progress=False)
+    r = run_experiment(cfg, None)  # no run folder, so no `best` file to reload
+    assert r.metrics["loss"] == pytest.approx(r.history[-1]["val_loss"], rel=1e-6)

@@ -206,6 +206,9 @@ def main() -> None:
                 ("newllm-best-L4", dataclasses.replace(base, **{**m, "num_layers": 4}), "best"),
                 # Baselines: the same recipe (regularisers, tying, optimiser), sized to New-LLM L4's parameters.
                 ("lstm-best", matched_config(dataclasses.replace(base, **{**m, "num_layers": 4}), "lstm"), "best"),
+                # ... and an LSTM the size of New-LLM L1 (the best New-LLM row), for the tightest comparison.
+                ("lstm-best-L1size", matched_config(dataclasses.replace(base, **{**m, "num_layers": 1}), "lstm"),
+                 "best"),
                 ("transformer-best", matched_config(dataclasses.replace(base, **{**m, "num_layers": 4}),
                                                     "transformer"), "best"),
             ]

@@ -16,17 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .model import ContextVectorLLM, TiedHead, embed_lookup
-
-
-def _init(module: nn.Module, std: float) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, TiedHead):
-            nn.init.zeros_(m.bias)
+from .model import ContextVectorLLM, TiedHead, embed_lookup, init_weights
 
 
 class LSTMLM(nn.Module):
@@ -39,7 +29,7 @@ class LSTMLM(nn.Module):
                             dropout=config.dropout if config.lstm_layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
-        _init(self, config.init_std)
+        init_weights(self, config.init_std)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -73,7 +63,7 @@ class TransformerLM(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, config.tf_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = TiedHead(self.tok, d) if config.tie_embeddings else nn.Linear(d, config.vocab_size)
-        _init(self, config.init_std)
+        init_weights(self, config.init_std)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -58,6 +58,18 @@ class TiedHead(nn.Module):
         return F.linear(x, self._embed[0].weight, self.bias)
 
 
+def init_weights(module: nn.Module, std: float) -> None:
+    """The seed's init, for New-LLM and the baselines alike: every Linear / Embedding weight N(0, std),
+    every bias (a tied head's included) zero."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, TiedHead):
+            nn.init.zeros_(m.bias)
+
+
 class ContextVectorLLM(nn.Module):
     """The New-LLM cell. ``forward(ids, context)`` returns ``(logits, final_context)``."""
 
@@ -80,13 +92,7 @@ class ContextVectorLLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Seed init: weights N(0, init_std), biases zero, LayerNorm identity."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, self.config.init_std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        if isinstance(self.head, TiedHead):
-            nn.init.zeros_(self.head.bias)
+        init_weights(self, self.config.init_std)
         self.norm.reset_parameters()
 
     def num_parameters(self) -> int:

@@ -175,10 +175,8 @@ class WeightAverage:
 
     @contextlib.contextmanager
     def applied(self):
-        with torch.no_grad():
-            backup = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
+        backup = [p.detach().clone() for p in self.params]
+        self.copy_to_model()
         try:
             yield
         finally:

@@ -34,50 +34,50 @@ class TrainingPanel:
         w = _w()
         cfg = base or preset(preset_name)
         self.rec = recommend(detect())
-        self.base = cfg
-        m, d, t = cfg.model, cfg.data, cfg.train
+        d = cfg.data
         lay = w.Layout(width="420px")
-        names = [n for n in PRESETS if n != "smoke" and preset(n).data.dataset == d.dataset]
+        recipes = {n: preset(n) for n in PRESETS if n != "smoke"}
+        names = [n for n, r in recipes.items() if r.data.dataset == d.dataset]
         if base is not None or preset_name not in names:
             names = [preset_name]
-        self.recipe = w.Dropdown(options=names, value=names[0] if preset_name not in names else preset_name,
-                                 description="recipe (preset)", style=STYLE, layout=lay, disabled=len(names) == 1)
-        self.layers = w.IntSlider(value=m.num_layers, min=1, max=8, description="FNN layers", style=STYLE, layout=lay)
+        self.recipe = w.Dropdown(options=names, value=preset_name, description="recipe (preset)", style=STYLE,
+                                 layout=lay, disabled=len(names) == 1)
+        # Widgets get their ranges here and their values from _fill(cfg) below, the one place that maps a
+        # config onto the panel (the recipe dropdown calls it too).
+        self.layers = w.IntSlider(min=1, max=8, description="FNN layers", style=STYLE, layout=lay)
         dims = [32, 64, 128, 256, 384, 512, 768, 1024]
-        self.embed = w.Dropdown(options=dims, value=m.embed_dim, description="embed dim", style=STYLE, layout=lay)
-        self.context = w.Dropdown(options=dims, value=m.context_dim, description="context dim", style=STYLE,
-                                  layout=lay)
-        self.hidden = w.Dropdown(options=dims, value=m.hidden_dim, description="hidden dim", style=STYLE, layout=lay)
-        self.vocab = w.Dropdown(options=[500, 1000, 2000, 5000, 10000], value=m.vocab_size, description="vocab size",
-                                style=STYLE, layout=lay)
-        self.dropout = w.FloatSlider(value=m.dropout, min=0.0, max=0.7, step=0.05, description="dropout",
-                                     style=STYLE, layout=lay)
-        self.context_dropout = w.FloatSlider(value=m.context_dropout, min=0.0, max=0.7, step=0.05,
-                                             description="context dropout", style=STYLE, layout=lay)
-        self.tie = w.Checkbox(value=m.tie_embeddings, description="tie output layer to embedding", style=STYLE)
-        self.ema = w.FloatSlider(value=t.ema_decay, min=0.0, max=0.999, step=0.001, readout_format=".3f",
-                                 description="weight avg (0=off)", style=STYLE, layout=lay)
-        self.seq = w.IntSlider(value=d.max_seq_length, min=16, max=512, step=16, description="max seq length",
-                               style=STYLE, layout=lay)
-        batches = sorted({8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, self.rec.batch_size, t.batch_size})
-        self.batch = w.Dropdown(options=batches, value=self._batch_for(cfg), description="batch size", style=STYLE,
+        self.embed = w.Dropdown(options=dims, description="embed dim", style=STYLE, layout=lay)
+        self.context = w.Dropdown(options=dims, description="context dim", style=STYLE, layout=lay)
+        self.hidden = w.Dropdown(options=dims, description="hidden dim", style=STYLE, layout=lay)
+        self.vocab = w.Dropdown(options=[500, 1000, 2000, 5000, 10000], description="vocab size", style=STYLE,
                                 layout=lay)
-        self.lr = w.FloatLogSlider(value=t.lr or self.rec.lr, base=10, min=-5, max=-1.5, step=0.05,
-                                   readout_format=".1e", description="learning rate", style=STYLE, layout=lay)
-        self.seed_lr = w.Checkbox(value=t.lr is None, description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE)
-        self.epochs = w.IntSlider(value=t.epochs, min=1, max=300, description="max epochs", style=STYLE, layout=lay)
-        self.patience = w.IntSlider(value=t.patience, min=1, max=100, description="patience", style=STYLE, layout=lay)
-        self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], value=t.precision,
-                                    description="precision", style=STYLE, layout=lay)
-        self.mode = w.Dropdown(options=["windows", "stream", "packed"], value=d.mode, description="batching",
-                               style=STYLE, layout=lay)
+        self.dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="dropout", style=STYLE, layout=lay)
+        self.context_dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="context dropout",
+                                             style=STYLE, layout=lay)
+        self.tie = w.Checkbox(description="tie output layer to embedding", style=STYLE)
+        self.ema = w.FloatSlider(min=0.0, max=0.999, step=0.001, readout_format=".3f",
+                                 description="weight avg (0=off)", style=STYLE, layout=lay)
+        self.seq = w.IntSlider(min=16, max=512, step=16, description="max seq length", style=STYLE, layout=lay)
+        batches = {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, self.rec.batch_size, cfg.train.batch_size}
+        batches |= {recipes[n].train.batch_size for n in names if n in recipes}  # every recipe can be selected
+        self.batch = w.Dropdown(options=sorted(batches), description="batch size", style=STYLE, layout=lay)
+        self.lr = w.FloatLogSlider(base=10, min=-5, max=-1.5, step=0.05, readout_format=".1e",
+                                   description="learning rate", style=STYLE, layout=lay)
+        self.seed_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE)
+        self.epochs = w.IntSlider(min=1, max=300, description="max epochs", style=STYLE, layout=lay)
+        self.patience = w.IntSlider(min=1, max=100, description="patience", style=STYLE, layout=lay)
+        self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], description="precision", style=STYLE,
+                                    layout=lay)
+        self.mode = w.Dropdown(options=["windows", "stream", "packed"], description="batching", style=STYLE,
+                               layout=lay)
         self.source = w.Dropdown(options=[("hub (else bundled sample)", "auto"), ("bundled sample", "sample"),
                                           ("local path", "path")], value="auto", description="data source",
                                  style=STYLE, layout=lay)
         self.path = w.Text(value="", placeholder="file or folder (local path only)", description="path",
                            style=STYLE, layout=lay)
-        self.tokenizer = w.Dropdown(options=[("words (seed)", "word"), ("byte-level BPE", "bpe")], value=d.tokenizer,
+        self.tokenizer = w.Dropdown(options=[("words (seed)", "word"), ("byte-level BPE", "bpe")],
                                     description="tokenizer", style=STYLE, layout=lay)
+        self._fill(cfg)
         data_rows = [self.source, self.path, self.tokenizer]
         self.instruct = d.dataset in ("dolly", "instruct")
         if self.instruct:  # any instruction dataset: a hub name or a local jsonl, renamed field by field

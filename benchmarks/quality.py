@@ -226,11 +226,9 @@ def main() -> None:
 
             with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
                 futures = [pool.submit(run_one, *c) for c in calls]
-                for f in as_completed(futures):
-                    rows.append(f.result())
-                    print(rows[-1], flush=True)
-            order = {c[0] + str(c[4][0].vocab_size): i for i, c in enumerate(calls)}
-            rows.sort(key=lambda r: order[r["run"] + str(r["vocab"])])
+                for f in as_completed(futures):  # print each as it ends (a time limit keeps what finished)
+                    print(f.result(), flush=True)
+            rows = [f.result() for f in futures]  # the plan's order
         else:
             for c in calls:
                 rows.append(run_one(*c))

@@ -96,6 +96,50 @@ VARIANTS.update({
     "r3+wd0.1": {**_R3, "weight_decay": 0.1},
     "r3+lr3e-3": {**_R3, "lr": 3e-3},
 })
+# Fifth round (session 3, vocab 10000): dropout off the recurrent path (on the embedding vectors in and the
+# features out, where the LSTM has its dropout), the forget gate's initial bias, and where the parameters go
+# (embedding vs context), on top of vocab 10000's choice so far (b10) and of b10 with the dropout moved (P).
+_B10 = VARIANTS["tie+edrop0.2+ema"]
+_P = {**_B10, "dropout": 0.3, "input_dropout": 0.5, "output_dropout": 0.5}
+_SHAPES = {"e128": dict(embed_dim=128), "e128+c512+h768": dict(embed_dim=128, context_dim=512, hidden_dim=768),
+           "e128+c384+h768": dict(embed_dim=128, context_dim=384, hidden_dim=768),
+           "e192+c384": dict(embed_dim=192, context_dim=384), "c384": dict(context_dim=384)}
+VARIANTS.update({
+    "b10": _B10,
+    "b10+in0.5": {**_B10, "input_dropout": 0.5},
+    "b10+out0.5": {**_B10, "output_dropout": 0.5},
+    "b10+in0.5+out0.5": {**_B10, "input_dropout": 0.5, "output_dropout": 0.5},
+    "P": _P,  # = b10+drop0.3+in0.5+out0.5
+    "b10+drop0.2+in0.5+out0.5": {**_P, "dropout": 0.2},
+    "b10+drop0.1+in0.5+out0.5": {**_P, "dropout": 0.1},
+    "b10+drop0.2+in0.5+out0.5+cdrop0.1": {**_P, "dropout": 0.2, "context_dropout": 0.1},
+    "b10+drop0.1+in0.5+out0.5+cdrop0": {**_P, "dropout": 0.1, "context_dropout": 0.0},
+    "b10+drop0.3+in0.3+out0.5": {**_P, "input_dropout": 0.3},
+    "b10+drop0.3+out0.5": {**_P, "input_dropout": None},
+    "b10+drop0.3+in0.5+out0.6": {**_P, "output_dropout": 0.6},
+    "b10+drop0.2+in0.4+out0.4": {**_P, "dropout": 0.2, "input_dropout": 0.4, "output_dropout": 0.4},
+    "b10+fb1": {**_B10, "forget_bias": 1.0},
+    "b10+fb2": {**_B10, "forget_bias": 2.0},
+    **{f"b10+{k}": {**_B10, **v} for k, v in _SHAPES.items() if k != "e128+c384+h768"},
+    "b10+edrop0.3": {**_B10, "embed_dropout": 0.3},
+    "b10+wd0.1": {**_B10, "weight_decay": 0.1},
+    "b10+batch16+lr2e-3": {**_B10, "batch": 16, "lr": 2e-3},
+    "b10+ema.998": {**_B10, "ema_decay": 0.998},
+    "b10+lr2e-3": {**_B10, "lr": 2e-3},
+    "P+fb1": {**_P, "forget_bias": 1.0},
+    "P+fb2": {**_P, "forget_bias": 2.0},
+    "P+batch16+lr2e-3": {**_P, "batch": 16, "lr": 2e-3},
+    "P+lr2e-3": {**_P, "lr": 2e-3},
+    "P+wd0.1": {**_P, "weight_decay": 0.1},
+    "P+edrop0.1": {**_P, "embed_dropout": 0.1},
+    "P+edrop0.3": {**_P, "embed_dropout": 0.3},
+    "P+cdrop0.5": {**_P, "context_dropout": 0.5},
+    "P+drop0.4": {**_P, "dropout": 0.4},
+    "P+in0.6+out0.6": {**_P, "input_dropout": 0.6, "output_dropout": 0.6},
+    "P+L2": {**_P, "num_layers": 2},
+    "P+ema.998": {**_P, "ema_decay": 0.998},
+    **{f"P+{k}": {**_P, **v} for k, v in _SHAPES.items() if k != "e192+c384"},
+})
 BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **VARIANTS["tie+edrop0.2+ema"]}}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
@@ -173,7 +217,8 @@ def main() -> None:
     ap.add_argument("--grid-lr", type=float, nargs="+", default=[1e-3], help="learning rates for --grid stage1")
     ap.add_argument("--eval-streams", type=int, default=8,
                     help="the evaluation text is read as this many parallel streams (each from a zero state)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (train_s is then not comparable)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs in parallel, spread over all visible GPUs (train_s is then not comparable)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="append the table here")
     ap.add_argument("--no-append", action="store_true")
@@ -196,7 +241,7 @@ def main() -> None:
                 if args.variants and name not in args.variants.split(","):
                     continue
                 m, tc, seq = split_recipe({**STAGE1, **var}, args.best_epochs)
-                jobs.append((name, dataclasses.replace(base, num_layers=1, **m), tc, "best", data, seq, {}))
+                jobs.append((name, dataclasses.replace(base, **{"num_layers": 1, **m}), tc, "best", data, seq, {}))
         else:
             m, tc, seq = split_recipe(BEST.get(V, BEST[1000]), args.best_epochs)
             plan = [
@@ -218,16 +263,24 @@ def main() -> None:
                 jobs.append((name, mc, seed_recipe(args.seed_batch, args.max_epochs) if mode == "seed" else tc,
                              mode, data, SEQ if mode == "seed" else seq, {}))
     rows = []
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     with tempfile.TemporaryDirectory() as work:
         calls = [(name, mc, tc, mode, data, str(dev), work, seq, args.eval_streams, extra)
                  for name, mc, tc, mode, data, seq, extra in jobs]
         if args.jobs > 1:
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, *c) for c in calls]
+            # One pool per GPU (each worker sees only its own card), runs dealt out in turn.
+            pools = [ProcessPoolExecutor(-(-args.jobs // max(gpus, 1)), mp_context=mp.get_context("spawn"),
+                                         initializer=_only_gpu, initargs=(g if gpus > 1 else None,))
+                     for g in range(max(gpus, 1))]
+            try:
+                futures = [pools[k % len(pools)].submit(run_one, *c) for k, c in enumerate(calls)]
                 for f in as_completed(futures):  # print each as it ends (a time limit keeps what finished)
                     print(f.result(), flush=True)
+            finally:
+                for pool in pools:
+                    pool.shutdown()
             rows = [f.result() for f in futures]  # the plan's order
         else:
             for c in calls:
@@ -236,7 +289,8 @@ def main() -> None:
     df = pd.DataFrame(rows)
     header = (f"device: {device_name(dev)} | train {args.file} (first 90% of lines, last 5% of those = dev) | "
               f"eval {'--eval-file ' + args.eval_file if args.eval_file else 'last 10% of lines'} "
-              f"as {args.eval_streams} streams" + (f" | {args.jobs} runs in parallel" if args.jobs > 1 else ""))
+              f"as {args.eval_streams} streams" +
+              (f" | {args.jobs} runs in parallel on {max(gpus, 1)} device(s)" if args.jobs > 1 else ""))
     print("\n" + header)
     print(df.to_string(index=False))
     if not args.grid and len(df):
@@ -255,6 +309,14 @@ def main() -> None:
             cmd = "python " + " ".join(sys.argv)
             f.write(f"\n### quality.py{' --grid ' + args.grid if args.grid else ''} ({time.strftime('%Y-%m-%d')})\n\n"
                     f"`{cmd}` | {header}\n\n{_md(df)}\n")
+
+
+def _only_gpu(gpu: Optional[int]) -> None:
+    """Worker initializer: show this process one GPU (before CUDA starts in it)."""
+    if gpu is not None:
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
 def _md(df: pd.DataFrame) -> str:

@@ -27,15 +27,22 @@ class LSTMLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.lstm = nn.LSTM(config.embed_dim, H, num_layers=config.lstm_layers, batch_first=True,
                             dropout=config.dropout if config.lstm_layers > 1 else 0.0)
-        self.drop = nn.Dropout(config.dropout)
+        # The LSTM's dropout sits off the recurrent path, at its input and output (Zaremba et al. 2014).
+        p_in, p_out = (config.dropout if p is None else p for p in (config.input_dropout, config.output_dropout))
+        self.in_drop, self.out_drop = nn.Dropout(p_in), nn.Dropout(p_out)
         self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
         init_weights(self, config.init_std)
+        if config.forget_bias:  # else PyTorch's own LSTM init, as measured so far
+            with torch.no_grad():  # gate order i, f, g, o; the two biases add up to forget_bias
+                for name, b in self.lstm.named_parameters():
+                    if name.startswith("bias_"):
+                        b[H: 2 * H].fill_(config.forget_bias if name.startswith("bias_ih") else 0.0)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids: torch.Tensor, context=None, reset: Optional[torch.Tensor] = None):
-        x = self.drop(embed_lookup(self.embed, ids, self.config.embed_dropout, self.training))
+        x = self.in_drop(embed_lookup(self.embed, ids, self.config.embed_dropout, self.training))
         B, T = ids.shape
         state = context
         # cuDNN cannot reset mid-sequence: run the chunks between reset columns, zeroing rows that reset.
@@ -48,7 +55,7 @@ class LSTMLM(nn.Module):
                 state = (state[0] * keep.to(state[0].dtype), state[1] * keep.to(state[1].dtype))
             out, state = self.lstm(x[:, a:b], state)
             outs.append(out)
-        return self.head(self.drop(torch.cat(outs, 1))), state
+        return self.head(self.out_drop(torch.cat(outs, 1))), state
 
 
 class TransformerLM(nn.Module):

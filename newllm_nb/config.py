@@ -62,6 +62,12 @@ class ModelConfig:
     context_tanh: bool = False  # tanh on the candidate W_u h; the seed's code has none
     tie_embeddings: bool = False  # output layer shares the input embedding (model.TiedHead); seed: separate
     embed_dropout: float = 0.0  # word-type dropout on the embedding (model.embed_lookup); 0 = seed
+    # Dropout off the recurrent path, on the embedding vectors going in and on the features going to the
+    # output layer. None = each family's own placement: New-LLM has none there (the seed), the LSTM puts
+    # ``dropout`` there (its only dropout). The Transformer ignores both.
+    input_dropout: Optional[float] = None
+    output_dropout: Optional[float] = None
+    forget_bias: float = 0.0  # initial bias of the forget gate (New-LLM's W_f, the LSTM's f); 0 = each's default
     init_std: float = 0.02
     arch: str = "newllm"  # newllm | lstm | transformer
     # Baseline sizes (set by baselines.matched_config; ignored by New-LLM).
@@ -87,6 +93,10 @@ class ModelConfig:
         _check("tie_embeddings", isinstance(self.tie_embeddings, bool), "must be True or False",
                self.tie_embeddings)
         _float(self, "embed_dropout", 0.0, 1.0, hi_open=True)
+        for name in ("input_dropout", "output_dropout"):
+            if getattr(self, name) is not None:
+                _float(self, name, 0.0, 1.0, hi_open=True)
+        _float(self, "forget_bias", -20.0, 20.0)
         _float(self, "init_std", 0.0, lo_open=True)
         _choice(self, "arch", ("newllm", "lstm", "transformer"))
         _int(self, "lstm_hidden", 0)

@@ -85,15 +85,20 @@ class ContextVectorLLM(nn.Module):
         self.ctx_drop = nn.Dropout(config.context_dropout)
         self.gates = nn.Linear(H, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
         self.norm = nn.LayerNorm(C)
+        # Off the recurrent path (None = the seed: none): on embedding vectors in, on features to the head.
+        self.in_drop = nn.Dropout(config.input_dropout or 0.0)
+        self.out_drop = nn.Dropout(config.output_dropout or 0.0)
         self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
         # The GPU fast path switches this on: same function, hand-written BPTT (recurrence.py).
         self.fused_bptt = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Seed init: weights N(0, init_std), biases zero, LayerNorm identity."""
+        """Seed init: weights N(0, init_std), biases zero (the forget gate's: ``forget_bias``), LayerNorm identity."""
         init_weights(self, self.config.init_std)
         self.norm.reset_parameters()
+        with torch.no_grad():
+            self.gates.bias[: self.config.context_dim].fill_(self.config.forget_bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -123,13 +128,14 @@ class ContextVectorLLM(nn.Module):
 
     def _embed_proj(self, ids: torch.Tensor) -> torch.Tensor:
         W_e = self.fnn[0].weight[:, : self.config.embed_dim]
-        return F.linear(embed_lookup(self.embed, ids, self.config.embed_dropout, self.training), W_e, self.fnn[0].bias)
+        e = embed_lookup(self.embed, ids, self.config.embed_dropout, self.training)
+        return F.linear(self.in_drop(e), W_e, self.fnn[0].bias)
 
     def step(self, token_ids: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance one token: ``token_ids`` [B] -> (logits [B, V], new context [B, C])."""
         x_proj = self._embed_proj(token_ids)
         h, c = self._cell(x_proj, context, self._context_weight(x_proj.dtype))
-        return self.head(h), c
+        return self.head(self.out_drop(h)), c
 
     def _use_fused(self, return_trajectory: bool) -> bool:
         cfg = self.config
@@ -156,7 +162,7 @@ class ContextVectorLLM(nn.Module):
                                            self.gates.weight, self.gates.bias, self.norm.weight, self.norm.bias,
                                            self.config.dropout, self.config.context_dropout, self.training,
                                            *layers)
-            return self.head(hs), c
+            return self.head(self.out_drop(hs)), c
         W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []
         for t in range(T):
@@ -166,7 +172,7 @@ class ContextVectorLLM(nn.Module):
             hs.append(h)
             if return_trajectory:
                 cs.append(c)
-        logits = self.head(torch.stack(hs, dim=1))  # hoisted: one matmul over all hidden states
+        logits = self.head(self.out_drop(torch.stack(hs, dim=1)))  # hoisted: one matmul over all hidden states
         if return_trajectory:
             return logits, c, torch.stack(cs, dim=1)
         return logits, c

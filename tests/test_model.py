@@ -231,3 +231,52 @@ def test_baselines_take_tying_and_embedding_dropout(arch):
     assert logits.shape == (2, 7, 1000)
     logits.sum().backward()
     assert tied.embed.weight.grad.abs().sum() > 0 if arch == "lstm" else tied.tok.weight.grad.abs().sum() > 0
+
+
+def test_input_and_output_dropout_stay_off_the_recurrent_path():
+    ids = torch.randint(4, 50, (3, 12))
+    ref = ContextVectorLLM(small()).eval()
+    out = ContextVectorLLM(small(output_dropout=0.9))
+    out.load_state_dict(ref.state_dict())
+    logits, c = out.train()(ids)
+    logits_ref, c_ref = ref(ids)
+    torch.testing.assert_close(c, c_ref)  # the context never sees the output dropout ...
+    assert not torch.allclose(logits, logits_ref)  # ... the output layer does
+    inp = ContextVectorLLM(small(input_dropout=0.9))
+    inp.load_state_dict(ref.state_dict())
+    assert not torch.allclose(inp.train()(ids)[1], c_ref)  # input dropout reaches the context
+    for m in (out, inp):  # both are identity at evaluation
+        torch.testing.assert_close(m.eval()(ids)[0], logits_ref)
+
+
+def test_lstm_dropout_placement_defaults_to_dropout_at_input_and_output():
+    from newllm_nb.baselines import LSTMLM
+
+    ids = torch.randint(4, 50, (2, 9))
+    cfg = dataclasses.replace(small(arch="lstm", lstm_hidden=24), dropout=0.4)
+    a = LSTMLM(cfg)
+    b = LSTMLM(dataclasses.replace(cfg, input_dropout=0.4, output_dropout=0.4))
+    c = LSTMLM(dataclasses.replace(cfg, input_dropout=0.0, output_dropout=0.0))
+    for m in (b, c):
+        m.load_state_dict(a.state_dict())
+    outs = []
+    for m in (a, b, c):
+        torch.manual_seed(3)
+        outs.append(m.train()(ids)[0])
+    torch.testing.assert_close(outs[0], outs[1])  # None = `dropout` at both places
+    torch.testing.assert_close(outs[2], c.eval()(ids)[0])  # 0 = no dropout at all in a 1-layer LSTM
+
+
+@pytest.mark.parametrize("arch", ["newllm", "lstm"])
+def test_forget_bias_sets_only_the_forget_gate(arch):
+    from newllm_nb.baselines import build_model
+
+    m = build_model(small(arch=arch, lstm_hidden=24, forget_bias=1.5))
+    if arch == "newllm":  # [forget | input | candidate]
+        b, n, f = m.gates.bias.detach(), m.config.context_dim, 0
+    else:  # [i | f | g | o], bias_ih + bias_hh; the other gates keep PyTorch's uniform init
+        b, n, f = (m.lstm.bias_ih_l0 + m.lstm.bias_hh_l0).detach(), 24, 1
+    is_forget = torch.zeros_like(b, dtype=torch.bool)
+    is_forget[f * n: (f + 1) * n] = True
+    assert torch.all(b[is_forget] == 1.5)
+    assert torch.all(b[~is_forget] == 0) if arch == "newllm" else b[~is_forget].abs().max() > 0

@@ -140,7 +140,19 @@ VARIANTS.update({
     "P+ema.998": {**_P, "ema_decay": 0.998},
     **{f"P+{k}": {**_P, **v} for k, v in _SHAPES.items() if k != "e192+c384"},
 })
-BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **VARIANTS["tie+edrop0.2+ema"]}}
+# Sixth round (vocab 10000): one or two changes each on top of the fifth round's best, P+batch16+lr2e-3 (Q).
+_Q = VARIANTS["P+batch16+lr2e-3"]
+VARIANTS.update({f"Q+{k}": {**_Q, **v} for k, v in {
+    "drop0.2": dict(dropout=0.2), "drop0.4": dict(dropout=0.4), "cdrop0.1": dict(context_dropout=0.1),
+    "drop0.2+cdrop0.1": dict(dropout=0.2, context_dropout=0.1),
+    "drop0.1+cdrop0": dict(dropout=0.1, context_dropout=0.0),
+    "L2": dict(num_layers=2), "L2+drop0.2+cdrop0.1": dict(num_layers=2, dropout=0.2, context_dropout=0.1),
+    "edrop0.3": dict(embed_dropout=0.3), "lr3e-3": dict(lr=3e-3), "lr1.5e-3": dict(lr=1.5e-3),
+    "wd0.1": dict(weight_decay=0.1), "in0.6+out0.6": dict(input_dropout=0.6, output_dropout=0.6),
+    "in0.4+out0.4": dict(input_dropout=0.4, output_dropout=0.4), "c384": dict(context_dim=384),
+    "ema.998": dict(ema_decay=0.998), "fb2": dict(forget_bias=2.0), "batch8": dict(batch=8),
+}.items()})
+BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **_Q}}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 

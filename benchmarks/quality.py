@@ -152,7 +152,16 @@ VARIANTS.update({f"Q+{k}": {**_Q, **v} for k, v in {
     "in0.4+out0.4": dict(input_dropout=0.4, output_dropout=0.4), "c384": dict(context_dim=384),
     "ema.998": dict(ema_decay=0.998), "fb2": dict(forget_bias=2.0), "batch8": dict(batch=8),
 }.items()})
-BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **_Q}}
+# Seventh round (vocab 10000): the sixth round's runners-up on top of its best, Q+batch8 (S).
+_S = VARIANTS["Q+batch8"]
+VARIANTS.update({f"S+{k}": {**_S, **v} for k, v in {
+    "wd0.1": dict(weight_decay=0.1), "lr3e-3": dict(lr=3e-3),
+    "drop0.2+cdrop0.1": dict(dropout=0.2, context_dropout=0.1),
+    "L2+drop0.2+cdrop0.1": dict(num_layers=2, dropout=0.2, context_dropout=0.1),
+    "wd0.1+drop0.2+cdrop0.1": dict(weight_decay=0.1, dropout=0.2, context_dropout=0.1),
+    "lr1e-3": dict(lr=1e-3),
+}.items()})
+BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **_S}}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 

@@ -161,7 +161,7 @@ VARIANTS.update({f"S+{k}": {**_S, **v} for k, v in {
     "wd0.1+drop0.2+cdrop0.1": dict(weight_decay=0.1, dropout=0.2, context_dropout=0.1),
     "lr1e-3": dict(lr=1e-3),
 }.items()})
-BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **_S}}
+BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **VARIANTS["S+wd0.1+drop0.2+cdrop0.1"]}}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 

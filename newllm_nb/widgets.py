@@ -54,6 +54,11 @@ class TrainingPanel:
         self.dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="dropout", style=STYLE, layout=lay)
         self.context_dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="context dropout",
                                              style=STYLE, layout=lay)
+        # Dropout off the recurrent path; 0 on a recipe that leaves it unset keeps each family's own placement.
+        self.input_dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="input dropout", style=STYLE,
+                                           layout=lay)
+        self.output_dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="output dropout",
+                                            style=STYLE, layout=lay)
         self.tie = w.Checkbox(description="tie output layer to embedding", style=STYLE)
         self.ema = w.FloatSlider(min=0.0, max=0.999, step=0.001, readout_format=".3f",
                                  description="weight avg (0=off)", style=STYLE, layout=lay)
@@ -90,7 +95,8 @@ class TrainingPanel:
         self.widget = w.VBox([
             self.recipe,
             w.HTML("<b>Model</b>"), w.HBox([w.VBox([self.layers, self.embed, self.context, self.tie]),
-                                            w.VBox([self.hidden, self.vocab, self.dropout, self.context_dropout])]),
+                                            w.VBox([self.hidden, self.vocab, self.dropout, self.context_dropout,
+                                                    self.input_dropout, self.output_dropout])]),
             w.HTML("<b>Data</b>"), w.HBox([w.VBox(data_rows), w.VBox([self.seq, self.mode])]),
             w.HTML("<b>Training</b>"), w.HBox([w.VBox([self.batch, self.lr, self.seed_lr, self.ema]),
                                                w.VBox([self.epochs, self.patience, self.precision])]),
@@ -107,6 +113,8 @@ class TrainingPanel:
         for widget, value in ((self.layers, m.num_layers), (self.embed, m.embed_dim), (self.context, m.context_dim),
                               (self.hidden, m.hidden_dim), (self.vocab, m.vocab_size), (self.dropout, m.dropout),
                               (self.context_dropout, m.context_dropout), (self.tie, m.tie_embeddings),
+                              (self.input_dropout, m.input_dropout or 0.0),
+                              (self.output_dropout, m.output_dropout or 0.0),
                               (self.seq, d.max_seq_length), (self.mode, d.mode), (self.tokenizer, d.tokenizer),
                               (self.batch, self._batch_for(cfg)), (self.lr, t.lr or self.rec.lr),
                               (self.seed_lr, t.lr is None), (self.ema, t.ema_decay), (self.epochs, t.epochs),
@@ -135,6 +143,9 @@ class TrainingPanel:
                                       context_dim=self.context.value, hidden_dim=self.hidden.value,
                                       vocab_size=self.vocab.value, dropout=self.dropout.value,
                                       context_dropout=self.context_dropout.value,
+                                      input_dropout=_unless_default(self.input_dropout.value, b.model.input_dropout),
+                                      output_dropout=_unless_default(self.output_dropout.value,
+                                                                     b.model.output_dropout),
                                       tie_embeddings=bool(self.tie.value)),
             data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
                                      tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
@@ -167,6 +178,11 @@ def parse_field_map(text: str) -> Optional[dict]:
                              "instruction, context, response, category")
         out[ours] = theirs
     return out
+
+
+def _unless_default(value: float, base: Optional[float]) -> Optional[float]:
+    """A slider's value, except that 0 on a field the recipe left unset (None) stays unset."""
+    return None if value == 0 and base is None else value
 
 
 def _format_map(m: Optional[dict]) -> str:

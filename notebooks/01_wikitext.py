@@ -42,10 +42,11 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # %% [markdown]
 # ## Settings
 # Pre-filled with the seed's WikiText preset (4 layers, sequence 64, early stopping after 30 flat epochs)
-# and this machine's batch size. The *recipe* dropdown switches to the package's measured recipe
+# and this machine's batch size. The *recipe* dropdown switches to the package's measured recipes
 # (`best_wikitext`: 1 layer, stateful BPTT over 16 streams, tied embeddings, AdamW + cosine, dropout,
-# weight averaging; 15% lower perplexity than the seed recipe on real WikiText-2 text, see
-# `benchmarks/RESULTS.md`). Change anything, then run the next cell.
+# weight averaging; 15% lower perplexity than the seed recipe on real WikiText-2 text at vocab 1000;
+# `best_wikitext_10k`: the same for vocab 10000 with dropout moved onto the input and output, 30% lower;
+# see `benchmarks/RESULTS.md`). Change anything, then run the next cell.
 
 # %%
 from newllm_nb.widgets import TrainingPanel

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from newllm_nb.config import (
@@ -65,14 +67,19 @@ def test_seed_lr_rule_and_clip_schedule():
     assert TrainConfig(clip=0.7).clip_for_epoch(50) == 0.7
 
 
-def test_best_wikitext_preset_is_the_benchmarked_recipe():
-    """The preset users get is the recipe benchmarks/quality.py measured (its BEST at vocab 1000)."""
+@pytest.mark.parametrize("name,vocab", [("best_wikitext", 1000), ("best_wikitext_10k", 10000)])
+def test_best_wikitext_presets_are_the_benchmarked_recipes(name, vocab):
+    """The presets users get are the recipes benchmarks/quality.py measured (its BEST at each vocab)."""
     import runpy
     from pathlib import Path
 
     q = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "quality.py"), run_name="quality")
-    model, train, seq = q["split_recipe"](q["BEST"][1000], 60)
-    cfg = preset("best_wikitext")
+    model, train, seq = q["split_recipe"](q["BEST"][vocab], 60)
+    cfg = preset(name)
+    assert cfg.model.vocab_size == vocab
+    # Every model field the benchmark sets, and none it leaves at the default, matches.
+    assert {k: v for k, v in dataclasses.asdict(cfg.model).items() if v != getattr(ModelConfig(), k)} == \
+        {k: v for k, v in {**model, "vocab_size": vocab}.items() if v != getattr(ModelConfig(), k)}
     for k, v in model.items():
         assert getattr(cfg.model, k) == v, k
     for k in ("lr", "weight_decay", "ema_decay", "batch_size", "optimizer", "schedule", "warmup_steps", "clip",

@@ -280,3 +280,35 @@ def test_forget_bias_sets_only_the_forget_gate(arch):
     is_forget[f * n: (f + 1) * n] = True
     assert torch.all(b[is_forget] == 1.5)
     assert torch.all(b[~is_forget] == 0) if arch == "newllm" else b[~is_forget].abs().max() > 0
+
+
+def test_hand_written_bptt_with_input_and_output_dropout():
+    """Input / output dropout sit outside the hand-written recurrence. Input dropout: on the same masks (one
+    seed, no dropout inside the cell) both paths give the same logits and gradients. Output dropout (its mask
+    is laid out in the recurrence's memory order, so it differs from eager's): the context is untouched."""
+    torch.manual_seed(0)
+    m = ContextVectorLLM(small(num_layers=2, input_dropout=0.5, tie_embeddings=True))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 50, (3, 7))
+    outs = {}
+    for fused in (False, True):
+        m.fused_bptt = fused
+        torch.manual_seed(5)
+        logits, c = m(ids)
+        outs[fused] = (logits, torch.autograd.grad(logits.square().mean() + c.sum(), list(m.parameters())))
+    with torch.no_grad():
+        assert not torch.allclose(outs[True][0], m.eval()(ids)[0])  # the dropout was active
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    out = ContextVectorLLM(small(num_layers=2, output_dropout=0.5))
+    out.fused_bptt = True
+    logits, c = out(ids)
+    with torch.no_grad():
+        ref_logits, ref_c = out.eval()(ids)
+    torch.testing.assert_close(c, ref_c)
+    assert not torch.allclose(logits, ref_logits)
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in out.parameters())

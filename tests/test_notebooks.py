@@ -80,15 +80,18 @@ def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
     from newllm_nb.widgets import TrainingPanel
 
     p = TrainingPanel("seed_wikitext")
-    assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext"}
+    assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext", "best_wikitext_10k"}
     seed_batch = p.config().train.batch_size  # the seed recipe takes this machine's batch
-    p.recipe.value = "best_wikitext"
-    cfg, best = p.config(), preset("best_wikitext")
-    assert (cfg.model, cfg.data, cfg.train) == (best.model, best.data, best.train)  # measured recipe kept whole
-    p.ema.value, p.tie.value, p.context_dropout.value = 0.0, False, 0.1
+    for name in ("best_wikitext", "best_wikitext_10k"):
+        p.recipe.value = name
+        cfg, best = p.config(), preset(name)
+        assert (cfg.model, cfg.data, cfg.train) == (best.model, best.data, best.train)  # measured recipe kept whole
+    assert (p.input_dropout.value, p.output_dropout.value, p.vocab.value) == (0.5, 0.5, 10000)
+    p.ema.value, p.tie.value, p.context_dropout.value, p.output_dropout.value = 0.0, False, 0.1, 0.0
     cfg = p.config()
     assert (cfg.train.ema_decay, cfg.model.tie_embeddings, cfg.model.context_dropout) == (0.0, False, 0.1)
+    assert (cfg.model.input_dropout, cfg.model.output_dropout) == (0.5, 0.0)  # an explicit 0 is kept
     p.recipe.value = "seed_wikitext"
     cfg, seed = p.config(), preset("seed_wikitext")
-    assert (cfg.model, cfg.data) == (seed.model, seed.data)
+    assert (cfg.model, cfg.data) == (seed.model, seed.data)  # unset input/output dropout stays unset (None)
     assert cfg.train.lr is None and cfg.train.batch_size == seed_batch and cfg.train.ema_decay == 0.0

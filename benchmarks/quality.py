@@ -15,6 +15,8 @@ through each article; the Transformer reads windows of its training length.
     python benchmarks/quality.py --grid stage1           # the lr / decay / dropout grid (session 1)
     python benchmarks/quality.py --grid stage2 --jobs 8  # tying, embedding dropout, weight averaging...
     python benchmarks/quality.py --vocab 1000 --runs newllm-best-L1 --max-epochs 2   # a quick look
+    python benchmarks/quality.py --vocab 10000 --runs newllm-best-L1,lstm-best-L1size --seeds 0,1,2,3,4 --jobs 10
+                                                         # the spread over seeds (mean / std table)
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ def load_splits(args) -> tuple[list, list, list]:
 
 
 def run_one(name, model_cfg, train_cfg, mode, data, device, workdir, seq: int = SEQ, eval_streams: int = 8,
-            extra: Optional[dict] = None) -> dict:
+            extra: Optional[dict] = None, seed: int = 0) -> dict:
+    """Train and evaluate one row. ``seed`` s: initial weights from torch seed s, batch order and dropout
+    from TrainConfig.seed 42 + s (s = 0 is what every table without a seed column used)."""
     torch.set_num_threads(2)  # several runs may share the machine (--jobs)
     tok, train_lines, dev_lines, eval_lines = data
     if mode == "seed":
@@ -205,10 +209,10 @@ def run_one(name, model_cfg, train_cfg, mode, data, device, workdir, seq: int = 
         ev_seq = seq if model_cfg.arch == "transformer" else SEQ
         ev = StreamData(*wikitext_stream(eval_lines, tok), seq_len=ev_seq - 1)
     cfg = RunConfig(model_cfg, DataConfig(max_seq_length=seq, mode="windows" if mode == "seed" else "stream"),
-                    dataclasses.replace(train_cfg, device=device))
-    torch.manual_seed(0)
+                    dataclasses.replace(train_cfg, device=device, seed=train_cfg.seed + seed))
+    torch.manual_seed(seed)
     model = build_model(model_cfg)
-    run_dir = Path(workdir) / name
+    run_dir = Path(workdir) / f"{name}-v{tok.vocab_size}-s{seed}"
     t0 = time.perf_counter()
     trainer = Trainer(model, train, dev, cfg, tok, run_dir)
     hist = trainer.fit(resume=False)
@@ -238,6 +242,8 @@ def main() -> None:
     ap.add_argument("--grid-lr", type=float, nargs="+", default=[1e-3], help="learning rates for --grid stage1")
     ap.add_argument("--eval-streams", type=int, default=8,
                     help="the evaluation text is read as this many parallel streams (each from a zero state)")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated seeds; each run is repeated per seed and a mean / std table follows")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs in parallel, spread over all visible GPUs (train_s is then not comparable)")
     ap.add_argument("--device", default="auto")
@@ -286,8 +292,10 @@ def main() -> None:
     rows = []
     gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     with tempfile.TemporaryDirectory() as work:
-        calls = [(name, mc, tc, mode, data, str(dev), work, seq, args.eval_streams, extra)
-                 for name, mc, tc, mode, data, seq, extra in jobs]
+        seeds = [int(x) for x in args.seeds.split(",")]
+        calls = [(name, mc, tc, mode, data, str(dev), work, seq, args.eval_streams,
+                  {**extra, **({"seed": sd} if len(seeds) > 1 else {})}, sd)
+                 for name, mc, tc, mode, data, seq, extra in jobs for sd in seeds]
         if args.jobs > 1:
             import multiprocessing as mp
 
@@ -314,22 +322,43 @@ def main() -> None:
               (f" | {args.jobs} runs in parallel on {max(gpus, 1)} device(s)" if args.jobs > 1 else ""))
     print("\n" + header)
     print(df.to_string(index=False))
+    summary = seed_summary(df)
+    if summary is not None:
+        print("\n" + summary.to_string(index=False))
     if not args.grid and len(df):
-        for V, g in df.groupby("vocab"):
-            g = g.set_index("run")
-            if {"newllm-seed-L1", "newllm-best-L1"} <= set(g.index):
-                best = g.loc[[r for r in g.index if r.startswith("newllm-best")], "eval_ppl"].min()
-                seed = g.loc[[r for r in g.index if r.startswith("newllm-seed")], "eval_ppl"].min()
-                line = (f"vocab {V}: best New-LLM recipe {best} vs seed recipe {seed} "
-                        f"({100 * (1 - best / seed):.1f}% lower)")
-                if "lstm-best" in g.index:
-                    line += f"; LSTM {g.loc['lstm-best', 'eval_ppl']}"
-                print(line)
+        for line in comparison_lines(df):
+            print(line)
     if not args.no_append and len(df):
         with open(args.results, "a", encoding="utf-8") as f:
             cmd = "python " + " ".join(sys.argv)
             f.write(f"\n### quality.py{' --grid ' + args.grid if args.grid else ''} ({time.strftime('%Y-%m-%d')})\n\n"
-                    f"`{cmd}` | {header}\n\n{_md(df)}\n")
+                    f"`{cmd}` | {header}\n\n{_md(df)}\n" + ("" if summary is None else f"\n{_md(summary)}\n"))
+
+
+def seed_summary(df: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Mean and sample std of eval / dev PPL over seeds, per run and vocab (None without a seed column)."""
+    if "seed" not in df.columns or df["seed"].nunique() < 2:
+        return None
+    g = df.groupby(["run", "vocab"], sort=False)
+    out = g.agg(seeds=("seed", "count"), params=("params", "first"), eval_ppl_mean=("eval_ppl", "mean"),
+                eval_ppl_std=("eval_ppl", "std"), dev_ppl_mean=("dev_ppl", "mean"), dev_ppl_std=("dev_ppl", "std"))
+    return out.round(2).reset_index()
+
+
+def comparison_lines(df: pd.DataFrame) -> list[str]:
+    """Per vocab: the best New-LLM recipe vs the seed recipe, and the LSTMs (means over seeds, if several)."""
+    lines = []
+    for V, g in df.groupby("vocab"):
+        ppl = g.groupby("run")["eval_ppl"].mean().round(2)
+        if {"newllm-seed-L1", "newllm-best-L1"} <= set(ppl.index):
+            best = ppl[[r for r in ppl.index if r.startswith("newllm-best")]].min()
+            seed = ppl[[r for r in ppl.index if r.startswith("newllm-seed")]].min()
+            line = f"vocab {V}: best New-LLM recipe {best} vs seed recipe {seed} ({100 * (1 - best / seed):.1f}% lower)"
+            for lstm in ("lstm-best", "lstm-best-L1size"):
+                if lstm in ppl.index:
+                    line += f"; {lstm} {ppl[lstm]}"
+            lines.append(line)
+    return lines
 
 
 def _only_gpu(gpu: Optional[int]) -> None:

@@ -111,26 +111,41 @@ def test_context_dropout_only_in_training():
     torch.testing.assert_close(m(ids)[0], m(ids)[0])
 
 
-@pytest.mark.parametrize("layers,with_reset", [(1, False), (3, True)])
-def test_hand_written_bptt_equals_autograd(layers, with_reset):
-    torch.manual_seed(0)
-    m = ContextVectorLLM(small(num_layers=layers))
+def _away_from_init(m: ContextVectorLLM) -> ContextVectorLLM:
+    """Perturb the weights out of the tiny-init regime, where LayerNorm amplifies fp32 rounding."""
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    ids = torch.randint(0, 50, (3, 9))
-    c0 = torch.randn(3, 10, requires_grad=True)
-    reset = (torch.rand(3, 9) < 0.3) if with_reset else None
+    return m
+
+
+def _assert_fused_matches_autograd(m, ids, c0=None, reset=None, mask_seed=None) -> torch.Tensor:
+    """Run ``m`` with autograd and with the hand-written BPTT (re-seeding before each when ``mask_seed`` is
+    given, so both draw the same dropout masks); logits, final context and gradients must agree. Returns
+    the fused logits."""
+    wrt = ([] if c0 is None else [c0]) + list(m.parameters())
     outs = {}
     for fused in (False, True):
         m.fused_bptt = fused
+        if mask_seed is not None:
+            torch.manual_seed(mask_seed)
         logits, c = m(ids, c0, reset)
-        loss = logits.square().mean() + c.sum()
-        outs[fused] = (logits, c, torch.autograd.grad(loss, [c0, *m.parameters()]))
+        outs[fused] = (logits, c, torch.autograd.grad(logits.square().mean() + c.sum(), wrt))
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs[True][2], outs[False][2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    return outs[True][0]
+
+
+@pytest.mark.parametrize("layers,with_reset", [(1, False), (3, True)])
+def test_hand_written_bptt_equals_autograd(layers, with_reset):
+    torch.manual_seed(0)
+    m = _away_from_init(ContextVectorLLM(small(num_layers=layers)))
+    ids = torch.randint(0, 50, (3, 9))
+    c0 = torch.randn(3, 10, requires_grad=True)
+    reset = (torch.rand(3, 9) < 0.3) if with_reset else None
+    _assert_fused_matches_autograd(m, ids, c0, reset)
 
 
 @pytest.mark.parametrize("ctx_drop", [0.0, 0.3])
@@ -151,20 +166,8 @@ def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_mas
     """Same masks for both: draw them from one seed (both paths consume bernoulli draws in the same
     order when dropout on h is off)."""
     torch.manual_seed(0)
-    m = ContextVectorLLM(dataclasses.replace(small(num_layers=2), context_dropout=0.4))
-    with torch.no_grad():  # away from the tiny-init regime, where LayerNorm amplifies fp32 rounding
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    ids = torch.randint(0, 50, (3, 7))
-    outs = {}
-    for fused in (False, True):
-        m.fused_bptt = fused
-        torch.manual_seed(7)
-        logits, c = m(ids)
-        outs[fused] = (logits, torch.autograd.grad(logits.square().mean() + c.sum(), list(m.parameters())))
-    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[True][1], outs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    m = _away_from_init(ContextVectorLLM(dataclasses.replace(small(num_layers=2), context_dropout=0.4)))
+    _assert_fused_matches_autograd(m, torch.randint(0, 50, (3, 7)), mask_seed=7)
 
 
 def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
@@ -287,22 +290,11 @@ def test_hand_written_bptt_with_input_and_output_dropout():
     seed, no dropout inside the cell) both paths give the same logits and gradients. Output dropout (its mask
     is laid out in the recurrence's memory order, so it differs from eager's): the context is untouched."""
     torch.manual_seed(0)
-    m = ContextVectorLLM(small(num_layers=2, input_dropout=0.5, tie_embeddings=True))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    m = _away_from_init(ContextVectorLLM(small(num_layers=2, input_dropout=0.5, tie_embeddings=True)))
     ids = torch.randint(0, 50, (3, 7))
-    outs = {}
-    for fused in (False, True):
-        m.fused_bptt = fused
-        torch.manual_seed(5)
-        logits, c = m(ids)
-        outs[fused] = (logits, torch.autograd.grad(logits.square().mean() + c.sum(), list(m.parameters())))
+    fused_logits = _assert_fused_matches_autograd(m, ids, mask_seed=5)
     with torch.no_grad():
-        assert not torch.allclose(outs[True][0], m.eval()(ids)[0])  # the dropout was active
-    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[True][1], outs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(fused_logits, m.eval()(ids)[0])  # the dropout was active
     out = ContextVectorLLM(small(num_layers=2, output_dropout=0.5))
     out.fused_bptt = True
     logits, c = out(ids)

@@ -163,6 +163,14 @@ VARIANTS.update({f"S+{k}": {**_S, **v} for k, v in {
     "wd0.1+drop0.2+cdrop0.1": dict(weight_decay=0.1, dropout=0.2, context_dropout=0.1),
     "lr1e-3": dict(lr=1e-3),
 }.items()})
+# Eighth round (session 4, vocab 10000): one change each on top of the seventh round's best (T).
+_T = VARIANTS["S+wd0.1+drop0.2+cdrop0.1"]
+VARIANTS.update({f"T+{k}": {**_T, **v} for k, v in {
+    "wd0.05": dict(weight_decay=0.05), "wd0.2": dict(weight_decay=0.2), "drop0.1": dict(dropout=0.1),
+    "cdrop0": dict(context_dropout=0.0), "out0.6": dict(output_dropout=0.6), "in0.4": dict(input_dropout=0.4),
+    "edrop0.1": dict(embed_dropout=0.1), "edrop0.3": dict(embed_dropout=0.3), "seq128": dict(seq=128),
+    "L2": dict(num_layers=2), "ema.998": dict(ema_decay=0.998), "lr1.5e-3": dict(lr=1.5e-3),
+}.items()})
 BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **VARIANTS["S+wd0.1+drop0.2+cdrop0.1"]}}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 

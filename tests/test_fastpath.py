@@ -113,3 +113,28 @@ def test_cuda_graph_matches_eager_on_gpu(precision, stateful, mode, tie):
     for le, lf in losses:
         assert abs(le - lf) <= min(tol, 3e-2) * max(1.0, abs(le)), losses
     _grads_match(eager, fast, batches[6], tol)  # gradients after those steps, from the fast path's weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_draws_fresh_dropout_masks_on_gpu():
+    # Every dropout on (FNN, embedding, input, output, context). Each graph replay must draw new masks,
+    # not repeat the captured ones, and its losses must follow the eager path's distribution. The lr is
+    # tiny so the weights (and so that distribution) stay put over the draws.
+    def make(fast_path):
+        torch.manual_seed(0)
+        mc = ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=2, dropout=0.3,
+                         embed_dropout=0.1, input_dropout=0.3, output_dropout=0.3, context_dropout=0.2)
+        cfg = RunConfig(mc, DataConfig(max_seq_length=9),
+                        TrainConfig(batch_size=8, lr=1e-9, fast_path=fast_path, device="cuda", precision="fp32"))
+        return Trainer(ContextVectorLLM(mc), None, None, cfg)
+
+    b = _batches(1, False)[0]
+    n = float((b.y != 0).sum())
+    eager, fast = make("off"), make("graph")
+    le = torch.tensor([float(eager._train_step(b, 1.0)[1]) / n for _ in range(24)])
+    lf = torch.tensor([float(fast._train_step(b, 1.0)[1]) / n for _ in range(24)])
+    assert fast.fast_path_used.startswith("cuda-graph")
+    assert len(set(lf.tolist())) == len(lf), lf  # fresh masks on every replay
+    assert lf.std() > 0.25 * le.std() and lf.std() < 4 * le.std(), (le.std(), lf.std())
+    se = (le.var() / len(le) + lf.var() / len(lf)).sqrt()
+    assert abs(le.mean() - lf.mean()) < 4 * se, (le.mean(), lf.mean(), se)

@@ -17,6 +17,8 @@ through each article; the Transformer reads windows of its training length.
     python benchmarks/quality.py --vocab 1000 --runs newllm-best-L1 --max-epochs 2   # a quick look
     python benchmarks/quality.py --vocab 10000 --runs newllm-best-L1,lstm-best-L1size --seeds 0,1,2,3,4 --jobs 10
                                                          # the spread over seeds (mean / std table)
+    python benchmarks/quality.py --vocab 10000 --recipe T+wd0.2 --runs newllm-best-L1,lstm-best-L1size --seeds 0,1,2
+                                                         # a dev-set candidate, for every family
 """
 
 from __future__ import annotations
@@ -170,6 +172,8 @@ VARIANTS.update({f"T+{k}": {**_T, **v} for k, v in {
     "cdrop0": dict(context_dropout=0.0), "out0.6": dict(output_dropout=0.6), "in0.4": dict(input_dropout=0.4),
     "edrop0.1": dict(embed_dropout=0.1), "edrop0.3": dict(embed_dropout=0.3), "seq128": dict(seq=128),
     "L2": dict(num_layers=2), "ema.998": dict(ema_decay=0.998), "lr1.5e-3": dict(lr=1.5e-3),
+    # the round's two best on dev, together
+    "wd0.2+ema.998": dict(weight_decay=0.2, ema_decay=0.998),
 }.items()})
 BEST = {1000: {**STAGE1, **VARIANTS["r3+wd0.1"]}, 10000: {**STAGE1, **VARIANTS["S+wd0.1+drop0.2+cdrop0.1"]}}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -247,6 +251,8 @@ def main() -> None:
                     help="instead of the table, choose a recipe on the dev set (New-LLM L1, each --vocab): stage1 "
                          "= lr x weight decay x dropout x context dropout; stage2 = the VARIANTS on top of STAGE1")
     ap.add_argument("--variants", help="--grid stage2: comma-separated subset of VARIANTS (default: all)")
+    ap.add_argument("--recipe", help="the table's 'best' rows (every family) use this VARIANTS entry instead "
+                                     "of BEST, e.g. to compare a dev-set candidate across seeds and families")
     ap.add_argument("--grid-lr", type=float, nargs="+", default=[1e-3], help="learning rates for --grid stage1")
     ap.add_argument("--eval-streams", type=int, default=8,
                     help="the evaluation text is read as this many parallel streams (each from a zero state)")
@@ -258,6 +264,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="append the table here")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
+    if args.recipe and args.recipe not in VARIANTS:
+        ap.error(f"--recipe {args.recipe!r} is not in VARIANTS (see --grid stage2 --variants)")
     train_lines, dev_lines, eval_lines = load_splits(args)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
@@ -278,7 +286,8 @@ def main() -> None:
                 m, tc, seq = split_recipe({**STAGE1, **var}, args.best_epochs)
                 jobs.append((name, dataclasses.replace(base, **{"num_layers": 1, **m}), tc, "best", data, seq, {}))
         else:
-            m, tc, seq = split_recipe(BEST.get(V, BEST[1000]), args.best_epochs)
+            recipe = {**STAGE1, **VARIANTS[args.recipe]} if args.recipe else BEST.get(V, BEST[1000])
+            m, tc, seq = split_recipe(recipe, args.best_epochs)
             plan = [
                 ("newllm-seed-L1", dataclasses.replace(base, num_layers=1), "seed"),
                 ("newllm-seed-L4", dataclasses.replace(base, num_layers=4), "seed"),
@@ -326,7 +335,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     header = (f"device: {device_name(dev)} | train {args.file} (first 90% of lines, last 5% of those = dev) | "
               f"eval {'--eval-file ' + args.eval_file if args.eval_file else 'last 10% of lines'} "
-              f"as {args.eval_streams} streams" +
+              f"as {args.eval_streams} streams" + (f" | recipe {args.recipe}" if args.recipe else "") +
               (f" | {args.jobs} runs in parallel on {max(gpus, 1)} device(s)" if args.jobs > 1 else ""))
     print("\n" + header)
     print(df.to_string(index=False))

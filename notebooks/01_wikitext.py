@@ -45,7 +45,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # and this machine's batch size. The *recipe* dropdown switches to the package's measured recipes
 # (`best_wikitext`: 1 layer, stateful BPTT over 16 streams, tied embeddings, AdamW + cosine, dropout,
 # weight averaging; 15% lower perplexity than the seed recipe on real WikiText-2 text at vocab 1000;
-# `best_wikitext_10k`: the same for vocab 10000 with dropout moved onto the input and output, 30% lower;
+# `best_wikitext_10k`: the same for vocab 10000 with dropout moved onto the input and output, 31% lower;
 # see `benchmarks/RESULTS.md`). Change anything, then run the next cell.
 
 # %%

@@ -15,10 +15,10 @@ from newllm_nb.fastpath import GraphedStep
 from newllm_nb.trainer import Trainer
 
 
-def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2, tie=False, ema=0.0):
+def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2, tie=False, ema=0.0, **model_kw):
     torch.manual_seed(0)
     cfg = RunConfig(ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=layers,
-                                dropout=dropout, tie_embeddings=tie),
+                                dropout=dropout, tie_embeddings=tie, **model_kw),
                     DataConfig(max_seq_length=9), TrainConfig(batch_size=8, lr=lr, precision=precision,
                                                               fast_path=fast_path, device=device, ema_decay=ema))
     return Trainer(ContextVectorLLM(cfg.model), None, None, cfg)
@@ -120,17 +120,10 @@ def test_cuda_graph_draws_fresh_dropout_masks_on_gpu():
     # Every dropout on (FNN, embedding, input, output, context). Each graph replay must draw new masks,
     # not repeat the captured ones, and its losses must follow the eager path's distribution. The lr is
     # tiny so the weights (and so that distribution) stay put over the draws.
-    def make(fast_path):
-        torch.manual_seed(0)
-        mc = ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=2, dropout=0.3,
-                         embed_dropout=0.1, input_dropout=0.3, output_dropout=0.3, context_dropout=0.2)
-        cfg = RunConfig(mc, DataConfig(max_seq_length=9),
-                        TrainConfig(batch_size=8, lr=1e-9, fast_path=fast_path, device="cuda", precision="fp32"))
-        return Trainer(ContextVectorLLM(mc), None, None, cfg)
-
     b = _batches(1, False)[0]
     n = float((b.y != 0).sum())
-    eager, fast = make("off"), make("graph")
+    eager, fast = (_trainer("cuda", "fp32", mode, dropout=0.3, lr=1e-9, embed_dropout=0.1, input_dropout=0.3,
+                            output_dropout=0.3, context_dropout=0.2) for mode in ("off", "graph"))
     # Weights away from the N(0, 0.02) init: near init the logits are almost uniform and every mask gives
     # about the same loss (log 64), so fresh and repeated masks would look alike.
     torch.manual_seed(1)

@@ -15,8 +15,10 @@ import pandas as pd
 import torch
 
 from newllm_nb import ModelConfig
-from newllm_nb.baselines import matched_config
+from newllm_nb.baselines import build_model, matched_config
 from newllm_nb.bench import probe_throughput
+
+from seed_loop import SeedLoop
 
 CONFIGS = {"L1-T127": (1, 127), "L4-T63": (4, 63)}  # Dolly and WikiText configs
 
@@ -35,7 +37,7 @@ def main() -> None:
     for name in args.configs.split(","):
         layers, T = CONFIGS[name]
         cfg = ModelConfig(num_layers=layers)
-        variants = [("seed per-token loop", cfg, dict(fast_path="off", seed_loop=True)),
+        variants = [("seed per-token loop", cfg, dict(fast_path="off", model=SeedLoop(build_model(cfg)))),
                     ("package eager (hoisted)", cfg, dict(fast_path="off"))]
         if cuda:
             variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))

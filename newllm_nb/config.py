@@ -13,6 +13,9 @@ from typing import Any, Optional, Union
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+# The New-LLM cell's constants, named once: c_t = clamp(LayerNorm(...), -CONTEXT_CLAMP, CONTEXT_CLAMP).
+CONTEXT_CLAMP = 10.0
+LN_EPS = 1e-5
 
 
 def is_smoke() -> bool:

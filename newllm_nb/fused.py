@@ -1,0 +1,451 @@
+"""Fused Triton kernels for the New-LLM recurrence: training (forward + backward) and generation.
+
+``FusedRecurrence`` computes the same function, with the same gradients, as ``recurrence.NewLLMRecurrence``
+(same ``apply`` signature), but each direction of the time loop is ONE persistent kernel launch:
+
+* every program (CTA) owns ``BLOCK_B`` rows of the batch and loops over all T steps itself. Batch rows
+  are independent, so no program ever waits for another (cuDNN's persistent-RNN layout without the
+  inter-CTA barrier). The weights are streamed from L2 through ``tl.dot`` every step; a step's
+  activations go to a per-row scratch / saved-activation buffer that the same SM reads back at once.
+* inside one step everything is fused: the recurrent matmul plus the hoisted embedding projection,
+  ReLU, dropout, the further FNN layers, the gate matmul, sigmoids, ``f*c + i*u``, LayerNorm, clamp
+  and the resets; backward the same in reverse.
+* dropout masks come from Philox (``tl.rand``) keyed by a seed tensor drawn on the device in each
+  forward, so they are fresh on every call and on every CUDA-graph replay; backward needs no mask:
+  a kept FNN unit is exactly one whose stored output is > 0 (ReLU), and the context mask is regenerated
+  from the saved seed.
+* weight gradients stay one GEMM each over all B*T positions in PyTorch after the loop.
+
+Mixed precision as in ``recurrence.py``: matmul operands in ``x_proj.dtype`` (bf16 / fp16 under autocast,
+fp32 otherwise, then with IEEE fp32 dots so the fp32 path is not silently TF32), accumulation, gate
+math, LayerNorm and the carried context in fp32.
+
+Generation: ``FusedDecoder`` (``generate.GraphDecoder``'s interface) runs the same forward kernel for one
+token with the embedding half of layer 1 read from a precomputed vocab x hidden table (bias included),
+inside a CUDA graph.
+
+Triton is an optional dependency: import this module only where ``import triton`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import CONTEXT_CLAMP, LN_EPS
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_available(device) -> tuple[bool, str]:
+    """Whether the fused kernels run on ``device``; the string says why not (one line) when they don't."""
+    device = torch.device(device)
+    if _INTERPRET:
+        return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    if device.type != "cuda":
+        return False, f"fused kernels need a CUDA GPU (device is {device.type})"
+    if not torch.cuda.is_available():
+        return False, "fused kernels need CUDA, which is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    # Triton's tl.dot lowers to mma.sync from sm_75 (fp16 / fp32) and sm_80 (bf16); wgmma only on sm_90,
+    # where Triton picks it itself, so no Hopper-only path is required here.
+    if (major, minor) < (7, 5):
+        return False, f"fused kernels need compute capability >= 7.5; this GPU is sm_{major}{minor}"
+    try:
+        x = torch.ones(16, 16, device=device)
+        y = torch.empty_like(x)
+        _probe_kernel[(1,)](x, y, BLOCK=16)
+        if not torch.equal(y, x @ x):
+            return False, "Triton probe kernel returned wrong values on this GPU"
+    except Exception as e:  # a broken toolchain (no compiler, driver mismatch): fall back, say why
+        return False, f"Triton cannot compile for this GPU ({type(e).__name__}: {str(e)[:100]})"
+    return True, f"Triton {triton.__version__} on sm_{major}{minor}"
+
+
+def bf16_supported(device) -> bool:
+    """bf16 tl.dot needs sm_80+ (T4 = sm_75 runs the fp16 and fp32 paths only)."""
+    device = torch.device(device)
+    return _INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+@triton.jit
+def _probe_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    a = tl.load(x_ptr + r[:, None] * BLOCK + r[None, :])
+    tl.store(y_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, a, input_precision="ieee"))
+
+
+@triton.jit
+def _mm(a, w, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, w, acc)
+
+
+@triton.jit
+def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
+                seed_ptr, hs_ptr, xin_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, xs_ptr,
+                B, T, C, H, p, p_ctx, clamp, eps,
+                L: tl.constexpr, GATHER: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr,
+                CTX_DROP: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+                BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Forward over all T steps for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32 holds c_0 on entry
+    and c_T on exit. Saved for backward (SAVE): layer outputs hs [L, T, B, H], layer-1 context input xin
+    [T, B, C] (after reset and context dropout, matmul dtype), cin [T, B, C] (after reset, fp32), raw
+    gates g [T, B, 3C] fp32, LayerNorm mean / rstd [T, B]. GATHER: x_proj row b at step t is
+    xp[tok[b]] (a vocab x H table) instead of xp[b, t]."""
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    rm = rows < B
+    r64 = rows.to(tl.int64)
+    seed = tl.load(seed_ptr)
+    dt = xin_ptr.dtype.element_ty
+    scale = 1.0 / (1.0 - p)
+    scale_ctx = 1.0 / (1.0 - p_ctx)
+    if GATHER:
+        xrow = tl.load(tok_ptr + rows, mask=rm, other=0).to(tl.int64)
+    if SAVE:
+        LS = T * B  # layer stride of hs: all steps are kept for backward
+    else:
+        LS = B  # one step's worth (generation)
+    for t in range(T):
+        tB = t * B
+        if SAVE:
+            srow = tB + r64
+        else:
+            srow = r64
+        # -- c_{t-1} after the reset; the layer-1 operand after context dropout --------------------------
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = rm[:, None] & (cols < C)[None, :]
+            c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            if HAS_KEEP:
+                c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            if SAVE:
+                tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
+            if CTX_DROP:
+                r = tl.rand(seed + L, (tB + rows)[:, None] * C + cols[None, :])
+                c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
+            tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+        tl.debug_barrier()
+        # -- FNN layer 1: x_proj + W_c c, then layers 2..L ------------------------------------------------
+        for j in tl.static_range(L):
+            K = C if j == 0 else H
+            for n0 in range(0, H, BN):
+                ncol = n0 + tl.arange(0, BN)
+                nm = ncol < H
+                if j == 0:
+                    if GATHER:
+                        acc = tl.load(xp_ptr + xrow[:, None] * H + ncol[None, :], mask=rm[:, None] & nm[None, :],
+                                      other=0.0).to(tl.float32)
+                    else:
+                        acc = tl.load(xp_ptr + (r64[:, None] * T + t) * H + ncol[None, :],
+                                      mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+                else:
+                    acc = tl.zeros([BB, BN], tl.float32) + tl.load(bl_ptr + (j - 1) * H + ncol, mask=nm,
+                                                                     other=0.0).to(tl.float32)[None, :]
+                for k0 in range(0, K, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < K
+                    if j == 0:
+                        a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wc_ptr + ncol[None, :] * C + kc[:, None], mask=km[:, None] & nm[None, :],
+                                    other=0.0)
+                    else:
+                        a = tl.load(hs_ptr + ((j - 1) * LS + srow)[:, None] * H + kc[None, :],
+                                    mask=rm[:, None] & km[None, :], other=0.0)
+                        w = tl.load(wl_ptr + (j - 1) * H * H + ncol[None, :] * H + kc[:, None],
+                                    mask=km[:, None] & nm[None, :], other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
+                h = tl.maximum(acc, 0.0)
+                if DROP:
+                    r = tl.rand(seed + j, (tB + rows)[:, None] * H + ncol[None, :])
+                    h = tl.where(r >= p, h * scale, 0.0)
+                tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt),
+                         mask=rm[:, None] & nm[None, :])
+            tl.debug_barrier()
+        # -- gates, x = sigmoid(f) c + sigmoid(i) u (c: after reset, before context dropout) ----------------
+        s1 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+            i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+            u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm,
+                                                         other=0.0).to(tl.float32)[None, :]
+            for k0 in range(0, H, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < H
+                a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
+                            mask=rm[:, None] & km[None, :], other=0.0)
+                wm = km[:, None] & cm[None, :]
+                f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
+                i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
+                u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
+            if SAVE:
+                gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+                tl.store(gp, f, mask=m2)
+                tl.store(gp + C, i, mask=m2)
+                tl.store(gp + 2 * C, u, mask=m2)
+            c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            if HAS_KEEP:
+                c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            x = tl.sigmoid(f) * c + tl.sigmoid(i) * u
+            x = tl.where(m2, x, 0.0)
+            tl.store(xs_ptr + r64[:, None] * C + cols[None, :], x, mask=m2)
+            s1 += tl.sum(x, 1)
+        mean = s1 / C
+        tl.debug_barrier()
+        # -- LayerNorm (two-pass variance, as torch) and clamp -> c_t --------------------------------------
+        s2 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = rm[:, None] & (cols < C)[None, :]
+            x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            d = tl.where(m2, x - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt(s2 / C + eps)
+        if SAVE:
+            tl.store(mu_ptr + tB + r64, mean, mask=rm)
+            tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+            y = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+            y = tl.minimum(tl.maximum(y, -clamp), clamp)
+            tl.store(c_ptr + r64[:, None] * C + cols[None, :], y, mask=m2)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_ptr, seed_ptr,
+                hs_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, da_ptr, pw_ptr, pb_ptr,
+                B, T, C, H, p, p_ctx, clamp,
+                L: tl.constexpr, HAS_DH: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr,
+                CTX_DROP: tl.constexpr, IEEE: tl.constexpr,
+                BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Reverse loop for rows [pid*BB, pid*BB + BB). ``dc_ptr`` [B, C] fp32: dL/dc_T on entry, dL/dc_0 on
+    exit. Writes the per-step pre-activation gradients dG [T, B, 3C] and dA [L, T, B, H] (matmul dtype)
+    for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias gradients
+    (pw, pb [programs, C])."""
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    rm = rows < B
+    r64 = rows.to(tl.int64)
+    seed = tl.load(seed_ptr)
+    dt = dg_ptr.dtype.element_ty
+    scale = 1.0 / (1.0 - p)
+    scale_ctx = 1.0 / (1.0 - p_ctx)
+    for tt in range(T):
+        t = T - 1 - tt
+        tB = t * B
+        srow = tB + r64
+        mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
+        rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
+        # -- through clamp and LayerNorm: row sums of dxhat and dxhat * xhat ---------------------------------
+        s1 = tl.zeros([BB], tl.float32)
+        s2 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
+            si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
+            u = tl.load(gp + 2 * C, mask=m2, other=0.0)
+            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+            xh = (sf * c + si * u - mu[:, None]) * rs[:, None]
+            y = xh * lw[None, :] + lb[None, :]
+            dy = tl.load(dc_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            dy = tl.where(m2 & (y >= -clamp) & (y <= clamp), dy, 0.0)
+            pwp = pw_ptr + pid * C + cols
+            tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
+            pbp = pb_ptr + pid * C + cols
+            tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dy, 0), mask=cm)
+            dxh = dy * lw[None, :]
+            s1 += tl.sum(dxh, 1)
+            s2 += tl.sum(dxh * xh, 1)
+        m1 = s1 / C
+        m2s = s2 / C
+        # -- dx, gate gradients dG, and the direct path dc = dx * sigmoid(f) --------------------------------
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
+            si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
+            u = tl.load(gp + 2 * C, mask=m2, other=0.0)
+            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+            xh = (sf * c + si * u - mu[:, None]) * rs[:, None]
+            y = xh * lw[None, :] + lb[None, :]
+            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+            dy = tl.load(dcp, mask=m2, other=0.0)
+            dy = tl.where(m2 & (y >= -clamp) & (y <= clamp), dy, 0.0)
+            dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
+            dgp = dg_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            tl.store(dgp, (dx * c * sf * (1.0 - sf)).to(dt), mask=m2)
+            tl.store(dgp + C, (dx * u * si * (1.0 - si)).to(dt), mask=m2)
+            tl.store(dgp + 2 * C, (dx * si).to(dt), mask=m2)
+            tl.store(dcp, dx * sf, mask=m2)
+        tl.debug_barrier()
+        # -- dh_L = dhs_t + dG W_g, then down the layers: da_j = dh_j * relu' * mask, dh_{j-1} = da_j W_j -------
+        for jj in tl.static_range(L):
+            j = L - 1 - jj
+            K = 3 * C if j == L - 1 else H
+            for n0 in range(0, H, BN):
+                ncol = n0 + tl.arange(0, BN)
+                nm = ncol < H
+                o2 = rm[:, None] & nm[None, :]
+                if j == L - 1 and HAS_DH:
+                    acc = tl.load(dhs_ptr + (r64[:, None] * T + t) * H + ncol[None, :], mask=o2,
+                                  other=0.0).to(tl.float32)
+                else:
+                    acc = tl.zeros([BB, BN], tl.float32)
+                for k0 in range(0, K, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < K
+                    if j == L - 1:
+                        a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wg_ptr + kc[:, None] * H + ncol[None, :], mask=km[:, None] & nm[None, :],
+                                    other=0.0)
+                    else:
+                        a = tl.load(da_ptr + ((j + 1) * T * B + srow)[:, None] * H + kc[None, :],
+                                    mask=rm[:, None] & km[None, :], other=0.0)
+                        w = tl.load(wl_ptr + j * H * H + kc[:, None] * H + ncol[None, :],
+                                    mask=km[:, None] & nm[None, :], other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
+                h = tl.load(hs_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], mask=o2, other=0.0)
+                if DROP:
+                    acc = acc * scale
+                da = tl.where(h > 0, acc, 0.0)
+                tl.store(da_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], da.to(dt), mask=o2)
+            tl.debug_barrier()
+        # -- dc_{t-1} = dx * sigmoid(f) + M_c (da_1 W_c), then the reset -----------------------------------
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            acc = tl.zeros([BB, BC], tl.float32)
+            for k0 in range(0, H, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < H
+                a = tl.load(da_ptr + srow[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                w = tl.load(wc_ptr + kc[:, None] * C + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+                acc = _mm(a, w, acc, IEEE)
+            if CTX_DROP:
+                r = tl.rand(seed + L, (tB + rows)[:, None] * C + cols[None, :])
+                acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
+            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+            dc = tl.load(dcp, mask=m2, other=0.0) + acc
+            if HAS_KEEP:
+                dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            tl.store(dcp, dc, mask=m2)
+        tl.debug_barrier()
+
+
+def _blocks(B: int, C: int, H: int, device: torch.device) -> dict:
+    """Tile sizes. BLOCK_B rows per program: small enough to spread the batch over the SMs, >= 16 for tl.dot."""
+    def p2(n: int, cap: int) -> int:
+        return max(16, min(cap, triton.next_power_of_2(n)))
+
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        bb = int(os.environ.get("NEWLLM_FUSED_BLOCK_B", 0)) or (64 if B >= 64 * sms else 32 if B >= 32 * sms else 16)
+        return dict(BB=bb, BN=p2(H, 64), BK=p2(max(C, H), 64), BC=p2(C, 64), num_warps=4)
+    return dict(BB=16, BN=p2(H, 32), BK=p2(max(C, H), 32), BC=p2(C, 32))
+
+
+def _kernel_kwargs(blocks: dict) -> dict:
+    return {k: v for k, v in blocks.items() if k != "num_warps" or not _INTERPRET}
+
+
+class FusedRecurrence(torch.autograd.Function):
+    """Drop-in for ``NewLLMRecurrence.apply(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training,
+    *layers)`` -> ``(hs [B, T, H], c_T [B, C])``: one persistent Triton kernel each way."""
+
+    @staticmethod
+    def forward(ctx, x_proj: torch.Tensor, c0: torch.Tensor, keep: Optional[torch.Tensor], W_c: torch.Tensor,
+                W_g: torch.Tensor, b_g: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, p: float,
+                p_ctx: float, training: bool, *layers: torch.Tensor):
+        B, T, H = x_proj.shape
+        C = c0.shape[1]
+        dt, dev = x_proj.dtype, x_proj.device
+        L = 1 + len(layers) // 2
+        xp = x_proj.contiguous()
+        Wc = W_c.to(dt).contiguous()
+        Wg, bg = W_g.to(dt).contiguous(), b_g.to(dt).contiguous()
+        if L > 1:
+            Wl = torch.stack([layers[k].to(dt) for k in range(0, len(layers), 2)]).contiguous()
+            bl = torch.stack([layers[k + 1].to(dt) for k in range(0, len(layers), 2)]).contiguous()
+        else:
+            Wl = bl = torch.zeros(1, dtype=dt, device=dev)
+        lnw, lnb = ln_w.float().contiguous(), ln_b.float().contiguous()
+        drop, ctx_drop = bool(training and p > 0), bool(training and p_ctx > 0)
+        # A fresh seed per call, drawn on the device: graph-safe, so every replay gets new masks too.
+        seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), device=dev, dtype=torch.int64) if drop or ctx_drop \
+            else torch.zeros(1, dtype=torch.int64, device=dev)
+        kp = keep.reshape(B, T).float().contiguous() if keep is not None else torch.zeros(1, device=dev)
+        c = c0.float().clone().contiguous()
+        Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)
+        Xin = torch.empty(T, B, C, dtype=dt, device=dev)
+        Cin = torch.empty(T, B, C, dtype=torch.float32, device=dev)
+        G = torch.empty(T, B, 3 * C, dtype=torch.float32, device=dev)
+        MU = torch.empty(T, B, dtype=torch.float32, device=dev)
+        RS = torch.empty(T, B, dtype=torch.float32, device=dev)
+        XS = torch.empty(B, C, dtype=torch.float32, device=dev)
+        blk = _blocks(B, C, H, dev)
+        grid = (triton.cdiv(B, blk["BB"]),)
+        _fwd_kernel[grid](xp, xp, c, kp, Wc, Wl, bl, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS, XS,
+                          B, T, C, H, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
+                          L=L, GATHER=False, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop, SAVE=True,
+                          IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+        ctx.save_for_backward(kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS)
+        ctx.cfg = (L, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype)
+        return Hs[L - 1].transpose(0, 1), c
+
+    @staticmethod
+    def backward(ctx, d_hs: Optional[torch.Tensor], d_c: Optional[torch.Tensor]):
+        kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS = ctx.saved_tensors
+        L, p, p_ctx, drop, ctx_drop, has_keep, c_dtype = ctx.cfg
+        _, T, B, H = Hs.shape
+        C = Cin.shape[-1]
+        dt, dev = Hs.dtype, Hs.device
+        dhs = d_hs.to(dt).contiguous() if d_hs is not None else torch.zeros(1, dtype=dt, device=dev)
+        dc = d_c.float().clone().contiguous() if d_c is not None else torch.zeros(B, C, device=dev)
+        dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
+        dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
+        blk = _blocks(B, C, H, dev)
+        nprog = triton.cdiv(B, blk["BB"])
+        PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+        PB = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+        _bwd_kernel[(nprog,)](dhs, dc, kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dA, PW, PB,
+                              B, T, C, H, p, p_ctx, CONTEXT_CLAMP,
+                              L=L, HAS_DH=d_hs is not None, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
+                              IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+        # Weight gradients: one matmul each over all T*B positions (as recurrence.py).
+        flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
+        d_Wg = (flatG.t() @ Hs[L - 1].reshape(-1, H)).float()
+        d_bg = flatG.float().sum(0)
+        d_Wc = (flatA[0].t() @ Xin.reshape(-1, C)).float()  # Xin: exactly what layer 1 read
+        layer_grads = []
+        for j in range(1, L):
+            layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
+        d_x = dA[0].transpose(0, 1)
+        return (d_x, dc.to(c_dtype), None, d_Wc, d_Wg, d_bg, PW.sum(0), PB.sum(0), None, None, None, *layer_grads)

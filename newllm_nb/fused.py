@@ -449,3 +449,194 @@ class FusedRecurrence(torch.autograd.Function):
             layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
         d_x = dA[0].transpose(0, 1)
         return (d_x, dc.to(c_dtype), None, d_Wc, d_Wg, d_bg, PW.sum(0), PB.sum(0), None, None, None, *layer_grads)
+
+
+# -- dropout masks, as the kernels draw them (tests rebuild the reference with these) ---------------------------
+@triton.jit
+def _rand_kernel(seed_ptr, out_ptr, n, stream, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = tl.rand(tl.load(seed_ptr) + stream, offs)
+    tl.store(out_ptr + offs, r, mask=offs < n)
+
+
+def kernel_uniforms(seed: torch.Tensor, stream: int, shape: tuple) -> torch.Tensor:
+    """The uniforms the kernels compare with p: stream j < L is FNN layer j+1's dropout over [T, B, H],
+    stream L the context dropout over [T, B, C]; a unit is kept where the uniform is >= p."""
+    n = 1
+    for s in shape:
+        n *= s
+    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+    _rand_kernel[(triton.cdiv(n, 1024),)](seed, out, n, stream, BLOCK=1024)
+    return out.view(shape)
+
+
+# -- generation: one token per launch sequence, split over the hidden / context columns ----------------------------
+@triton.jit
+def _dec_layer_kernel(a_ptr, w_ptr, b_ptr, tok_ptr, out_ptr, B, K, H, GATHER: tl.constexpr, IEEE: tl.constexpr,
+                      BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[:, n-tile] = relu(bias + a @ w^T) for one layer of one token; GATHER: bias is the row tok[b] of
+    the vocab x H table (layer 1's embedding half with its bias), ``a`` the fp32 context."""
+    ncol = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, nm = rows < B, ncol < H
+    o2 = rm[:, None] & nm[None, :]
+    wdt = w_ptr.dtype.element_ty
+    if GATHER:
+        tok = tl.load(tok_ptr + rows, mask=rm, other=0).to(tl.int64)
+        acc = tl.load(b_ptr + tok[:, None] * H + ncol[None, :], mask=o2, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BB, BN], tl.float32) + tl.load(b_ptr + ncol, mask=nm, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, K, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < K
+        a = tl.load(a_ptr + rows[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(wdt)
+        w = tl.load(w_ptr + ncol[None, :] * K + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        acc = _mm(a, w, acc, IEEE)
+    tl.store(out_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty), mask=o2)
+
+
+@triton.jit
+def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, c_ptr, xs_ptr, B, C, H, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """x[:, c-tile] = sigmoid(f) c + sigmoid(i) u for one token (the LayerNorm follows in _dec_ln_kernel)."""
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, cm = rows < B, cols < C
+    m2 = rm[:, None] & cm[None, :]
+    f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, H, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < H
+        a = tl.load(h_ptr + rows[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        wm = km[:, None] & cm[None, :]
+        f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
+        i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
+        u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
+    c = tl.load(c_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    tl.store(xs_ptr + rows[:, None] * C + cols[None, :], tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=m2)
+
+
+@triton.jit
+def _dec_ln_kernel(xs_ptr, lnw_ptr, lnb_ptr, c_ptr, B, C, clamp, eps, BB: tl.constexpr, BC: tl.constexpr):
+    """c = clamp(LayerNorm(x)) for whole rows (BC >= C)."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.arange(0, BC)
+    rm, cm = rows < B, cols < C
+    m2 = rm[:, None] & cm[None, :]
+    x = tl.load(xs_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    mean = tl.sum(x, 1) / C
+    d = tl.where(m2, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+    lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+    lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+    y = d * rstd[:, None] * lw[None, :] + lb[None, :]
+    tl.store(c_ptr + rows[:, None] * C + cols[None, :], tl.minimum(tl.maximum(y, -clamp), clamp), mask=m2)
+
+
+class FusedCell:
+    """The model's single-token update ``(token_ids [B], context [B, C]) -> (h_N [B, H], new context)`` as
+    L + 2 Triton launches, the context updated in place in ``self.ctx``. Layer 1's embedding half
+    (bias included) is a precomputed vocab x hidden table, so a token costs a row read, not a matmul.
+    Weights are snapshotted at construction, in the model's own dtype (no autocast in generation)."""
+
+    def __init__(self, model, batch_size: int) -> None:
+        cfg = model.config
+        if cfg.context_tanh:
+            raise ValueError("the fused cell has no context_tanh")
+        E, C, H = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim
+        W1 = model.fnn[0].weight.detach()
+        dt = W1.dtype
+        dev = W1.device
+        with torch.no_grad():
+            self.table = torch.nn.functional.linear(model.embed.weight.detach(), W1[:, :E],
+                                                    model.fnn[0].bias.detach()).contiguous()
+        self.Wc = W1[:, E:].contiguous()
+        self.layers = [(m.weight.detach().contiguous(), m.bias.detach().contiguous()) for m in model.fnn[1:]]
+        self.Wg, self.bg = model.gates.weight.detach().contiguous(), model.gates.bias.detach().contiguous()
+        self.lnw = model.norm.weight.detach().float().contiguous()
+        self.lnb = model.norm.bias.detach().float().contiguous()
+        self.B, self.C, self.H, self.dt = batch_size, C, H, dt
+        self.ctx = torch.zeros(batch_size, C, dtype=torch.float32, device=dev)
+        self.hs = [torch.empty(batch_size, H, dtype=dt, device=dev) for _ in range(1 + len(self.layers))]
+        self.xs = torch.empty(batch_size, C, dtype=torch.float32, device=dev)
+        # Small batches: narrow column tiles so the weights are read by many SMs at once (a GEMV is bound
+        # by how fast the weights stream in, not by FLOPs).
+        self.BB = 16 if batch_size <= 16 else 32 if batch_size <= 64 else 64
+        self.BN = 16 if _INTERPRET else 32
+        self.BK = 32 if _INTERPRET else 64
+        self.ieee = dt == torch.float32
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        """Advance ``self.ctx`` by the tokens ``tok`` [B] (int64); returns the last layer's output [B, H]."""
+        B, C, H = self.B, self.C, self.H
+        nb = triton.cdiv(B, self.BB)
+        _dec_layer_kernel[(triton.cdiv(H, self.BN), nb)](self.ctx, self.Wc, self.table, tok, self.hs[0], B, C, H,
+                                                         GATHER=True, IEEE=self.ieee, BB=self.BB, BN=self.BN,
+                                                         BK=self.BK)
+        for j, (w, b) in enumerate(self.layers):
+            _dec_layer_kernel[(triton.cdiv(H, self.BN), nb)](self.hs[j], w, b, tok, self.hs[j + 1], B, H, H,
+                                                             GATHER=False, IEEE=self.ieee, BB=self.BB, BN=self.BN,
+                                                             BK=self.BK)
+        _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs, B, C, H,
+                                                        IEEE=self.ieee, BB=self.BB, BC=self.BN, BK=self.BK)
+        _dec_ln_kernel[(nb,)](self.xs, self.lnw, self.lnb, self.ctx, B, C, CONTEXT_CLAMP, LN_EPS, BB=self.BB,
+                              BC=max(16, triton.next_power_of_2(C)))
+        return self.hs[-1]
+
+
+class FusedDecoder:
+    """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps (fused cell, output head,
+    greedy / Gumbel-max sampling) captured in one CUDA graph and replayed for any number of tokens.
+    Device memory is constant: ids leave the GPU chunk by chunk into pinned host memory."""
+
+    def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0) -> None:
+        self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
+        self.cell = FusedCell(model, batch_size)
+        dev = self.cell.ctx.device
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.out = torch.empty(batch_size, chunk, dtype=torch.long, device=dev)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    @torch.no_grad()
+    def _body(self) -> None:
+        from .generate import _sample_ids
+
+        t = self.tok
+        for j in range(self.chunk):
+            self.out[:, j] = t
+            lg = self.model.head(self.cell(t))
+            t = _sample_ids(lg, self.temperature, None)
+        self.tok.copy_(t)
+
+    def _capture(self) -> None:
+        saved = self.tok.clone(), self.cell.ctx.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compiles the kernels and warms the allocator outside the capture
+            self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+        self.tok.copy_(saved[0])
+        self.cell.ctx.copy_(saved[1])
+
+    @torch.no_grad()
+    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+        from .generate import _sample_ids, prime
+
+        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
+        torch.cuda.manual_seed(seed)  # the graph draws from the default CUDA generator (philox offsets)
+        self.tok.copy_(_sample_ids(logits, self.temperature, None))
+        self.cell.ctx.copy_(ctx)
+        if self.graph is None:
+            self._capture()
+        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=True)
+        for i in range(0, max_new_tokens, self.chunk):
+            self.graph.replay()
+            n = min(self.chunk, max_new_tokens - i)
+            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=True)
+        torch.cuda.synchronize()
+        return out

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ap.add_argument("--compile", action="store_true", help="also time the fast path with a torch.compile'd cell")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--only", help="comma-separated substrings: time only the variants whose label contains one")
     ap.add_argument("--csv", help="write the table here too")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -42,10 +43,13 @@ def main() -> None:
         if cuda:
             variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))
             variants.append(("package fast path (graph + BPTT)", cfg, dict(fast_path="graph")))
+            variants.append(("fused Triton recurrence (graph)", cfg, dict(fast_path="fused")))
             if args.compile:
                 variants.append(("fast path + compiled cell", cfg, dict(fast_path="compile")))
         variants += [("cuDNN LSTM, equal params", matched_config(cfg, "lstm"), dict(fast_path="off")),
                      ("causal Transformer, equal params", matched_config(cfg, "transformer"), dict(fast_path="off"))]
+        if args.only:
+            variants = [v for v in variants if any(s.strip() in v[0] for s in args.only.split(","))]
         base_ms = None
         for label, mcfg, kw in variants:
             t0 = time.perf_counter()
@@ -69,6 +73,11 @@ def main() -> None:
         met = int((fast.speedup_vs_seed >= 3).sum())
         ratios = ", ".join(f"{c} {s}x" for c, s in zip(fast.config, fast.speedup_vs_seed))
         print(f"\nsummary: fast path vs seed loop = {ratios} -> >= 3x in {met} of {len(fast)} config(s)")
+    for name in df.config.unique():  # the issue-15 target: the fused step at or below cuDNN's LSTM
+        ms = dict(zip(df[df.config == name].variant, df[df.config == name].step_ms))
+        fused, lstm = ms.get("fused Triton recurrence (graph)"), ms.get("cuDNN LSTM, equal params")
+        if fused and lstm:
+            print(f"summary: {name} fused {fused} ms vs cuDNN LSTM {lstm} ms -> LSTM/fused = {lstm / fused:.2f}x")
     if args.csv:
         df.to_csv(args.csv, index=False)
 

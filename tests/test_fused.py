@@ -323,6 +323,9 @@ def test_fused_dropout_masks_are_fresh_on_every_graph_replay():
     from newllm_nb.fused import FusedRecurrence
 
     m = _model(dropout=0.3, context_dropout=0.2)
+    with torch.no_grad():  # away from init: near it every mask gives about the same loss, log 64
+        for p in m.parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
     x, y, r = _batches(1, True)[0]
     sx, sy = x.clone(), y.clone()
 
@@ -348,7 +351,7 @@ def test_fused_dropout_masks_are_fresh_on_every_graph_replay():
         losses.append(float(out))
         grads.append(m.fnn[0].weight.grad.clone())
     assert len(set(losses)) == len(losses), losses
-    assert not torch.equal(grads[0], grads[1])
+    assert all(not torch.equal(grads[i], grads[j]) for i in range(8) for j in range(i)), "a replay repeated masks"
 
 
 @gpu

@@ -9,6 +9,11 @@ run (memory is real, tokens/s comes from those steps; the CSV says so in ``measu
 
     python benchmarks/generation_memory.py                       # 1k, 10k, 100k (+1M on GPU)
     python benchmarks/generation_memory.py --lengths 1000,10000  # a quick CPU look
+    python benchmarks/generation_memory.py --models newllm,fused,fused64   # graph vs fused Triton decode
+
+Fused rows (CUDA with Triton): ``fused.FusedDecoder``, the same graphed loop with the cell as Triton kernels
+and layer 1's embedding half read from a vocab x hidden table; at batch 1 and at batch 64 (``fused64``,
+tokens/s counts all 64 rows; lengths up to --fused-batch-max).
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ def _peak(dev, fallback_bytes: int) -> float:
     return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else fallback_bytes / 2**20
 
 
-def bench_newllm(model, n: int, dev, decoder) -> dict:
-    prompt = torch.tensor([[2]])
+def bench_newllm(model, n: int, dev, decoder, batch: int = 1) -> dict:
+    prompt = torch.full((batch, 1), 2)
     run = decoder.run if decoder is not None else (lambda p, k: decode_ids(model, p, k))
     run(prompt, 64)  # warm-up (graph capture) outside the timing
     _mem_reset(dev)
@@ -50,9 +55,9 @@ def bench_newllm(model, n: int, dev, decoder) -> dict:
     s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = model.config.context_dim * 4
-    assert ids.shape == (1, n)
-    return {"tokens_per_s": n / s, "peak_mem_mb": _peak(dev, weights + state), "measured_steps": n,
-            "state_mb": state / 2**20}
+    assert ids.shape == (batch, n)
+    return {"tokens_per_s": batch * n / s, "peak_mem_mb": _peak(dev, weights + batch * state), "measured_steps": n,
+            "state_mb": batch * state / 2**20}
 
 
 @torch.no_grad()
@@ -83,6 +88,9 @@ def main() -> None:
     ap.add_argument("--tf-full-max", type=int, default=100_000, help="longest Transformer run done in full")
     ap.add_argument("--tf-tail", type=int, default=2000, help="steps timed at the end of longer Transformer runs")
     ap.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--models", default="newllm,transformer,fused,fused64",
+                    help="comma-separated subset of: newllm (graph decode), transformer, fused, fused64")
+    ap.add_argument("--fused-batch-max", type=int, default=100_000, help="longest fused batch-64 run")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -92,28 +100,54 @@ def main() -> None:
     newllm = ContextVectorLLM(cfg).to(dev, dtype).eval()
     tf = TransformerLM(matched_config(cfg, "transformer")).to(dev, dtype).eval()
     decoder = GraphDecoder(newllm) if cuda else None  # one captured single-token step for every length
+    models = args.models.split(",")
+    fused = {}
+    if cuda and {"fused", "fused64"} & set(models):
+        try:
+            from newllm_nb.fused import FusedDecoder, fused_available
+
+            ok, why = fused_available(dev)
+        except ImportError as e:
+            ok, why = False, f"Triton is not importable ({e})"
+        if ok:
+            t0 = time.perf_counter()
+            fused = {"New-LLM fused": (FusedDecoder(newllm, 1), 1), "New-LLM fused x64": (FusedDecoder(newllm, 64), 64)}
+            fused["New-LLM fused"][0].run(torch.tensor([[2]]), 64)  # first use: Triton compile + graph capture
+            print(f"fused decoder first use (compile + capture): {time.perf_counter() - t0:.1f}s", flush=True)
+        else:
+            print(f"fused decode skipped: {why}")
+    names = ([("New-LLM", "newllm")] if "newllm" in models else []) + \
+        ([("Transformer+KV", "transformer")] if "transformer" in models else []) + \
+        [(k, "fused" if v[1] == 1 else "fused64") for k, v in fused.items()]
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
-        for name in ("New-LLM", "Transformer+KV"):
+        for name, key in names:
+            if key not in models or (key == "fused64" and n > args.fused_batch_max):
+                continue
+            batch = 1
             if name == "New-LLM":
                 r = bench_newllm(newllm, n, dev, decoder)
+            elif name in fused:
+                dec, batch = fused[name]
+                r = bench_newllm(newllm, n, dev, dec, batch)
             else:
                 r = bench_transformer(tf, n, dev, args.tf_full_max, args.tf_tail)
-            params = sum(p.numel() for p in (newllm if name == "New-LLM" else tf).parameters())
-            rows.append({"model": name, "params": params, "tokens": n, **r, "device": device_name(dev),
-                         "dtype": args.dtype})
+            params = sum(p.numel() for p in (tf if name == "Transformer+KV" else newllm).parameters())
+            rows.append({"model": name, "batch": batch, "params": params, "tokens": n, **r,
+                         "device": device_name(dev), "dtype": args.dtype})
             print(f"{name:15s} {n:>9,} tokens  {r['tokens_per_s']:>10,.0f} tok/s  peak {r['peak_mem_mb']:9.1f} MiB "
                   f"(steps timed {r['measured_steps']:,})", flush=True)
     df = pd.DataFrame(rows)
     os.makedirs(args.out_dir, exist_ok=True)
     csv = os.path.join(args.out_dir, "generation_memory.csv")
     df.to_csv(csv, index=False)
-    nl = df[df.model == "New-LLM"].sort_values("tokens")
-    spread = (nl.peak_mem_mb.max() - nl.peak_mem_mb.min()) / nl.peak_mem_mb.min()
     print(f"\ndevice: {device_name(dev)} | dtype {args.dtype}")
     print(df.drop(columns=["device"]).round(2).to_string(index=False))
-    print(f"\nNew-LLM peak memory spread over {nl.tokens.min():,}..{nl.tokens.max():,} tokens: {100 * spread:.2f}% | "
-          f"min New-LLM speed {nl.tokens_per_s.min():,.0f} tok/s")
+    for name in [m for m in df.model.unique() if m.startswith("New-LLM")]:
+        nl = df[df.model == name].sort_values("tokens")
+        spread = (nl.peak_mem_mb.max() - nl.peak_mem_mb.min()) / nl.peak_mem_mb.min()
+        print(f"{name} peak memory spread over {nl.tokens.min():,}..{nl.tokens.max():,} tokens: {100 * spread:.2f}% | "
+              f"min speed {nl.tokens_per_s.min():,.0f} tok/s")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +157,7 @@ def main() -> None:
     for name, g in df.groupby("model"):
         a.plot(g.tokens, g.peak_mem_mb, "o-", label=name)
         b.plot(g.tokens, g.tokens_per_s, "o-", label=name)
-    for ax, yl in ((a, "peak memory (MiB)"), (b, "tokens / s (batch 1)")):
+    for ax, yl in ((a, "peak memory (MiB)"), (b, "tokens / s (all rows of the batch)")):
         ax.set_xscale("log")
         ax.set_xlabel("generated tokens")
         ax.set_ylabel(yl)

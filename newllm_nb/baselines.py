@@ -14,9 +14,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import ContextVectorLLM, TiedHead, embed_lookup, init_weights
+from .model import ContextVectorLLM, TiedHead, count_parameters, embed_lookup, init_weights
 
 
 class LSTMLM(nn.Module):
@@ -37,9 +38,6 @@ class LSTMLM(nn.Module):
                 for name, b in self.lstm.named_parameters():
                     if name.startswith("bias_"):
                         b[H: 2 * H].fill_(config.forget_bias if name.startswith("bias_ih") else 0.0)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids: torch.Tensor, context=None, reset: Optional[torch.Tensor] = None):
         x = self.in_drop(embed_lookup(self.embed, ids, self.config.embed_dropout, self.training))
@@ -72,15 +70,15 @@ class TransformerLM(nn.Module):
         self.head = TiedHead(self.tok, d) if config.tie_embeddings else nn.Linear(d, config.vocab_size)
         init_weights(self, config.init_std)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def forward(self, ids: torch.Tensor, context=None, reset: Optional[torch.Tensor] = None):
         B, T = ids.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence length {T} exceeds TransformerLM max_len {self.config.max_len}")
-        x = embed_lookup(self.tok, ids, self.config.embed_dropout, self.training) + \
-            self.pos(torch.arange(T, device=ids.device))
+        positions = torch.arange(T, device=ids.device)
+        if reset is not None:  # positions restart at each example, as if it were read on its own
+            starts = torch.where(reset.bool(), positions, torch.zeros_like(positions)).cummax(1).values
+            positions = positions - starts
+        x = embed_lookup(self.tok, ids, self.config.embed_dropout, self.training) + self.pos(positions)
         if reset is None:
             mask = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device, dtype=x.dtype)
             h = self.blocks(x, mask=mask, is_causal=True)
@@ -106,8 +104,6 @@ class TransformerLM(nn.Module):
     def decode_step(self, token_ids: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token with a KV cache (eval mode): the same computation as ``forward`` at that position.
         Positions past ``max_len`` wrap around (only the generation benchmark goes that far)."""
-        import torch.nn.functional as F
-
         B, pos = token_ids.shape[0], cache["len"]
         d, H = self.tok.embedding_dim, self.config.tf_heads
         x = self.tok(token_ids) + self.pos.weight[pos % self.config.max_len]
@@ -130,14 +126,15 @@ def build_model(config: ModelConfig) -> nn.Module:
     return {"newllm": ContextVectorLLM, "lstm": LSTMLM, "transformer": TransformerLM}[config.arch](config)
 
 
-def count_parameters(config: ModelConfig) -> int:
+def config_parameters(config: ModelConfig) -> int:
+    """Parameters of the model ``config`` describes (built on the meta device: no memory, no init)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in build_model(config).parameters())
+        return count_parameters(build_model(config))
 
 
 def matched_config(config: ModelConfig, arch: str, target: Optional[int] = None) -> ModelConfig:
     """A baseline ``arch`` config whose parameter count is closest to ``target`` (default: ``config``'s)."""
-    target = target or count_parameters(dataclasses.replace(config, arch="newllm"))
+    target = target or config_parameters(dataclasses.replace(config, arch="newllm"))
     if arch == "newllm":
         return dataclasses.replace(config, arch="newllm")
     if arch == "lstm":
@@ -151,7 +148,7 @@ def matched_config(config: ModelConfig, arch: str, target: Optional[int] = None)
     def make(size: int) -> ModelConfig:
         return dataclasses.replace(config, arch=arch, **{field: size})
 
-    best = min(sizes, key=lambda s: abs(count_parameters(make(s)) - target))
+    best = min(sizes, key=lambda s: abs(config_parameters(make(s)) - target))
     return make(best)
 
 

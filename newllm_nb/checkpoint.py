@@ -8,44 +8,23 @@ disconnect never leaves a half-written checkpoint under the real name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .baselines import build_model
+from .config import RunConfig
+from .files import atomic_write
+from .tokenizer import tokenizer_from_json
 
 FORMAT = "newllm_nb/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, foreign, or does not fit the model."""
-
-
-def _atomic_write(path: Union[str, Path], write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    _atomic_write(path, write)
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
@@ -75,8 +54,6 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: d
                     scaler=None, trainer_state: Optional[dict] = None, extra_tensors: Optional[dict] = None
                     ) -> Path:
     """Write one checkpoint atomically. Everything needed to chat or resume travels in this file."""
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"format": FORMAT, "config": config, "history": history or [],
                             "trainer_state": trainer_state or {}}
@@ -94,7 +71,7 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: d
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     metadata = {"newllm_nb": json.dumps(meta)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return Path(path)
 
 
@@ -120,8 +97,6 @@ class Checkpoint:
         return {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
 
     def tokenizer(self):
-        from .tokenizer import tokenizer_from_json
-
         if "tokenizer" not in self.meta:
             raise CheckpointError(f"{self.path}: checkpoint carries no tokenizer")
         return tokenizer_from_json(self.meta["tokenizer"])
@@ -155,9 +130,6 @@ class Checkpoint:
 
 def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; CheckpointError names the file and the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     if p.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
@@ -171,8 +143,6 @@ def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     if p.stat().st_size < 16:
         raise CheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(p))
@@ -192,9 +162,6 @@ def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
     """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, checkpoint)."""
-    from .baselines import build_model
-    from .config import RunConfig
-
     ckpt = load_checkpoint(path)
     try:
         cfg = RunConfig.from_dict(ckpt.config)

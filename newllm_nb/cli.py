@@ -1,4 +1,4 @@
-"""``python -m newllm_nb train --dataset wikitext|dolly [--preset P] [--layers N] ...``"""
+"""python -m newllm_nb train --dataset wikitext|dolly [--preset P] [--layers N] ..."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from .config import PRESETS, apply_overrides, preset
+from .baselines import matched_config
+from .checkpoint import CheckpointError
+from .config import PRESETS, RunConfig, apply_overrides, is_smoke, preset, shrink_for_smoke
+from .experiment import run_experiment
+from .hardware import detect, recommend
+from .sources import DataError
+
+# flag -> config field it sets (None: not given, so the preset's value stands)
+FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "train__lr",
+               "seq_len": "data__max_seq_length", "vocab_size": "model__vocab_size", "patience": "train__patience",
+               "precision": "train__precision", "tokenizer": "data__tokenizer", "mode": "data__mode",
+               "data_path": "data__path", "device": "train__device"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,15 +43,35 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a run")
     t.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
+    t.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunConfig:
+    """The RunConfig the flags describe: the preset, then every given flag, then baseline sizing and smoke mode."""
+    name = args.preset or f"seed_{args.dataset}"
+    ov = {"data__dataset": args.dataset}
+    # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
+    if args.batch_size is not None:
+        ov["train__batch_size"] = args.batch_size
+    elif name.startswith("seed_"):
+        ov["train__batch_size"] = recommended_batch
+    for flag, key in FLAG_FIELDS.items():
+        if getattr(args, flag) is not None:
+            ov[key] = getattr(args, flag)
+    if args.seed_compatible:
+        ov["train__seed_compatible"] = True
+    if args.quiet:
+        ov["train__show_progress"] = False
+    cfg = apply_overrides(preset(name), **ov)
+    if args.arch and args.arch != "newllm":
+        cfg = apply_overrides(cfg, **{f"model__{k}": v for k, v in vars(matched_config(cfg.model, args.arch)).items()})
+    return shrink_for_smoke(cfg) if args.smoke or is_smoke() else cfg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .data import DataError
-
     try:
         return _train(args)
     except (ValueError, DataError, CheckpointError) as e:
@@ -49,33 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .baselines import matched_config
-    from .experiment import run_experiment
-    from .hardware import detect, recommend
-
     info = detect(args.device if args.device not in (None, "auto") else None)
-    rec = recommend(info)
-    name = args.preset or f"seed_{args.dataset}"
-    cfg = preset(name)
-    ov = {"data__dataset": args.dataset}
-    # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
-    if args.batch_size or name.startswith("seed_"):
-        ov["train__batch_size"] = args.batch_size or rec.batch_size
-    for flag, key in [("layers", "model__num_layers"), ("epochs", "train__epochs"), ("lr", "train__lr"),
-                      ("seq_len", "data__max_seq_length"), ("vocab_size", "model__vocab_size"),
-                      ("patience", "train__patience"), ("precision", "train__precision"),
-                      ("tokenizer", "data__tokenizer"), ("mode", "data__mode"), ("data_path", "data__path"),
-                      ("device", "train__device")]:
-        if getattr(args, flag) is not None:
-            ov[key] = getattr(args, flag)
-    if args.seed_compatible:
-        ov["train__seed_compatible"] = True
-    if args.quiet:
-        ov["train__show_progress"] = False
-    cfg = apply_overrides(cfg, **ov)
-    if args.arch and args.arch != "newllm":
-        cfg = apply_overrides(cfg, **{f"model__{k}": v for k, v in
-                                      vars(matched_config(cfg.model, args.arch)).items()})
+    cfg = config_from_args(args, recommend(info).batch_size)
     name = f"{args.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
     run_dir = args.run_dir or f"runs/{name}"
     print(f"device: {info.name} ({info.kind}) | batch {cfg.train.batch_size} | lr {cfg.train.effective_lr:.2e} | "

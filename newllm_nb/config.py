@@ -19,7 +19,7 @@ LN_EPS = 1e-5
 
 
 def is_smoke() -> bool:
-    """True when ``NEWLLM_SMOKE=1``: tests and CI shrink data and epochs, nothing else changes."""
+    """True when ``NEWLLM_SMOKE=1``: for entry points, which then apply ``shrink_for_smoke``."""
     return os.environ.get("NEWLLM_SMOKE", "0").strip().lower() in ("1", "true", "yes")
 
 
@@ -161,7 +161,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
     seed_compatible: bool = False  # metrics averaged per batch, as the seed did
-    fast_path: str = "auto"  # auto = graph (CUDA graph + hand-written BPTT) | graph-autograd | compile | off
+    # auto = graph (CUDA graph + hand-written BPTT) | fused (Triton kernels) | graph-autograd | compile | off
+    fast_path: str = "auto"
     checkpoint_every_minutes: float = 10.0
     keep_every: int = 0  # also keep epoch_{k}.safetensors every k epochs (0 = only best + last)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
@@ -201,7 +202,7 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")),
             "must be auto, cpu, cuda, cuda:N or mps", self.device)
         _int(self, "seed", 0)
-        _choice(self, "fast_path", ("auto", "off", "graph", "graph-autograd", "compile"))
+        _choice(self, "fast_path", ("auto", "off", "graph", "graph-autograd", "compile", "fused"))
         _float(self, "checkpoint_every_minutes", 0.0, lo_open=True)
         _int(self, "keep_every", 0)
         _int(self, "max_nonfinite", 1)
@@ -304,9 +305,8 @@ def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-def smoke_config(cfg: RunConfig) -> RunConfig:
-    """Under ``NEWLLM_SMOKE=1``: at most 2 epochs and a capped data sample; unchanged otherwise."""
-    if not is_smoke():
-        return cfg
+def shrink_for_smoke(cfg: RunConfig) -> RunConfig:
+    """Smoke mode's config: at most 2 epochs and a capped data sample; nothing else changes.
+    Entry points (CLI, notebook helpers) apply it when ``is_smoke()``; the library never reads the flag."""
     return apply_overrides(cfg, train__epochs=min(cfg.train.epochs, 2),
                            data__max_examples=min(cfg.data.max_examples or 120, 120))

@@ -10,11 +10,20 @@ effect instead of assuming it away.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable, Union
 
+import pandas as pd
 import torch
 
+from .batching import Dataset
+from .config import RunConfig, apply_overrides
+from .metrics import evaluate
 from .model import ContextVectorLLM
+from .trainer import Trainer
 
 
 @torch.no_grad()
@@ -66,11 +75,11 @@ def trainable_masks(model: ContextVectorLLM) -> dict:
 
 
 class BaseFreeze:
-    """Keep every base entry of a grown model bit-identical while the new dimensions train.
+    """A training hook that keeps every base entry of a grown model bit-identical while the new dimensions train.
 
-    Gradients of base entries are zeroed by hooks (so optimizer moments stay zero there), and after
+    Gradients of base entries are zeroed by tensor hooks (so optimizer moments stay zero there), and after
     each optimizer step the base entries are restored from a copy, which also undoes weight decay.
-    Parameters with no new entry at all stop requiring gradients.
+    Parameters with no new entry at all stop requiring gradients, so make it before the optimizer.
     """
 
     def __init__(self, model: ContextVectorLLM) -> None:
@@ -85,38 +94,35 @@ class BaseFreeze:
             self.items.append((p, mask, p.detach().clone()))
 
     @torch.no_grad()
-    def snapshot(self) -> None:
-        """Take the current base entries as the ones to keep (after loading a checkpoint)."""
+    def after_resume(self) -> None:
+        """Take the current base entries as the ones to keep (the checkpoint's, not the fresh model's)."""
         self.items = [(p, mask, p.detach().clone()) for p, mask, _ in self.items]
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def after_update(self) -> None:
         for p, mask, base in self.items:
             p.copy_(torch.where(mask, p, base))
 
 
-def growth_gap(model: ContextVectorLLM, grown: ContextVectorLLM, data) -> dict:
-    """Validation loss of the base model and of the grown model right after growth (same data)."""
-    from .trainer import evaluate
+def freeze_hooks(model: torch.nn.Module, cfg: RunConfig) -> list:
+    """The training hooks ``cfg`` asks for: ``BaseFreeze`` when ``train.freeze_base``, else none."""
+    return [BaseFreeze(model)] if cfg.train.freeze_base else []
 
+
+def growth_gap(model: ContextVectorLLM, grown: ContextVectorLLM, data: Dataset) -> dict:
+    """Validation loss of the base model and of the grown model right after growth (same data)."""
     before = evaluate(model, data, 256, next(model.parameters()).device)["loss"]
     after = evaluate(grown, data, 256, next(grown.parameters()).device)["loss"]
     return {"loss_before": before, "loss_after": after, "relative_change": (after - before) / before}
 
 
-def growth_experiment(result, new_dim: int, extra_epochs: int, run_root, callbacks=()):
+def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[str, Path],
+                      callbacks: Sequence[Callable[[dict], None]] = (),
+                      step_callbacks: Sequence[Callable[[dict], None]] = ()) -> tuple[pd.DataFrame, dict]:
     """From a finished run (``experiment.RunResult``): continue ``extra_epochs`` with no growth, with
     growth + freeze base, with growth + fine-tune all, and train a ``new_dim`` model from scratch for the
     base's epochs + ``extra_epochs``. Returns (curves DataFrame, growth_gap dict). Each run resumes."""
-    import copy
-    from pathlib import Path
-
-    import pandas as pd
-
-    from .config import apply_overrides, smoke_config
-    from .trainer import Trainer
-
-    base_cfg = result.trainer.cfg
+    base_cfg = result.config
     prep, run_root = result.prepared, Path(run_root)
     base_epochs = len(result.history)
     base = copy.deepcopy(result.model).cpu().eval()
@@ -138,8 +144,8 @@ def growth_experiment(result, new_dim: int, extra_epochs: int, run_root, callbac
     rows = [{"variant": v, "epoch": r["epoch"], "val_ppl": r["val_ppl"]}
             for v in list(runs)[:3] for r in result.history]
     for i, (name, (model, cfg)) in enumerate(runs.items()):
-        cfg = smoke_config(cfg)
-        t = Trainer(model, prep.train, prep.valid, cfg, prep.tokenizer, run_root / f"variant{i}", callbacks)
+        t = Trainer(model, prep.train, prep.valid, cfg, prep.tokenizer, run_root / f"variant{i}", callbacks,
+                    step_callbacks, hooks=freeze_hooks(model, cfg))
         offset = 0 if "scratch" in name else base_epochs
         rows += [{"variant": name, "epoch": r["epoch"] + offset, "val_ppl": r["val_ppl"]} for r in t.fit()]
     return pd.DataFrame(rows), gap

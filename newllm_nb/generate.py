@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .config import BOS_ID, EOS_ID, PAD_ID
-from .data import dolly_prompt
+from .prompt import instruction_prompt
 
 
 @dataclass
@@ -316,7 +316,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], sampling: Optional[
 class ChatSession:
     """Multi-turn chat that keeps the context vector across turns.
 
-    Each turn is formatted like the Dolly training text (``Instruction: ... Response:``); the reply's
+    Each turn is formatted like the instruction training text (``Instruction: ... Response:``); the reply's
     tokens are read into the same context, so a new token costs the same however long the talk.
     """
 
@@ -338,7 +338,7 @@ class ChatSession:
         if not isinstance(message, str) or not message.strip():
             yield self.EMPTY_MESSAGE
             return
-        prompt = dolly_prompt(" ".join(message.split()), context_text)
+        prompt = instruction_prompt(" ".join(message.split()), context_text)
         state: dict = {}
         parts = []
         for piece in stream(self.model, self.tokenizer, prompt, self.sampling, context=self.context, state=state):

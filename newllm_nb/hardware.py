@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -48,11 +51,7 @@ def detect(device: Optional[str] = None) -> HardwareInfo:
         p = torch.cuda.get_device_properties(idx)
         return HardwareInfo(classify(p.name), p.name, f"cuda:{idx}", round(p.total_memory / 2**30, 1),
                             f"{p.major}.{p.minor}", bool(torch.cuda.is_bf16_supported()))
-    import platform
-
     try:
-        import os
-
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         mem = 0.0
@@ -85,3 +84,29 @@ def seed_table() -> list[dict]:
     """The seed's published GPU table, for display beside this machine's recommendation."""
     return [{"gpu": g, "batch_size": b, "lr": round(seed_lr(b), 6)} for g, b in SEED_GPU_TABLE.items()
             if g != "H100"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto: the GPU where there is one; a named GPU that is not there is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"invalid config value device={device!r}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 where the GPU supports it, fp16 (+GradScaler) on other GPUs, fp32 on CPU."""
+    if precision == "auto":
+        return pick_precision(detect(str(device)))
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("invalid config value precision='fp16': fp16 training needs a CUDA GPU (use fp32 or bf16)")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

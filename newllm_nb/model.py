@@ -17,15 +17,13 @@ update, used by generation.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-
-CONTEXT_CLAMP = 10.0
+from .config import CONTEXT_CLAMP, LN_EPS, ModelConfig
 
 
 def embed_lookup(embed: nn.Embedding, ids: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -58,6 +56,11 @@ class TiedHead(nn.Module):
         return F.linear(x, self._embed[0].weight, self.bias)
 
 
+def count_parameters(module: nn.Module) -> int:
+    """The one way parameters are counted: every registered parameter once (a tied head adds none)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def init_weights(module: nn.Module, std: float) -> None:
     """The seed's init, for New-LLM and the baselines alike: every Linear / Embedding weight N(0, std),
     every bias (a tied head's included) zero."""
@@ -84,13 +87,11 @@ class ContextVectorLLM(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.ctx_drop = nn.Dropout(config.context_dropout)
         self.gates = nn.Linear(H, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
-        self.norm = nn.LayerNorm(C)
+        self.norm = nn.LayerNorm(C, eps=LN_EPS)
         # Off the recurrent path (None = the seed: none): on embedding vectors in, on features to the head.
         self.in_drop = nn.Dropout(config.input_dropout or 0.0)
         self.out_drop = nn.Dropout(config.output_dropout or 0.0)
         self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
-        # The GPU fast path switches this on: same function, hand-written BPTT (recurrence.py).
-        self.fused_bptt = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,9 +100,6 @@ class ContextVectorLLM(nn.Module):
         self.norm.reset_parameters()
         with torch.no_grad():
             self.gates.bias[: self.config.context_dim].fill_(self.config.forget_bias)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def init_context(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
         """c_0 = 0."""
@@ -137,31 +135,35 @@ class ContextVectorLLM(nn.Module):
         h, c = self._cell(x_proj, context, self._context_weight(x_proj.dtype))
         return self.head(self.out_drop(h)), c
 
-    def _use_fused(self, return_trajectory: bool) -> bool:
-        cfg = self.config
-        return self.fused_bptt and torch.is_grad_enabled() and not return_trajectory and not cfg.context_tanh
+    def compile_cell(self) -> None:
+        """Compile the per-token cell (fuses its element-wise work); the loop around it stays Python."""
+        self._cell = torch.compile(self._cell, dynamic=False)
 
     # -- a whole sequence -----------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, context: Optional[torch.Tensor] = None,
-                reset: Optional[torch.Tensor] = None, return_trajectory: bool = False):
+                reset: Optional[torch.Tensor] = None, return_trajectory: bool = False,
+                recurrence: Optional[Callable] = None):
         """Run ``ids`` [B, T] from ``context`` (zeros if None).
 
         ``reset`` [B, T] (bool) zeroes the context *before* token t where True: packed sequences
         start fresh at each example. Returns ``(logits [B, T, V], context [B, C])``, plus the context
         trajectory [B, T, C] (c_1..c_T) when ``return_trajectory``.
+
+        ``recurrence`` runs the whole time loop at once instead of the per-token ``_cell`` loop, with
+        ``recurrence.NewLLMRecurrence.apply``'s signature: the same function with a hand-written
+        backward (the training steps pass it; see step.py). Not with ``return_trajectory`` or ``context_tanh``.
         """
         B, T = ids.shape
         c = self.init_context(B) if context is None else context
         x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
         keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
-        if self._use_fused(return_trajectory):
-            from .recurrence import NewLLMRecurrence
-
+        if recurrence is not None:
+            if return_trajectory or self.config.context_tanh:
+                raise ValueError("a whole-loop recurrence returns no trajectory and has no context_tanh")
             layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
-            hs, c = NewLLMRecurrence.apply(x_proj, c, keep, self.fnn[0].weight[:, self.config.embed_dim:],
-                                           self.gates.weight, self.gates.bias, self.norm.weight, self.norm.bias,
-                                           self.config.dropout, self.config.context_dropout, self.training,
-                                           *layers)
+            hs, c = recurrence(x_proj, c, keep, self.fnn[0].weight[:, self.config.embed_dim:], self.gates.weight,
+                               self.gates.bias, self.norm.weight, self.norm.bias, self.config.dropout,
+                               self.config.context_dropout, self.training, *layers)
             return self.head(self.out_drop(hs)), c
         W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []

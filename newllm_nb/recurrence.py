@@ -18,8 +18,7 @@ from typing import Optional
 
 import torch
 
-LN_EPS = 1e-5
-CLAMP = 10.0
+from .config import CONTEXT_CLAMP, LN_EPS
 
 
 class NewLLMRecurrence(torch.autograd.Function):
@@ -69,8 +68,8 @@ class NewLLMRecurrence(torch.autograd.Function):
             xhat = (x - mu) * rstd
             y = xhat * ln_w + ln_b
             SF[t], SI[t], U[t], XH[t], RS[t] = sf, si, u, xhat, rstd
-            YM[t] = (y >= -CLAMP) & (y <= CLAMP)
-            c = y.clamp(-CLAMP, CLAMP)
+            YM[t] = (y >= -CONTEXT_CLAMP) & (y <= CONTEXT_CLAMP)
+            c = y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
         ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
                               MC if ctx_drop else torch.empty(0, device=dev), Wc, Wg, ln_w, Hs, Ds,
                               Cin, SF, SI, U, XH, RS, YM, *[w for w, _ in Ws])

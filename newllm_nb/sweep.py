@@ -11,9 +11,10 @@ from typing import Callable, Optional, Union
 import pandas as pd
 
 from .baselines import matched_config
-from .config import RunConfig, smoke_config
+from .config import RunConfig
 from .data import Prepared, prepare
 from .experiment import run_experiment
+from .files import atomic_write_text
 
 
 def sweep_configs(base: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",)):
@@ -26,14 +27,14 @@ def sweep_configs(base: RunConfig, layers: Sequence[int], archs: Sequence[str] =
 
 def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path], archs: Sequence[str] = ("newllm",),
               prepared: Optional[Prepared] = None,
-              on_run_start: Optional[Callable[[str, int], Sequence[Callable[[dict], None]]]] = None) -> pd.DataFrame:
+              on_run_start: Optional[Callable[[str, int], object]] = None) -> pd.DataFrame:
     """Train every (arch, layers) pair on the same data; returns one row per run.
 
     ``out_dir/<arch>-L<n>/result.json`` marks a finished run (skipped on re-run); an unfinished one
     resumes from its last checkpoint, so a disconnect loses at most the run in progress.
-    ``on_run_start(arch, n)`` may return epoch callbacks (live plots).
+    ``on_run_start(arch, n)`` may return epoch callbacks, or a pair (epoch callbacks, step callbacks),
+    for live plots and progress labelled with the run.
     """
-    base = smoke_config(base)
     out_dir = Path(out_dir)
     rows = []
     for arch, n, cfg in sweep_configs(base, layers, archs):
@@ -45,14 +46,19 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
             continue
         if prepared is None:
             prepared = prepare(base.data, base.model.vocab_size)
-        callbacks = on_run_start(arch, n) if on_run_start else ()
-        res = run_experiment(cfg, rd, callbacks=callbacks, prepared=prepared)
+        callbacks, step_callbacks = _split_callbacks(on_run_start(arch, n) if on_run_start else ())
+        res = run_experiment(cfg, rd, callbacks=callbacks, prepared=prepared, step_callbacks=step_callbacks)
         best = min(res.history, key=lambda r: r["val_loss"]) if res.history else {}
         row = {"arch": arch, "layers": n, "params": res.params, "best_val_ppl": round(res.metrics["ppl"], 3),
                "val_acc_%": round(100 * res.metrics["acc"], 2), "best_epoch": best.get("epoch"),
                "epochs": len(res.history), "seconds": round(sum(r["seconds"] for r in res.history), 1)}
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(done, json.dumps(row))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _split_callbacks(got) -> tuple[Sequence, Sequence]:
+    """``on_run_start``'s answer as (epoch callbacks, step callbacks)."""
+    if isinstance(got, tuple) and len(got) == 2 and all(isinstance(x, (list, tuple)) for x in got):
+        return got
+    return got or (), ()

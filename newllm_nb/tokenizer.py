@@ -11,7 +11,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from .files import atomic_write_text
 
 
 class Tokenizer(Protocol):
@@ -74,9 +78,6 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1000) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
         tok = HFTokenizer(models.BPE(unk_token=SPECIAL_TOKENS[UNK_ID]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -119,8 +120,6 @@ def tokenizer_from_json(s: str) -> WordTokenizer | BPETokenizer:
         if kind == "word":
             return WordTokenizer(list(d["words"]))
         if kind == "bpe":
-            from tokenizers import Tokenizer as HFTokenizer
-
             return BPETokenizer(HFTokenizer.from_str(d["tokenizer"]))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"not a newllm_nb tokenizer JSON: {e}") from e
@@ -128,8 +127,6 @@ def tokenizer_from_json(s: str) -> WordTokenizer | BPETokenizer:
 
 
 def save_tokenizer(tok: WordTokenizer | BPETokenizer, path: str) -> None:
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(path, tok.to_json())
 
 

@@ -21,7 +21,7 @@ def main(run_dir: str, sleep: float, out: str) -> None:
     torch.manual_seed(cfg.train.seed)
     t = Trainer(ContextVectorLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer, run_dir or None)
     if sleep:
-        t.loss_hook = lambda loss: (time.sleep(sleep), loss)[1]
+        t.step.loss_hook = lambda loss: (time.sleep(sleep), loss)[1]
     hist = t.fit()
     with open(out, "w") as f:
         json.dump(hist, f)

@@ -1,4 +1,3 @@
-import dataclasses
 
 import pytest
 
@@ -65,24 +64,3 @@ def test_seed_lr_rule_and_clip_schedule():
     tc = TrainConfig()
     assert [tc.clip_for_epoch(e) for e in (0, 9, 10, 29, 30, 100)] == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0]
     assert TrainConfig(clip=0.7).clip_for_epoch(50) == 0.7
-
-
-@pytest.mark.parametrize("name,vocab", [("best_wikitext", 1000), ("best_wikitext_10k", 10000)])
-def test_best_wikitext_presets_are_the_benchmarked_recipes(name, vocab):
-    """The presets users get are the recipes benchmarks/quality.py measured (its BEST at each vocab)."""
-    import runpy
-    from pathlib import Path
-
-    q = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "quality.py"), run_name="quality")
-    model, train, seq = q["split_recipe"](q["BEST"][vocab], 60)
-    cfg = preset(name)
-    assert cfg.model.vocab_size == vocab
-    # Every model field the benchmark sets, and none it leaves at the default, matches.
-    assert {k: v for k, v in dataclasses.asdict(cfg.model).items() if v != getattr(ModelConfig(), k)} == \
-        {k: v for k, v in {**model, "vocab_size": vocab}.items() if v != getattr(ModelConfig(), k)}
-    for k, v in model.items():
-        assert getattr(cfg.model, k) == v, k
-    for k in ("lr", "weight_decay", "ema_decay", "batch_size", "optimizer", "schedule", "warmup_steps", "clip",
-              "patience", "epochs"):
-        assert getattr(cfg.train, k) == getattr(train, k), k
-    assert cfg.data.max_seq_length == seq and cfg.data.mode == "stream"

@@ -4,24 +4,19 @@ import time
 import pytest
 import torch
 
-from newllm_nb.config import DataConfig
-from newllm_nb.data import (
-    DataError,
+from newllm_nb.batching import (
     StreamData,
     WindowData,
-    dolly_sequences,
-    dolly_stream,
-    dolly_text,
-    hub_reachable,
-    load_dolly,
-    load_wikitext,
+    instruction_sequences,
+    instruction_stream,
     make_windows,
-    prepare,
-    read_jsonl,
-    split_records,
     wikitext_sequences,
     wikitext_stream,
 )
+from newllm_nb.config import DataConfig
+from newllm_nb.data import prepare
+from newllm_nb.prompt import instruction_text
+from newllm_nb.sources import DataError, hub_reachable, load_dolly, load_wikitext, read_jsonl, split_records
 from newllm_nb.tokenizer import WordTokenizer
 
 
@@ -46,14 +41,14 @@ def test_wikitext_lines_under_five_words_are_skipped_and_targets_shift():
 
 def test_dolly_format_split_and_truncation():
     rec = {"instruction": "Name a bird.", "context": "", "response": "A heron.", "category": "open_qa"}
-    assert dolly_text(rec) == "Instruction: Name a bird. Response: A heron."
+    assert instruction_text(rec) == "Instruction: Name a bird. Response: A heron."
     rec2 = dict(rec, context="Birds fly.")
-    assert dolly_text(rec2) == "Instruction: Name a bird. Context: Birds fly. Response: A heron."
-    tok = WordTokenizer.train([dolly_text(rec2)], 50)
-    toks, tgt = dolly_sequences([rec2], tok, 6)
-    assert toks[0].tolist() == tok.encode(dolly_text(rec2))[:6]
-    toks, tgt = dolly_sequences([rec], tok, 12, response_only=True)
-    full = tok.encode(dolly_text(rec))
+    assert instruction_text(rec2) == "Instruction: Name a bird. Context: Birds fly. Response: A heron."
+    tok = WordTokenizer.train([instruction_text(rec2)], 50)
+    toks, tgt = instruction_sequences([rec2], tok, 6)
+    assert toks[0].tolist() == tok.encode(instruction_text(rec2))[:6]
+    toks, tgt = instruction_sequences([rec], tok, 12, response_only=True)
+    full = tok.encode(instruction_text(rec))
     assert toks[0].tolist() == full + [0] * (12 - len(full))
     n_prompt = len(tok.encode("Instruction: Name a bird. Response:"))  # BOS + prompt words + EOS
     assert tgt[0, : n_prompt - 1].tolist() == [0] * (n_prompt - 1)
@@ -95,8 +90,8 @@ def test_wikitext_stream_resets_at_articles_and_dolly_packing():
     assert ids[starts].tolist() == [2, 2] and len(starts) == 2
     recs = [{"instruction": "q one", "context": "", "response": "a one"},
             {"instruction": "q two", "context": "", "response": "a two"}]
-    tok = WordTokenizer.train([dolly_text(r) for r in recs], 50)
-    ids, resets, tgt = dolly_stream(recs, tok, response_only=True)
+    tok = WordTokenizer.train([instruction_text(r) for r in recs], 50)
+    ids, resets, tgt = instruction_stream(recs, tok, response_only=True)
     assert resets.sum() == 2 and ids[resets].tolist() == [2, 2]
     assert (tgt != 0).sum() == 2 * (len("a one".split()) + 1)  # response words + EOS per example
 

@@ -4,7 +4,7 @@ import torch
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
-from newllm_nb.expansion import expand_context, growth_gap, trainable_masks
+from newllm_nb.expansion import BaseFreeze, expand_context, growth_gap, trainable_masks
 from newllm_nb.trainer import Trainer
 
 # Zero-initialised new weights leave the logits' direct inputs unchanged, but LayerNorm now averages
@@ -56,7 +56,7 @@ def test_freeze_base_keeps_old_entries_bit_identical(trained, optimizer):
     before = {k: v.detach().clone() for k, v in big.named_parameters()}
     cfg2 = apply_overrides(cfg, model__context_dim=24, model__grown_from=16, train__freeze_base=True,
                            train__epochs=2, train__optimizer=optimizer, train__weight_decay=0.1)
-    Trainer(big, p.train, p.valid, cfg2, p.tokenizer).fit()
+    Trainer(big, p.train, p.valid, cfg2, p.tokenizer, hooks=[BaseFreeze(big)]).fit()
     masks = trainable_masks(big)
     moved_new = False
     for name, v in big.named_parameters():
@@ -92,13 +92,13 @@ def test_freeze_base_resume_keeps_the_checkpoint_base(trained, tmp_path):
         raise Stop
 
     big = expand_context(model, 24)
-    t = Trainer(big, p.train, p.valid, cfg2, p.tokenizer, tmp_path, callbacks=[stop])
+    t = Trainer(big, p.train, p.valid, cfg2, p.tokenizer, tmp_path, callbacks=[stop], hooks=[BaseFreeze(big)])
     with pytest.raises(Stop):
         t.fit()
     base = {k: v.detach().clone() for k, v in big.named_parameters()}
     torch.manual_seed(123)
     fresh = ContextVectorLLM(cfg2.model)  # random weights: resume must replace them, base included
-    Trainer(fresh, p.train, p.valid, cfg2, p.tokenizer, tmp_path).fit()
+    Trainer(fresh, p.train, p.valid, cfg2, p.tokenizer, tmp_path, hooks=[BaseFreeze(fresh)]).fit()
     masks = trainable_masks(fresh)
     for name, v in fresh.named_parameters():
         assert torch.equal(v.detach()[~masks[name]], base[name][~masks[name]]), name

@@ -7,7 +7,9 @@ import torch
 
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import apply_overrides
-from newllm_nb.data import dolly_text, load_instructions, prepare
+from newllm_nb.data import prepare
+from newllm_nb.prompt import instruction_text
+from newllm_nb.sources import load_instructions
 from newllm_nb.trainer import Trainer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "instruct-ja-sample.jsonl"
@@ -22,7 +24,7 @@ def test_field_mapping_and_bpe_round_trip():
     p = prepare(cfg.data, 400)
     tok = p.tokenizer
     for rec in rs.valid:
-        text = dolly_text(rec)
+        text = instruction_text(rec)
         ids = tok.encode(text)
         assert 1 not in ids  # byte-level BPE: no UNK
         assert tok.decode(ids) == text

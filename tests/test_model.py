@@ -5,13 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb.model import count_parameters
+from newllm_nb.recurrence import NewLLMRecurrence
 
 SEED_PARAMS = {1: 1_426_152, 4: 2_214_120, 6: 2_739_432}
 
 
 @pytest.mark.parametrize("layers", sorted(SEED_PARAMS))
 def test_parameter_counts_at_seed_defaults(layers):
-    assert ContextVectorLLM(ModelConfig(num_layers=layers)).num_parameters() == SEED_PARAMS[layers]
+    assert count_parameters(ContextVectorLLM(ModelConfig(num_layers=layers))) == SEED_PARAMS[layers]
 
 
 def test_init_is_normal_002_with_zero_biases():
@@ -126,10 +128,9 @@ def _assert_fused_matches_autograd(m, ids, c0=None, reset=None, mask_seed=None) 
     wrt = ([] if c0 is None else [c0]) + list(m.parameters())
     outs = {}
     for fused in (False, True):
-        m.fused_bptt = fused
         if mask_seed is not None:
             torch.manual_seed(mask_seed)
-        logits, c = m(ids, c0, reset)
+        logits, c = m(ids, c0, reset, recurrence=NewLLMRecurrence.apply if fused else None)
         outs[fused] = (logits, c, torch.autograd.grad(logits.square().mean() + c.sum(), wrt))
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
@@ -152,14 +153,14 @@ def test_hand_written_bptt_equals_autograd(layers, with_reset):
 def test_hand_written_bptt_dropout_is_active_only_in_training(ctx_drop):
     torch.manual_seed(0)
     m = ContextVectorLLM(dataclasses.replace(small(num_layers=2), dropout=0.5, context_dropout=ctx_drop))
-    m.fused_bptt = True
     ids = torch.randint(0, 50, (2, 6))
-    a, b = m(ids)[0], m(ids)[0]
+    a, b = (m(ids, recurrence=NewLLMRecurrence.apply)[0] for _ in range(2))
     assert not torch.allclose(a, b)  # fresh masks each call
     a.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     m.eval()
-    torch.testing.assert_close(m(ids)[0], m(ids)[0])
+    a, b = (m(ids, recurrence=NewLLMRecurrence.apply)[0] for _ in range(2))
+    torch.testing.assert_close(a, b)
 
 
 def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_masks():
@@ -176,7 +177,7 @@ def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
     untied = ContextVectorLLM(ModelConfig())
     tied = ContextVectorLLM(ModelConfig(tie_embeddings=True))
     V, E, H = 1000, 256, 512
-    assert tied.num_parameters() == untied.num_parameters() - H * V + H * E  # head: H x V -> H x E (+ same bias)
+    assert count_parameters(tied) == count_parameters(untied) - H * V + H * E  # head: H x V -> H x E (+ same bias)
     assert not any("_embed" in k for k in tied.state_dict())
     m = ContextVectorLLM(small(tie_embeddings=True))
     ids = torch.randint(0, 50, (2, 6))
@@ -226,9 +227,9 @@ def test_baselines_take_tying_and_embedding_dropout(arch):
     tied_cfg = matched_config(dataclasses.replace(base, tie_embeddings=True, embed_dropout=0.2), arch)
     tied = build_model(tied_cfg)
     # Matched to the tied New-LLM, which is smaller: the tied baseline is too.
-    assert tied.num_parameters() < plain.num_parameters()
-    assert abs(tied.num_parameters() - ContextVectorLLM(dataclasses.replace(tied_cfg, arch="newllm"))
-               .num_parameters()) < 0.03 * tied.num_parameters()  # size steps of 8
+    assert count_parameters(tied) < count_parameters(plain)
+    assert abs(count_parameters(tied) - count_parameters(ContextVectorLLM(dataclasses.replace(tied_cfg, arch="newllm")))
+               ) < 0.03 * count_parameters(tied)  # size steps of 8
     ids = torch.randint(0, 1000, (2, 7))
     logits, _ = tied(ids)
     assert logits.shape == (2, 7, 1000)
@@ -296,8 +297,7 @@ def test_hand_written_bptt_with_input_and_output_dropout():
     with torch.no_grad():
         assert not torch.allclose(fused_logits, m.eval()(ids)[0])  # the dropout was active
     out = ContextVectorLLM(small(num_layers=2, output_dropout=0.5))
-    out.fused_bptt = True
-    logits, c = out(ids)
+    logits, c = out(ids, recurrence=NewLLMRecurrence.apply)
     with torch.no_grad():
         ref_logits, ref_c = out.eval()(ids)
     torch.testing.assert_close(c, ref_c)

@@ -1,6 +1,8 @@
 """benchmarks/quality.py end to end on the bundled sample (CPU, one epoch): seeds repeat runs, seed 0 is
-the seedless run, the mean / std table summarises them, and --recipe swaps the "best" rows' recipe."""
+the seedless run, the mean / std table summarises them, and --recipe / --set choose the "best" rows'
+recipe from presets and override files."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "wikitext-sample" / "wiki.train.raw"
+pytestmark = pytest.mark.skipif(not SAMPLE.exists(), reason="bundled WikiText sample missing")
 
 
-def _run(*extra: str) -> str:
+def _run(*extra: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--file", str(SAMPLE), "--vocab", "300",
            "--runs", "newllm-best-L1", "--best-epochs", "1", "--device", "cpu", "--no-append", *extra]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=600)
 
 
 def _rows(out: str) -> list[dict]:
@@ -23,25 +26,39 @@ def _rows(out: str) -> list[dict]:
     return [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{'")]
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="bundled WikiText sample missing")
-def test_seeds_repeat_runs_and_seed_zero_is_the_default_run():
-    plain_out = _run()
-    plain = _rows(plain_out)
-    seeded_out = _run("--seeds", "0,1")
+@pytest.fixture(scope="module")
+def plain():
+    out = _run().stdout
+    return _rows(out)[0], out
+
+
+def test_seeds_repeat_runs_and_seed_zero_is_the_default_run(plain):
+    seeded_out = _run("--seeds", "0,1").stdout
     seeded = _rows(seeded_out)
     assert [r["seed"] for r in seeded] == [0, 1]
     assert seeded[0]["eval_ppl"] == plain[0]["eval_ppl"]  # seed 0 reproduces the seedless run
     assert seeded[1]["eval_ppl"] != seeded[0]["eval_ppl"]  # another seed is another run
-    assert "eval_ppl_std" in seeded_out and "eval_ppl_std" not in plain_out
+    assert "eval_ppl_std" in seeded_out and "eval_ppl_std" not in plain[1]
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="bundled WikiText sample missing")
-def test_recipe_flag_swaps_the_best_rows_recipe_and_rejects_unknown_names():
-    # vocab 300 falls back to BEST[1000], which is STAGE1 + VARIANTS["r3+wd0.1"]: naming it changes nothing.
-    plain = _rows(_run())[0]
-    assert _rows(_run("--recipe", "r3+wd0.1"))[0]["eval_ppl"] == plain["eval_ppl"]
-    other = _rows(_run("--recipe", "T+wd0.2"))[0]
-    assert other["eval_ppl"] != plain["eval_ppl"]
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--recipe", "no-such-variant"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "no-such-variant" in bad.stderr and "VARIANTS" in bad.stderr
+def test_recipes_are_presets_or_override_files(plain, tmp_path):
+    # vocab 300 takes the best_wikitext preset by default: a file based on it that changes nothing gives
+    # the same row; a file or --set that changes a field gives another.
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({"base": "best_wikitext", "train": {"lr": 2e-3}}))
+    other = tmp_path / "other.toml"
+    other.write_text('base = "best_wikitext"\n[model]\ndropout = 0.1\n')
+    rows = {r["recipe"]: r for r in _rows(_run("--recipe", str(same), "--recipe", str(other)).stdout)}
+    assert rows[str(same)]["eval_ppl"] == plain[0]["eval_ppl"]
+    assert rows[str(other)]["eval_ppl"] != plain[0]["eval_ppl"]
+    assert _rows(_run("--set", "model.dropout=0.1").stdout)[0]["eval_ppl"] == rows[str(other)]["eval_ppl"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--recipe", "no-such-recipe"), "neither a preset"),
+    (("--set", "model.no_such_field=1"), "no_such_field"),
+    (("--set", "dropout"), "section.field=value"),
+])
+def test_bad_recipes_are_refused_before_training(args, expected):
+    bad = _run(*args, check=False)
+    assert bad.returncode == 2 and expected in bad.stderr and "Traceback" not in bad.stderr

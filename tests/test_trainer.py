@@ -3,30 +3,21 @@ import math
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, preset
+from newllm_nb import ContextVectorLLM
+from newllm_nb.batching import WindowData
 from newllm_nb.checkpoint import CheckpointError, load_checkpoint
-from newllm_nb.config import apply_overrides
-from newllm_nb.data import WindowData, prepare
-from newllm_nb.trainer import Metrics, NonFiniteLossError, Trainer, evaluate, lr_at
+from newllm_nb.data import prepare
+from newllm_nb.metrics import Metrics, evaluate
+from newllm_nb.optim import lr_at
+from newllm_nb.trainer import NonFiniteLossError
+
+from conftest import make_trainer as make
+from conftest import tiny_config as tiny
 
 
-def tiny(**ov):
-    base = dict(model__vocab_size=200, model__embed_dim=16, model__context_dim=16, model__hidden_dim=32,
-                data__max_seq_length=16, data__max_examples=60, train__batch_size=16, train__lr=5e-3,
-                train__epochs=3, train__patience=10)
-    base.update(ov)
-    return preset("smoke", **base)
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    return prepare(tiny().data, 200)
-
-
-def make(cfg, prepared, run_dir=None):
-    torch.manual_seed(cfg.train.seed)
-    cfg = apply_overrides(cfg, model__vocab_size=prepared.tokenizer.vocab_size)
-    return Trainer(ContextVectorLLM(cfg.model), prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir)
+@pytest.fixture
+def prepared(tiny_prepared):
+    return tiny_prepared
 
 
 def test_loss_falls_on_the_bundled_sample(prepared):
@@ -71,7 +62,7 @@ def test_stop_then_resume_equals_uninterrupted(tmp_path, mode, ema):
 
 
 def test_weight_average_math_and_swap():
-    from newllm_nb.trainer import WeightAverage
+    from newllm_nb.optim import WeightAverage
 
     lin = torch.nn.Linear(3, 2)
     avg = WeightAverage(lin, 0.5)
@@ -132,21 +123,21 @@ def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path, prepared):
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    t.loss_hook = inject_nan_once
+    t.step.loss_hook = inject_nan_once
     before = [p.detach().clone() for p in t.model.parameters()]
     hist = t.fit()
     assert hist[0]["nonfinite_steps"] == 1 and math.isfinite(hist[-1]["val_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
 
     t2 = make(tiny(train__epochs=2, train__max_nonfinite=3), prepared, tmp_path / "b")
-    t2.loss_hook = lambda loss: loss * float("nan")
+    t2.step.loss_hook = lambda loss: loss * float("nan")
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive non-finite.*learning rate.*Last good checkpoint"):
         t2.fit()
 
 
 def test_nonfinite_step_leaves_weights_untouched(prepared):
     t = make(tiny(train__epochs=1, train__max_nonfinite=100), prepared)
-    t.loss_hook = lambda loss: loss * float("inf")
+    t.step.loss_hook = lambda loss: loss * float("inf")
     before = [p.detach().clone() for p in t.model.parameters()]
     t.fit()
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
@@ -191,7 +182,7 @@ def test_cuda_oom_is_caught_with_advice_and_last_checkpoint_kept(tmp_path, prepa
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return loss
 
-    t.loss_hook = oom_in_second_epoch
+    t.step.loss_hook = oom_in_second_epoch
     with pytest.raises(RuntimeError, match=r"out of memory at batch_size=16: try batch_size=8.*last.safetensors"):
         t.fit()
     assert load_checkpoint(tmp_path / "last.safetensors").trainer_state["epoch"] == 1

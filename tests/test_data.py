@@ -135,7 +135,8 @@ def test_jsonl_broken_lines_are_skipped_and_counted(tmp_path, capsys):
     p.write_text("\n".join(lines))
     recs, skipped = read_jsonl(p)
     assert len(recs) == 2 and skipped == 3
-    assert "skipped 3 malformed line(s)" in capsys.readouterr().out and "[2, 3, 5]" in "[2, 3, 5]"
+    printed = capsys.readouterr().out
+    assert "skipped 3 malformed line(s)" in printed and "first at line(s) [2, 3, 5]" in printed
     p.write_text("{broken\n" + json.dumps({"instruction": "x"}))
     with pytest.raises(DataError, match="no usable record"):
         read_jsonl(p)

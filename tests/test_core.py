@@ -1,0 +1,159 @@
+"""The training core's shape and behaviour: one-way imports, unchanged loss curves, clipping, metrics, resets."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from newllm_nb import preset
+from newllm_nb.baselines import build_model, matched_config
+from newllm_nb.batching import WindowData
+from newllm_nb.config import ModelConfig
+from newllm_nb.data import prepare
+from newllm_nb.metrics import evaluate
+from newllm_nb.step import EagerStep, apply_update
+
+from conftest import make_trainer, tiny_config
+
+PACKAGE = Path(__file__).resolve().parent.parent / "newllm_nb"
+GOLDEN = Path(__file__).with_name("golden_losses.json")
+OPTIONAL = {"datasets", "ipywidgets", "jupytext", "triton", "google", "IPython", "tomllib"}
+
+
+def _package_imports() -> dict:
+    """module -> ({package modules imported at the top}, {package modules imported inside functions})."""
+    out = {}
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        deps, inner = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("newllm_nb"):
+                names = [(node.module.split(".") + [None])[1]] if "." in node.module else [a.name for a in node.names]
+            else:
+                continue
+            (deps if node in top else inner).update(n for n in names if n)
+        out[path.stem] = (deps, inner)
+    return out
+
+
+def test_package_imports_form_no_cycle_and_sit_at_the_top():
+    graph = _package_imports()
+    inner = {m: sorted(i) for m, (_, i) in graph.items() if i - {"fused"}}
+    assert not inner, f"package imports inside functions (only the optional Triton module may be): {inner}"
+    edges = {m: {d for d in deps | i if d in graph} for m, (deps, i) in graph.items()}
+    state, stack = {}, []
+
+    def visit(m):  # depth-first search; a grey node met again closes a cycle
+        state[m] = "grey"
+        stack.append(m)
+        for d in sorted(edges[m]):
+            if state.get(d) == "grey":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        state[m] = "black"
+        stack.pop()
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+
+
+def test_pipeline_modules_never_import_notebook_modules():
+    graph = _package_imports()
+    notebook_side = {"notebook", "widgets", "plots", "colab"}
+    for m, (deps, inner) in graph.items():
+        if m not in notebook_side and m != "__main__":
+            assert not (deps | inner) & notebook_side, m
+
+
+def _first_losses(cfg, n=50):
+    p = prepare(cfg.data, cfg.model.vocab_size)
+    losses = []
+    t = make_trainer(cfg, p, step_callbacks=[lambda r: losses.append(r["loss"])])
+    t.fit()
+    return losses[:n]
+
+
+GOLDEN_CONFIGS = {
+    "smoke": lambda: preset("smoke", train__epochs=12),
+    "stream": lambda: preset("smoke", train__epochs=8, data__mode="stream", train__batch_size=8, model__dropout=0.3,
+                             model__context_dropout=0.2, model__tie_embeddings=True, model__embed_dropout=0.1,
+                             model__input_dropout=0.2, model__output_dropout=0.2, train__optimizer="adamw",
+                             train__weight_decay=0.1, train__schedule="cosine", train__warmup_steps=5,
+                             train__clip=1.0, train__ema_decay=0.9),
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN_CONFIGS)
+def test_first_50_training_losses_are_unchanged(name):
+    # Recorded on CPU (torch 2.13, fixed seed) before the training core was split into step / state / loop.
+    expected = json.loads(GOLDEN.read_text())[name]
+    got = _first_losses(GOLDEN_CONFIGS[name]())
+    assert len(got) == len(expected) == 50
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_clipping_limits_the_gradient_norm_before_the_update():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    before = [p.detach().clone() for p in lin.parameters()]
+    (1000 * lin(torch.randn(8, 4)).square().sum()).backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in lin.parameters()]).norm()
+    assert grad_norm > 10
+    assert apply_update(lin, opt, scaler, 0.5, torch.tensor(1.0))
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, lin.parameters())])
+    assert moved.norm() == pytest.approx(0.5, rel=1e-5)  # SGD lr 1: the step is the clipped gradient
+    assert not apply_update(lin, opt, scaler, 0.5, torch.tensor(float("nan")))  # no update on a NaN loss
+
+
+def test_seed_compatible_metrics_end_to_end(tiny_prepared):
+    """Per-batch averages (the seed's) weight a short batch as much as a full one; token-weighted does not."""
+    t = make_trainer(tiny_config(train__epochs=1), tiny_prepared)
+    t.fit()
+    rows = torch.cat([tiny_prepared.valid.x, tiny_prepared.valid.y[:, -1:]], 1)
+    data = WindowData(rows)
+    tok = evaluate(t.model, data, 4)
+    seed = evaluate(t.model, data, 4, seed_compatible=True)
+    by_batch = [evaluate(t.model, WindowData(rows[i:i + 4]), 4) for i in range(0, len(rows), 4)]
+    assert seed["loss"] == pytest.approx(sum(b["loss"] for b in by_batch) / len(by_batch), rel=1e-6)
+    weighted = sum(b["loss"] * b["tokens"] for b in by_batch) / sum(b["tokens"] for b in by_batch)
+    assert tok["loss"] == pytest.approx(weighted, rel=1e-6)
+    assert seed["loss"] != pytest.approx(tok["loss"], rel=1e-4)
+    # And through the trainer: a seed-compatible run reports the per-batch mean in its history.
+    t2 = make_trainer(tiny_config(train__epochs=1, train__seed_compatible=True), tiny_prepared)
+    rec = t2.fit()[-1]
+    assert rec["val_loss"] == pytest.approx(evaluate(t2.model, tiny_prepared.valid, 16, seed_compatible=True)["loss"],
+                                            rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["newllm", "lstm", "transformer"])
+def test_a_reset_inside_a_batch_equals_separate_runs(arch):
+    cfg = ModelConfig(vocab_size=40, embed_dim=8, context_dim=8, hidden_dim=16, tf_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(matched_config(cfg, arch)).eval()
+    a, b = torch.randint(4, 40, (2, 5)), torch.randint(4, 40, (2, 4))
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[:, 5] = True
+    with torch.no_grad():
+        joined, _ = model(torch.cat([a, b], 1), None, reset)
+        alone_a, _ = model(a)
+        alone_b, _ = model(b)
+    torch.testing.assert_close(joined[:, :5], alone_a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(joined[:, 5:], alone_b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_step_is_public_and_used_by_the_throughput_probe():
+    from newllm_nb.bench import probe_throughput
+
+    r = probe_throughput(ModelConfig(vocab_size=50, embed_dim=8, context_dim=8, hidden_dim=16), 4, 6, steps=2,
+                         device="cpu", warmup=1)
+    assert r["path"] == "eager" and r["step_ms"] > 0
+    assert isinstance(make_trainer(tiny_config(), prepare(tiny_config().data, 200)).step, EagerStep)

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ REQUIREMENTS = [("torch>=2.4", "torch"), ("datasets>=2.14", "datasets"), ("ipywi
                 ("matplotlib>=3.6", "matplotlib"), ("pandas>=1.5", "pandas"), ("tqdm>=4.64", "tqdm"),
                 ("safetensors>=0.4", "safetensors"), ("tokenizers>=0.15", "tokenizers")]
 DRIVE_ROOT = Path("/content/drive/MyDrive/newllm-nb")
+
+# The one place that names the repository the Colab badges open and the set-up cell clones. A fork sets its
+# own owner/name (and branch) here and runs `python -m newllm_nb.colab --relink` to rewrite the notebooks'
+# badges and clone lines and README's badges; tests/test_notebooks.py checks that they all match.
+REPOSITORY = "newllm-nb/newllm-nb"
+BRANCH = "main"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def in_colab() -> bool:
@@ -49,11 +57,10 @@ def runs_root() -> Path:
 
 def run_dir(name: str, cfg=None) -> Path:
     """A run folder named after ``name`` and a hash of the settings: re-running a cell with the same
-    settings resumes that run; changing a slider starts a new one (nothing is overwritten)."""
+    settings resumes that run; changing a slider starts a new one (nothing is overwritten). Give it the
+    config exactly as it will run (smoke mode already applied), so smoke and full runs never share one."""
     if cfg is not None:
-        from .config import smoke_config
-
-        d = smoke_config(cfg).to_dict()
+        d = cfg.to_dict()
         d["train"].pop("show_progress", None)
         name = f"{name}-{hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]}"
     return runs_root() / name
@@ -86,6 +93,58 @@ def drive_checkbox():
     return box
 
 
+def clone_url(repository: str = REPOSITORY) -> str:
+    return f"https://github.com/{repository}"
+
+
+def badge_url(notebook: str, repository: str = REPOSITORY, branch: str = BRANCH) -> str:
+    """The Colab address that opens ``notebooks/<notebook>.ipynb`` of this repository."""
+    return f"https://colab.research.google.com/github/{repository}/blob/{branch}/notebooks/{notebook}.ipynb"
+
+
+# What a badge / clone line looks like for any repository, so --relink can rewrite another repository's links.
+_BADGE = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[\w./-]+?/notebooks/"
+                    r"(?P<nb>[\w-]+)\.ipynb")
+_CLONE = re.compile(r"git clone -q --depth 1 (?:-b [\w./-]+ )?https://github\.com/[\w.-]+/[\w.-]+ ")
+
+
+def link_files(root: Path = PROJECT_ROOT) -> list[Path]:
+    """The files that carry badges or clone lines: every notebook (both halves of each pair) and README."""
+    nbs = sorted((root / "notebooks").glob("*.ipynb")) + sorted((root / "notebooks").glob("*.py"))
+    return nbs + [root / "README.md"]
+
+
+def relink_text(text: str, repository: str = REPOSITORY, branch: str = BRANCH) -> str:
+    """``text`` with every Colab badge and set-up clone line pointing at ``repository`` / ``branch``."""
+    text = _BADGE.sub(lambda m: badge_url(m["nb"], repository, branch), text)
+    branch_flag = "" if branch == "main" else f"-b {branch} "
+    return _CLONE.sub(f"git clone -q --depth 1 {branch_flag}{clone_url(repository)} ", text)
+
+
+def stale_links(root: Path = PROJECT_ROOT) -> list[str]:
+    """Files whose badges or clone lines name another repository than ``REPOSITORY`` (empty: all agree)."""
+    return [str(p.relative_to(root)) for p in link_files(root) if relink_text(p.read_text()) != p.read_text()]
+
+
+def relink(root: Path = PROJECT_ROOT) -> list[Path]:
+    """Rewrite badges and clone lines to ``REPOSITORY`` / ``BRANCH``; returns the files changed."""
+    changed = []
+    for p in link_files(root):
+        old = p.read_text()
+        new = relink_text(old)
+        if new != old:
+            p.write_text(new)
+            changed.append(p)
+    return changed
+
+
 if __name__ == "__main__":
-    installed = ensure_requirements()
-    print("installed: " + (", ".join(installed) if installed else "nothing (all present)"))
+    if sys.argv[1:] == ["--relink"]:
+        files = relink()
+        print(f"{clone_url()} ({BRANCH}):", ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in files)
+              if files else "every badge and clone line already points here")
+    elif sys.argv[1:]:
+        sys.exit("usage: python -m newllm_nb.colab [--relink]")
+    else:
+        installed = ensure_requirements()
+        print("installed: " + (", ".join(installed) if installed else "nothing (all present)"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Optional
 
@@ -26,14 +27,22 @@ def history_frame(history: Sequence[dict]) -> pd.DataFrame:
 
 
 class LivePlot:
-    """Loss and validation PPL per epoch, redrawn in one display slot. Use ``update`` as a trainer callback.
+    """Training loss per step and validation loss / PPL per epoch, redrawn in one display slot.
 
-    Outside IPython (scripts, the CLI) it only records.
+    ``step`` takes the trainer's per-step records (``{"step", "epoch", "loss"}``), ``update`` its
+    per-epoch history records. The figure is titled and labelled from the start, so a slow first epoch
+    shows its training loss as it falls instead of empty axes. Redraws on steps are throttled to one
+    every ``min_interval`` seconds (a redraw costs far more than a small training step). Outside IPython
+    (scripts, the CLI) it only records.
     """
 
-    def __init__(self, title: str = "", history: Optional[Sequence[dict]] = None) -> None:
+    def __init__(self, title: str = "", history: Optional[Sequence[dict]] = None, min_interval: float = 1.0) -> None:
         self.title = title
         self.history: list[dict] = list(history or [])
+        self.steps: list[dict] = []
+        self.epoch_end_step: dict[int, int] = {}  # epoch -> global step at its end, to put val loss on the step axis
+        self.min_interval = min_interval
+        self._last_draw = 0.0
         self.fig, (self.ax_loss, self.ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.4))
         plt.close(self.fig)  # we display it ourselves; keeps inline backends from showing it twice
         self._handle = None
@@ -42,31 +51,80 @@ class LivePlot:
             from IPython.display import display
 
             if get_ipython() is not None:
+                self._render()
                 self._handle = display(self.fig, display_id=True)
         except ImportError:
             pass
 
+    def step(self, record: dict) -> None:
+        """Per-step callback: record the batch loss; redraw at most every ``min_interval`` seconds."""
+        self.steps.append(record)
+        if time.monotonic() - self._last_draw >= self.min_interval:
+            self.draw()
+
     def update(self, record: dict) -> None:
+        """Per-epoch callback: record the epoch and redraw."""
         self.history.append(record)
+        if self.steps:
+            self.epoch_end_step[record["epoch"]] = self.steps[-1]["step"]
         self.draw()
 
-    def draw(self) -> None:
-        df = pd.DataFrame(self.history)
+    def _steps_per_epoch(self) -> Optional[float]:
+        if self.epoch_end_step:
+            epoch, step = max(self.epoch_end_step.items())
+            return step / epoch
+        return None
+
+    def _render(self) -> None:
+        hist = pd.DataFrame(self.history)
+        steps = pd.DataFrame(self.steps)
         for ax in (self.ax_loss, self.ax_ppl):
             ax.clear()
             ax.grid(alpha=0.3)
-            ax.set_xlabel("epoch")
-        if not df.empty:
-            self.ax_loss.plot(df["epoch"], df["train_loss"], "o-", label="train")
-            self.ax_loss.plot(df["epoch"], df["val_loss"], "o-", label="validation")
-            self.ax_loss.legend()
-            self.ax_ppl.plot(df["epoch"], df["val_ppl"], "o-", color="C2")
-            best = df["val_ppl"].idxmin()
-            self.ax_ppl.set_title(f"best val PPL {df['val_ppl'][best]:.2f} (epoch {df['epoch'][best]})", fontsize=9)
+        spe = self._steps_per_epoch()
+        if not steps.empty:
+            self.ax_loss.plot(steps["step"], steps["loss"], color="C0", alpha=0.35, lw=0.8, label="train (per step)")
+            if len(steps) >= 10:
+                smooth = steps["loss"].rolling(max(2, len(steps) // 20), min_periods=1).mean()
+                self.ax_loss.plot(steps["step"], smooth, color="C0", lw=1.6, label="train (smoothed)")
+            self.ax_loss.set_xlabel("training step")
+        else:
+            self.ax_loss.set_xlabel("epoch" if not hist.empty else "training step")
+        if not hist.empty:
+            if not steps.empty and spe:  # validation on the step axis: at each epoch's last step
+                x = [self.epoch_end_step.get(e, e * spe) for e in hist["epoch"]]
+            else:
+                x = hist["epoch"]
+                if steps.empty:
+                    self.ax_loss.plot(x, hist["train_loss"], "o-", color="C0", label="train (epoch)")
+            self.ax_loss.plot(x, hist["val_loss"], "o-", color="C1", label="validation (epoch)")
+            self.ax_ppl.plot(hist["epoch"], hist["val_ppl"], "o-", color="C2")
+            best = hist["val_ppl"].idxmin()
+            self.ax_ppl.set_title(f"best val PPL {hist['val_ppl'][best]:.2f} (epoch {hist['epoch'][best]})",
+                                  fontsize=9)
+        else:
+            self.ax_ppl.text(0.5, 0.5, "validation PPL appears\nafter the first epoch", ha="center", va="center",
+                             transform=self.ax_ppl.transAxes, color="0.4")
+            self.ax_ppl.set_xticks([])
+            self.ax_ppl.set_yticks([])
+        if steps.empty and hist.empty:
+            self.ax_loss.text(0.5, 0.5, "training loss appears\nafter the first steps", ha="center", va="center",
+                              transform=self.ax_loss.transAxes, color="0.4")
+            self.ax_loss.set_xticks([])
+            self.ax_loss.set_yticks([])
+        else:
+            self.ax_loss.legend(fontsize=8)
         self.ax_loss.set_ylabel("loss (token-weighted)")
+        self.ax_ppl.set_xlabel("epoch")
         self.ax_ppl.set_ylabel("validation PPL")
-        self.fig.suptitle(self.title)
+        status = (f"epoch {int(self.steps[-1]['epoch'])}, step {int(self.steps[-1]['step'])}" if self.steps
+                  else f"{len(self.history)} epochs" if self.history else "starting")
+        self.fig.suptitle(f"{self.title} · {status}" if self.title else status)
         self.fig.tight_layout()
+
+    def draw(self) -> None:
+        self._render()
+        self._last_draw = time.monotonic()
         if self._handle is not None:
             self._handle.update(self.fig)
 

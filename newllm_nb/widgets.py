@@ -8,7 +8,9 @@ values, so headless execution simply uses the defaults.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import warnings
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 from .config import PRESETS, RunConfig, preset
 from .hardware import detect, recommend
@@ -30,7 +32,10 @@ class TrainingPanel:
     still runs in a plain cell that calls ``config()``).
     """
 
-    def __init__(self, preset_name: str = "seed_wikitext", base: Optional[RunConfig] = None) -> None:
+    def __init__(self, preset_name: str = "seed_wikitext", base: Optional[RunConfig] = None,
+                 hide: Sequence[str] = ()) -> None:
+        """``hide`` names settings another control decides (e.g. ``("layers",)`` under a layer sweep's
+        checkboxes): they keep the recipe's value and are left out of the panel."""
         w = _w()
         cfg = base or preset(preset_name)
         self.rec = recommend(detect())
@@ -59,7 +64,8 @@ class TrainingPanel:
                                            layout=lay)
         self.output_dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="output dropout",
                                             style=STYLE, layout=lay)
-        self.tie = w.Checkbox(description="tie output layer to embedding", style=STYLE)
+        wide = w.Layout(width="420px")  # checkbox labels sit right of the box: the full row width fits them
+        self.tie = w.Checkbox(description="tie output layer to embedding", style=STYLE, layout=wide)
         self.ema = w.FloatSlider(min=0.0, max=0.999, step=0.001, readout_format=".3f",
                                  description="weight avg (0=off)", style=STYLE, layout=lay)
         self.seq = w.IntSlider(min=16, max=512, step=16, description="max seq length", style=STYLE, layout=lay)
@@ -68,7 +74,7 @@ class TrainingPanel:
         self.batch = w.Dropdown(options=sorted(batches), description="batch size", style=STYLE, layout=lay)
         self.lr = w.FloatLogSlider(base=10, min=-5, max=-1.5, step=0.05, readout_format=".1e",
                                    description="learning rate", style=STYLE, layout=lay)
-        self.seed_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE)
+        self.seed_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE, layout=wide)
         self.epochs = w.IntSlider(min=1, max=300, description="max epochs", style=STYLE, layout=lay)
         self.patience = w.IntSlider(min=1, max=100, description="patience", style=STYLE, layout=lay)
         self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], description="precision", style=STYLE,
@@ -92,14 +98,22 @@ class TrainingPanel:
                                     description="field mapping", style=STYLE, layout=lay)
             data_rows += [self.hub_name, self.field_map]
         self.recipe.observe(lambda change: self._fill(preset(change["new"])), names="value")
+        unknown = set(hide) - set(vars(self))
+        if unknown:
+            raise ValueError(f"hide={sorted(unknown)}: not settings of this panel")
+        hidden = {id(getattr(self, name)) for name in hide}
+
+        def shown(*widgets):
+            return w.VBox([x for x in widgets if id(x) not in hidden])
+
         self.widget = w.VBox([
             self.recipe,
-            w.HTML("<b>Model</b>"), w.HBox([w.VBox([self.layers, self.embed, self.context, self.tie]),
-                                            w.VBox([self.hidden, self.vocab, self.dropout, self.context_dropout,
-                                                    self.input_dropout, self.output_dropout])]),
-            w.HTML("<b>Data</b>"), w.HBox([w.VBox(data_rows), w.VBox([self.seq, self.mode])]),
-            w.HTML("<b>Training</b>"), w.HBox([w.VBox([self.batch, self.lr, self.seed_lr, self.ema]),
-                                               w.VBox([self.epochs, self.patience, self.precision])]),
+            w.HTML("<b>Model</b>"), w.HBox([shown(self.layers, self.embed, self.context, self.tie),
+                                            shown(self.hidden, self.vocab, self.dropout, self.context_dropout,
+                                                  self.input_dropout, self.output_dropout)]),
+            w.HTML("<b>Data</b>"), w.HBox([shown(*data_rows), shown(self.seq, self.mode)]),
+            w.HTML("<b>Training</b>"), w.HBox([shown(self.batch, self.lr, self.seed_lr, self.ema),
+                                               shown(self.epochs, self.patience, self.precision)]),
         ])
 
     def _batch_for(self, cfg: RunConfig) -> int:
@@ -128,7 +142,7 @@ class TrainingPanel:
 
     def config(self) -> RunConfig:
         """The RunConfig for the widgets' current values (validated: a bad value raises ValueError)."""
-        from .data import DOLLY_SAMPLE, WIKITEXT_SAMPLE
+        from .sources import DOLLY_SAMPLE, WIKITEXT_SAMPLE
 
         b = self.base
         path = None
@@ -189,63 +203,115 @@ def _format_map(m: Optional[dict]) -> str:
     return ", ".join(f"{k}={v}" for k, v in (m or {}).items())
 
 
-def choice_boxes(options, selected, description: str = ""):
+def choice_boxes(options: Sequence, selected: Sequence, description: str = "") -> tuple:
     """A row of checkboxes (core widgets) and a function returning the ticked options."""
     w = _w()
-    boxes = [w.Checkbox(value=o in selected, description=str(o), indent=False, layout=w.Layout(width="110px"))
-             for o in options]
+    boxes = [w.Checkbox(value=o in selected, description=str(o), indent=False,
+                        layout=w.Layout(width=f"{40 + 9 * len(str(o))}px")) for o in options]
     row = w.HBox([w.Label(description, layout=w.Layout(width="140px")), *boxes])
     return row, lambda: [o for o, b in zip(options, boxes) if b.value]
 
 
 class ChatPanel:
-    """Text box + send button + output area + sampling sliders around a ChatSession.
+    """Text box + Send + a bounded, scrolling transcript + sampling sliders around a ChatSession.
 
-    ``ask(text)`` is what the button calls; a notebook cell can call it too (headless runs do).
+    Enter in the text box sends, like Send. The transcript is an ``HTML`` widget (core on ipywidgets 7
+    and 8) updated piece by piece as the reply streams, wrapped at word boundaries, at most
+    ``height`` tall and kept scrolled to its newest line. ``ask(text)`` is what Enter and Send call; a
+    notebook cell can call it too (headless runs do), and then the exchange also prints as cell output,
+    which stays readable where widgets do not render.
     """
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, height: str = "320px") -> None:
         w = _w()
         self.session = session
+        self.height = height
         s = session.sampling
+        lay = w.Layout(width="380px")
         self.temperature = w.FloatSlider(value=s.temperature, min=0.0, max=2.0, step=0.05, description="temperature",
-                                         style=STYLE)
-        self.top_k = w.IntSlider(value=s.top_k, min=0, max=200, description="top-k (0=off)", style=STYLE)
-        self.top_p = w.FloatSlider(value=s.top_p, min=0.05, max=1.0, step=0.05, description="top-p", style=STYLE)
-        self.max_tokens = w.IntSlider(value=s.max_new_tokens, min=1, max=400, description="max tokens", style=STYLE)
-        self.text = w.Text(placeholder="Ask something…", layout=w.Layout(width="480px"))
+                                         style=STYLE, layout=lay)
+        self.top_k = w.IntSlider(value=s.top_k, min=0, max=200, description="top-k (0 = off)", style=STYLE,
+                                 layout=lay)
+        self.top_p = w.FloatSlider(value=s.top_p, min=0.05, max=1.0, step=0.05, description="top-p", style=STYLE,
+                                   layout=lay)
+        self.max_tokens = w.IntSlider(value=s.max_new_tokens, min=1, max=400, description="max new tokens",
+                                      style=STYLE, layout=lay)
+        self.text = w.Text(placeholder="Ask something, then press Enter", layout=w.Layout(width="480px"))
         self.send = w.Button(description="Send", button_style="primary")
         self.reset_btn = w.Button(description="New conversation")
-        self.out = w.Output(layout=w.Layout(border="1px solid #ccc", min_height="120px"))
-        self.send.on_click(lambda _: self.ask(self.text.value))
+        self.transcript = w.HTML(value=self._render([]), layout=w.Layout(width="100%", max_width="900px"))
+        self._lines: list[tuple[str, str]] = []
+        self.send.on_click(lambda _: self._submit())
         self.reset_btn.on_click(lambda _: self.reset())
+        self._on_enter(self.text, self._submit)
         self.widget = w.VBox([w.HBox([self.temperature, self.top_k]), w.HBox([self.top_p, self.max_tokens]),
-                              w.HBox([self.text, self.send, self.reset_btn]), self.out])
+                              w.HBox([self.text, self.send, self.reset_btn]), self.transcript])
+
+    @staticmethod
+    def _on_enter(text, callback: Callable[[], None]) -> None:
+        # Text.on_submit fires on Enter only, on ipywidgets 7 and 8 (8 marks it deprecated but keeps it). The
+        # replacement 8 suggests, continuous_update=False + observe("value"), also fires when the box loses
+        # focus, which would send a half-typed message when the user reaches for a slider.
+        if hasattr(text, "on_submit"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                text.on_submit(lambda _: callback())
+        else:  # pragma: no cover - an ipywidgets without on_submit
+            text.continuous_update = False
+            text.observe(lambda change: callback() if change["new"].strip() else None, names="value")
 
     def _ipython_display_(self):
         from IPython.display import display
 
         display(self.widget)
 
+    def _render(self, lines: list[tuple[str, str]]) -> str:
+        import html
+
+        rows = "".join(
+            f'<div style="margin:0 0 6px 0;"><b style="color:{"#1565c0" if who == "you" else "#2e7d32"};">'
+            f"{who}:</b> {html.escape(text)}</div>" for who, text in lines) or \
+            '<div style="color:#888;">The conversation starts here: type below and press Enter.</div>'
+        # column-reverse keeps a scrolled box pinned to its newest line without any script.
+        return (f'<div style="max-height:{self.height};overflow-y:auto;display:flex;flex-direction:column-reverse;'
+                'border:1px solid #ccc;border-radius:4px;padding:6px 8px;white-space:pre-wrap;word-break:normal;'
+                f'overflow-wrap:break-word;line-height:1.4;"><div>{rows}</div></div>')
+
+    def _show(self) -> None:
+        self.transcript.value = self._render(self._lines)
+
     def _sync(self) -> None:
         self.session.sampling = dataclasses.replace(self.session.sampling, temperature=self.temperature.value,
                                                     top_k=self.top_k.value, top_p=self.top_p.value,
                                                     max_new_tokens=self.max_tokens.value)
 
-    def ask(self, message: str) -> str:
-        """Send ``message``, stream the reply into the output area and return it."""
+    def _submit(self) -> None:
+        message = self.text.value
+        if message.strip():
+            self.ask(message, echo=False)
+
+    def ask(self, message: str, echo: bool = True) -> str:
+        """Send ``message``, stream the reply into the transcript and return it; ``echo`` also prints the
+        exchange as cell output."""
         self._sync()
         self.text.value = ""
-        with self.out:
-            print(f"you: {message}")
-            print("model:", end="", flush=True)
-            parts = []
-            for piece in self.session.stream(message):
-                parts.append(piece)
-                print(piece, end="", flush=True)
-            print()
-        return "".join(parts).strip()
+        self._lines.append(("you", message))
+        self._lines.append(("model", ""))
+        self._show()
+        parts = []
+        for piece in self.session.stream(message):
+            parts.append(piece)
+            self._lines[-1] = ("model", "".join(parts).lstrip())
+            self._show()
+        reply = "".join(parts).strip()
+        self._lines[-1] = ("model", reply or "(empty reply)")
+        self._show()
+        if echo:
+            print(f"you: {message}\nmodel: {reply}")
+        return reply
 
     def reset(self) -> None:
+        """Start a new conversation: an empty context vector and an empty transcript."""
         self.session.reset()
-        self.out.clear_output()
+        self._lines = []
+        self._show()

@@ -60,7 +60,7 @@ panel
 # from its last checkpoint (a Colab disconnect loses minutes, not the run).
 
 # %%
-from newllm_nb.experiment import train_live
+from newllm_nb.notebook import train_live
 from newllm_nb.plots import history_frame
 
 cfg = panel.config()
@@ -75,10 +75,13 @@ history_frame(result.history).tail(10)
 # %%
 import pandas as pd
 
-pd.DataFrame([{"data": result.prepared.source, "params": result.params, "epochs": len(result.history),
-               "val_loss": result.metrics["loss"], "val_ppl": result.metrics["ppl"],
-               "val_acc_%": 100 * result.metrics["acc"], "tokens": result.metrics["tokens"],
-               "checkpoint": str(result.best_path)}]).T.rename(columns={0: "best weights"})
+from newllm_nb.notebook import text_table
+
+m = result.metrics
+text_table(pd.Series({"data": result.prepared.source, "parameters": f"{result.params:,}", "epochs": len(result.history),
+                      "validation loss": f"{m['loss']:.4f}", "validation PPL": f"{m['ppl']:.2f}",
+                      "validation accuracy": f"{100 * m['acc']:.1f}%", "validation tokens": f"{m['tokens']:,}",
+                      "checkpoint": result.best_path}, name="best weights").to_frame(), index=True, max_width=90)
 
 # %% [markdown]
 # ## Sampled continuations
@@ -90,7 +93,7 @@ from newllm_nb.generate import generate_batch
 prompts = ["the history of the", "in the early", "the river is"]
 texts = generate_batch(result.model, result.tokenizer, prompts, temperature=0.8, top_k=40, max_new_tokens=30,
                        seed=0, stop=())
-pd.DataFrame({"prompt": prompts, "continuation": texts})
+text_table({"prompt": prompts, "continuation": texts})
 
 # %% [markdown]
 # ## Grow the context vector
@@ -105,15 +108,20 @@ import ipywidgets as w
 
 base_dim = result.model.config.context_dim
 grow_to = w.Dropdown(options=[2 * base_dim, 3 * base_dim, 4 * base_dim], value=2 * base_dim,
-                     description="grow context to", style={"description_width": "140px"})
-extra_epochs = w.IntSlider(value=20, min=1, max=200, description="extra epochs", style={"description_width": "140px"})
+                     description="grow context to", style={"description_width": "140px"}, layout=w.Layout(width="300px"))
+extra_epochs = w.IntSlider(value=20, min=1, max=200, description="extra epochs", style={"description_width": "140px"},
+                           layout=w.Layout(width="420px"))
 display(w.VBox([grow_to, extra_epochs]))
 
+# %% [markdown]
+# Four runs follow, each with its own labelled progress bars and live plot: no growth, freeze base,
+# fine-tune all, and the wide model from scratch. Then all four side by side.
+
 # %%
-from newllm_nb.expansion import growth_experiment
+from newllm_nb.notebook import grow_live
 from newllm_nb.plots import plot_curves
 
-curves, gap = growth_experiment(result, grow_to.value, extra_epochs.value, colab.run_dir("growth", cfg))
+curves, gap = grow_live(result, grow_to.value, extra_epochs.value, cfg)
 print(f"validation loss right after growth: {gap['loss_before']:.4f} -> {gap['loss_after']:.4f} "
       f"({100 * gap['relative_change']:+.2f}%)")
 plot_curves(curves, title=f"context {base_dim} → {grow_to.value}")

@@ -53,12 +53,11 @@ panel
 # ## Train (reads the widgets' current values; re-running resumes)
 
 # %%
-from newllm_nb.experiment import train_live
+from newllm_nb.notebook import train_live
 from newllm_nb.plots import history_frame
 
 cfg = panel.config()
 result = train_live(cfg, "dolly", "New-LLM on Dolly-15k")
-print("checkpoint:", result.best_path)
 
 # %%
 history_frame(result.history).tail(10)
@@ -68,21 +67,18 @@ history_frame(result.history).tail(10)
 # Token-weighted over non-PAD targets, on the held-out 10%.
 
 # %%
-from newllm_nb.experiment import category_table
+from newllm_nb.notebook import category_table
 
-category_table(result.model, result.tokenizer, result.prepared.valid_records, cfg.data.max_seq_length,
-               result.trainer.device)
+category_table(result.model, result.tokenizer, result.prepared.valid_records, cfg.data.max_seq_length)
 
 # %% [markdown]
 # ## Answers to held-out instructions
 
 # %%
-import pandas as pd
-
-from newllm_nb.data import dolly_prompt
 from newllm_nb.generate import generate
+from newllm_nb.notebook import instruction_prompt, text_table
 
 held_out = result.prepared.valid_records[:4]
-pd.DataFrame([{"instruction": r["instruction"], "reference": r["response"],
-               "model": generate(result.model, result.tokenizer, dolly_prompt(r["instruction"], r["context"]),
-                                 temperature=0.7, top_k=40, max_new_tokens=40, seed=0)} for r in held_out])
+text_table([{"instruction": r["instruction"], "reference": r["response"],
+             "model": generate(result.model, result.tokenizer, instruction_prompt(r["instruction"], r["context"]),
+                               temperature=0.7, top_k=40, max_new_tokens=40, seed=0)} for r in held_out])

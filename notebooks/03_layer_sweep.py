@@ -44,7 +44,7 @@ from IPython.display import display
 
 from newllm_nb.widgets import TrainingPanel, choice_boxes
 
-panel = TrainingPanel("seed_wikitext")
+panel = TrainingPanel("seed_wikitext", hide=("layers",))  # the layer count comes from the checkboxes below
 layer_row, chosen_layers = choice_boxes(list(range(1, 9)), [1, 4, 5, 6, 7], "FNN layers")
 arch_row, chosen_archs = choice_boxes(["newllm", "lstm", "transformer"], ["newllm"], "model families")
 display(panel.widget, layer_row, arch_row)
@@ -53,12 +53,9 @@ display(panel.widget, layer_row, arch_row)
 # ## Run the sweep (reads the widgets' current values)
 
 # %%
-from newllm_nb.plots import LivePlot
-from newllm_nb.sweep import run_sweep
+from newllm_nb.notebook import sweep_live
 
-cfg = panel.config()
-results = run_sweep(cfg, chosen_layers(), colab.run_dir("sweep", cfg), archs=chosen_archs(),
-                    on_run_start=lambda arch, n: [LivePlot(f"{arch}, {n} layers").update])
+results = sweep_live(panel.config(), chosen_layers(), chosen_archs())
 
 # %% [markdown]
 # ## Results beside the seed's published table

@@ -41,7 +41,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # %%
 import ipywidgets as w
 
-from newllm_nb.experiment import latest_checkpoint
+from newllm_nb.notebook import latest_checkpoint
 
 default = latest_checkpoint("dolly")
 path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensors", description="checkpoint",
@@ -50,21 +50,21 @@ path_box
 
 # %%
 from newllm_nb.checkpoint import load_model
-from newllm_nb.experiment import run_experiment
 from newllm_nb.config import preset
+from newllm_nb.notebook import train_live
 
 if path_box.value.strip():
     model, tokenizer, ckpt = load_model(path_box.value.strip())
     print("loaded", ckpt.path, "| trained epochs:", len(ckpt.history))
 else:
     print("No checkpoint from notebook 02 yet: training a small Dolly model so this notebook still works.")
-    demo = run_experiment(preset("seed_dolly", train__epochs=3, train__batch_size=32, train__show_progress=False),
-                          colab.run_dir("chat-demo"))
+    demo = train_live(preset("seed_dolly", train__epochs=3, train__batch_size=32), "chat-demo")
     model, tokenizer = demo.model.cpu().eval(), demo.tokenizer
 
 # %% [markdown]
 # ## Chat
-# Type below and press **Send**; sliders change sampling for the next reply.
+# Type below and press **Enter** (or Send); the sliders change sampling for the next reply, **New conversation**
+# empties the context vector.
 
 # %%
 from newllm_nb.generate import ChatSession
@@ -74,11 +74,18 @@ chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_ne
 chat
 
 # %% [markdown]
-# Headless (or just to see it work), the same function the button calls answers two fixed prompts:
+# Headless (or just to see it work), the function Enter calls answers two fixed prompts, each in a
+# conversation of its own, on a second panel that is not shown: the chat above stays yours.
 
 # %%
-import pandas as pd
+from newllm_nb.notebook import text_table
 
+demo_chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_new_tokens=60, seed=0))
 prompts = ["What does a river otter eat?", "Give me ideas for a weekend by the sea."]
-display(pd.DataFrame({"prompt": prompts, "reply": [chat.ask(p) for p in prompts]}))
-print("context vector shape after", len(chat.session.turns), "turns:", tuple(chat.session.context.shape))
+replies = []
+for p in prompts:
+    demo_chat.reset()
+    replies.append(demo_chat.ask(p, echo=False))
+    print(f"context vector after one turn: {tuple(demo_chat.session.context.shape)}, "
+          f"{demo_chat.session.tokens_read} tokens read")
+text_table({"prompt": prompts, "reply": replies})

@@ -6,6 +6,7 @@ kernels from Philox inside the kernel), so the curves agree in distribution, not
 prints the mean loss of each over the last 100 steps and the mean absolute gap between their smoothed curves.
 
     python benchmarks/fused_loss_curve.py --file ../shared/data/wikitext-2/valid.txt   # on a CUDA GPU
+    python benchmarks/fused_loss_curve.py --from-csv benchmarks/results/fused_vs_graph_loss.csv --device "NVIDIA H100"
 """
 
 from __future__ import annotations
@@ -66,18 +67,25 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--paths", default="graph,fused", help="two TrainConfig.fast_path values to overlay")
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--from-csv", help="redraw the plot from a CSV this script wrote (no training)")
+    ap.add_argument("--device", help="device name for the title (default: this machine's)")
     args = ap.parse_args()
     curves = {}
+    if args.from_csv:
+        df = pd.read_csv(args.from_csv)
+        curves = {k: df[k].tolist() for k in args.paths.split(",")}
     for fp in args.paths.split(","):
-        losses, used, secs = run(args.file, args.preset, fp, args.steps, args.seed)
-        curves[fp] = losses
-        print(f"{fp:8s} ({used}): {len(losses)} steps in {secs:.1f}s | first {losses[0]:.4f} | "
-              f"mean of the last 100 {sum(losses[-100:]) / len(losses[-100:]):.4f}", flush=True)
+        if not args.from_csv:
+            losses, used, secs = run(args.file, args.preset, fp, args.steps, args.seed)
+            curves[fp] = losses
+            print(f"{fp:8s} ({used}): {len(losses)} steps in {secs:.1f}s", flush=True)
+        losses = curves[fp]
+        print(f"{fp:8s} first {losses[0]:.4f} | mean of the last 100 {sum(losses[-100:]) / len(losses[-100:]):.4f}")
     a, b = (curves[k] for k in args.paths.split(","))
     n = min(len(a), len(b))
     gap = float((smooth(a[:n]) - smooth(b[:n])).abs().mean())
     print(f"mean |smoothed {args.paths.replace(',', ' - ')}| over {n} steps: {gap:.4f}")
-    dev = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = args.device or device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(args.out_dir, exist_ok=True)
     df = pd.DataFrame({"step": range(1, n + 1), **{k: v[:n] for k, v in curves.items()}})
     df.to_csv(os.path.join(args.out_dir, "fused_vs_graph_loss.csv"), index=False)

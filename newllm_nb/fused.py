@@ -478,35 +478,74 @@ def kernel_uniforms(seed: torch.Tensor, stream: int, shape: tuple) -> torch.Tens
     return out.view(shape)
 
 
-# -- generation: one token per launch sequence, split over the hidden / context columns ----------------------------
+# -- generation: a token is 3 + (L - 1) launches, each split over output columns so the weights stream into many SMs
 @triton.jit
-def _dec_layer_kernel(a_ptr, w_ptr, b_ptr, tok_ptr, out_ptr, B, K, H, GATHER: tl.constexpr, IEEE: tl.constexpr,
+def _dec_in_kernel(table_ptr, tok_ptr, pmax_ptr, pidx_ptr, flag_ptr, xs_ptr, ctx_ptr, lnw_ptr, lnb_ptr, wc_ptr,
+                   out_ptr, h_ptr, B, C, H, NV, out_stride, clamp, eps,
+                   FROM_HEAD: tl.constexpr, WRITE_OUT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
+                   BN: tl.constexpr, BCF: tl.constexpr, BNV: tl.constexpr):
+    """Start of a token: its id (FROM_HEAD: the argmax over the previous head launch's per-tile maxima), the
+    context c_{t-1} = clamp(LayerNorm(x_{t-1})) (or the given context while ``flag`` says it is fresh), then
+    layer 1's column tile: relu(table[tok] + W_c c). Every program recomputes the (cheap) LayerNorm of its rows,
+    so no program waits for another; the first column tile also stores c_{t-1} and the token."""
+    pid_n = tl.program_id(0)
+    ncol = pid_n * BN + tl.arange(0, BN)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, nm = rows < B, ncol < H
+    fresh = tl.load(flag_ptr) != 0
+    tok = tl.load(tok_ptr + rows, mask=rm, other=0)
+    if FROM_HEAD:
+        vt = tl.arange(0, BNV)
+        pm = tl.load(pmax_ptr + vt[:, None] * B + rows[None, :], mask=(vt < NV)[:, None] & rm[None, :],
+                     other=float("-inf"))
+        best = tl.argmax(pm, 0)  # the first tile holding the row's maximum: torch.argmax's tie rule
+        tok = tl.where(fresh, tok, tl.load(pidx_ptr + best * B + rows, mask=rm, other=0))
+    tok = tok.to(tl.int64)
+    cols = tl.arange(0, BCF)
+    cm = cols < C
+    m2 = rm[:, None] & cm[None, :]
+    x = tl.load(xs_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    mean = tl.sum(x, 1) / C
+    d = tl.where(m2, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+    lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+    lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+    y = tl.minimum(tl.maximum(d * rstd[:, None] * lw[None, :] + lb[None, :], -clamp), clamp)
+    c = tl.where(fresh, tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0), y)
+    if pid_n == 0:
+        tl.store(ctx_ptr + rows[:, None] * C + cols[None, :], c, mask=m2)
+        tl.store(tok_ptr + rows, tok, mask=rm)
+        if WRITE_OUT:
+            tl.store(out_ptr + rows * out_stride, tok, mask=rm)
+    o2 = rm[:, None] & nm[None, :]
+    acc = tl.load(table_ptr + tok[:, None] * H + ncol[None, :], mask=o2, other=0.0).to(tl.float32)
+    w = tl.load(wc_ptr + ncol[None, :] * C + cols[:, None], mask=cm[:, None] & nm[None, :], other=0.0)
+    acc = _mm(c.to(w.dtype), w, acc, IEEE)
+    tl.store(h_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty), mask=o2)
+
+
+@triton.jit
+def _dec_layer_kernel(a_ptr, w_ptr, b_ptr, out_ptr, B, K, H, IEEE: tl.constexpr,
                       BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[:, n-tile] = relu(bias + a @ w^T) for one layer of one token; GATHER: bias is the row tok[b] of
-    the vocab x H table (layer 1's embedding half with its bias), ``a`` the fp32 context."""
+    """out[:, n-tile] = relu(b + a @ w^T): FNN layers 2..L of one token."""
     ncol = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = tl.program_id(1) * BB + tl.arange(0, BB)
     rm, nm = rows < B, ncol < H
-    o2 = rm[:, None] & nm[None, :]
-    wdt = w_ptr.dtype.element_ty
-    if GATHER:
-        tok = tl.load(tok_ptr + rows, mask=rm, other=0).to(tl.int64)
-        acc = tl.load(b_ptr + tok[:, None] * H + ncol[None, :], mask=o2, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros([BB, BN], tl.float32) + tl.load(b_ptr + ncol, mask=nm, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros([BB, BN], tl.float32) + tl.load(b_ptr + ncol, mask=nm, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, K, BK):
         kc = k0 + tl.arange(0, BK)
         km = kc < K
-        a = tl.load(a_ptr + rows[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(wdt)
+        a = tl.load(a_ptr + rows[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + ncol[None, :] * K + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
         acc = _mm(a, w, acc, IEEE)
-    tl.store(out_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty), mask=o2)
+    tl.store(out_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty),
+             mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
-def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, c_ptr, xs_ptr, B, C, H, IEEE: tl.constexpr,
+def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
                      BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """x[:, c-tile] = sigmoid(f) c + sigmoid(i) u for one token (the LayerNorm follows in _dec_ln_kernel)."""
+    """x[:, c-tile] = sigmoid(f) c_{t-1} + sigmoid(i) u; the LayerNorm runs at the start of the next token."""
     cols = tl.program_id(0) * BC + tl.arange(0, BC)
     rows = tl.program_id(1) * BB + tl.arange(0, BB)
     rm, cm = rows < B, cols < C
@@ -522,32 +561,52 @@ def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, c_ptr, xs_ptr, B, C, H, IEEE: tl.con
         f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
         i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
         u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
-    c = tl.load(c_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    c = tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
     tl.store(xs_ptr + rows[:, None] * C + cols[None, :], tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=m2)
+    if tl.program_id(0) + tl.program_id(1) == 0:
+        tl.store(flag_ptr, 0)  # from now on the context is LayerNorm(x)
 
 
 @triton.jit
-def _dec_ln_kernel(xs_ptr, lnw_ptr, lnb_ptr, c_ptr, B, C, clamp, eps, BB: tl.constexpr, BC: tl.constexpr):
-    """c = clamp(LayerNorm(x)) for whole rows (BC >= C)."""
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    cols = tl.arange(0, BC)
-    rm, cm = rows < B, cols < C
-    m2 = rm[:, None] & cm[None, :]
-    x = tl.load(xs_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
-    mean = tl.sum(x, 1) / C
-    d = tl.where(m2, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
-    lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
-    lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-    y = d * rstd[:, None] * lw[None, :] + lb[None, :]
-    tl.store(c_ptr + rows[:, None] * C + cols[None, :], tl.minimum(tl.maximum(y, -clamp), clamp), mask=m2)
+def _dec_head_kernel(h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Greedy head: this vocab tile's logits (rounded to the model dtype, as the torch head returns them) and
+    each row's maximum and its first index, for the next token's _dec_in_kernel to reduce."""
+    pid_v = tl.program_id(0)
+    vcol = pid_v * BV + tl.arange(0, BV)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, vm = rows < B, vcol < V
+    acc = tl.zeros([BB, BV], tl.float32) + tl.load(b_ptr + vcol, mask=vm, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, H, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < H
+        a = tl.load(h_ptr + rows[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + vcol[None, :] * H + kc[:, None], mask=km[:, None] & vm[None, :], other=0.0)
+        acc = _mm(a, w, acc, IEEE)
+    lg = tl.where(vm[None, :], acc.to(h_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+    tl.store(pmax_ptr + pid_v * B + rows, tl.max(lg, 1), mask=rm)
+    tl.store(pidx_ptr + pid_v * B + rows, (pid_v * BV + tl.argmax(lg, 1)).to(tl.int64), mask=rm)
+
+
+def _head_weights(model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(W [V, H], b) where the head is one linear map of h (an nn.Linear, or a tied head without projection)."""
+    head = model.head
+    if isinstance(head, torch.nn.Linear) and head.bias is not None:
+        return head.weight.detach(), head.bias.detach()
+    if getattr(head, "proj", "absent") is None and hasattr(head, "_embed"):
+        return head._embed[0].weight.detach(), head.bias.detach()
+    return None
 
 
 class FusedCell:
-    """The model's single-token update ``(token_ids [B], context [B, C]) -> (h_N [B, H], new context)`` as
-    L + 2 Triton launches, the context updated in place in ``self.ctx``. Layer 1's embedding half
-    (bias included) is a precomputed vocab x hidden table, so a token costs a row read, not a matmul.
-    Weights are snapshotted at construction, in the model's own dtype (no autocast in generation)."""
+    """The model's single-token update as Triton launches over a batch of ``batch_size`` rows, state on the device.
+
+    ``set_context(c)`` starts from a context; ``cell(tok)`` advances by the tokens ``tok`` [B] and returns the
+    last layer's output [B, H] (for the model's head); ``greedy()`` advances by the argmax of the previous head
+    launch and runs the head itself (no logits tensor, no argmax kernel); ``context()`` is c_t. The state is
+    kept as x_t (LayerNorm's input): the next token's first launch normalizes it, which saves a launch a token.
+    Layer 1's embedding half (bias included) is a precomputed vocab x hidden table. Weights are taken at
+    construction, in the model's own dtype (generation runs without autocast): rebuild after training."""
 
     def __init__(self, model, batch_size: int) -> None:
         cfg = model.config
@@ -555,8 +614,7 @@ class FusedCell:
             raise ValueError("the fused cell has no context_tanh")
         E, C, H = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim
         W1 = model.fnn[0].weight.detach()
-        dt = W1.dtype
-        dev = W1.device
+        dt, dev = W1.dtype, W1.device
         with torch.no_grad():
             self.table = torch.nn.functional.linear(model.embed.weight.detach(), W1[:, :E],
                                                     model.fnn[0].bias.detach()).contiguous()
@@ -565,43 +623,89 @@ class FusedCell:
         self.Wg, self.bg = model.gates.weight.detach().contiguous(), model.gates.bias.detach().contiguous()
         self.lnw = model.norm.weight.detach().float().contiguous()
         self.lnb = model.norm.bias.detach().float().contiguous()
+        hw = _head_weights(model)
+        self.head_w, self.head_b = (hw[0].contiguous(), hw[1].contiguous()) if hw is not None else (None, None)
         self.B, self.C, self.H, self.dt = batch_size, C, H, dt
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.ctx = torch.zeros(batch_size, C, dtype=torch.float32, device=dev)
+        self.xs = torch.zeros(batch_size, C, dtype=torch.float32, device=dev)
+        self.flag = torch.ones(1, dtype=torch.int32, device=dev)
         self.hs = [torch.empty(batch_size, H, dtype=dt, device=dev) for _ in range(1 + len(self.layers))]
-        self.xs = torch.empty(batch_size, C, dtype=torch.float32, device=dev)
-        # Small batches: narrow column tiles so the weights are read by many SMs at once (a GEMV is bound
-        # by how fast the weights stream in, not by FLOPs).
+        # Small batches: narrow column tiles so that many SMs read the weights at once (a GEMV is bound by how
+        # fast the weights stream in, not by FLOPs).
         self.BB = 16 if batch_size <= 16 else 32 if batch_size <= 64 else 64
-        self.BN = 16 if _INTERPRET else 32
-        self.BK = 32 if _INTERPRET else 64
+        self.BN, self.BK, self.BV = 32, 64, 64
+        self.V = self.head_w.shape[0] if self.head_w is not None else 0
+        self.NV = triton.cdiv(self.V, self.BV)
+        self.pmax = torch.zeros(max(self.NV, 1), batch_size, dtype=torch.float32, device=dev)
+        self.pidx = torch.zeros(max(self.NV, 1), batch_size, dtype=torch.long, device=dev)
         self.ieee = dt == torch.float32
 
-    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
-        """Advance ``self.ctx`` by the tokens ``tok`` [B] (int64); returns the last layer's output [B, H]."""
+    def set_context(self, context: torch.Tensor, tok: Optional[torch.Tensor] = None) -> None:
+        """Start from ``context`` [B, C] (and, for ``greedy``, the first token ``tok`` [B])."""
+        self.ctx.copy_(context)
+        if tok is not None:
+            self.tok.copy_(tok)
+        self.flag.fill_(1)
+
+    def context(self) -> torch.Tensor:
+        """c_t after the last token: clamp(LayerNorm(x_t)), or the context given to ``set_context``."""
+        if int(self.flag) != 0:
+            return self.ctx.clone()
+        y = torch.nn.functional.layer_norm(self.xs, (self.C,), self.lnw, self.lnb, LN_EPS)
+        return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+
+    def _advance(self, tok: torch.Tensor, out_col: Optional[torch.Tensor], from_head: bool) -> torch.Tensor:
         B, C, H = self.B, self.C, self.H
         nb = triton.cdiv(B, self.BB)
-        _dec_layer_kernel[(triton.cdiv(H, self.BN), nb)](self.ctx, self.Wc, self.table, tok, self.hs[0], B, C, H,
-                                                         GATHER=True, IEEE=self.ieee, BB=self.BB, BN=self.BN,
-                                                         BK=self.BK)
+        grid_h = (triton.cdiv(H, self.BN), nb)
+        out = out_col if out_col is not None else self.tok
+        _dec_in_kernel[grid_h](self.table, tok, self.pmax, self.pidx, self.flag, self.xs, self.ctx, self.lnw,
+                               self.lnb, self.Wc, out, self.hs[0], B, C, H, self.NV,
+                               out.stride(0) if out.dim() else 1, CONTEXT_CLAMP, LN_EPS,
+                               FROM_HEAD=from_head, WRITE_OUT=out_col is not None, IEEE=self.ieee, BB=self.BB,
+                               BN=self.BN, BCF=max(16, triton.next_power_of_2(C)),
+                               BNV=max(2, triton.next_power_of_2(self.NV)))
         for j, (w, b) in enumerate(self.layers):
-            _dec_layer_kernel[(triton.cdiv(H, self.BN), nb)](self.hs[j], w, b, tok, self.hs[j + 1], B, H, H,
-                                                             GATHER=False, IEEE=self.ieee, BB=self.BB, BN=self.BN,
-                                                             BK=self.BK)
-        _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs, B, C, H,
-                                                        IEEE=self.ieee, BB=self.BB, BC=self.BN, BK=self.BK)
-        _dec_ln_kernel[(nb,)](self.xs, self.lnw, self.lnb, self.ctx, B, C, CONTEXT_CLAMP, LN_EPS, BB=self.BB,
-                              BC=max(16, triton.next_power_of_2(C)))
+            _dec_layer_kernel[grid_h](self.hs[j], w, b, self.hs[j + 1], B, H, H, IEEE=self.ieee, BB=self.BB,
+                                      BN=self.BN, BK=self.BK)
+        _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs, self.flag,
+                                                        B, C, H, IEEE=self.ieee, BB=self.BB, BC=self.BN, BK=self.BK)
         return self.hs[-1]
+
+    def __call__(self, tok: torch.Tensor, out_col: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Advance by the tokens ``tok`` [B] (int64; written to ``out_col`` too); returns h_N [B, H]."""
+        return self._advance(tok, out_col, from_head=False)
+
+    def greedy(self, out_col: Optional[torch.Tensor] = None) -> None:
+        """Advance by the current token (``set_context``'s, else the argmax of the last head), written to
+        ``out_col``, and run the head for the next one. Needs a linear head (see ``_head_weights``)."""
+        if self.head_w is None:
+            raise ValueError("greedy() needs a head that is one linear map (no tied projection)")
+        h = self._advance(self.tok, out_col, from_head=True)
+        _dec_head_kernel[(self.NV, triton.cdiv(self.B, self.BB))](h, self.head_w, self.head_b, self.pmax, self.pidx,
+                                                                  self.B, self.H, self.V, IEEE=self.ieee, BB=self.BB,
+                                                                  BV=self.BV, BK=self.BK)
+
+    def next_tokens(self) -> torch.Tensor:
+        """The argmax of the last ``greedy`` head (what the next ``greedy`` reads), for checks."""
+        best = self.pmax.argmax(0)
+        return self.pidx.gather(0, best[None]).squeeze(0)
 
 
 class FusedDecoder:
-    """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps (fused cell, output head,
-    greedy / Gumbel-max sampling) captured in one CUDA graph and replayed for any number of tokens.
-    Device memory is constant: ids leave the GPU chunk by chunk into pinned host memory."""
+    """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps captured in one CUDA graph and
+    replayed for any number of tokens; device memory is constant (ids leave chunk by chunk into host memory).
+    Greedy decoding (temperature 0, linear head) is all Triton: 3 + (L - 1) launches a token, the head's argmax
+    reduced inside the next token's first launch. Sampling runs the model's head and Gumbel-max in torch.
+    ``use_graph=False`` runs the same launches without capture (CPU under Triton's interpreter)."""
 
-    def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0) -> None:
+    def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0,
+                 use_graph: bool = True) -> None:
         self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
         self.cell = FusedCell(model, batch_size)
+        self.use_graph = use_graph
+        self.fused_head = temperature == 0 and self.cell.head_w is not None
         dev = self.cell.ctx.device
         self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.out = torch.empty(batch_size, chunk, dtype=torch.long, device=dev)
@@ -611,15 +715,18 @@ class FusedDecoder:
     def _body(self) -> None:
         from .generate import _sample_ids
 
+        if self.fused_head:
+            for j in range(self.chunk):
+                self.cell.greedy(self.out[:, j])
+            return
         t = self.tok
         for j in range(self.chunk):
-            self.out[:, j] = t
-            lg = self.model.head(self.cell(t))
+            lg = self.model.head(self.cell(t, self.out[:, j]))
             t = _sample_ids(lg, self.temperature, None)
         self.tok.copy_(t)
 
     def _capture(self) -> None:
-        saved = self.tok.clone(), self.cell.ctx.clone()
+        saved = self.tok.clone(), self.cell.tok.clone(), self.cell.ctx.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles the kernels and warms the allocator outside the capture
@@ -629,22 +736,30 @@ class FusedDecoder:
         with torch.cuda.graph(self.graph):
             self._body()
         self.tok.copy_(saved[0])
-        self.cell.ctx.copy_(saved[1])
+        self.cell.set_context(saved[2], saved[1])
 
     @torch.no_grad()
     def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
         from .generate import _sample_ids, prime
 
         logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
-        torch.cuda.manual_seed(seed)  # the graph draws from the default CUDA generator (philox offsets)
+        cuda = self.tok.device.type == "cuda"
+        if cuda:
+            torch.cuda.manual_seed(seed)  # sampling draws from the default CUDA generator (philox offsets)
+        else:
+            torch.manual_seed(seed)
         self.tok.copy_(_sample_ids(logits, self.temperature, None))
-        self.cell.ctx.copy_(ctx)
-        if self.graph is None:
+        self.cell.set_context(ctx, self.tok)
+        if self.use_graph and self.graph is None:
             self._capture()
-        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=True)
+        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=cuda)
         for i in range(0, max_new_tokens, self.chunk):
-            self.graph.replay()
+            if self.use_graph:
+                self.graph.replay()
+            else:
+                self._body()
             n = min(self.chunk, max_new_tokens - i)
-            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=True)
-        torch.cuda.synchronize()
+            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
         return out

@@ -184,18 +184,37 @@ def _check_decode_cell_matches_model_step():
                                      init_std=0.3)).eval()
     cell = FusedCell(m, batch_size=3)
     c = torch.randn(3, 12)
-    cell.ctx.copy_(c)
+    cell.set_context(c)
     with torch.no_grad():
         for _ in range(3):
             tok = torch.randint(4, 40, (3,))
             ref_logits, c = m.step(tok, c)
             logits = m.head(cell(tok))
-            _close([logits, cell.ctx], [ref_logits, c], ["logits", "context"])
+            _close([logits, cell.context()], [ref_logits, c], ["logits", "context"])
+
+
+def _check_greedy_decode_matches_eager():
+    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb.fused import FusedDecoder
+    from newllm_nb.generate import decode_ids
+
+    for tie, layers in ((False, 1), (True, 2)):  # nn.Linear head; tied head (embed = hidden: no projection)
+        torch.manual_seed(1)
+        m = ContextVectorLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=12, hidden_dim=20,
+                                         num_layers=layers, init_std=0.5, tie_embeddings=tie)).eval()
+        prompt = torch.randint(4, 150, (3, 4))
+        ref = decode_ids(m, prompt, 12, use_graph=False)
+        dec = FusedDecoder(m, batch_size=3, chunk=5, use_graph=False)
+        assert dec.fused_head, "a linear head decodes greedily in the kernels"
+        out = dec.run(prompt, 12)
+        assert torch.equal(out, ref), (out, ref)
+        sampled = FusedDecoder(m, batch_size=3, chunk=5, temperature=0.8, use_graph=False).run(prompt, 12, seed=3)
+        assert sampled.shape == (3, 12) and not torch.equal(sampled, ref)
 
 
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_matches_bptt_with_resets, _check_matches_bptt_one_layer_hs_only, _check_dropout_matches_masked_reference,
-    _check_model_loop_with_every_dropout, _check_decode_cell_matches_model_step)}
+    _check_model_loop_with_every_dropout, _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager)}
 
 
 def _interpreter_main() -> None:

@@ -77,6 +77,8 @@ def _bar_class(base: type) -> type:
 
                 self._slot = display(self.container, display_id=True)
                 self.displayed = True
+            if getattr(self, "container", None) is not None:  # a long run label keeps to one line
+                self.container.children[0].layout.flex = "0 0 auto"
 
         def close(self):
             super().close()

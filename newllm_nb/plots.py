@@ -8,6 +8,7 @@ from typing import Optional
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_ppl", "val_acc", "tokens_per_s", "seconds", "lr"]
 
@@ -81,9 +82,11 @@ class LivePlot:
         for ax in (self.ax_loss, self.ax_ppl):
             ax.clear()
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
         spe = self._steps_per_epoch()
         if not steps.empty:
-            self.ax_loss.plot(steps["step"], steps["loss"], color="C0", alpha=0.35, lw=0.8, label="train (per step)")
+            self.ax_loss.plot(steps["step"], steps["loss"], color="C0", alpha=0.45, lw=0.9,
+                              marker="." if len(steps) < 60 else None, label="train (per step)")
             if len(steps) >= 10:
                 smooth = steps["loss"].rolling(max(2, len(steps) // 20), min_periods=1).mean()
                 self.ax_loss.plot(steps["step"], smooth, color="C0", lw=1.6, label="train (smoothed)")
@@ -99,6 +102,7 @@ class LivePlot:
                     self.ax_loss.plot(x, hist["train_loss"], "o-", color="C0", label="train (epoch)")
             self.ax_loss.plot(x, hist["val_loss"], "o-", color="C1", label="validation (epoch)")
             self.ax_ppl.plot(hist["epoch"], hist["val_ppl"], "o-", color="C2")
+            self.ax_ppl.set_xlim(hist["epoch"].min() - 0.5, hist["epoch"].max() + 0.5)
             best = hist["val_ppl"].idxmin()
             self.ax_ppl.set_title(f"best val PPL {hist['val_ppl'][best]:.2f} (epoch {hist['epoch'][best]})",
                                   fontsize=9)

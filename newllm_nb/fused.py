@@ -20,9 +20,11 @@ Mixed precision as in ``recurrence.py``: matmul operands in ``x_proj.dtype`` (bf
 fp32 otherwise, then with IEEE fp32 dots so the fp32 path is not silently TF32), accumulation, gate
 math, LayerNorm and the carried context in fp32.
 
-Generation: ``FusedDecoder`` (``generate.GraphDecoder``'s interface) runs the same forward kernel for one
-token with the embedding half of layer 1 read from a precomputed vocab x hidden table (bias included),
-inside a CUDA graph.
+Generation: ``FusedDecoder`` (``generate.GraphDecoder``'s interface) decodes inside a CUDA graph with
+``FusedCell``: a token is 3 + (L - 1) launches split over output columns (a batch-1 step is a GEMV, bound by
+how fast the weights reach the SMs, so they must be spread over many), the embedding half of layer 1 read
+from a precomputed vocab x hidden table (bias included), LayerNorm and the greedy argmax folded into the next
+token's first launch.
 
 Triton is an optional dependency: import this module only where ``import triton`` works.
 """
@@ -129,7 +131,7 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
             if SAVE:
                 tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
             if CTX_DROP:
-                r = tl.rand(seed + L, (tB + rows)[:, None] * C + cols[None, :])
+                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
                 c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
             tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
         tl.debug_barrier()
@@ -165,7 +167,7 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
                     acc = _mm(a, w, acc, IEEE)
                 h = tl.maximum(acc, 0.0)
                 if DROP:
-                    r = tl.rand(seed + j, (tB + rows)[:, None] * H + ncol[None, :])
+                    r = tl.rand(seed + j, (tB + r64)[:, None] * H + ncol[None, :])
                     h = tl.where(r >= p, h * scale, 0.0)
                 tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt),
                          mask=rm[:, None] & nm[None, :])
@@ -350,7 +352,7 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
                 w = tl.load(wc_ptr + kc[:, None] * C + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
                 acc = _mm(a, w, acc, IEEE)
             if CTX_DROP:
-                r = tl.rand(seed + L, (tB + rows)[:, None] * C + cols[None, :])
+                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
                 acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
             dcp = dc_ptr + r64[:, None] * C + cols[None, :]
             dc = tl.load(dcp, mask=m2, other=0.0) + acc

@@ -397,6 +397,8 @@ class FusedRecurrence(torch.autograd.Function):
         B, T, H = x_proj.shape
         C = c0.shape[1]
         dt, dev = x_proj.dtype, x_proj.device
+        if dt == torch.bfloat16 and not bf16_supported(dev):
+            raise RuntimeError("the fused kernels need sm_80+ for bf16 matmuls: train this GPU in fp16 or fp32")
         L = 1 + len(layers) // 2
         xp = x_proj.contiguous()
         Wc = W_c.to(dt).contiguous()

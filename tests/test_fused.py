@@ -250,6 +250,15 @@ def test_kernels_under_triton_interpreter(interpreter_results, check):
     assert res == "ok", res
 
 
+def test_fused_available_says_why_not_on_cpu():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under the interpreter every device counts as available")
+    from newllm_nb.fused import fused_available
+
+    ok, why = fused_available("cpu")
+    assert not ok and "CUDA" in why and "\n" not in why
+
+
 # -- GPU -------------------------------------------------------------------------------------------------------
 def _gpu_ok() -> tuple[bool, str]:
     if not torch.cuda.is_available():

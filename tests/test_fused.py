@@ -208,8 +208,10 @@ def _check_greedy_decode_matches_eager():
         assert dec.fused_head, "a linear head decodes greedily in the kernels"
         out = dec.run(prompt, 12)
         assert torch.equal(out, ref), (out, ref)
+        # Sampling: the same Gumbel-max draws as generate's eager decode for a seed (one CPU random stream).
         sampled = FusedDecoder(m, batch_size=3, chunk=5, temperature=0.8, use_graph=False).run(prompt, 12, seed=3)
-        assert sampled.shape == (3, 12) and not torch.equal(sampled, ref)
+        assert torch.equal(sampled, decode_ids(m, prompt, 12, temperature=0.8, seed=3, use_graph=False))
+        assert not torch.equal(sampled, ref)
 
 
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (

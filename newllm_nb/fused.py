@@ -90,17 +90,16 @@ def _mm(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
+def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
                 seed_ptr, hs_ptr, xin_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, xs_ptr,
                 B, T, C, H, p, p_ctx, clamp, eps,
-                L: tl.constexpr, GATHER: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr,
-                CTX_DROP: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+                L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
+                IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     """Forward over all T steps for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32 holds c_0 on entry
-    and c_T on exit. Saved for backward (SAVE): layer outputs hs [L, T, B, H], layer-1 context input xin
+    and c_T on exit. Saved for backward: layer outputs hs [L, T, B, H], layer-1 context input xin
     [T, B, C] (after reset and context dropout, matmul dtype), cin [T, B, C] (after reset, fp32), raw
-    gates g [T, B, 3C] fp32, LayerNorm mean / rstd [T, B]. GATHER: x_proj row b at step t is
-    xp[tok[b]] (a vocab x H table) instead of xp[b, t]."""
+    gates g [T, B, 3C] fp32, LayerNorm mean / rstd [T, B]. xs [B, C] is scratch for LayerNorm's input."""
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     rm = rows < B
@@ -109,18 +108,10 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
     dt = xin_ptr.dtype.element_ty
     scale = 1.0 / (1.0 - p)
     scale_ctx = 1.0 / (1.0 - p_ctx)
-    if GATHER:
-        xrow = tl.load(tok_ptr + rows, mask=rm, other=0).to(tl.int64)
-    if SAVE:
-        LS = T * B  # layer stride of hs: all steps are kept for backward
-    else:
-        LS = B  # one step's worth (generation)
+    LS = T * B  # layer stride of hs
     for t in range(T):
         tB = t * B
-        if SAVE:
-            srow = tB + r64
-        else:
-            srow = r64
+        srow = tB + r64  # this step's rows in the [T, B, ...] buffers
         # -- c_{t-1} after the reset; the layer-1 operand after context dropout --------------------------
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
@@ -128,8 +119,7 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
             c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
             if HAS_KEEP:
                 c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
-            if SAVE:
-                tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
+            tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
             if CTX_DROP:
                 r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
                 c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
@@ -142,12 +132,8 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
                 ncol = n0 + tl.arange(0, BN)
                 nm = ncol < H
                 if j == 0:
-                    if GATHER:
-                        acc = tl.load(xp_ptr + xrow[:, None] * H + ncol[None, :], mask=rm[:, None] & nm[None, :],
-                                      other=0.0).to(tl.float32)
-                    else:
-                        acc = tl.load(xp_ptr + (r64[:, None] * T + t) * H + ncol[None, :],
-                                      mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+                    acc = tl.load(xp_ptr + (r64[:, None] * T + t) * H + ncol[None, :],
+                                  mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
                 else:
                     acc = tl.zeros([BB, BN], tl.float32) + tl.load(bl_ptr + (j - 1) * H + ncol, mask=nm,
                                                                      other=0.0).to(tl.float32)[None, :]
@@ -191,11 +177,10 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
                 f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
                 i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
                 u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
-            if SAVE:
-                gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
-                tl.store(gp, f, mask=m2)
-                tl.store(gp + C, i, mask=m2)
-                tl.store(gp + 2 * C, u, mask=m2)
+            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            tl.store(gp, f, mask=m2)
+            tl.store(gp + C, i, mask=m2)
+            tl.store(gp + 2 * C, u, mask=m2)
             c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
             if HAS_KEEP:
                 c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
@@ -214,9 +199,8 @@ def _fwd_kernel(xp_ptr, tok_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr
             d = tl.where(m2, x - mean[:, None], 0.0)
             s2 += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(s2 / C + eps)
-        if SAVE:
-            tl.store(mu_ptr + tB + r64, mean, mask=rm)
-            tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+        tl.store(mu_ptr + tB + r64, mean, mask=rm)
+        tl.store(rs_ptr + tB + r64, rstd, mask=rm)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < C
@@ -424,9 +408,9 @@ class FusedRecurrence(torch.autograd.Function):
         XS = torch.empty(B, C, dtype=torch.float32, device=dev)
         blk = _blocks(B, C, H, dev)
         grid = (triton.cdiv(B, blk["BB"]),)
-        _fwd_kernel[grid](xp, xp, c, kp, Wc, Wl, bl, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS, XS,
+        _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS, XS,
                           B, T, C, H, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
-                          L=L, GATHER=False, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop, SAVE=True,
+                          L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop,
                           IEEE=dt == torch.float32, **_kernel_kwargs(blk))
         ctx.save_for_backward(kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS)
         ctx.cfg = (L, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype)

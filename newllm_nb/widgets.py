@@ -239,7 +239,7 @@ class ChatPanel:
         self.text = w.Text(placeholder="Ask something, then press Enter", layout=w.Layout(width="480px"))
         self.send = w.Button(description="Send", button_style="primary")
         self.reset_btn = w.Button(description="New conversation")
-        self.transcript = w.HTML(value=self._render([]), layout=w.Layout(width="100%", max_width="900px"))
+        self.transcript = w.HTML(value=self._render([]), layout=w.Layout(max_width="900px"))
         self._lines: list[tuple[str, str]] = []
         self.send.on_click(lambda _: self._submit())
         self.reset_btn.on_click(lambda _: self.reset())
@@ -249,16 +249,28 @@ class ChatPanel:
 
     @staticmethod
     def _on_enter(text, callback: Callable[[], None]) -> None:
-        # Text.on_submit fires on Enter only, on ipywidgets 7 and 8 (8 marks it deprecated but keeps it). The
-        # replacement 8 suggests, continuous_update=False + observe("value"), also fires when the box loses
-        # focus, which would send a half-typed message when the user reaches for a slider.
-        if hasattr(text, "on_submit"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                text.on_submit(lambda _: callback())
-        else:  # pragma: no cover - an ipywidgets without on_submit
-            text.continuous_update = False
-            text.observe(lambda change: callback() if change["new"].strip() else None, names="value")
+        # Enter sends the Text's "submit" message at once, while value updates typed just before it may still
+        # be queued in the browser (widget managers hold back a model's updates until the kernel has
+        # answered the previous one), so a handler that reads the value on submit can see a half-typed
+        # message. With continuous_update=False the browser sends the whole value once, right after the
+        # submit; sending on the value change that follows a submit gets the whole message, and a value
+        # committed by leaving the box (no submit) sends nothing. Same messages on ipywidgets 7 and 8
+        # (8 marks on_submit deprecated but keeps it).
+        text.continuous_update = False
+        entered = {"flag": False}
+
+        def on_submit(_) -> None:
+            entered["flag"] = True
+
+        def on_value(change) -> None:
+            if entered["flag"] and change["new"].strip():
+                entered["flag"] = False
+                callback()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            text.on_submit(on_submit)
+        text.observe(on_value, names="value")
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -274,7 +286,8 @@ class ChatPanel:
             '<div style="color:#888;">The conversation starts here: type below and press Enter.</div>'
         # column-reverse keeps a scrolled box pinned to its newest line without any script.
         return (f'<div style="max-height:{self.height};overflow-y:auto;display:flex;flex-direction:column-reverse;'
-                'border:1px solid #ccc;border-radius:4px;padding:6px 8px;white-space:pre-wrap;word-break:normal;'
+                'border:1px solid #ccc;border-radius:4px;padding:6px 8px;box-sizing:border-box;white-space:pre-wrap;'
+                'word-break:normal;'
                 f'overflow-wrap:break-word;line-height:1.4;"><div>{rows}</div></div>')
 
     def _show(self) -> None:

@@ -192,7 +192,11 @@ def _screenshots(driver, shots: Path, stem: str) -> list[Path]:
     scroller = PANEL + "const s = panel.content.outerNode || panel.content.node;"
     height = driver.execute_script(scroller + "s.scrollTop = 0; return s.scrollHeight;")
     view = driver.execute_script(scroller + "return s.clientHeight;")
-    for k, top in enumerate(range(0, max(height, 1), max(view - 80, 200))):
+    step = max(view - 80, 200)
+    tops = list(range(0, max(height - view, 0) + 1, step))
+    if tops[-1] < height - view:
+        tops.append(height - view)
+    for k, top in enumerate(tops):
         driver.execute_script(scroller + f"s.scrollTop = {top};")
         time.sleep(0.4)
         path = shots / f"{stem}-{k + 1:02d}.png"

@@ -95,3 +95,150 @@ def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
     cfg, seed = p.config(), preset("seed_wikitext")
     assert (cfg.model, cfg.data) == (seed.model, seed.data)  # unset input/output dropout stays unset (None)
     assert cfg.train.lr is None and cfg.train.batch_size == seed_batch and cfg.train.ema_decay == 0.0
+
+
+def test_sweep_panel_leaves_out_the_layer_slider_it_does_not_use():
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.widgets import TrainingPanel
+
+    def shown(widget):
+        return [widget] + [x for child in getattr(widget, "children", ()) for x in shown(child)]
+
+    p = TrainingPanel("seed_wikitext", hide=("layers",))
+    assert p.layers not in shown(p.widget) and p.epochs in shown(p.widget)
+    assert p.config().model.num_layers == 4  # the recipe's value stays in the config
+    full = TrainingPanel("seed_wikitext")
+    assert full.layers in shown(full.widget)
+    with pytest.raises(ValueError, match="hide="):
+        TrainingPanel("seed_wikitext", hide=("layer",))
+
+
+class _EchoSession:
+    """Stands in for generate.ChatSession: replies 'echo <message>' in two pieces."""
+
+    def __init__(self):
+        from newllm_nb.generate import Sampling
+
+        self.sampling, self.turns = Sampling(), []
+
+    def stream(self, message):
+        yield "echo "
+        yield message
+        self.turns.append(message)
+
+    def reset(self):
+        self.turns = []
+
+
+def _press_enter(text):
+    text._handle_string_msg(None, {"event": "submit"}, [])  # what the browser sends when Enter is pressed
+
+
+def test_chat_panel_sends_on_enter_with_the_whole_message_and_not_on_leaving_the_box():
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.widgets import ChatPanel
+
+    chat = ChatPanel(_EchoSession())
+    assert chat.text.continuous_update is False and "starts here" in chat.transcript.value
+    chat.text.value = "typed, then the box lost focus"  # a value committed without Enter sends nothing
+    assert chat.session.turns == []
+    # Enter: the submit message first, then the whole value (continuous_update=False sends it once).
+    _press_enter(chat.text)
+    chat.text.value = "Name three birds & <fish>"
+    assert chat.session.turns == ["Name three birds & <fish>"] and chat.text.value == ""
+    assert "echo Name three birds &amp; &lt;fish&gt;" in chat.transcript.value  # shown, escaped
+    assert "max-height" in chat.transcript.value and "overflow-y:auto" in chat.transcript.value  # bounded box
+    _press_enter(chat.text)  # Enter on an empty box sends nothing
+    chat.text.value = "   "
+    assert len(chat.session.turns) == 1
+    chat.reset()
+    assert chat.session.turns == [] and "starts here" in chat.transcript.value
+
+
+def test_text_table_shows_whole_left_aligned_text_without_touching_pandas_options():
+    import pandas as pd
+
+    from newllm_nb.notebook import text_table
+
+    long = "a continuation " * 12 + "that ends here"
+    before = pd.get_option("display.max_colwidth")
+    t = text_table({"prompt": ["the river is"], "continuation": [long + " <b>"]})
+    html = t._repr_html_()
+    assert long in html and "&lt;b&gt;" in html and "text-align:left" in html and "white-space:pre-wrap" in html
+    assert "…" not in html and "..." not in html
+    assert "that ends here" in repr(t) and pd.get_option("display.max_colwidth") == before
+
+
+def test_every_badge_and_clone_line_names_the_one_repository():
+    from newllm_nb import colab
+
+    assert colab.stale_links() == [], "run `python -m newllm_nb.colab --relink`"
+    for nb in NOTEBOOKS:
+        for path in (nb, nb.with_suffix(".py")):
+            text = path.read_text()
+            assert colab.badge_url(nb.stem) in text, f"{path.name} has no Colab badge for {colab.REPOSITORY}"
+            assert f"git clone -q --depth 1 {colab.clone_url()} " in text, f"{path.name} clones another repository"
+    fork = colab.relink_text(NOTEBOOKS[1].read_text(), "someone/fork", "dev")
+    assert colab.REPOSITORY not in fork and "github/someone/fork/blob/dev/notebooks/01_wikitext" in fork
+    assert "git clone -q --depth 1 -b dev https://github.com/someone/fork " in fork
+
+
+def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    import IPython.display
+    import tqdm.auto
+
+    from newllm_nb import notebook, trainer
+
+    shown = []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            shown.append(("update", obj))
+
+    def fake_display(obj, display_id=False, **_):
+        shown.append(("display", obj))
+        return Handle() if display_id else None
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    runs = []
+    from tqdm.notebook import tqdm as widget_tqdm
+
+    monkeypatch.setattr(trainer, "tqdm", widget_tqdm)  # as tqdm.auto picks in a notebook
+    with notebook.labelled_progress("base", on_run=lambda: runs.append(1)) as set_label:
+        set_label("grow, freeze base (2/4)")
+        outer = trainer.tqdm(total=2, desc="epochs")
+        inner = trainer.tqdm(total=3, desc="epoch 1", leave=False)
+        assert outer.desc.startswith("grow, freeze base (2/4) · epochs") and runs == [1]  # only the outer bar
+        inner.update(3)
+        inner.close()
+        outer.close()
+    assert trainer.tqdm is widget_tqdm and tqdm.auto.tqdm is not None
+    assert shown[-1] == ("update", {"text/plain": ""})  # the closed transient bar's output is emptied
+    assert inner.container.comm is None and outer.container.comm is not None  # closed vs kept widget
+
+
+def test_live_plot_has_a_title_and_shows_training_loss_from_the_first_steps():
+    from newllm_nb.plots import LivePlot
+
+    live = LivePlot("New-LLM on WikiText-2")
+    live.draw()
+    assert live.fig._suptitle.get_text().startswith("New-LLM on WikiText-2")
+    for s in range(1, 4):
+        live.step({"step": s, "epoch": 1, "loss": 6.0 - s / 10})
+    live.draw()
+    ys = [list(line.get_ydata()) for line in live.ax_loss.get_lines()]
+    assert [5.9, 5.8, 5.7] in [[round(y, 6) for y in ys_] for ys_ in ys]
+    live.update({"epoch": 1, "train_loss": 5.8, "val_loss": 5.75, "val_ppl": 314.2})
+    assert "314.20" in live.ax_ppl.get_title() and "epoch 1" in live.fig._suptitle.get_text()
+
+
+def test_notebook_helpers_shrink_for_smoke_mode_only_when_it_is_on(monkeypatch):
+    from newllm_nb.config import preset
+    from newllm_nb.notebook import sized_for_session, smoke_epochs
+
+    cfg = preset("seed_wikitext")
+    assert sized_for_session(cfg) == cfg and smoke_epochs(20) == 20
+    monkeypatch.setenv("NEWLLM_SMOKE", "1")
+    small = sized_for_session(cfg)
+    assert small.train.epochs == 2 and small.data.max_examples and smoke_epochs(20) == 1

@@ -14,6 +14,7 @@ In every mode inputs are tokens[:-1] and targets tokens[1:]; a target of PAD is 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -22,6 +23,16 @@ import torch
 from .config import BOS_ID, PAD_ID
 from .prompt import encode_example
 from .sources import MIN_WORDS, DataError, is_article_heading
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (the data a run trained on, for its fingerprint)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def make_windows(ids: Sequence[int], max_seq_length: int) -> list[list[int]]:
@@ -137,6 +148,9 @@ class WindowData:
     def num_targets(self) -> int:
         return int((self.y != PAD_ID).sum())
 
+    def content_hash(self) -> str:
+        return tensor_sha256(self.x, self.y)
+
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
 
@@ -170,6 +184,9 @@ class StreamData:
 
     def num_targets(self) -> int:
         return int((self.targets[1:] != PAD_ID).sum())
+
+    def content_hash(self) -> str:
+        return tensor_sha256(self.tokens, self.resets, self.targets, torch.tensor([self.seq_len]))
 
     def streams_for(self, batch_size: int) -> int:
         # At least two windows per stream, so small corpora still make full-length windows.

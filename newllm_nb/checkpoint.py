@@ -7,6 +7,7 @@ disconnect never leaves a half-written checkpoint under the real name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -16,15 +17,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .baselines import build_model
+from .batching import tensor_sha256
 from .config import RunConfig
 from .files import atomic_write
-from .tokenizer import tokenizer_from_json
+from .hardware import resolve_device
+from .tokenizer import tokenizer_from_json, tokenizer_hash
 
 FORMAT = "newllm_nb/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, foreign, or does not fit the model."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose bytes are not what was written (truncated, overwritten, bit rot)."""
+
+
+def _checksum(tensors: dict, meta_json: str) -> str:
+    """SHA-256 over every tensor (names, shapes, dtypes, bytes, in name order) and the metadata JSON."""
+    names = sorted(tensors)
+    body = tensor_sha256(*[tensors[k] for k in names])
+    return hashlib.sha256("\n".join([body, meta_json, *names]).encode()).hexdigest()
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
@@ -51,14 +65,17 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: dict, tokenizer=None,
                     history: Optional[list] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-                    scaler=None, trainer_state: Optional[dict] = None, extra_tensors: Optional[dict] = None
-                    ) -> Path:
-    """Write one checkpoint atomically. Everything needed to chat or resume travels in this file."""
+                    scaler=None, trainer_state: Optional[dict] = None, extra_tensors: Optional[dict] = None,
+                    fingerprint: Optional[dict] = None) -> Path:
+    """Write one checkpoint atomically, with a SHA-256 of its contents. Everything needed to chat or resume
+    travels in this file; ``fingerprint`` (runs.run_fingerprint) says which configuration wrote it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"format": FORMAT, "config": config, "history": history or [],
                             "trainer_state": trainer_state or {}}
     if tokenizer is not None:
         meta["tokenizer"] = tokenizer.to_json()
+    if fingerprint is not None:
+        meta["fingerprint"] = fingerprint
     if optimizer is not None:
         opt_t, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_t)
@@ -70,7 +87,8 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: d
             tensors[f"rng.cuda.{i}"] = s
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
-    metadata = {"newllm_nb": json.dumps(meta)}
+    meta_json = json.dumps(meta)
+    metadata = {"newllm_nb": meta_json, "sha256": _checksum(tensors, meta_json)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return Path(path)
 
@@ -84,6 +102,11 @@ class Checkpoint:
     @property
     def config(self) -> dict:
         return self.meta["config"]
+
+    @property
+    def fingerprint(self) -> Optional[dict]:
+        """The configuration that wrote it (runs.run_fingerprint), where recorded."""
+        return self.meta.get("fingerprint")
 
     @property
     def history(self) -> list:
@@ -141,27 +164,33 @@ def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.stat().st_size < 16:
-        raise CheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
+        raise DamagedCheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
     try:
         with safe_open(str(p), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{p} is not a readable safetensors checkpoint (truncated or foreign file): {e}") \
-            from e
+        raise DamagedCheckpointError(f"{p} is not a readable safetensors checkpoint (truncated or foreign file): "
+                                     f"{e}") from e
     if "newllm_nb" not in metadata:
         raise CheckpointError(f"{p} is a safetensors file but not a newllm_nb checkpoint (no metadata)")
     try:
         meta = json.loads(metadata["newllm_nb"])
     except ValueError as e:
-        raise CheckpointError(f"{p}: checkpoint metadata is corrupt: {e}") from e
-    if meta.get("format") != FORMAT or "config" not in meta:
+        raise DamagedCheckpointError(f"{p}: checkpoint metadata is corrupt: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: checkpoint metadata is a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{p}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    if "sha256" in metadata and _checksum(tensors, metadata["newllm_nb"]) != metadata["sha256"]:
+        raise DamagedCheckpointError(f"{p} is damaged: its contents do not match the SHA-256 written with it")
     return Checkpoint(p, tensors, meta)
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
-    """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, checkpoint)."""
+    """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, checkpoint).
+    The model remembers its tokenizer's hash (``tokenizer_sha256``), so generation can refuse another one."""
+    device = resolve_device(str(device))  # a device that is not there: one clear line, before any work
     ckpt = load_checkpoint(path)
     try:
         cfg = RunConfig.from_dict(ckpt.config)
@@ -169,4 +198,6 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
         raise CheckpointError(f"{ckpt.path}: config in checkpoint is invalid: {e}") from e
     model = build_model(cfg.model)
     ckpt.load_into(model)
-    return model.to(device).eval(), ckpt.tokenizer(), ckpt
+    tokenizer = ckpt.tokenizer()
+    model.tokenizer_sha256 = tokenizer_hash(tokenizer)
+    return model.to(device).eval(), tokenizer, ckpt

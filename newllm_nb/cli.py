@@ -1,4 +1,4 @@
-"""python -m newllm_nb train --dataset wikitext|dolly [--preset P] [--layers N] ..."""
+"""Train New-LLM, or use a trained checkpoint: python -m newllm_nb train | generate | chat."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+import torch
+
 from .baselines import matched_config
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, RunConfig, apply_overrides, is_smoke, preset, shrink_for_smoke
-from .experiment import run_experiment
+from .data import prepare
+from .experiment import keyed_run_dir, run_experiment
+from .generate import ChatSession, Sampling, stream
 from .hardware import detect, recommend
-from .sources import DataError
+from .runs import check_writable
+from .trainer import TrainingStopped
+
+# The package's own errors, and CUDA running out of memory: one line and exit code 2 (--debug: traceback).
+USER_ERRORS = (ValueError, CheckpointError, TrainingStopped, torch.cuda.OutOfMemoryError)
 
 # flag -> config field it sets (None: not given, so the preset's value stands)
 FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "train__lr",
@@ -45,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
     t.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    g.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder")
+    g.add_argument("--prompt", required=True)
+    c = sub.add_parser("chat", help="chat in the terminal with a trained checkpoint (an empty line or EOF ends)")
+    c.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder")
+    for q in (g, c):
+        q.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        q.add_argument("--top-k", type=int, default=0, help="0 = off")
+        q.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+        q.add_argument("--max-tokens", type=int, default=60)
+        q.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+        q.add_argument("--seed", type=int, help="fixed sampling seed")
+        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    for q in (t, g, c):
+        q.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -72,25 +95,66 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    command = {"train": _train, "generate": _generate, "chat": _chat}[args.command]
     try:
-        return _train(args)
-    except (ValueError, DataError, CheckpointError) as e:
+        return command(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.run_dir:
+        check_writable(args.run_dir)  # before the data is read and anything trains
     info = detect(args.device if args.device not in (None, "auto") else None)
     cfg = config_from_args(args, recommend(info).batch_size)
+    prepared = prepare(cfg.data, cfg.model.vocab_size)
+    print(f"data: {prepared.source} | train {len(prepared.train):,} / valid {len(prepared.valid):,} "
+          f"{'tokens' if prepared.train.stateful else 'sequences'} | vocab {prepared.tokenizer.vocab_size:,}")
     name = f"{args.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
-    run_dir = args.run_dir or f"runs/{name}"
+    run_dir = args.run_dir or keyed_run_dir("runs", name, cfg, prepared)
     print(f"device: {info.name} ({info.kind}) | batch {cfg.train.batch_size} | lr {cfg.train.effective_lr:.2e} | "
           f"layers {cfg.model.num_layers} | run dir {run_dir}")
-    res = run_experiment(cfg, run_dir, resume=not args.no_resume)
+    res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared)
     m = res.metrics
     last = res.history[-1] if res.history else {}
     print(f"\nfinal ({'per-batch mean, seed-compatible' if cfg.train.seed_compatible else 'token-weighted, non-PAD'}"
           f" validation, best epoch): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | accuracy {100 * m['acc']:.1f}% | "
           f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s")
     print(f"checkpoint: {res.best_path}")
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    for piece in stream(model, tokenizer, args.prompt, sampling, stop=()):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    model, tokenizer, ckpt = load_model(args.checkpoint, args.device)
+    session = ChatSession(model, tokenizer, sampling)
+    print(f"chatting with {ckpt.path} (one context vector for the whole talk); an empty line or EOF ends")
+    while True:
+        try:
+            message = input("you: ")
+        except EOFError:
+            break
+        if not message.strip():
+            break
+        print("model:", end="", flush=True)
+        for piece in session.stream(message):
+            print(piece, end="", flush=True)
+        print()
     return 0

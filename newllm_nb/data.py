@@ -15,7 +15,7 @@ from .batching import (
 )
 from .config import DataConfig
 from .prompt import instruction_text
-from .sources import load_dolly, load_instructions, load_wikitext
+from .sources import MIN_WORDS, DataError, load_dolly, load_instructions, load_wikitext
 from .tokenizer import train_tokenizer
 
 
@@ -35,6 +35,10 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     S = cfg.max_seq_length
     if cfg.dataset == "wikitext":
         sp = load_wikitext(cfg.path, max_examples)
+        if not any(len(x.split()) >= MIN_WORDS for x in sp.valid):
+            raise DataError(f"the validation split from {sp.source} is empty: none of its {len(sp.valid)} line(s) has "
+                            f">= {MIN_WORDS} words (a single file gives its last 10% of lines to validation): "
+                            f"add text, or pass a folder with a wiki.valid file")
         tok = tokenizer or train_tokenizer(cfg.tokenizer, [x for x in sp.train if x.strip()], vocab_size)
         if cfg.mode == "windows":
             train, valid = (WindowData(wikitext_sequences(s, tok, S)) for s in (sp.train, sp.valid))
@@ -46,6 +50,9 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
         rs = load_dolly(cfg.path, max_examples)
     else:
         rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples)
+    if not rs.valid:
+        raise DataError(f"the validation split from {rs.source} is empty: {len(rs.train)} usable record(s) leave none "
+                        f"for the 10% held out (need at least 2)")
     tok = tokenizer or train_tokenizer(cfg.tokenizer, [instruction_text(r) for r in rs.train], vocab_size)
     if cfg.mode == "packed" or cfg.mode == "stream":
         def make(recs):

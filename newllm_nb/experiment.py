@@ -22,6 +22,8 @@ from .data import Prepared, prepare
 from .expansion import freeze_hooks
 from .metrics import evaluate
 from .model import count_parameters
+from .runs import fingerprint_id, run_fingerprint
+from .tokenizer import tokenizer_hash
 from .trainer import Trainer
 
 
@@ -40,7 +42,24 @@ class RunResult:
 
     @property
     def best_path(self) -> Optional[Path]:
-        return self.trainer.best_path if self.trainer else None
+        """The best checkpoint, where one was written."""
+        path = self.trainer.best_path if self.trainer else None
+        return path if path is not None and path.exists() else None
+
+
+def fit_vocab(cfg: RunConfig, tokenizer) -> RunConfig:
+    """The tokenizer decides the real vocabulary size (a small corpus may have fewer words)."""
+    if tokenizer.vocab_size == cfg.model.vocab_size:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+
+
+def keyed_run_dir(root: Union[str, Path], name: str, cfg: RunConfig, prepared: Prepared) -> Path:
+    """``root/name-<fingerprint id>``: the one rule for naming run folders (CLI and notebooks). Same settings
+    and data find the same folder (and resume or report it); anything else gets its own."""
+    cfg = fit_vocab(cfg, prepared.tokenizer)
+    fp = run_fingerprint(cfg, prepared.train, prepared.valid, prepared.tokenizer)
+    return Path(root) / f"{name}-{fingerprint_id(fp)}"
 
 
 def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
@@ -53,9 +72,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
         prepared = prepare(cfg.data, cfg.model.vocab_size)
         print(f"data: {prepared.source} | train {len(prepared.train):,} / valid {len(prepared.valid):,} "
               f"{'tokens' if prepared.train.stateful else 'sequences'} | vocab {prepared.tokenizer.vocab_size:,}")
-    # The tokenizer decides the real vocabulary size (a small corpus may have fewer words).
-    if prepared.tokenizer.vocab_size != cfg.model.vocab_size:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
+    cfg = fit_vocab(cfg, prepared.tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,
@@ -67,6 +84,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
         trainer.ema.copy_to_model()
     metrics = evaluate(trainer.model, prepared.valid, min(cfg.train.batch_size, 1024), trainer.device,
                        trainer.precision, cfg.train.seed_compatible)
+    model.tokenizer_sha256 = tokenizer_hash(prepared.tokenizer)  # generation refuses another tokenizer
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,
                      Path(run_dir) if run_dir else None, count_parameters(model), time.perf_counter() - t0,
                      cfg, trainer)

@@ -15,6 +15,7 @@ import torch
 
 from .config import BOS_ID, EOS_ID, PAD_ID
 from .prompt import instruction_prompt
+from .tokenizer import tokenizer_hash
 
 
 @dataclass
@@ -31,16 +32,23 @@ class Sampling:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0):
+        if not (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+                and self.max_new_tokens >= 0):
             raise ValueError(f"invalid max_new_tokens={self.max_new_tokens!r}: must be an integer >= 0")
-        if not self.temperature >= 0:
-            raise ValueError(f"invalid temperature={self.temperature!r}: must be >= 0")
+        if not (_number(self.temperature) and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"invalid temperature={self.temperature!r}: must be a finite number >= 0")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"invalid top_k={self.top_k!r}: must be an integer >= 0")
-        if not 0 < self.top_p <= 1:
+        if not (_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"invalid top_p={self.top_p!r}: must be in (0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"invalid repetition_penalty={self.repetition_penalty!r}: must be > 0")
+        if not (_number(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf")):
+            raise ValueError(f"invalid repetition_penalty={self.repetition_penalty!r}: must be a finite number > 0")
+        if isinstance(self.stop, str) or not all(isinstance(x, str) for x in self.stop):
+            raise ValueError(f"invalid stop={self.stop!r}: must be a list of strings")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
 def _sampling(sampling: Optional[Sampling], overrides: dict) -> Sampling:
@@ -91,6 +99,27 @@ def _check_steppable(model) -> None:
     if not callable(getattr(model, "step", None)):
         raise ValueError(f"generation needs a New-LLM model (one context vector, `step`); got {type(model).__name__}: "
                          "train or load a New-LLM checkpoint (arch='newllm')")
+
+
+def check_pair(model, tokenizer) -> None:
+    """The tokenizer must be the model's own: same vocabulary size, and the same tokenizer where the model
+    knows its hash (``load_model`` and ``run_experiment`` record it); else ids would mean other words."""
+    _check_steppable(model)
+    if not hasattr(tokenizer, "encode") or not isinstance(getattr(tokenizer, "vocab_size", None), int):
+        raise ValueError(f"not a tokenizer: {type(tokenizer).__name__}")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer and model do not match: the tokenizer has {tokenizer.vocab_size:,} ids, the model "
+                         f"{model.config.vocab_size:,}; use the tokenizer from the model's checkpoint (load_model)")
+    known = getattr(model, "tokenizer_sha256", None)
+    if known is not None and tokenizer_hash(tokenizer) != known:
+        raise ValueError("tokenizer and model do not match: this tokenizer is not the one the model was trained with; "
+                         "use the tokenizer from the model's checkpoint (load_model)")
+
+
+def _check_prompt(prompt) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text (str), got {type(prompt).__name__}")
+    return prompt
 
 
 @torch.no_grad()
@@ -259,7 +288,8 @@ def stream(model, tokenizer, prompt: str, sampling: Optional[Sampling] = None,
     ``state`` (optional dict) receives ``context`` (after the last token read) and ``tokens``.
     """
     s = _sampling(sampling, overrides)
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, bos=context is None)])
+    check_pair(model, tokenizer)
+    ids = torch.tensor([encode_prompt(tokenizer, _check_prompt(prompt), bos=context is None)])
     if ids.shape[1] == 0:  # continuing a context with an empty prompt: there is no token to read
         raise ValueError("empty prompt: nothing to condition on")
     asm = _TextAssembler(tokenizer, s.stop)
@@ -292,7 +322,12 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], sampling: Optional[
                    **overrides) -> list[str]:
     """Continue several prompts at once (one primed batch, one ``step`` per token for all rows)."""
     s = _sampling(sampling, overrides)
-    enc = [encode_prompt(tokenizer, p) for p in prompts]
+    check_pair(model, tokenizer)
+    if isinstance(prompts, str):
+        raise ValueError("generate_batch takes a list of prompts; for one prompt use generate()")
+    if not prompts:
+        raise ValueError("generate_batch got no prompts")
+    enc = [encode_prompt(tokenizer, _check_prompt(p)) for p in prompts]
     lengths = torch.tensor([len(e) for e in enc])
     ids = torch.full((len(enc), int(lengths.max())), PAD_ID, dtype=torch.long)
     for i, e in enumerate(enc):
@@ -323,7 +358,7 @@ class ChatSession:
     EMPTY_MESSAGE = "(Type a message first: empty input was not sent to the model.)"
 
     def __init__(self, model, tokenizer, sampling: Optional[Sampling] = None, **overrides) -> None:
-        _check_steppable(model)
+        check_pair(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.sampling = _sampling(sampling, overrides)
         self.reset()

@@ -84,7 +84,7 @@ def read_text(path: Union[str, Path]) -> str:
     if p.is_dir():
         raise DataError(f"expected a file, got a directory: {p}")
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = p.read_bytes().decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
         raise DataError(f"{p} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from e
     if not text.strip():

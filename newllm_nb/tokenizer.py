@@ -6,6 +6,7 @@ round-trip through JSON (``to_json`` / ``tokenizer_from_json``) so a checkpoint 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -50,7 +51,7 @@ class WordTokenizer:
         return cls([w for w, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS))])
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        ids = [self.stoi.get(w, UNK_ID) for w in text.lower().split()]
+        ids = [self.stoi.get(w, UNK_ID) for w in clean_text(text).lower().split()]
         return [BOS_ID, *ids, EOS_ID] if add_special else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -90,7 +91,7 @@ class BPETokenizer:
         return cls(tok)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(clean_text(text), add_special_tokens=False).ids
         return [BOS_ID, *ids, EOS_ID] if add_special else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -124,6 +125,17 @@ def tokenizer_from_json(s: str) -> WordTokenizer | BPETokenizer:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"not a newllm_nb tokenizer JSON: {e}") from e
     raise ValueError(f"not a newllm_nb tokenizer JSON: unknown kind {kind!r}")
+
+
+def tokenizer_hash(tok: WordTokenizer | BPETokenizer) -> str:
+    """SHA-256 of the tokenizer's JSON: two tokenizers with the same hash map text to the same ids."""
+    return hashlib.sha256(tok.to_json().encode()).hexdigest()
+
+
+def clean_text(text: str) -> str:
+    """Text that UTF-8 can encode: lone surrogates (e.g. half an emoji from a broken copy) become U+FFFD."""
+    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text) \
+        if any("\ud800" <= ch <= "\udfff" for ch in text) else text
 
 
 def save_tokenizer(tok: WordTokenizer | BPETokenizer, path: str) -> None:

@@ -5,13 +5,16 @@ at each epoch's end evaluate, record, checkpoint, and stop when the epochs run o
 stops improving. What a step does lives in step.py, what a resume needs in state.py, and what the
 metrics count in metrics.py.
 
-``run_dir`` (optional) receives ``best.safetensors`` and ``last.safetensors`` (plus
-``epoch_K.safetensors`` every ``keep_every`` epochs); a ``last`` there is resumed automatically.
+``run_dir`` (optional) receives ``best.safetensors`` and ``last.safetensors`` (the one before it kept as
+``last.prev.safetensors``, plus ``epoch_K.safetensors`` every ``keep_every`` epochs). A ``last`` there is
+resumed automatically if it was written by the same configuration (runs.py's fingerprint); another
+configuration's run is refused, naming what differs. A lock keeps a second process out of the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,17 +24,26 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import Dataset
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .hardware import resolve_device, resolve_precision
 from .metrics import Metrics, evaluate
 from .optim import WeightAverage, lr_at, make_optimizer
+from .runs import RunFolderError, RunLock, check_writable, differences, run_fingerprint
 from .state import TrainState
 from .step import make_step
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses: the run stopped, the last good checkpoint is kept."""
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the message says why and which checkpoint is kept)."""
+
+
+class NonFiniteLossError(TrainingStopped):
+    """The loss diverged: too many consecutive non-finite losses, or a non-finite validation loss."""
+
+
+class OutOfMemory(TrainingStopped):
+    """CUDA ran out of memory at this batch size."""
 
 
 class TrainHook(Protocol):
@@ -63,7 +75,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_data, self.valid_data = train, valid
         self.tokenizer = tokenizer
-        self.run_dir = Path(run_dir) if run_dir else None
+        self.run_dir = check_writable(run_dir) if run_dir else None
+        self.fingerprint = run_fingerprint(config, train, valid, tokenizer) if self.run_dir else None
         self.callbacks, self.step_callbacks, self.hooks = list(callbacks), list(step_callbacks), list(hooks)
         self.optimizer = make_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -87,18 +100,45 @@ class Trainer:
     def best_path(self) -> Optional[Path]:
         return self.run_dir / "best.safetensors" if self.run_dir else None
 
+    @property
+    def previous_path(self) -> Optional[Path]:
+        return self.run_dir / "last.prev.safetensors" if self.run_dir else None
+
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self, path: Union[str, Path], full: bool = True) -> Path:
         """A checkpoint of the model; ``full`` adds everything a resume needs (optimizer, scaler, state)."""
         meta, tensors = self.state.to_checkpoint()
+        path = Path(path)
+        if path == self.last_path and path.exists():  # keep one good `last` to fall back on
+            path.replace(self.previous_path)
         return save_checkpoint(path, self.model, config=self.cfg.to_dict(), tokenizer=self.tokenizer,
                                history=self.state.history, optimizer=self.optimizer if full else None,
                                scaler=self.scaler if full else None, trainer_state=meta,
-                               extra_tensors=tensors if full else {})
+                               extra_tensors=tensors if full else {}, fingerprint=self.fingerprint)
 
-    def resume(self, path: Union[str, Path]) -> None:
-        """Continue a run from a full checkpoint: weights, optimizer, scaler, state, RNG."""
-        ckpt = load_checkpoint(path)
+    def _resumable(self):
+        """The newest good full checkpoint of this run folder, or None for a fresh one. A damaged ``last``
+        falls back to ``last.prev`` (saying so); another configuration's run is refused."""
+        found = [p for p in (self.last_path, self.previous_path) if p.exists()]
+        for i, path in enumerate(found):
+            try:
+                ckpt = load_checkpoint(path)
+            except DamagedCheckpointError as e:
+                if i + 1 == len(found):
+                    raise
+                print(f"{e}; resuming from the previous checkpoint {found[i + 1]}")
+                continue
+            stored = ckpt.fingerprint
+            if stored != self.fingerprint:
+                why = differences(stored, self.fingerprint) if stored else "it records no configuration"
+                raise RunFolderError(f"run folder {self.run_dir} holds another configuration's run ({why}): "
+                                     f"choose another run folder, or the same settings to resume it")
+            return ckpt
+        return None
+
+    def resume(self, path) -> None:
+        """Continue a run from a full checkpoint (a path, or a loaded one): weights, optimizer, scaler, state, RNG."""
+        ckpt = path if not isinstance(path, (str, Path)) else load_checkpoint(path)
         if ckpt.config.get("model") != self.cfg.to_dict()["model"]:
             raise CheckpointError(f"{ckpt.path} was written for another model config "
                                   f"({ckpt.config.get('model')}); use a new run name or the same settings")
@@ -120,17 +160,25 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> list[dict]:
         """Train until ``epochs`` run out or validation stops improving; returns the history."""
+        if self.run_dir is None:
+            return self._fit(resume)
+        with RunLock(self.run_dir):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> list[dict]:
         tc, st = self.cfg.train, self.state
-        if self.run_dir is not None and self.run_dir.exists():
+        if self.run_dir is not None:
             for stale in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write; never a checkpoint
                 stale.unlink()
-        if resume and self.last_path is not None and self.last_path.exists():
-            self.resume(self.last_path)
-            print(f"resumed {self.last_path} at epoch {st.epoch + 1}, step {st.step_in_epoch}")
+        ckpt = self._resumable() if resume and self.run_dir is not None else None
+        if ckpt is not None:
+            self.resume(ckpt)
+            if st.finished:
+                print(f"run in {self.run_dir} finished earlier ({len(st.history)} epochs): not trained again")
+                return st.history
+            print(f"resumed {ckpt.path} at epoch {st.epoch + 1}, step {st.step_in_epoch}")
         else:
             torch.manual_seed(tc.seed)
-        if st.finished:
-            return st.history
         B = tc.batch_size
         steps_per_epoch = self.train_data.num_batches(B)
         total_steps = steps_per_epoch * tc.epochs
@@ -189,6 +237,11 @@ class Trainer:
                 with self._averaged():
                     val = evaluate(self.model, self.valid_data, min(B, 1024), self.device, self.precision,
                                    tc.seed_compatible)
+                if not (math.isfinite(val["loss"]) and math.isfinite(train["loss"])):
+                    raise NonFiniteLossError(
+                        f"the run diverged: {'validation' if math.isfinite(train['loss']) else 'training'} loss is "
+                        f"not finite at epoch {st.epoch + 1} (lr={lr:.3g}, precision={self.precision}); try lr/10, "
+                        f"a smaller clip or bf16/fp32. Last good checkpoint: {self._last_good()}")
                 improved = val["loss"] < st.best_val - tc.min_delta
                 st.best_val = val["loss"] if improved else st.best_val
                 st.bad_epochs = 0 if improved else st.bad_epochs + 1
@@ -216,7 +269,7 @@ class Trainer:
                 if st.finished:
                     break
         except torch.cuda.OutOfMemoryError as e:
-            raise RuntimeError(
+            raise OutOfMemory(
                 f"CUDA out of memory at batch_size={B}: try batch_size={max(1, B // 2)} (and lr by the seed rule). "
                 f"Last checkpoint kept: {self.last_path or 'none (no run_dir)'}") from e
         finally:
@@ -226,3 +279,6 @@ class Trainer:
             if self.run_dir:
                 self.save(self.last_path)
         return st.history
+
+    def _last_good(self) -> str:
+        return str(self.last_path) if self.last_path is not None and self.last_path.exists() else "none"

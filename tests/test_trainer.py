@@ -9,6 +9,7 @@ from newllm_nb.checkpoint import CheckpointError, load_checkpoint
 from newllm_nb.data import prepare
 from newllm_nb.metrics import Metrics, evaluate
 from newllm_nb.optim import lr_at
+from newllm_nb.runs import RunFolderError
 from newllm_nb.trainer import NonFiniteLossError
 
 from conftest import make_trainer as make
@@ -101,18 +102,37 @@ def test_validation_and_best_use_the_averaged_weights(tmp_path, prepared):
         assert torch.equal(best.tensors[f"model.{name}"], s.cpu())
 
 
-def test_resuming_without_a_stored_average_is_a_clear_error(tmp_path, prepared):
-    make(tiny(train__epochs=2), prepared, tmp_path).fit()
+def test_a_state_without_the_average_the_recipe_needs_is_a_clear_error(tmp_path, prepared):
+    t = make(tiny(train__epochs=1), prepared, tmp_path)
+    t.fit()
+    averaged = make(tiny(train__epochs=1, train__ema_decay=0.9), prepared)
     with pytest.raises(CheckpointError, match="no weight average"):
-        make(tiny(train__epochs=3, train__ema_decay=0.9), prepared, tmp_path).fit()
+        averaged.state.restore(load_checkpoint(tmp_path / "last.safetensors"), averaged.device)
 
 
-def test_finished_run_is_skipped_and_other_model_refused(tmp_path, prepared):
+@pytest.mark.parametrize("change,named", [(dict(model__hidden_dim=48), "model.hidden_dim"),
+                                          (dict(train__ema_decay=0.9), "train.ema_decay"),
+                                          (dict(train__epochs=3), "train.epochs"),
+                                          (dict(train__lr=1e-3), "train.lr")])
+def test_finished_run_is_reported_and_other_settings_refused(tmp_path, prepared, capsys, change, named):
     h = make(tiny(train__epochs=1), prepared, tmp_path).fit()
     again = make(tiny(train__epochs=1), prepared, tmp_path)
     assert again.fit() == h
-    with pytest.raises(CheckpointError, match="another model config"):
-        make(tiny(train__epochs=1, model__hidden_dim=48), prepared, tmp_path).fit()
+    assert "finished earlier (1 epochs): not trained again" in capsys.readouterr().out
+    def files():
+        return sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.glob("*.safetensors"))
+
+    before = files()
+    with pytest.raises(RunFolderError, match=rf"another configuration's run \({named}: "):
+        make(tiny(**{"train__epochs": 1, **change}), prepared, tmp_path).fit()
+    assert files() == before  # no checkpoint touched
+
+
+def test_other_data_is_refused_too(tmp_path, prepared):
+    make(tiny(train__epochs=1), prepared, tmp_path).fit()
+    other = prepare(tiny(data__max_examples=30).data, 200)
+    with pytest.raises(RunFolderError, match=r"data\.train_sha256"):
+        make(tiny(train__epochs=1, data__max_examples=60), other, tmp_path).fit()
 
 
 def test_nonfinite_loss_is_skipped_counted_then_stops(tmp_path, prepared):
@@ -139,9 +159,10 @@ def test_nonfinite_step_leaves_weights_untouched(prepared):
     t = make(tiny(train__epochs=1, train__max_nonfinite=100), prepared)
     t.step.loss_hook = lambda loss: loss * float("inf")
     before = [p.detach().clone() for p in t.model.parameters()]
-    t.fit()
+    with pytest.raises(NonFiniteLossError, match="training loss is not finite at epoch 1"):
+        t.fit()  # every step skipped: the epoch has no loss to report, and the run fails
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
-    assert t.history[0]["nonfinite_steps"] == t.train_data.num_batches(16)
+    assert t.state.nonfinite_epoch == t.train_data.num_batches(16)
 
 
 def test_metrics_token_weighted_vs_seed_per_batch():
@@ -191,7 +212,8 @@ def test_cuda_oom_is_caught_with_advice_and_last_checkpoint_kept(tmp_path, prepa
 def test_keep_every_and_bounded_checkpoint_files(tmp_path, prepared):
     make(tiny(train__epochs=4, train__keep_every=2), prepared, tmp_path).fit()
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["best.safetensors", "epoch_2.safetensors", "epoch_4.safetensors", "last.safetensors"]
+    assert names == [".lock", "best.safetensors", "epoch_2.safetensors", "epoch_4.safetensors",
+                     "last.prev.safetensors", "last.safetensors"]
 
 
 def test_sweep_saves_each_run_and_skips_finished_ones(tmp_path, prepared, capsys):

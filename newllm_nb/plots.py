@@ -10,6 +10,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+
+def whole_number_ticks() -> MaxNLocator:
+    """Ticks on whole numbers only (steps, epochs, layers), even where the axis spans a single one."""
+    return MaxNLocator(integer=True, min_n_ticks=1)
+
+
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_ppl", "val_acc", "tokens_per_s", "seconds", "lr"]
 
 # The seed's published WikiText-2 layer sweep (val PPL, accuracy %), for display beside ours.
@@ -82,7 +88,7 @@ class LivePlot:
         for ax in (self.ax_loss, self.ax_ppl):
             ax.clear()
             ax.grid(alpha=0.3)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
+            ax.xaxis.set_major_locator(whole_number_ticks())  # steps and epochs are whole numbers
         spe = self._steps_per_epoch()
         if not steps.empty:
             self.ax_loss.plot(steps["step"], steps["loss"], color="C0", alpha=0.45, lw=0.9,
@@ -142,6 +148,7 @@ def plot_sweep(df: pd.DataFrame):
         b.plot(g["params"], g["best_val_ppl"], "o-", label=arch)
     a.plot(SEED_SWEEP["layers"], SEED_SWEEP["seed_val_ppl"], "k--", alpha=0.5, label="seed (published)")
     a.set_xlabel("FNN layers")
+    a.xaxis.set_major_locator(whole_number_ticks())
     b.set_xlabel("parameters")
     for ax in (a, b):
         ax.set_ylabel("best validation PPL")
@@ -158,6 +165,8 @@ def plot_curves(df: pd.DataFrame, x: str = "epoch", y: str = "val_ppl", by: str 
     for name, g in df.groupby(by, sort=False):
         ax.plot(g[x], g[y], "o-", ms=3, label=name)
     ax.set_xlabel(x)
+    if x in ("epoch", "step", "layers"):
+        ax.xaxis.set_major_locator(whole_number_ticks())
     ax.set_ylabel(y.replace("_", " "))
     ax.set_title(title)
     ax.grid(alpha=0.3)

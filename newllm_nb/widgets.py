@@ -108,12 +108,12 @@ class TrainingPanel:
 
         self.widget = w.VBox([
             self.recipe,
-            w.HTML("<b>Model</b>"), w.HBox([shown(self.layers, self.embed, self.context, self.tie),
-                                            shown(self.hidden, self.vocab, self.dropout, self.context_dropout,
-                                                  self.input_dropout, self.output_dropout)]),
-            w.HTML("<b>Data</b>"), w.HBox([shown(*data_rows), shown(self.seq, self.mode)]),
-            w.HTML("<b>Training</b>"), w.HBox([shown(self.batch, self.lr, self.seed_lr, self.ema),
-                                               shown(self.epochs, self.patience, self.precision)]),
+            w.HTML("<b>Model</b>"), _columns(shown(self.layers, self.embed, self.context, self.tie),
+                                             shown(self.hidden, self.vocab, self.dropout, self.context_dropout,
+                                                   self.input_dropout, self.output_dropout)),
+            w.HTML("<b>Data</b>"), _columns(shown(*data_rows), shown(self.seq, self.mode)),
+            w.HTML("<b>Training</b>"), _columns(shown(self.batch, self.lr, self.seed_lr, self.ema),
+                                                shown(self.epochs, self.patience, self.precision)),
         ])
 
     def _batch_for(self, cfg: RunConfig) -> int:
@@ -177,6 +177,11 @@ class TrainingPanel:
         if hub or (fmap and path):
             return {"dataset": "instruct", "hub_name": None if path else hub, "field_map": fmap}
         return {"dataset": "dolly", "field_map": None, "hub_name": None}
+
+
+def _columns(*boxes):
+    """Side by side where the output area is wide enough, one under the other where not (no scroll bar)."""
+    return _w().HBox(list(boxes), layout=_w().Layout(flex_flow="row wrap"))
 
 
 def parse_field_map(text: str) -> Optional[dict]:
@@ -244,8 +249,8 @@ class ChatPanel:
         self.send.on_click(lambda _: self._submit())
         self.reset_btn.on_click(lambda _: self.reset())
         self._on_enter(self.text, self._submit)
-        self.widget = w.VBox([w.HBox([self.temperature, self.top_k]), w.HBox([self.top_p, self.max_tokens]),
-                              w.HBox([self.text, self.send, self.reset_btn]), self.transcript])
+        self.widget = w.VBox([_columns(self.temperature, self.top_k), _columns(self.top_p, self.max_tokens),
+                              _columns(self.text, self.send, self.reset_btn), self.transcript])
 
     @staticmethod
     def _on_enter(text, callback: Callable[[], None]) -> None:

@@ -235,7 +235,6 @@ def test_wikitext_notebook_in_the_browser(lab, browser):
     growth = _cell_text(browser, "curves, gap = grow_live(")
     for variant in ("no growth (1/4)", "grow, freeze base (2/4)", "grow, fine-tune all (3/4)", "from scratch (4/4)"):
         assert f"{variant} · epochs" in growth, f"growth progress bars are not labelled {variant!r}"
-    _screenshots(browser, shots, "01_wikitext")
 
     # A slider changed by hand reaches the next run: 1 epoch instead of smoke mode's 2.
     _set_slider(browser, "max epochs", 1)
@@ -252,6 +251,7 @@ def test_wikitext_notebook_in_the_browser(lab, browser):
           "01_wikitext to reopen")
     time.sleep(5)
     _assert_clean(browser, "01_wikitext after a page reload")
+    _screenshots(browser, shots, "01_wikitext")
 
 
 def test_chat_notebook_in_the_browser(lab, browser):

@@ -63,8 +63,8 @@ result = train_live(cfg, "dolly", "New-LLM on Dolly-15k")
 history_frame(result.history).tail(10)
 
 # %% [markdown]
-# ## Validation loss per Dolly category
-# Token-weighted over non-PAD targets, on the held-out 10%.
+# ## Validation loss per instruction category
+# Token-weighted over non-PAD targets, on the held-out 10% (the `category` field; Dolly has eight).
 
 # %%
 from newllm_nb.notebook import category_table

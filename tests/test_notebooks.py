@@ -143,8 +143,11 @@ def test_chat_panel_sends_on_enter_with_the_whole_message_and_not_on_leaving_the
     chat.text.value = "typed, then the box lost focus"  # a value committed without Enter sends nothing
     assert chat.session.turns == []
     # Enter: the submit message first, then the whole value (continuous_update=False sends it once).
+    shown = []
+    chat.transcript.observe(lambda change: shown.append(change["new"]), names="value")
     _press_enter(chat.text)
     chat.text.value = "Name three birds & <fish>"
+    assert any("echo </div>" in v for v in shown), "the reply is not shown piece by piece as it streams"
     assert chat.session.turns == ["Name three birds & <fish>"] and chat.text.value == ""
     assert "echo Name three birds &amp; &lt;fish&gt;" in chat.transcript.value  # shown, escaped
     assert "max-height" in chat.transcript.value and "overflow-y:auto" in chat.transcript.value  # bounded box

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .config import BOS_ID, PAD_ID
+from .distributed import stream_rows, window_rows
 from .prompt import encode_example
 from .sources import MIN_WORDS, DataError, is_article_heading
 
@@ -154,11 +155,18 @@ class WindowData:
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """Global batches of ``batch_size`` rows in a (seeded) shuffled order; with ``world`` > 1 processes,
+        rank ``rank``'s share of each (every rank draws the same order from the same seed)."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
             else torch.arange(len(self))
         for i in range(0, len(self), batch_size):
-            idx = order[i:i + batch_size]
+            idx = window_rows(order[i:i + batch_size], rank, world)
+            if len(idx) == 0:  # a last batch shorter than the ranks: one row whose targets count nothing
+                row = order[i:i + 1]
+                yield Batch(self.x[row], torch.full_like(self.y[row], PAD_ID), None, False)
+                continue
             yield Batch(self.x[idx], self.y[idx], None, False)
 
 
@@ -196,7 +204,11 @@ class StreamData:
         B = self.streams_for(batch_size)
         return -(-((len(self) - 1) // B) // self.seq_len)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """Consecutive windows of the ``streams_for(batch_size)`` parallel streams (the global batch); with
+        ``world`` > 1 processes, rank ``rank``'s block of those streams. ``shuffle`` / ``seed`` do nothing:
+        a stream is read in order."""
         B = self.streams_for(batch_size)
         n = (len(self) - 1) // B
         T = self.seq_len
@@ -204,6 +216,9 @@ class StreamData:
         y_all = self.targets[1: B * n + 1].view(B, n)
         r_all = self.resets[: B * n].view(B, n).clone()
         r_all[:, 0] = True  # each stream starts fresh
+        if world > 1:
+            rows = stream_rows(B, rank, world)
+            x_all, y_all, r_all = (a[rows.start:rows.stop] for a in (x_all, y_all, r_all))
         for i in range(0, n, T):
             x, y, r = x_all[:, i:i + T], y_all[:, i:i + T], r_all[:, i:i + T]
             if x.shape[1] < T:  # keep static shapes: pad the last window, padded targets are ignored

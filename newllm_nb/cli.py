@@ -1,8 +1,14 @@
-"""Train New-LLM, or use a trained checkpoint: python -m newllm_nb train | generate | chat."""
+"""Train New-LLM, or use a trained checkpoint: python -m newllm_nb train | sweep | generate | chat.
+
+``train`` also runs under torchrun, one process per GPU (``torchrun --nproc_per_node=N -m newllm_nb
+train ...``, same flags; ``--batch-size`` is then the global batch): see distributed.py.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -13,10 +19,12 @@ from .baselines import matched_config
 from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, RunConfig, apply_overrides, is_smoke, preset, shrink_for_smoke
 from .data import prepare
+from .distributed import init_from_env, launched, shutdown, world_size
 from .experiment import keyed_run_dir, run_experiment
 from .generate import ChatSession, Sampling, stream
 from .hardware import detect, recommend
 from .runs import check_writable
+from .sweep import run_sweep
 from .trainer import TrainingStopped
 
 # The package's own errors, and CUDA running out of memory: one line and exit code 2 (--debug: traceback).
@@ -33,26 +41,34 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m newllm_nb", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train New-LLM (or a baseline) and print validation loss / PPL / accuracy")
-    t.add_argument("--dataset", choices=["wikitext", "dolly"], default="wikitext")
-    t.add_argument("--preset", choices=sorted(PRESETS), help="default: seed_wikitext or seed_dolly")
     t.add_argument("--layers", type=int, help="FNN layers")
     t.add_argument("--arch", choices=["newllm", "lstm", "transformer"], help="baselines are sized to match")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int, help="default: this machine's recommendation")
-    t.add_argument("--lr", type=float, help="default: 1e-4 * sqrt(batch / 32)")
-    t.add_argument("--seq-len", type=int, help="max_seq_length")
-    t.add_argument("--vocab-size", type=int)
-    t.add_argument("--patience", type=int)
-    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    t.add_argument("--tokenizer", choices=["word", "bpe"])
-    t.add_argument("--mode", choices=["windows", "stream", "packed"])
-    t.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: hub, else bundled sample)")
-    t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    w = sub.add_parser("sweep", help="train one run per layer count (and architecture), several at once with --jobs")
+    w.add_argument("--layers", required=True, help="comma-separated layer counts, e.g. 1,4,5,6,7")
+    w.add_argument("--archs", default="newllm", help="comma-separated: newllm, lstm, transformer")
+    w.add_argument("--out-dir", default="runs/sweep", help="one run folder per run; finished runs are skipped")
+    w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
+    for q in (t, w):
+        q.add_argument("--dataset", choices=["wikitext", "dolly"], default="wikitext")
+        q.add_argument("--preset", choices=sorted(PRESETS), help="default: seed_wikitext or seed_dolly")
+        q.add_argument("--epochs", type=int)
+        q.add_argument("--batch-size", type=int, help="default: this machine's recommendation (under torchrun: "
+                                                      "the global batch, shared by the processes)")
+        q.add_argument("--lr", type=float, help="default: 1e-4 * sqrt(batch / 32), from the global batch")
+        q.add_argument("--seq-len", type=int, help="max_seq_length")
+        q.add_argument("--vocab-size", type=int)
+        q.add_argument("--patience", type=int)
+        q.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+        q.add_argument("--tokenizer", choices=["word", "bpe"])
+        q.add_argument("--mode", choices=["windows", "stream", "packed"])
+        q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: hub, else bundled "
+                                           "sample)")
+        q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
+        q.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
+        q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a run")
-    t.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
-    t.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     g.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder")
     g.add_argument("--prompt", required=True)
@@ -66,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
         q.add_argument("--seed", type=int, help="fixed sampling seed")
         q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    for q in (t, g, c):
+    for q in (t, w, g, c):
         q.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -81,27 +97,38 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
     elif name.startswith("seed_"):
         ov["train__batch_size"] = recommended_batch
     for flag, key in FLAG_FIELDS.items():
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:
             ov[key] = getattr(args, flag)
     if args.seed_compatible:
         ov["train__seed_compatible"] = True
     if args.quiet:
         ov["train__show_progress"] = False
     cfg = apply_overrides(preset(name), **ov)
-    if args.arch and args.arch != "newllm":
+    if getattr(args, "arch", None) and args.arch != "newllm":
         cfg = apply_overrides(cfg, **{f"model__{k}": v for k, v in vars(matched_config(cfg.model, args.arch)).items()})
     return shrink_for_smoke(cfg) if args.smoke or is_smoke() else cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "generate": _generate, "chat": _chat}[args.command]
+    command = {"train": _train, "sweep": _sweep, "generate": _generate, "chat": _chat}[args.command]
+    distributed = args.command == "train" and launched()
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
-        return command(args)
+        if distributed:
+            args.device = init_from_env(args.device)
+        # Under torchrun only rank 0 prints; the others' errors still reach stderr.
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if not main_rank else contextlib.nullcontext():
+            code = command(args)
+        if distributed:
+            shutdown()
+        return code
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank or not getattr(e, "agreed", False):  # an error all ranks agreed on is printed once
+            where = "" if main_rank or not distributed else f" (rank {os.environ.get('RANK')})"
+            print(f"error{where}: {e}", file=sys.stderr)
         return 2
 
 
@@ -115,8 +142,12 @@ def _train(args: argparse.Namespace) -> int:
           f"{'tokens' if prepared.train.stateful else 'sequences'} | vocab {prepared.tokenizer.vocab_size:,}")
     name = f"{args.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
     run_dir = args.run_dir or keyed_run_dir("runs", name, cfg, prepared)
-    print(f"device: {info.name} ({info.kind}) | batch {cfg.train.batch_size} | lr {cfg.train.effective_lr:.2e} | "
-          f"layers {cfg.model.num_layers} | run dir {run_dir}")
+    world = world_size()
+    batch = (f"global batch {cfg.train.batch_size} ({world} processes, about {-(-cfg.train.batch_size // world)} "
+             f"each)" if world > 1 else f"batch {cfg.train.batch_size}")
+    rule = "" if world == 1 else " (given)" if cfg.train.lr is not None else " (1e-4*sqrt(global batch/32))"
+    print(f"device: {info.name} ({info.kind}){f' x {world}' if world > 1 else ''} | {batch} | "
+          f"lr {cfg.train.effective_lr:.2e}{rule} | layers {cfg.model.num_layers} | run dir {run_dir}")
     res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared)
     m = res.metrics
     last = res.history[-1] if res.history else {}
@@ -125,6 +156,23 @@ def _train(args: argparse.Namespace) -> int:
           f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s")
     print(f"checkpoint: {res.best_path}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    info = detect(args.device if args.device not in (None, "auto") else None)
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "layers": None}), recommend(info).batch_size)
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers {args.layers!r}: give comma-separated whole numbers, e.g. 1,4,5,6,7") from None
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    bad = [a for a in archs if a not in ("newllm", "lstm", "transformer")]
+    if bad or not layers or args.jobs < 1:
+        raise ValueError(f"sweep needs layer counts, --jobs >= 1 and archs among newllm, lstm, transformer "
+                         f"(got --layers {args.layers}, --archs {args.archs}, --jobs {args.jobs})")
+    df = run_sweep(cfg, layers, args.out_dir, archs=archs, jobs=args.jobs)
+    print(df.to_string(index=False))
+    return 1 if "error" in df.columns and df["error"].notna().any() else 0
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:

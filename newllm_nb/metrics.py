@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .batching import Dataset
 from .config import PAD_ID
+from .distributed import all_reduce_sums, rank, world_size
 from .hardware import autocast
 
 
@@ -70,18 +71,26 @@ class Metrics:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
              precision: str = "fp32", seed_compatible: bool = False) -> dict:
-    """Loss, PPL, accuracy over ``data`` (see the module docstring for what is counted)."""
+    """Loss, PPL, accuracy over ``data`` (see the module docstring for what is counted).
+
+    Under torchrun every rank evaluates its share of each batch (as in training) and the batch's sums are
+    all-reduced before they count, so every rank gets the figures one process gets for the whole set:
+    the same per-batch sums, in the same order, in both the token-weighted and the seed's per-batch mode.
+    Sharding rather than every rank evaluating everything keeps validation as fast as training scales.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     m = Metrics(seed_compatible)
     state = None
-    for b in data.batches(batch_size):
+    world = world_size()
+    for b in data.batches(batch_size, rank=rank(), world=world):
         x, y = b.x.to(device), b.y.to(device)
         r = None if b.reset is None else b.reset.to(device)
         with autocast(device, precision):
             logits, new_state = model(x, state if b.carry else None, r)
-        m.add(*token_loss(logits, y))
+        sums = token_loss(logits, y)
+        m.add(*(all_reduce_sums(*sums) if world > 1 else sums))
         state = new_state
     model.train(was_training)
     return m.result()

@@ -16,6 +16,13 @@ eager: the fp16 GradScaler may skip a step on a device flag, a decision a static
 and keeping the update outside makes fp16, bf16 and fp32 share one code path, the non-finite guard
 included. One graph per batch shape; a batch of another shape (the last partial one) runs eagerly,
 and any capture failure prints one line and the step continues eagerly.
+
+More than one process (torchrun): each rank runs the step on its share of the global batch, then
+``distributed.all_reduce_step`` averages the gradients in one flat all-reduce *after* the backward
+(after the graph's replay, on the graph's static gradient buffers) and *before* ``apply_update``
+unscales and clips, so every rank clips and steps on the same global gradient. The all-reduce stays
+outside the graph for the reason the update does: what follows it depends on its result (a NaN loss
+on any rank, summed in the same buffer, makes every rank skip the same step).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 
 from .baselines import detach_state
 from .batching import Batch
+from .distributed import active, all_reduce_step, is_main
 from .hardware import autocast
 from .metrics import token_loss
 from .model import ContextVectorLLM
@@ -85,6 +93,8 @@ class EagerStep:
         self.device, self.precision = device, precision
         self.loss_hook: Optional[LossHook] = None
         self.used = "eager"  # the path the latest step took
+        self.all_reduce = active()  # more than one process: average gradients across ranks each step
+        self.all_params = list(model.parameters())
 
     def forward_backward(self, b: Batch, context) -> tuple:
         dev = self.device
@@ -96,6 +106,8 @@ class EagerStep:
 
     def __call__(self, b: Batch, context, clip: float) -> StepResult:
         loss_sum, n, correct, new_context = self.forward_backward(b, context)
+        if self.all_reduce:  # after the backward (the graph's replay), before apply_update unscales and clips
+            loss_sum, n, correct = all_reduce_step(self.all_params, loss_sum, n, correct)
         finite = apply_update(self.model, self.optimizer, self.scaler, clip, loss_sum)
         return StepResult(finite, loss_sum, n, correct, new_context)
 
@@ -180,10 +192,11 @@ class GraphedStep(EagerStep):
             except Exception as e:
                 if not self.use_graph:
                     raise
-                print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); training eagerly")
+                if is_main():
+                    print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); training eagerly")
                 self.failed, self.graph = True, None
                 return self._eager(b, context)
-            if self.use_graph:
+            if self.use_graph and is_main():
                 print(f"fast path: {self.mode} captured for batch {sig[0]}x{sig[1]} in {self.warmup_s:.1f}s")
         elif sig != self.sig:
             return self._eager(b, context)

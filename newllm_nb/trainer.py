@@ -9,6 +9,11 @@ metrics count in metrics.py.
 ``last.prev.safetensors``, plus ``epoch_K.safetensors`` every ``keep_every`` epochs). A ``last`` there is
 resumed automatically if it was written by the same configuration (runs.py's fingerprint); another
 configuration's run is refused, naming what differs. A lock keeps a second process out of the folder.
+
+Under torchrun (distributed.py) every rank runs this loop on its share of each global batch; rank 0
+alone holds the lock, decides whether and from what to resume (the others load the checkpoint it
+names, or raise the error it raised), shows progress, prints and writes checkpoints. Everything the
+loop decides on (losses, validation, when to save) is the same on every rank, so all ranks stop together.
 """
 
 from __future__ import annotations
@@ -25,7 +30,18 @@ from tqdm.auto import tqdm
 
 from .batching import Dataset
 from .checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, seed_lr
+from .distributed import (
+    agreed,
+    barrier,
+    broadcast_parameters,
+    check_same,
+    flag_from_main,
+    gather_state,
+    rank,
+    shard_state,
+    world_size,
+)
 from .hardware import resolve_device, resolve_precision
 from .metrics import Metrics, evaluate
 from .optim import WeightAverage, lr_at, make_optimizer
@@ -73,6 +89,11 @@ class Trainer:
         self.device = resolve_device(tc.device)
         self.precision = resolve_precision(tc.precision, self.device)
         self.model = model.to(self.device)
+        self.rank, self.world = rank(), world_size()
+        self.main = self.rank == 0
+        if self.world > 1:  # every rank must cut the same global batches from the same data
+            check_same([d.content_hash() for d in (train, valid) if d is not None], "training / validation data")
+        broadcast_parameters(self.model)  # ranks > 0 start from rank 0's weights (a no-op for one process)
         self.train_data, self.valid_data = train, valid
         self.tokenizer = tokenizer
         self.run_dir = check_writable(run_dir) if run_dir else None
@@ -160,39 +181,68 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> list[dict]:
         """Train until ``epochs`` run out or validation stops improving; returns the history."""
-        if self.run_dir is None:
-            return self._fit(resume)
-        with RunLock(self.run_dir):
-            return self._fit(resume)
+        with contextlib.ExitStack() as held:  # holds the run folder's lock (rank 0) until training ends
+            ckpt = agreed(lambda: self._claim(held, resume), share=lambda c: None if c is None else str(c.path),
+                          receive=lambda path: None if path is None else load_checkpoint(path))
+            history = self._fit(ckpt)
+            barrier()  # no rank reads best / last before rank 0 has written them
+            return history
 
-    def _fit(self, resume: bool) -> list[dict]:
+    def _claim(self, held: contextlib.ExitStack, resume: bool):
+        """Lock the run folder, clear a killed write's leftovers and find the checkpoint to resume (rank 0)."""
+        if self.run_dir is None:
+            return None
+        held.enter_context(RunLock(self.run_dir))
+        for stale in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write; never a checkpoint
+            stale.unlink()
+        return self._resumable() if resume else None
+
+    def _print(self, *args) -> None:
+        if self.main:
+            print(*args)
+
+    def _checkpoint(self, path: Path, full: bool = True) -> None:
+        """``save`` from rank 0, with the carried context of every rank's streams (a collective: all ranks call)."""
+        st = self.state
+        context = gather_state(st.context) if full and self.world > 1 else st.context
+        if self.main:
+            own, st.context = st.context, context
+            try:
+                self.save(path, full)
+            finally:
+                st.context = own
+
+    def _fit(self, ckpt) -> list[dict]:
         tc, st = self.cfg.train, self.state
-        if self.run_dir is not None:
-            for stale in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write; never a checkpoint
-                stale.unlink()
-        ckpt = self._resumable() if resume and self.run_dir is not None else None
         if ckpt is not None:
             self.resume(ckpt)
+            st.context = shard_state(st.context, self.rank, self.world)  # saved whole; each rank takes its streams
             if st.finished:
-                print(f"run in {self.run_dir} finished earlier ({len(st.history)} epochs): not trained again")
+                self._print(f"run in {self.run_dir} finished earlier ({len(st.history)} epochs): not trained again")
                 return st.history
-            print(f"resumed {ckpt.path} at epoch {st.epoch + 1}, step {st.step_in_epoch}")
+            self._print(f"resumed {ckpt.path} at epoch {st.epoch + 1}, step {st.step_in_epoch}")
         else:
             torch.manual_seed(tc.seed)
         B = tc.batch_size
+        if self.world > 1:
+            rule = "given" if tc.lr is not None else f"seed rule 1e-4*sqrt({B}/32) = {seed_lr(B):.2e}"
+            self._print(f"data parallel: {self.world} processes | global batch {B} (about {-(-B // self.world)} "
+                        f"per process) | lr {tc.effective_lr:.2e} ({rule}, from the global batch)")
+        show = tc.show_progress and self.main
         steps_per_epoch = self.train_data.num_batches(B)
         total_steps = steps_per_epoch * tc.epochs
         last_save = time.monotonic()
         consecutive_bad = 0
-        bar = tqdm(total=tc.epochs, initial=st.epoch, desc="epochs", disable=not tc.show_progress)
+        bar = tqdm(total=tc.epochs, initial=st.epoch, desc="epochs", disable=not show)
         try:
             while st.epoch < tc.epochs:
                 clip = tc.clip_for_epoch(st.epoch)
                 self.model.train()
                 t0 = time.perf_counter()
                 inner = tqdm(total=steps_per_epoch, initial=st.step_in_epoch, leave=False,
-                             desc=f"epoch {st.epoch + 1}", disable=not tc.show_progress)
-                for i, batch in enumerate(self.train_data.batches(B, shuffle=True, seed=tc.seed + st.epoch)):
+                             desc=f"epoch {st.epoch + 1}", disable=not show)
+                for i, batch in enumerate(self.train_data.batches(B, shuffle=True, seed=tc.seed + st.epoch,
+                                                                   rank=self.rank, world=self.world)):
                     if i < st.step_in_epoch:  # resumed mid-epoch: skip the batches already trained on
                         continue
                     lr = lr_at(tc, st.global_step, total_steps)
@@ -224,10 +274,11 @@ class Trainer:
                                "loss": float(out.loss_sum) / max(1.0, float(out.n))}
                         for cb in self.step_callbacks:
                             cb(rec)
-                    if self.run_dir and time.monotonic() - last_save > 60 * tc.checkpoint_every_minutes:
+                    # Rank 0's clock decides for all: saving gathers every rank's streams.
+                    if self.run_dir and flag_from_main(time.monotonic() - last_save > 60 * tc.checkpoint_every_minutes):
                         st.epoch_seconds += time.perf_counter() - t0
                         t0 = time.perf_counter()
-                        self.save(self.last_path)
+                        self._checkpoint(self.last_path)
                         last_save = time.monotonic()
                 inner.close()
                 st.epoch_seconds += time.perf_counter() - t0
@@ -257,10 +308,10 @@ class Trainer:
                 if self.run_dir:
                     if improved:
                         with self._averaged():
-                            self.save(self.best_path, full=False)
+                            self._checkpoint(self.best_path, full=False)
                     if tc.keep_every and st.epoch % tc.keep_every == 0:
-                        self.save(self.run_dir / f"epoch_{st.epoch}.safetensors", full=False)
-                    self.save(self.last_path)
+                        self._checkpoint(self.run_dir / f"epoch_{st.epoch}.safetensors", full=False)
+                    self._checkpoint(self.last_path)
                 last_save = time.monotonic()
                 for cb in self.callbacks:
                     cb(rec)
@@ -277,7 +328,7 @@ class Trainer:
         if not st.finished:  # resumed with no epochs left to run
             st.finished = True
             if self.run_dir:
-                self.save(self.last_path)
+                self._checkpoint(self.last_path)
         return st.history
 
     def _last_good(self) -> str:

@@ -81,9 +81,42 @@ class ModelConfig:
     tf_heads: int = 4
     max_len: int = 1024  # Transformer position table
     grown_from: Optional[int] = None  # context_dim before expand_context(), if grown
+    # -- New-LLM cell options (issue 18). Each is off by default (the seed cell); every one that is on makes
+    # ``ContextVectorLLM.forward`` run its own autograd loop (the whole-loop recurrences implement the seed cell).
+    # state_norm: where the LayerNorm of  c_t = clamp(LN(s_t))  with  s_t = f * c_{t-1} + i * u  sits.
+    #   "layernorm" (seed); "noaffine": LN without its weight and bias (2C fewer parameters);
+    #   "none": c_t = clamp(s_t), no norm at all (2C fewer parameters); "read": the state is kept un-normalised,
+    #   c_t = clamp(s_t), and the FNN and the gates read LN(c_{t-1}) instead of c_{t-1} (seed's parameters).
+    state_norm: str = "layernorm"
+    # chrono_init > 0: forget-gate biases b_f = log(U(1, chrono_init - 1)) per channel and input-gate biases
+    # b_i = -b_f (Tallec & Ollivier 2018), spreading the initial memory timescales up to ~chrono_init tokens;
+    # 0 = every b_f = forget_bias and b_i = 0 (seed). Parameters unchanged.
+    chrono_init: float = 0.0
+    # gate_context: the gates read [h_t ; c_{t-1}] instead of h_t:  [f; i; u] = W_g [h_t ; c_{t-1}] + b_g
+    # (3 C^2 more parameters, or gate_rank * C more with gate_rank), as an LSTM's gates see its state.
+    gate_context: bool = False
+    # fnn_residual: layers 2..N of the FNN.  "none" (seed): h = drop(relu(W h + b));  "residual":
+    # h = h + drop(relu(W h + b));  "prenorm": h = h + drop(relu(W LN(h) + b)) (2H parameters per layer more).
+    fnn_residual: str = "none"
+    # gate_rank > 0: the gate projection is low rank, W_g = U V with V: in -> gate_rank (no bias) and
+    # U: gate_rank -> 3C; with a wider context_dim this keeps the parameter count (see ``gate_rank_for``).
+    gate_rank: int = 0
+    # slow_forget_bias > 0: two context vectors with different timescales, c = [c_fast ; c_slow] (C/2 each):
+    # each half is normalised on its own (LN statistics per half; the affine stays one vector of C), and the slow
+    # half's forget-gate biases start at slow_forget_bias (input-gate biases at its negative), the fast half's
+    # as before. Parameters unchanged; context_dim must be even.
+    slow_forget_bias: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def seed_cell(self) -> bool:
+        """True when the cell is the seed's equations (no option of issue 18 on, no tanh): the whole-loop
+        recurrences (recurrence.py, fused.py) implement exactly this cell."""
+        return (self.state_norm == "layernorm" and not self.chrono_init and not self.gate_context
+                and self.fnn_residual == "none" and not self.gate_rank and not self.slow_forget_bias
+                and not self.context_tanh)
 
     def validate(self) -> None:
         _int(self, "vocab_size", 5)
@@ -108,6 +141,17 @@ class ModelConfig:
         _int(self, "tf_layers", 1, 64)
         _int(self, "tf_heads", 1, 64)
         _int(self, "max_len", 1)
+        _choice(self, "state_norm", ("layernorm", "noaffine", "none", "read"))
+        _float(self, "chrono_init", 0.0, 1e6)
+        _check("chrono_init", self.chrono_init == 0 or self.chrono_init > 2, "must be 0 (off) or > 2 tokens",
+               self.chrono_init)
+        _check("gate_context", isinstance(self.gate_context, bool), "must be True or False", self.gate_context)
+        _choice(self, "fnn_residual", ("none", "residual", "prenorm"))
+        _int(self, "gate_rank", 0, 65536)
+        _float(self, "slow_forget_bias", 0.0, 20.0)
+        if self.slow_forget_bias:
+            _check("context_dim", self.context_dim % 2 == 0, "must be even with slow_forget_bias (two halves)",
+                   self.context_dim)
         if self.arch == "transformer" and self.tf_dim:
             _check("tf_dim", self.tf_dim % self.tf_heads == 0, "must be divisible by tf_heads", self.tf_dim)
 

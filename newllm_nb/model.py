@@ -13,10 +13,15 @@ Only the recurrence must run token by token. Everything else is hoisted out of t
 the embedding half of layer 1 is one matmul over all positions, the output head runs once over
 all hidden states, and W_f / W_i / W_u are one fused matmul. ``step`` is the literal single-token
 update, used by generation.
+
+Options (``ModelConfig`` fields of issue 18, each off by default; their comments there give the equations):
+``state_norm``, ``chrono_init``, ``gate_context``, ``fnn_residual``, ``gate_rank``, ``slow_forget_bias``. With
+any of them on, ``_cell`` is the general cell below and ``forward`` always runs its own autograd loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -86,8 +91,14 @@ class ContextVectorLLM(nn.Module):
         self.fnn = nn.ModuleList([nn.Linear(E + C, H)] + [nn.Linear(H, H) for _ in range(config.num_layers - 1)])
         self.drop = nn.Dropout(config.dropout)
         self.ctx_drop = nn.Dropout(config.context_dropout)
-        self.gates = nn.Linear(H, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
-        self.norm = nn.LayerNorm(C, eps=LN_EPS)
+        gate_in = H + C if config.gate_context else H
+        # Low rank (gate_rank): V maps the gate input down, then ``gates`` (U) up; ``gates`` keeps its name.
+        self.gate_down = nn.Linear(gate_in, config.gate_rank, bias=False) if config.gate_rank else None
+        self.gates = nn.Linear(config.gate_rank or gate_in, 3 * C)  # W_f, W_i, W_u fused: [forget | input | candidate]
+        # Without affine parameters for "noaffine", and for "none", which has no norm (no dead parameters).
+        self.norm = nn.LayerNorm(C, eps=LN_EPS, elementwise_affine=config.state_norm not in ("noaffine", "none"))
+        self.fnn_norms = (nn.ModuleList([nn.LayerNorm(H, eps=LN_EPS) for _ in range(config.num_layers - 1)])
+                          if config.fnn_residual == "prenorm" else None)
         # Off the recurrent path (None = the seed: none): on embedding vectors in, on features to the head.
         self.in_drop = nn.Dropout(config.input_dropout or 0.0)
         self.out_drop = nn.Dropout(config.output_dropout or 0.0)
@@ -96,10 +107,24 @@ class ContextVectorLLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Seed init: weights N(0, init_std), biases zero (the forget gate's: ``forget_bias``), LayerNorm identity."""
-        init_weights(self, self.config.init_std)
+        cfg = self.config
+        init_weights(self, cfg.init_std)
         self.norm.reset_parameters()
+        if self.fnn_norms is not None:
+            for ln in self.fnn_norms:
+                ln.reset_parameters()
+        C = cfg.context_dim
         with torch.no_grad():
-            self.gates.bias[: self.config.context_dim].fill_(self.config.forget_bias)
+            if self.gate_down is not None:  # V at unit gain, so U V h starts at the scale of a full-rank W_g h
+                nn.init.normal_(self.gate_down.weight, 0.0, self.gate_down.weight.shape[1] ** -0.5)
+            b_f, b_i = self.gates.bias[:C], self.gates.bias[C: 2 * C]
+            b_f.fill_(cfg.forget_bias)
+            if cfg.chrono_init:
+                b_f.copy_(torch.empty(C).uniform_(1.0, cfg.chrono_init - 1.0).log_())
+                b_i.copy_(-b_f)
+            if cfg.slow_forget_bias:
+                b_f[C // 2:].fill_(cfg.slow_forget_bias)
+                b_i[C // 2:].fill_(-cfg.slow_forget_bias)
 
     def init_context(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
         """c_0 = 0."""
@@ -114,6 +139,8 @@ class ContextVectorLLM(nn.Module):
 
     def _cell(self, x_proj: torch.Tensor, c: torch.Tensor, W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step given layer 1's hoisted embedding projection ``x_proj`` = W_e e_t + b."""
+        if not self.config.seed_cell:
+            return self._option_cell(x_proj, c, W_c)
         c_in = self.ctx_drop(c) if self.config.context_dropout > 0 else c  # skip a no-op kernel per step
         h = self.drop(F.relu(x_proj + F.linear(c_in.to(W_c.dtype), W_c)))
         for layer in self.fnn[1:]:
@@ -123,6 +150,38 @@ class ContextVectorLLM(nn.Module):
             u = torch.tanh(u)
         c = self.norm(torch.sigmoid(f) * c + torch.sigmoid(i) * u).clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
         return h, c
+
+    def _state_norm(self, s: torch.Tensor) -> torch.Tensor:
+        """The context's LayerNorm, over all C channels or (slow_forget_bias) over each half on its own."""
+        if not self.config.slow_forget_bias:
+            return self.norm(s)
+        C = s.shape[-1]
+        z = F.layer_norm(s.unflatten(-1, (2, C // 2)), (C // 2,), eps=LN_EPS).flatten(-2)
+        return z if self.norm.weight is None else z * self.norm.weight + self.norm.bias
+
+    def _option_cell(self, x_proj: torch.Tensor, c: torch.Tensor,
+                     W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cell with the ModelConfig options of issue 18 (the seed cell when all are off, up to op order)."""
+        cfg = self.config
+        r = self._state_norm(c) if cfg.state_norm == "read" else c  # what the FNN and the gates read
+        r_in = self.ctx_drop(r) if cfg.context_dropout > 0 else r
+        h = self.drop(F.relu(x_proj + F.linear(r_in.to(W_c.dtype), W_c)))
+        for k, layer in enumerate(self.fnn[1:]):
+            if cfg.fnn_residual == "none":
+                h = self.drop(F.relu(layer(h)))
+            else:
+                z = self.fnn_norms[k](h) if self.fnn_norms is not None else h
+                h = h + self.drop(F.relu(layer(z)))
+        g = torch.cat([h, r_in.to(h.dtype)], dim=-1) if cfg.gate_context else h
+        if self.gate_down is not None:
+            g = self.gate_down(g)
+        f, i, u = self.gates(g).chunk(3, dim=-1)
+        if cfg.context_tanh:
+            u = torch.tanh(u)
+        s = torch.sigmoid(f) * c + torch.sigmoid(i) * u
+        if cfg.state_norm in ("layernorm", "noaffine"):
+            s = self._state_norm(s)
+        return h, s.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
 
     def _embed_proj(self, ids: torch.Tensor) -> torch.Tensor:
         W_e = self.fnn[0].weight[:, : self.config.embed_dim]
@@ -152,12 +211,14 @@ class ContextVectorLLM(nn.Module):
         ``recurrence`` runs the whole time loop at once instead of the per-token ``_cell`` loop, with
         ``recurrence.NewLLMRecurrence.apply``'s signature: the same function with a hand-written
         backward (the training steps pass it; see step.py). Not with ``return_trajectory`` or ``context_tanh``.
+        It implements only the seed cell: with an option of issue 18 on, it is ignored and the autograd loop
+        below runs instead (the same result, slower).
         """
         B, T = ids.shape
         c = self.init_context(B) if context is None else context
         x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
         keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
-        if recurrence is not None:
+        if recurrence is not None and (self.config.seed_cell or self.config.context_tanh):
             if return_trajectory or self.config.context_tanh:
                 raise ValueError("a whole-loop recurrence returns no trajectory and has no context_tanh")
             layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
@@ -178,3 +239,19 @@ class ContextVectorLLM(nn.Module):
         if return_trajectory:
             return logits, c, torch.stack(cs, dim=1)
         return logits, c
+
+
+def gate_rank_for(config: ModelConfig, context_dim: int) -> int:
+    """The ``gate_rank`` that gives ``config`` widened to ``context_dim`` the parameter count closest to
+    ``config``'s own (a wider context at equal parameters: the low-rank gates pay for the wider state)."""
+    with torch.device("meta"):
+        target = count_parameters(ContextVectorLLM(config))
+
+        def size(r: int) -> int:
+            return count_parameters(ContextVectorLLM(dataclasses.replace(config, context_dim=context_dim,
+                                                                         gate_rank=r)))
+        lo, hi = 1, 4 * max(config.hidden_dim, context_dim)
+        while lo < hi:  # parameters grow with the rank: the first rank at or above the target, or the one before
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if size(mid) < target else (lo, mid)
+        return min((max(lo - 1, 1), lo), key=lambda r: abs(size(r) - target))

@@ -9,6 +9,7 @@ import torch
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
+from newllm_nb.runs import RunFolderError
 from newllm_nb.trainer import Trainer
 
 
@@ -22,7 +23,11 @@ def main(run_dir: str, sleep: float, out: str) -> None:
     t = Trainer(ContextVectorLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer, run_dir or None)
     if sleep:
         t.step.loss_hook = lambda loss: (time.sleep(sleep), loss)[1]
-    hist = t.fit()
+    try:
+        hist = t.fit()
+    except RunFolderError as e:  # another process holds the folder
+        print(e, file=sys.stderr)
+        sys.exit(3)
     with open(out, "w") as f:
         json.dump(hist, f)
 

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .config import CONTEXT_CLAMP, LN_EPS
+from .decoding import prime, sample_ids
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -681,23 +682,6 @@ class FusedCell:
         return self.pidx.gather(0, best[None]).squeeze(0)
 
 
-# generate.prime and generate._sample_ids, restated (same ops, so the same draws for a seed): generate may import
-# this module, and the package's imports stay one-way (tests/test_core.py).
-@torch.no_grad()
-def _prime(model, ids: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, context = None, None
-    for i in range(0, ids.shape[1], chunk):
-        logits, context = model(ids[:, i:i + chunk], context)
-    return logits[:, -1], context
-
-
-def _sample_ids(lg: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature == 0:
-        return lg.argmax(-1)
-    u = torch.rand(lg.shape, device=lg.device).clamp_(1e-10, 1.0)
-    return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: graph-safe sampling
-
-
 class FusedDecoder:
     """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps captured in one CUDA graph and
     replayed for any number of tokens; device memory is constant (ids leave chunk by chunk into host memory).
@@ -725,7 +709,7 @@ class FusedDecoder:
         t = self.tok
         for j in range(self.chunk):
             lg = self.model.head(self.cell(t, self.out[:, j]))
-            t = _sample_ids(lg, self.temperature)
+            t = sample_ids(lg, self.temperature)
         self.tok.copy_(t)
 
     def _capture(self) -> None:
@@ -745,13 +729,13 @@ class FusedDecoder:
     def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
         if prompt_ids.shape[1] == 0:
             raise ValueError("cannot prime on an empty prompt")
-        logits, ctx = _prime(self.model, prompt_ids.to(self.tok.device))
+        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
         cuda = self.tok.device.type == "cuda"
         if cuda:
             torch.cuda.manual_seed(seed)  # sampling draws from the default CUDA generator (philox offsets)
         else:
             torch.manual_seed(seed)
-        self.tok.copy_(_sample_ids(logits, self.temperature))
+        self.tok.copy_(sample_ids(logits, self.temperature))
         self.cell.set_context(ctx, self.tok)
         if self.use_graph and self.graph is None:
             self._capture()

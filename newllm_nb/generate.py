@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .config import BOS_ID, EOS_ID, PAD_ID
+from .decoding import prime, sample_ids
 from .prompt import instruction_prompt
 from .tokenizer import tokenizer_hash
 
@@ -53,18 +54,6 @@ def _number(x) -> bool:
 
 def _sampling(sampling: Optional[Sampling], overrides: dict) -> Sampling:
     return replace(sampling or Sampling(), **overrides)
-
-
-@torch.no_grad()
-def prime(model, ids: torch.Tensor, context: Optional[torch.Tensor] = None, chunk: int = 2048
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read ``ids`` [B, T] (T >= 1) in chunks; return (logits at the last position [B, V], context)."""
-    if ids.shape[1] == 0:
-        raise ValueError("cannot prime on an empty prompt")
-    logits = None
-    for i in range(0, ids.shape[1], chunk):
-        logits, context = model(ids[:, i:i + chunk], context)
-    return logits[:, -1], context
 
 
 def pick_next(logits: torch.Tensor, s: Sampling, seen: Optional[torch.Tensor] = None,
@@ -155,13 +144,6 @@ def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = 
         yield tok, step_logits, ctx
 
 
-def _sample_ids(lg: torch.Tensor, temperature: float, g: Optional[torch.Generator]) -> torch.Tensor:
-    if temperature == 0:
-        return lg.argmax(-1)
-    u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
-    return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: graph-safe sampling
-
-
 class GraphDecoder:
     """``chunk`` consecutive single-token steps (cell update + greedy / Gumbel-max sampling) captured in
     one CUDA graph, captured once and replayed for any number of tokens. Device memory is constant:
@@ -181,7 +163,7 @@ class GraphDecoder:
         for j in range(self.chunk):
             self.out[:, j] = t
             lg, c = self.model.step(t, c)
-            t = _sample_ids(lg, self.temperature, None)
+            t = sample_ids(lg, self.temperature, None)
         self.tok.copy_(t)
         self.ctx.copy_(c)
 
@@ -202,7 +184,7 @@ class GraphDecoder:
     def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
         logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
         torch.cuda.manual_seed(seed)  # the graph draws from the default CUDA generator (philox offsets)
-        self.tok.copy_(_sample_ids(logits, self.temperature, None))
+        self.tok.copy_(sample_ids(logits, self.temperature, None))
         self.ctx.copy_(ctx)
         if self.graph is None:
             self._capture()
@@ -215,23 +197,39 @@ class GraphDecoder:
         return out
 
 
+def graph_decoder(model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0):
+    """The fastest captured decoder for ``model`` here: ``fused.FusedDecoder`` on a GPU where the Triton kernels
+    run (the seed cell), else ``GraphDecoder``, with one printed line saying why."""
+    device = next(model.parameters()).device
+    try:
+        from .fused import FusedDecoder, fused_available  # optional: needs triton
+        ok, why = fused_available(device)
+    except ImportError as e:
+        ok, why = False, f"Triton is not importable ({e})"
+    if ok and getattr(model.config, "seed_cell", True) and not model.config.context_tanh:
+        return FusedDecoder(model, batch_size, chunk, temperature)
+    print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")
+    return GraphDecoder(model, batch_size, chunk, temperature)
+
+
 @torch.no_grad()
 def decode_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                use_graph: Optional[bool] = None, chunk: int = 32) -> torch.Tensor:
     """Bulk generation of token ids [B, max_new_tokens] (returned on the CPU), no stop conditions.
-    On CUDA it uses a ``GraphDecoder``; elsewhere (or ``use_graph=False``) the eager step loop."""
+    On CUDA it uses the fused Triton decoder where it runs (fused.py), else a ``GraphDecoder``; elsewhere
+    (or ``use_graph=False``) the eager step loop."""
     device = next(model.parameters()).device
     model.eval()
     if use_graph if use_graph is not None else device.type == "cuda":
-        return GraphDecoder(model, prompt_ids.shape[0], chunk, temperature).run(prompt_ids, max_new_tokens, seed)
+        return graph_decoder(model, prompt_ids.shape[0], chunk, temperature).run(prompt_ids, max_new_tokens, seed)
     logits, ctx = prime(model, prompt_ids.to(device))
     gen = torch.Generator(device=device).manual_seed(seed)
-    tok = _sample_ids(logits, temperature, gen)
+    tok = sample_ids(logits, temperature, gen)
     out = torch.empty(prompt_ids.shape[0], max_new_tokens, dtype=torch.long)
     for i in range(max_new_tokens):
         out[:, i] = tok.cpu()
         logits, ctx = model.step(tok, ctx)
-        tok = _sample_ids(logits, temperature, gen)
+        tok = sample_ids(logits, temperature, gen)
     return out
 
 

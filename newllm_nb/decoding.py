@@ -1,0 +1,28 @@
+"""The two pieces every decoder shares: reading a prompt into the context, and graph-safe sampling."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+@torch.no_grad()
+def prime(model, ids: torch.Tensor, context: Optional[torch.Tensor] = None, chunk: int = 2048
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``ids`` [B, T] (T >= 1) in chunks; return (logits at the last position [B, V], context)."""
+    if ids.shape[1] == 0:
+        raise ValueError("cannot prime on an empty prompt")
+    logits = None
+    for i in range(0, ids.shape[1], chunk):
+        logits, context = model(ids[:, i:i + chunk], context)
+    return logits[:, -1], context
+
+
+def sample_ids(lg: torch.Tensor, temperature: float, g: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Greedy at temperature 0, else Gumbel-max sampling: no host sync and no data-dependent shapes, so it
+    can sit inside a captured CUDA graph (drawing from the default generator when ``g`` is None)."""
+    if temperature == 0:
+        return lg.argmax(-1)
+    u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
+    return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)

@@ -151,8 +151,10 @@ def _run(driver, command: str, timeout: float, what: str) -> None:
     driver.execute_script(PANEL + f"app.commands.execute('{command}');")
     time.sleep(1.0)
     _wait(driver, PANEL + """const cells = panel.content.widgets.filter(c => c.model.type === 'code');
+          const failed = cells.some(c => c.model.outputs.toJSON().some(o => o.output_type === 'error'));
           return panel.sessionContext.session.kernel.status === 'idle' &&
-                 cells.every(c => c.model.executionState !== 'running' && c.model.executionCount !== null);""",
+                 cells.every(c => c.model.executionState !== 'running') &&
+                 (failed || cells.every(c => c.model.executionCount !== null));""",
           timeout, what)
 
 
@@ -190,7 +192,9 @@ def _screenshots(driver, shots: Path, stem: str) -> list[Path]:
     """The notebook, viewport by viewport from the top."""
     paths = []
     scroller = PANEL + "const s = panel.content.outerNode || panel.content.node;"
-    height = driver.execute_script(scroller + "s.scrollTop = 0; return s.scrollHeight;")
+    # The content's height: up to the last cell's bottom (the notebook adds blank room below it).
+    height = driver.execute_script(scroller + """s.scrollTop = 0; const cells = panel.content.widgets;
+        return cells[cells.length - 1].node.getBoundingClientRect().bottom - s.getBoundingClientRect().top + 20;""")
     view = driver.execute_script(scroller + "return s.clientHeight;")
     step = max(view - 80, 200)
     tops = list(range(0, max(height - view, 0) + 1, step))
@@ -228,7 +232,7 @@ def _set_slider(driver, label: str, value: int) -> None:
 def test_wikitext_notebook_in_the_browser(lab, browser):
     url, token, work, shots = lab
     _open(browser, url, token, "01_wikitext.ipynb")
-    _run(browser, "notebook:run-all-cells", 240, "01_wikitext to run all cells")
+    _run(browser, "notebook:run-all-cells", 420, "01_wikitext to run all cells")
     _assert_clean(browser, "01_wikitext")
     train = _cell_text(browser, "result = train_live(")
     assert "epochs 2 |" in train, "smoke mode trains 2 epochs by default: " + train[-600:]
@@ -238,7 +242,7 @@ def test_wikitext_notebook_in_the_browser(lab, browser):
 
     # A slider changed by hand reaches the next run: 1 epoch instead of smoke mode's 2.
     _set_slider(browser, "max epochs", 1)
-    _run_cell(browser, "result = train_live(", 120)
+    _run_cell(browser, "result = train_live(", 240)
     _run_cell(browser, "from newllm_nb.notebook import text_table\n\nm = result.metrics", 30)
     assert "epochs 1 |" in _cell_text(browser, "result = train_live("), "the changed slider did not reach the run"
     assert re.search(r"epochs</td><td[^>]*>1</td>", _cell_text(browser, "m = result.metrics")), "evaluation table"
@@ -260,7 +264,7 @@ def test_chat_notebook_in_the_browser(lab, browser):
 
     url, token, work, shots = lab
     _open(browser, url, token, "04_chat.ipynb")
-    _run(browser, "notebook:run-all-cells", 120, "04_chat to run all cells")
+    _run(browser, "notebook:run-all-cells", 240, "04_chat to run all cells")
     _assert_clean(browser, "04_chat")
     assert "browser-test" in _cell_text(browser, "model, tokenizer, ckpt = load_model("), "the test's checkpoint"
 

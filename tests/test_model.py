@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb.config import CONTEXT_CLAMP, LN_EPS
 from newllm_nb.model import count_parameters
 from newllm_nb.recurrence import NewLLMRecurrence
 
@@ -24,7 +25,9 @@ def test_init_is_normal_002_with_zero_biases():
 
 
 def literal_loop(m: ContextVectorLLM, ids, c=None, reset=None):
-    """The equations of DEVELOPERS.md written token by token, with W_f / W_i / W_u as separate matrices."""
+    """The test oracle: the cell's equations written token by token, literally and slowly, with W_f / W_i / W_u
+    as separate matrices. Every faster path (hoisted loop, hand-written BPTT, fused kernels) is checked against
+    it, directly or through one that is."""
     cfg = m.config
     C = cfg.context_dim
     W_f, W_i, W_u = m.gates.weight[:C], m.gates.weight[C:2 * C], m.gates.weight[2 * C:]
@@ -43,8 +46,12 @@ def literal_loop(m: ContextVectorLLM, ids, c=None, reset=None):
         if cfg.context_tanh:
             u = torch.tanh(u)
         pre = torch.sigmoid(h @ W_f.T + b_f) * c + torch.sigmoid(h @ W_i.T + b_i) * u
-        c = torch.clamp(F.layer_norm(pre, (C,), m.norm.weight, m.norm.bias), -10, 10)
+        c = torch.clamp(F.layer_norm(pre, (C,), m.norm.weight, m.norm.bias, LN_EPS), -CONTEXT_CLAMP, CONTEXT_CLAMP)
     return torch.stack(out, 1), c
+
+
+def test_the_cell_constants_are_the_seeds():
+    assert (CONTEXT_CLAMP, LN_EPS) == (10.0, 1e-5)  # c_t = clamp(LayerNorm(...), -10, 10), torch's LayerNorm eps
 
 
 def small(**kw):
@@ -94,7 +101,7 @@ def test_step_equals_forward_and_trajectory_has_every_context(tie):
         step_logits, ctx = m.step(ids[:, t], ctx)
         torch.testing.assert_close(step_logits, logits[:, t])
         torch.testing.assert_close(ctx, traj[:, t])
-    assert float(traj.detach().abs().max()) <= 10.0
+    assert float(traj.detach().abs().max()) <= CONTEXT_CLAMP
 
 
 def test_reset_mask_equals_separate_runs():

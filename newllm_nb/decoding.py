@@ -1,8 +1,8 @@
-"""The two pieces every decoder shares: reading a prompt into the context, and graph-safe sampling."""
+"""What every decoder shares: reading a prompt into the context, graph-safe sampling, and graph capture."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,3 +26,17 @@ def sample_ids(lg: torch.Tensor, temperature: float, g: Optional[torch.Generator
         return lg.argmax(-1)
     u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
     return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def capture_graph(body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """Run ``body`` once on a side stream (compiles kernels, warms the allocator), then capture it in a graph.
+    ``body`` runs twice for real: callers save and restore the state it advances."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .config import CONTEXT_CLAMP, LN_EPS
-from .decoding import prime, sample_ids
+from .decoding import capture_graph, prime, sample_ids
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -714,14 +714,7 @@ class FusedDecoder:
 
     def _capture(self) -> None:
         saved = self.tok.clone(), self.cell.tok.clone(), self.cell.ctx.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles the kernels and warms the allocator outside the capture
-            self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body()
+        self.graph = capture_graph(self._body)
         self.tok.copy_(saved[0])
         self.cell.set_context(saved[2], saved[1])
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .config import BOS_ID, EOS_ID, PAD_ID
-from .decoding import prime, sample_ids
+from .decoding import capture_graph, prime, sample_ids
 from .prompt import instruction_prompt
 from .tokenizer import tokenizer_hash
 
@@ -169,14 +169,7 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         saved = self.tok.clone(), self.ctx.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body()
+        self.graph = capture_graph(self._body)
         self.tok.copy_(saved[0])
         self.ctx.copy_(saved[1])
 

@@ -32,7 +32,6 @@ import json
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +43,7 @@ from newllm_nb.batching import StreamData, WindowData, wikitext_sequences, wikit
 from newllm_nb.bench import device_name
 from newllm_nb.checkpoint import load_checkpoint
 from newllm_nb.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
+from newllm_nb.distributed import spread
 from newllm_nb.metrics import evaluate
 from newllm_nb.model import count_parameters
 from newllm_nb.sources import load_wikitext, read_text, split_lines
@@ -225,23 +225,22 @@ def main() -> None:
         # Two recipes' rows of the same run would share a run folder: give each call its own.
         calls = [c[:6] + (str(Path(work) / str(k)),) + c[7:] for k, c in enumerate(calls)]
         if args.jobs > 1:
-            import multiprocessing as mp
+            # One worker pool per GPU (each worker sees only its own card), runs dealt out in turn; each row is
+            # printed as its run ends (a time limit keeps what finished), and a run that fails keeps its row
+            # with the error instead of losing the others.
+            def report(k, got):
+                print(f"{calls[k][0]} FAILED: {type(got).__name__}: {got}" if isinstance(got, BaseException)
+                      else got, flush=True)
 
-            # One pool per GPU (each worker sees only its own card), runs dealt out in turn.
-            pools = [ProcessPoolExecutor(-(-args.jobs // max(gpus, 1)), mp_context=mp.get_context("spawn"),
-                                         initializer=_only_gpu, initargs=(g if gpus > 1 else None,))
-                     for g in range(max(gpus, 1))]
-            try:
-                futures = [pools[k % len(pools)].submit(run_one, *c) for k, c in enumerate(calls)]
-                for f in as_completed(futures):  # print each as it ends (a time limit keeps what finished)
-                    print(f.result(), flush=True)
-            finally:
-                for pool in pools:
-                    pool.shutdown()
-            rows = [f.result() for f in futures]  # the plan's order
+            got = spread(run_one, calls, args.jobs, on_done=report, gpus=gpus)
+            rows = [{"run": c[0], "error": f"{type(r).__name__}: {r}"} if isinstance(r, BaseException) else r
+                    for c, r in zip(calls, got)]  # the plan's order
         else:
             for c in calls:
-                rows.append(run_one(*c))
+                try:
+                    rows.append(run_one(*c))
+                except Exception as e:  # reported in its row; the other runs go on
+                    rows.append({"run": c[0], "error": f"{type(e).__name__}: {e}"})
                 print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     shown = ", ".join(spec for spec, _ in next(iter(recipes.values())))
@@ -290,14 +289,6 @@ def comparison_lines(df: pd.DataFrame) -> list[str]:
                     line += f"; {lstm} {ppl[lstm]}"
             lines.append(line)
     return lines
-
-
-def _only_gpu(gpu: Optional[int]) -> None:
-    """Worker initializer: show this process one GPU (before CUDA starts in it)."""
-    if gpu is not None:
-        import os
-
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
 def _md(df: pd.DataFrame) -> str:

@@ -5,7 +5,7 @@ training and evaluation) New-LLM recipes and the equal-parameter LSTM, then meas
 Every row of the quality table (dev_ppl, eval_ppl) is what ``quality.py --runs newllm-best-L1`` (or
 ``lstm-best-L1size``) gives for that recipe and seed; choose on dev_ppl only. Outputs under --out:
 ``screen.csv`` (one row per run), ``position.csv`` (loss by position in the article, carried vs reset),
-``fade.csv`` (how fast a changed token fades from the state), and ``context_memory.png``. Rows are appended
+``fade.csv`` (how fast a changed token fades from the state), and ``context_memory.png`` (or --png). Rows are appended
 as runs finish, so a time limit keeps what finished.
 
     python benchmarks/context_memory.py --file .bench_data/valid.txt --vocab 10000 --best-epochs 60 \\
@@ -70,7 +70,7 @@ def choose(screen: pd.DataFrame, base: str = "base", lstm: str = "lstm") -> list
     return [m for m in [base, *best, lstm] if m in set(screen.recipe)]
 
 
-def plot(out: Path, models: list[str]) -> Path:
+def plot(out: Path, models: list[str], png: Optional[Path] = None) -> Path:
     """Draw loss by position (carried solid, reset dashed) and the fade of a changed token for ``models``."""
     import matplotlib
 
@@ -102,7 +102,7 @@ def plot(out: Path, models: list[str]) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "context_memory.png"
+    path = png or out / "context_memory.png"
     fig.savefig(path, dpi=120)
     return path
 
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "context_memory"))
     ap.add_argument("--show", help="comma-separated models to plot (default: base, best option on dev, lstm)")
     ap.add_argument("--plot-only", action="store_true", help="redraw from the CSVs in --out")
+    ap.add_argument("--png", help="where the figure goes (default: --out/context_memory.png)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def main() -> None:
         run(args, out)
     screen = pd.read_csv(out / "screen.csv")
     models = args.show.split(",") if args.show else choose(screen, base=screen.recipe.iloc[0])
-    print(f"plot: {plot(out, models)} ({', '.join(models)})")
+    print(f"plot: {plot(out, models, Path(args.png) if args.png else None)} ({', '.join(models)})")
 
 
 def run(args, out: Path) -> None:

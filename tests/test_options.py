@@ -1,6 +1,8 @@
 """The New-LLM cell options of issue 18 (ModelConfig fields, all off by default) and the context-memory analysis."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from newllm_nb import ContextVectorLLM, ModelConfig
 from newllm_nb.baselines import LSTMLM, matched_config
 from newllm_nb.checkpoint import load_model, save_checkpoint
-from newllm_nb.config import PRESETS, preset
+from newllm_nb.config import preset
 from newllm_nb.memory import article_spans, loss_by_position, perturbation_fade, token_losses
 from newllm_nb.model import count_parameters, gate_rank_for
 from newllm_nb.recurrence import NewLLMRecurrence
@@ -191,13 +193,22 @@ def test_gate_rank_for_a_wider_context_keeps_the_parameter_count():
     assert abs(n1 - n0) / n0 < 0.001
 
 
-def test_presets_with_options_build_and_match_an_lstm():
-    for name in PRESETS:
-        cfg = preset(name).model
-        if cfg.arch == "newllm" and not cfg.seed_cell:
-            n = count_parameters(ContextVectorLLM(cfg))
-            lstm = count_parameters(LSTMLM(matched_config(cfg, "lstm")))
-            assert abs(lstm - n) / n < 0.01, name
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "recipes").glob("opt_*.json"))
+EQUAL_PARAMS = {"opt_norm_read", "opt_chrono64", "opt_gatectx_r256", "opt_wide512_r127", "opt_slow4",
+                "opt_combo_chrono_gctx", "opt_combo_read_chrono_gctx"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_option_recipe_files_build_and_the_equal_parameter_ones_are(path):
+    doc = json.loads(path.read_text())
+    cfg = preset(doc["base"], **{f"model__{k}": v for k, v in doc["model"].items()}).model
+    base = preset(doc["base"]).model
+    with torch.device("meta"):
+        n, n0 = count_parameters(ContextVectorLLM(cfg)), count_parameters(ContextVectorLLM(base))
+        lstm = count_parameters(LSTMLM(matched_config(base, "lstm")))
+    assert cfg != base
+    if path.stem in EQUAL_PARAMS:
+        assert abs(n - n0) / n0 < 0.001 and abs(n - lstm) / lstm < 0.01
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

@@ -29,18 +29,19 @@ CONFIGS = {
 }
 
 
-def config(mode: str, run_dir: str):
+def config(mode: str, run_dir: str, device: str = "cpu"):
     return preset("smoke", model__vocab_size=200, model__embed_dim=16, model__context_dim=16, model__hidden_dim=32,
                   model__dropout=0.0, data__max_seq_length=16, data__max_examples=60, train__lr=5e-3,
-                  train__epochs=3, train__patience=10, train__device="cpu",
+                  train__epochs=3, train__patience=10, train__device=device, train__precision="fp32",
                   train__checkpoint_every_minutes=0.002 if run_dir else 30.0, **CONFIGS[mode])
 
 
 def train(mode: str, run_dir: str = "", sleep: float = 0.0) -> tuple[list, dict]:
-    """(history, final weights) of one run; under torchrun, this rank's part of it."""
-    init_from_env("cpu")
+    """(history, final weights) of one run; under torchrun, this rank's part of it. NEWLLM_TEST_DEVICE=cuda:
+    one GPU per rank through NCCL (and the CUDA-graph step), else CPU and gloo."""
+    device = init_from_env(os.environ.get("NEWLLM_TEST_DEVICE", "cpu"))
     torch.set_num_threads(1)
-    cfg = config(mode, run_dir)
+    cfg = config(mode, run_dir, device)
     p = prepare(cfg.data, 200)
     cfg = apply_overrides(cfg, model__vocab_size=p.tokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)

@@ -36,9 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(mode, run_dir, sleep, out, nproc=2):
+def _torchrun(mode, run_dir, sleep, out, nproc=2, **env_extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent.parent))
+               OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent.parent), NCCL_NVLS_ENABLE="0", **env_extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), mode, str(run_dir), str(sleep),
            str(out)]
@@ -70,7 +70,7 @@ def _finish(proc, timeout=120):
 
 def _assert_same_run(single, weights_single, out):
     hist = json.loads(Path(out).read_text())
-    weights = torch.load(str(out) + ".pt")
+    weights = {k: v.cpu() for k, v in torch.load(str(out) + ".pt").items()}
     assert [r["epoch"] for r in hist] == [r["epoch"] for r in single]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.2  # it learned
     for a, b in zip(single, hist):
@@ -118,6 +118,17 @@ def test_killed_ranks_resume_from_the_last_checkpoint(tmp_path):
     log = _finish(resumed)
     assert log.count("resumed ") == 1
     _assert_same_run(single, weights, tmp_path / "resumed.json")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_match_one_gpu_through_nccl_and_the_cuda_graph_step(tmp_path, monkeypatch):
+    """The all-reduce after the graph replay: 2 GPUs (NCCL) against 1 GPU on the same global batch, fp32."""
+    proc = _torchrun("windows", "", 0, tmp_path / "two.json", NEWLLM_TEST_DEVICE="cuda")
+    log = _finish(proc)
+    assert "fast path: cuda-graph+bptt captured for batch 8x15" in log
+    monkeypatch.setenv("NEWLLM_TEST_DEVICE", "cuda")
+    single, weights = distributed_worker.train("windows")
+    _assert_same_run(single, {k: v.cpu() for k, v in weights.items()}, tmp_path / "two.json")
 
 
 # -- the pieces, in one process -----------------------------------------------------------------------------

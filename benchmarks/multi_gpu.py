@@ -44,13 +44,14 @@ def run(n: int, args, data: Path, work: Path) -> dict:
            "--epochs", str(args.epochs), "--patience", "1000", "--quiet", "--no-resume", "--run-dir", str(run_dir)]
     if args.mode:
         cmd += ["--mode", args.mode]
-    env = dict(os.environ, **SAFE_ENV, PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, **SAFE_ENV, PYTHONPATH=path)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
-        raise SystemExit(f"{n} GPU(s): torchrun exited {r.returncode}")
+        print(r.stdout[-3000:], r.stderr[-3000:], f"{n} GPU(s): torchrun exited {r.returncode}", sep="\n")
+        return {}
     print(r.stdout.strip().splitlines()[-2] if r.stdout.strip() else "", flush=True)
     hist = load_checkpoint(run_dir / "last.safetensors").history
     later = hist[1:] or hist
@@ -84,7 +85,7 @@ def main() -> None:
         data.write_text(text * args.repeat, encoding="utf-8")
         for n in counts:
             rows.append(run(n, args, data, Path(tmp)))
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([r for r in rows if r])  # a failed count was reported above
     base = df.loc[df.gpus == df.gpus.min()].iloc[0]
     df["speedup"] = (df.tokens_per_s / base.tokens_per_s * base.gpus).round(2)
     df["efficiency_%"] = (100 * df.speedup / df.gpus).round(1)

@@ -37,8 +37,9 @@ def _free_port() -> int:
 
 
 def _torchrun(mode, run_dir, sleep, out, nproc=2, **env_extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent.parent), NCCL_NVLS_ENABLE="0", **env_extra)
+    path = os.pathsep.join(filter(None, [str(WORKER.parent.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=path, NCCL_NVLS_ENABLE="0", **env_extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), mode, str(run_dir), str(sleep),
            str(out)]

@@ -132,12 +132,20 @@ def flag_from_main(value: bool) -> bool:
     return bool(flag.item())
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for one process."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def check_same(value, what: str) -> None:
     """Raise on every rank unless all ranks hold the same ``value`` (e.g. a hash of the data they read)."""
     if not active():
         return
-    values = [None] * world_size()
-    dist.all_gather_object(values, value)
+    values = gather_objects(value)
     differ = [r for r, v in enumerate(values) if v != values[0]]
     if differ:
         raise ValueError(f"rank(s) {differ} hold other {what} than rank 0: every process must read the same "

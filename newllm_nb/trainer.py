@@ -37,6 +37,7 @@ from .distributed import (
     broadcast_parameters,
     check_same,
     flag_from_main,
+    gather_objects,
     gather_state,
     rank,
     shard_state,
@@ -103,6 +104,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.state = TrainState(metrics=Metrics(tc.seed_compatible),
                                 ema=WeightAverage(self.model, tc.ema_decay) if tc.ema_decay > 0 else None)
+        self.rank_rng: dict = {}  # ranks > 0's RNG streams, for rank 0's next full checkpoint
         self.step = make_step(tc.fast_path, self.model, self.optimizer, self.scaler, self.device, self.precision)
 
     @property
@@ -135,7 +137,8 @@ class Trainer:
         return save_checkpoint(path, self.model, config=self.cfg.to_dict(), tokenizer=self.tokenizer,
                                history=self.state.history, optimizer=self.optimizer if full else None,
                                scaler=self.scaler if full else None, trainer_state=meta,
-                               extra_tensors=tensors if full else {}, fingerprint=self.fingerprint)
+                               extra_tensors={**tensors, **self.rank_rng} if full else {},
+                               fingerprint=self.fingerprint)
 
     def _resumable(self):
         """The newest good full checkpoint of this run folder, or None for a fresh one. A damaged ``last``
@@ -205,6 +208,11 @@ class Trainer:
         """``save`` from rank 0, with the carried context of every rank's streams (a collective: all ranks call)."""
         st = self.state
         context = gather_state(st.context) if full and self.world > 1 else st.context
+        if full and self.world > 1:  # each rank draws its own dropout masks: keep every rank's streams
+            mine = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                    else None)
+            self.rank_rng = {f"rng.rank{r}.{kind}": t for r, states in enumerate(gather_objects(mine)) if r
+                             for kind, t in zip(("cpu", "cuda"), states) if t is not None}
         if self.main:
             own, st.context = st.context, context
             try:
@@ -212,17 +220,31 @@ class Trainer:
             finally:
                 st.context = own
 
+    def _restore_rank_rng(self, ckpt) -> None:
+        """A rank > 0 takes back its own RNG streams (``resume`` gave it rank 0's)."""
+        cpu, gpu = (ckpt.extra(f"rng.rank{self.rank}.{kind}") for kind in ("cpu", "cuda"))
+        if cpu is None:  # written by fewer processes: a stream of this rank's own, fixed by the step reached
+            torch.manual_seed(self.cfg.train.seed + self.rank + 7919 * self.state.global_step)
+            return
+        torch.set_rng_state(cpu)
+        if gpu is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(gpu, self.device)
+
     def _fit(self, ckpt) -> list[dict]:
         tc, st = self.cfg.train, self.state
         if ckpt is not None:
             self.resume(ckpt)
             st.context = shard_state(st.context, self.rank, self.world)  # saved whole; each rank takes its streams
+            if self.rank > 0:
+                self._restore_rank_rng(ckpt)
             if st.finished:
                 self._print(f"run in {self.run_dir} finished earlier ({len(st.history)} epochs): not trained again")
                 return st.history
             self._print(f"resumed {ckpt.path} at epoch {st.epoch + 1}, step {st.step_in_epoch}")
         else:
-            torch.manual_seed(tc.seed)
+            # Rank r seeds with seed + r: ranks draw different dropout masks (the same masks on every rank would
+            # correlate the noise of a global batch's shards); rank 0, and so one process, is unchanged.
+            torch.manual_seed(tc.seed + self.rank)
         B = tc.batch_size
         if self.world > 1:
             rule = "given" if tc.lr is not None else f"seed rule 1e-4*sqrt({B}/32) = {seed_lr(B):.2e}"
@@ -265,7 +287,7 @@ class Trainer:
                                 f"{consecutive_bad} consecutive non-finite losses at epoch {st.epoch + 1}, "
                                 f"step {i + 1} (lr={lr:.3g}, precision={self.precision}): the learning rate is "
                                 f"probably too high (try lr/10 or a smaller clip) or fp16 overflowed (use bf16/fp32). "
-                                f"Last good checkpoint: {self.last_path or 'none (no run_dir)'}")
+                                f"Last good checkpoint: {self._last_good()}")
                     st.global_step += 1
                     st.step_in_epoch = i + 1
                     inner.update(1)

@@ -91,6 +91,7 @@ def test_two_ranks_match_one_process_and_only_rank_0_writes(tmp_path):
     assert log.count("data parallel: 2 processes | global batch 16 (about 8 per process)") == 1  # rank 0 prints
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert ckpt.trainer_state["finished"] and len(ckpt.history) == 3
+    assert ckpt.extra("rng.rank1.cpu") is not None  # rank 1's own RNG stream travels in rank 0's checkpoint
     assert not list(run_dir.glob(".*.tmp"))
 
 
@@ -173,3 +174,18 @@ def test_spread_reports_a_failed_run_and_keeps_the_others():
     got = spread(_square_or_fail, [(1,), (2,), (3,)], jobs=2, gpus=0)
     assert got[0] == 1 and got[2] == 9
     assert isinstance(got[1], RuntimeError) and "run 2 broke" in str(got[1])
+
+
+def test_parallel_sweep_keeps_the_runs_that_finish_and_reports_the_one_that_fails(tmp_path, tiny_prepared):
+    from newllm_nb.cli import main
+    from newllm_nb.sweep import run_sweep
+
+    from conftest import tiny_config
+
+    (tmp_path / "newllm-L2").write_text("in the way")  # its run folder cannot be made: that run fails
+    df = run_sweep(tiny_config(train__epochs=1), [1, 2], tmp_path, prepared=tiny_prepared, jobs=2)
+    assert list(df["layers"]) == [1, 2]  # the sweep's order, whichever ended first
+    ok, failed = df.iloc[0], df.iloc[1]
+    assert ok["best_val_ppl"] > 0 and (tmp_path / "newllm-L1" / "result.json").exists()
+    assert "RunFolderError" in failed["error"] and "is a file" in failed["error"]
+    assert main(["sweep", "--layers", "1,x", "--out-dir", str(tmp_path)]) == 2

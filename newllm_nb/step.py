@@ -126,8 +126,9 @@ class GraphedStep(EagerStep):
         self.use_graph = use_graph
         self.mode = mode if use_graph else "static-eager"
         self.failed = not isinstance(model, ContextVectorLLM)
-        if not self.failed and model.config.context_tanh:
-            recurrence = None  # the whole-loop recurrences implement the seed's cell (no tanh)
+        if not self.failed and recurrence is not None and not model.config.seed_cell:
+            # The whole-loop recurrences implement the seed's cell; other cells run their autograd loop in the graph.
+            recurrence, self.mode = None, "cuda-graph" if use_graph else self.mode
         self.recurrence = recurrence
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.sig: Optional[tuple] = None
@@ -218,26 +219,29 @@ class GraphedStep(EagerStep):
         return super().forward_backward(b, context)
 
 
-def _fused_recurrence(device: torch.device) -> tuple[Optional[Callable], str]:
-    """The Triton recurrence where it runs on ``device``, else (None, why)."""
+def _fused_recurrence(device: torch.device, precision: str) -> tuple[Optional[Callable], str]:
+    """The Triton recurrence where it runs on ``device`` at ``precision``, else (None, why)."""
     try:
-        from .fused import FusedRecurrence, fused_available  # optional: needs triton
+        from .fused import FusedRecurrence, bf16_supported, fused_available  # optional: needs triton
     except ImportError as e:
         return None, f"Triton is not importable ({e})"
     ok, why = fused_available(device)
+    if ok and precision == "bf16" and not bf16_supported(device):
+        ok, why = False, "this GPU's Triton kernels have no bf16 (use fp16)"
     return (FusedRecurrence.apply if ok else None), why
 
 
 def make_step(fast_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, device: torch.device, precision: str) -> EagerStep:
-    """The step for ``TrainConfig.fast_path``: eager on CPU, for other models and for "off"; on CUDA "auto"
-    and "graph" capture the hand-written BPTT, "graph-autograd" the autograd loop, "compile" a compiled
-    cell, and "fused" the Triton kernels (the graph step with one printed line where they cannot run)."""
+    """The step for ``TrainConfig.fast_path``: eager on CPU, for other models and for "off". On CUDA, "auto"
+    takes the fused Triton kernels where they run (the seed cell on a GPU Triton supports at this precision),
+    else, with one printed line saying why, what "graph" captures: the hand-written BPTT in a CUDA graph.
+    "fused" asks for the kernels, "graph-autograd" captures the autograd loop, "compile" a compiled cell."""
     if device.type != "cuda" or fast_path == "off" or not isinstance(model, ContextVectorLLM):
         return EagerStep(model, optimizer, scaler, device, precision)
     args = (model, optimizer, scaler, device, precision)
-    if fast_path == "fused":
-        recurrence, why = _fused_recurrence(device)
+    if fast_path in ("auto", "fused") and model.config.seed_cell:
+        recurrence, why = _fused_recurrence(device, precision)
         if recurrence is not None:
             return GraphedStep(*args, recurrence=recurrence, mode="cuda-graph+fused")
         print(f"fused kernels unavailable ({why}); using the CUDA graph + hand-written BPTT step")

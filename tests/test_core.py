@@ -81,8 +81,9 @@ def _first_losses(cfg, n=50):
 
 
 GOLDEN_CONFIGS = {
-    "smoke": lambda: preset("smoke", train__epochs=12),
-    "stream": lambda: preset("smoke", train__epochs=8, data__mode="stream", train__batch_size=8, model__dropout=0.3,
+    "smoke": lambda: preset("smoke", train__epochs=12, train__device="cpu"),
+    "stream": lambda: preset("smoke", train__epochs=8, train__device="cpu", data__mode="stream", train__batch_size=8,
+                             model__dropout=0.3,
                              model__context_dropout=0.2, model__tie_embeddings=True, model__embed_dropout=0.1,
                              model__input_dropout=0.2, model__output_dropout=0.2, train__optimizer="adamw",
                              train__weight_decay=0.1, train__schedule="cosine", train__warmup_steps=5,

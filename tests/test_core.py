@@ -121,9 +121,10 @@ def test_seed_compatible_metrics_end_to_end(tiny_prepared):
     t.fit()
     rows = torch.cat([tiny_prepared.valid.x, tiny_prepared.valid.y[:, -1:]], 1)
     data = WindowData(rows)
-    tok = evaluate(t.model, data, 4)
-    seed = evaluate(t.model, data, 4, seed_compatible=True)
-    by_batch = [evaluate(t.model, WindowData(rows[i:i + 4]), 4) for i in range(0, len(rows), 4)]
+    dev = t.device
+    tok = evaluate(t.model, data, 4, dev)
+    seed = evaluate(t.model, data, 4, dev, seed_compatible=True)
+    by_batch = [evaluate(t.model, WindowData(rows[i:i + 4]), 4, dev) for i in range(0, len(rows), 4)]
     assert seed["loss"] == pytest.approx(sum(b["loss"] for b in by_batch) / len(by_batch), rel=1e-6)
     weighted = sum(b["loss"] * b["tokens"] for b in by_batch) / sum(b["tokens"] for b in by_batch)
     assert tok["loss"] == pytest.approx(weighted, rel=1e-6)
@@ -131,8 +132,8 @@ def test_seed_compatible_metrics_end_to_end(tiny_prepared):
     # And through the trainer: a seed-compatible run reports the per-batch mean in its history.
     t2 = make_trainer(tiny_config(train__epochs=1, train__seed_compatible=True), tiny_prepared)
     rec = t2.fit()[-1]
-    assert rec["val_loss"] == pytest.approx(evaluate(t2.model, tiny_prepared.valid, 16, seed_compatible=True)["loss"],
-                                            rel=1e-6)
+    again = evaluate(t2.model, tiny_prepared.valid, 16, t2.device, t2.precision, seed_compatible=True)
+    assert rec["val_loss"] == pytest.approx(again["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["newllm", "lstm", "transformer"])

@@ -18,7 +18,7 @@ from .baselines import matched_config
 from .config import RunConfig
 from .data import Prepared, prepare
 from .distributed import spread
-from .experiment import run_experiment
+from .experiment import keyed_run_dir, run_experiment
 from .files import atomic_write_text
 
 
@@ -35,8 +35,9 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
               on_run_start: Optional[Callable[[str, int], object]] = None, jobs: int = 1) -> pd.DataFrame:
     """Train every (arch, layers) pair on the same data; returns one row per run.
 
-    ``out_dir/<arch>-L<n>/result.json`` marks a finished run (skipped on re-run); an unfinished one
-    resumes from its last checkpoint, so a disconnect loses at most the run in progress.
+    Each run's folder is ``out_dir/<arch>-L<n>-<fingerprint id>`` (experiment.keyed_run_dir, the CLI's rule),
+    and its ``result.json`` marks it finished (skipped on re-run); an unfinished one resumes from its last
+    checkpoint, so a disconnect loses at most the run in progress. Other settings or data never find it.
     ``on_run_start(arch, n)`` may return epoch callbacks, or a pair (epoch callbacks, step callbacks),
     for live plots and progress labelled with the run.
 
@@ -46,16 +47,15 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
     row with its ``error`` and no ``result.json`` (a re-run tries it again); the others are kept.
     """
     out_dir = Path(out_dir)
+    prepared = prepared if prepared is not None else prepare(base.data, base.model.vocab_size)
     rows, todo = [], []
     for arch, n, cfg in sweep_configs(base, layers, archs):
-        rd = out_dir / f"{arch}-L{n}"
+        rd = keyed_run_dir(out_dir, f"{arch}-L{n}", cfg, prepared)
         done = rd / "result.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
             print(f"{arch} L{n}: finished earlier, skipped")
             continue
-        if prepared is None:
-            prepared = prepare(base.data, base.model.vocab_size)
         if jobs > 1:
             rows.append(None)  # filled in when the run ends, so rows keep the sweep's order
             todo.append((len(rows) - 1, (arch, n, cfg, rd, prepared)))

@@ -224,8 +224,12 @@ def test_sweep_saves_each_run_and_skips_finished_ones(tmp_path, prepared, capsys
     assert list(zip(df.arch, df.layers)) == [("newllm", 1), ("newllm", 2), ("lstm", 1), ("lstm", 2)]
     assert df.params.iloc[2] == pytest.approx(df.params.iloc[0], rel=0.1)  # LSTM sized to match
     again = run_sweep(cfg, [1, 2], tmp_path, archs=("newllm", "lstm"), prepared=prepared)
-    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
     assert again.equals(df)
+    other = run_sweep(tiny(train__epochs=1, train__lr=1e-3, model__vocab_size=prepared.tokenizer.vocab_size), [1],
+                      tmp_path, prepared=prepared)  # other settings: trained, not read from the folder above
+    assert "finished earlier" not in capsys.readouterr().out
+    assert other.best_val_ppl.iloc[0] != df.best_val_ppl.iloc[0]
 
 
 def test_without_checkpoints_the_result_keeps_the_averaged_weights(monkeypatch):

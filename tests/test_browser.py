@@ -193,9 +193,9 @@ def _screenshots(driver, shots: Path, stem: str) -> list[Path]:
     paths = []
     scroller = PANEL + "const s = panel.content.outerNode || panel.content.node;"
     # The content's height: up to the last cell's bottom (the notebook adds blank room below it).
-    height = driver.execute_script(scroller + """s.scrollTop = 0; const cells = panel.content.widgets;
-        return cells[cells.length - 1].node.getBoundingClientRect().bottom - s.getBoundingClientRect().top + 20;""")
-    view = driver.execute_script(scroller + "return s.clientHeight;")
+    height = int(driver.execute_script(scroller + """s.scrollTop = 0; const cells = panel.content.widgets;
+        return cells[cells.length - 1].node.getBoundingClientRect().bottom - s.getBoundingClientRect().top + 20;"""))
+    view = int(driver.execute_script(scroller + "return s.clientHeight;"))
     step = max(view - 80, 200)
     tops = list(range(0, max(height - view, 0) + 1, step))
     if tops[-1] < height - view:

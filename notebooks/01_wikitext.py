@@ -78,10 +78,11 @@ import pandas as pd
 from newllm_nb.notebook import text_table
 
 m = result.metrics
-text_table(pd.Series({"data": result.prepared.source, "parameters": f"{result.params:,}", "epochs": len(result.history),
-                      "validation loss": f"{m['loss']:.4f}", "validation PPL": f"{m['ppl']:.2f}",
-                      "validation accuracy": f"{100 * m['acc']:.1f}%", "validation tokens": f"{m['tokens']:,}",
-                      "checkpoint": result.best_path}, name="best weights").to_frame(), index=True, max_width=90)
+summary = pd.Series({"data": result.prepared.source, "parameters": f"{result.params:,}",
+                     "epochs": len(result.history), "validation loss": f"{m['loss']:.4f}",
+                     "validation PPL": f"{m['ppl']:.2f}", "validation accuracy": f"{100 * m['acc']:.1f}%",
+                     "validation tokens": f"{m['tokens']:,}", "checkpoint": result.best_path})
+text_table(summary.to_frame("best weights"), index=True, max_width=90)
 
 # %% [markdown]
 # ## Sampled continuations

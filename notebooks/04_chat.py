@@ -80,7 +80,8 @@ chat
 # %%
 from newllm_nb.notebook import text_table
 
-demo_chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_new_tokens=60, seed=0))
+demo_chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_new_tokens=60,
+                                  seed=0))
 prompts = ["What does a river otter eat?", "Give me ideas for a weekend by the sea."]
 replies = []
 for p in prompts:

@@ -6,9 +6,7 @@ broken widget display (googlecolab/colabtools#3020).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -53,17 +51,6 @@ def runs_root() -> Path:
     if DRIVE_ROOT.parent.exists():
         return DRIVE_ROOT / "runs"
     return Path.cwd() / "runs"
-
-
-def run_dir(name: str, cfg=None) -> Path:
-    """A run folder named after ``name`` and a hash of the settings: re-running a cell with the same
-    settings resumes that run; changing a slider starts a new one (nothing is overwritten). Give it the
-    config exactly as it will run (smoke mode already applied), so smoke and full runs never share one."""
-    if cfg is not None:
-        d = cfg.to_dict()
-        d["train"].pop("show_progress", None)
-        name = f"{name}-{hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]}"
-    return runs_root() / name
 
 
 def mount_drive() -> Optional[Path]:

@@ -26,11 +26,15 @@ import torch
 
 from . import trainer as _trainer_module
 from .batching import WindowData, instruction_sequences
+from .colab import runs_root
 from .config import RunConfig, is_smoke, shrink_for_smoke
-from .experiment import RunResult, run_experiment
+from .data import prepare
+from .expansion import growth_experiment
+from .experiment import RunResult, keyed_run_dir, run_experiment
 from .metrics import evaluate
 from .plots import LivePlot
 from .prompt import instruction_prompt
+from .sweep import run_sweep
 
 __all__ = ["sized_for_session", "train_live", "sweep_live", "grow_live", "category_table", "latest_checkpoint",
            "text_table", "instruction_prompt", "labelled_progress"]
@@ -123,14 +127,16 @@ def _summary(res: RunResult) -> str:
 
 def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     """Train ``cfg`` with a live plot (per-step training loss from the first steps, validation per
-    epoch) in the runs folder for these settings (``colab.run_dir``): re-running with the same settings
-    resumes, other settings start a new run. Prints one summary line at the end."""
-    from .colab import run_dir
-
+    epoch) in the runs folder for these settings and data (``experiment.keyed_run_dir``, the CLI's rule):
+    re-running with the same settings resumes, or reports a finished run; other settings start a new run.
+    Prints one summary line at the end."""
     cfg = sized_for_session(cfg)
+    prepared = prepare(cfg.data, cfg.model.vocab_size)
+    print(f"data: {prepared.source} | vocab {prepared.tokenizer.vocab_size:,}")
+    folder = keyed_run_dir(runs_root(), name, cfg, prepared)
     live = LivePlot(title or name)
     with labelled_progress(title or name):
-        res = run_experiment(cfg, run_dir(name, cfg), callbacks=[live.update], step_callbacks=[live.step])
+        res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step], prepared=prepared)
     if len(res.history) != len(live.history):  # a resumed run: show the epochs from before the restart too
         live.history = list(res.history)
     live.draw()
@@ -141,10 +147,8 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
 
 def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",),
                name: str = "sweep") -> pd.DataFrame:
-    """The layer sweep (``sweep.run_sweep``) with one labelled live plot and labelled progress bars per run."""
-    from .colab import run_dir
-    from .sweep import run_sweep
-
+    """The layer sweep (``sweep.run_sweep``, which keys each run's folder by its settings) with one labelled
+    live plot and labelled progress bars per run."""
     cfg = sized_for_session(cfg)
     runs = [(a, n) for a in archs for n in layers]
     with labelled_progress() as set_label:
@@ -154,7 +158,7 @@ def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("n
             live = LivePlot(label)
             return [live.update], [live.step]
 
-        return run_sweep(cfg, layers, run_dir(name, cfg), archs=list(archs), on_run_start=on_run_start)
+        return run_sweep(cfg, layers, runs_root() / name, archs=list(archs), on_run_start=on_run_start)
 
 
 GROWTH_VARIANTS = ("no growth", "grow, freeze base", "grow, fine-tune all", "context {new_dim} from scratch")
@@ -163,14 +167,12 @@ GROWTH_VARIANTS = ("no growth", "grow, freeze base", "grow, fine-tune all", "con
 def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig,
               name: str = "growth") -> tuple[pd.DataFrame, dict]:
     """The context-growth experiment (``expansion.growth_experiment``): each variant trains with its own
-    labelled live plot and progress bars. ``cfg`` is the base run's config (it names the run folder,
-    together with ``new_dim`` and the extra epochs, so other settings start a new experiment)."""
-    from .colab import run_dir
-    from .expansion import growth_experiment
-
+    labelled live plot and progress bars. The experiment's folder is keyed by the base run's settings and
+    data (``experiment.keyed_run_dir``) and named with ``new_dim`` and the extra epochs, so other settings
+    start a new experiment. ``cfg`` is kept for callers; the base run's own config decides."""
     extra_epochs = smoke_epochs(extra_epochs)
     names = [v.format(new_dim=new_dim) for v in GROWTH_VARIANTS]
-    root = run_dir(f"{name}-{new_dim}-x{extra_epochs}", sized_for_session(cfg))
+    root = keyed_run_dir(runs_root(), f"{name}-{new_dim}-x{extra_epochs}", result.config, result.prepared)
     # One set of callbacks serves every variant, which train one after another; each opens its epochs bar
     # first, which is when the next label and live plot take over. (A variant that finished in an earlier
     # session opens no bar: on such a resume the labels of the later ones run one behind.)
@@ -215,8 +217,6 @@ def category_table(model: torch.nn.Module, tokenizer, records: list, max_seq_len
 
 def latest_checkpoint(prefix: str) -> Optional[Path]:
     """The newest ``best.safetensors`` under the runs folder whose run name starts with ``prefix``."""
-    from .colab import runs_root
-
     found = sorted(runs_root().glob(f"{prefix}*/best.safetensors"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 

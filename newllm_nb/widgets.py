@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from .config import PRESETS, RunConfig, preset
 from .hardware import detect, recommend
+from .sources import DOLLY_SAMPLE, WIKITEXT_SAMPLE
 
 STYLE = {"description_width": "140px"}
 
@@ -142,7 +143,6 @@ class TrainingPanel:
 
     def config(self) -> RunConfig:
         """The RunConfig for the widgets' current values (validated: a bad value raises ValueError)."""
-        from .sources import DOLLY_SAMPLE, WIKITEXT_SAMPLE
 
         b = self.base
         path = None

@@ -25,15 +25,17 @@ import pandas as pd
 import torch
 
 from . import trainer as _trainer_module
-from .batching import WindowData, instruction_sequences
+from .batching import WindowData, instruction_sequences, wikitext_stream
 from .colab import runs_root
 from .config import RunConfig, is_smoke, shrink_for_smoke
 from .data import prepare
 from .expansion import growth_experiment
 from .experiment import RunResult, keyed_run_dir, run_experiment
+from .memory import loss_by_position, perturbation_fade
 from .metrics import evaluate
 from .plots import LivePlot
 from .prompt import instruction_prompt
+from .sources import load_wikitext
 from .sweep import run_sweep
 
 __all__ = ["sized_for_session", "train_live", "sweep_live", "grow_live", "category_table", "latest_checkpoint",
@@ -195,6 +197,18 @@ def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig
     with labelled_progress(on_run=next_run) as set_label:
         return growth_experiment(result, new_dim, extra_epochs, root, callbacks=[on_epoch],
                                  step_callbacks=[on_step])
+
+
+def context_memory(result: RunResult, samples: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the trained model's context vector remembers, on the run's validation text read as articles:
+    loss by position (carried vs reset every 64 tokens) and how a changed token fades (``memory.py``)."""
+    data = result.config.data
+    lines = load_wikitext(data.path, data.max_examples).valid
+    tokens, resets = wikitext_stream(lines, result.tokenizer, reset_at_articles=True)
+    model = result.model.eval()
+    horizon = max(8, min(128, len(tokens) // 4))
+    return (loss_by_position(model, tokens, resets),
+            perturbation_fade(model, tokens, resets, warmup=min(32, horizon), horizon=horizon, samples=samples))
 
 
 # -- evaluation and files ---------------------------------------------------------------------------------------

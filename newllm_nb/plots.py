@@ -174,3 +174,31 @@ def plot_curves(df: pd.DataFrame, x: str = "epoch", y: str = "val_ppl", by: str 
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def plot_context_memory(position: pd.DataFrame, fade: pd.DataFrame, title: str = ""):
+    """Left: evaluation loss by position in the article, context carried vs reset (``memory.loss_by_position``).
+    Right: how a change in one token fades from the state (``memory.perturbation_fade``), one line per model
+    when the frames have a ``model`` column."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    pos_groups = position.groupby(["model", "context"] if "model" in position else ["context"], sort=False)
+    for key, g in pos_groups:
+        label = " · ".join(key) if isinstance(key, tuple) else key
+        a.plot((g["position_lo"] + g["position_hi"]) / 2, g["loss"], "o-", ms=3, label=label)
+    a.set_xscale("log")
+    a.set_xlabel("position of the token in its article")
+    a.set_ylabel("evaluation loss (nats)")
+    a.set_title("what a carried context is worth", fontsize=10)
+    for key, g in (fade.groupby("model", sort=False) if "model" in fade else [("this model", fade)]):
+        b.plot(g["distance"], g["rel_diff"].clip(lower=1e-6), "-", label=key)
+    b.set_yscale("log")
+    b.set_xlabel("tokens after the changed one")
+    b.set_ylabel("relative change of the state (floor 1e-6)")
+    b.set_title("how fast one changed token fades", fontsize=10)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

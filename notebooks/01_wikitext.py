@@ -129,3 +129,19 @@ plot_curves(curves, title=f"context {base_dim} → {grow_to.value}")
 
 # %%
 curves.groupby("variant", sort=False)["val_ppl"].agg(["min", "last"]).round(2)
+
+# %% [markdown]
+# ## What does the context vector remember?
+# Two measurements on the validation text, read article by article. Left: the loss of each token by its
+# position in the article, once with the context carried through the whole article and once with it reset
+# every 64 tokens: where the two lines part, the model uses what it read more than 64 tokens ago. Right:
+# change one token, and follow how much the context still differs over the next tokens. The same
+# measurements for the seed model, the best cell option and the LSTM side by side are in
+# `benchmarks/results/context_memory.png` (`benchmarks/context_memory.py`, numbers in `benchmarks/RESULTS.md`).
+
+# %%
+from newllm_nb.notebook import context_memory
+from newllm_nb.plots import plot_context_memory
+
+by_position, fade = context_memory(result)
+plot_context_memory(by_position, fade, "the model trained above")

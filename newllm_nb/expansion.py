@@ -14,7 +14,7 @@ import copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import pandas as pd
 import torch
@@ -118,7 +118,8 @@ def growth_gap(model: ContextVectorLLM, grown: ContextVectorLLM, data: Dataset) 
 
 def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[str, Path],
                       callbacks: Sequence[Callable[[dict], None]] = (),
-                      step_callbacks: Sequence[Callable[[dict], None]] = ()) -> tuple[pd.DataFrame, dict]:
+                      step_callbacks: Sequence[Callable[[dict], None]] = (),
+                      progress: Optional[Callable] = None) -> tuple[pd.DataFrame, dict]:
     """From a finished run (``experiment.RunResult``): continue ``extra_epochs`` with no growth, with
     growth + freeze base, with growth + fine-tune all, and train a ``new_dim`` model from scratch for the
     base's epochs + ``extra_epochs``. Returns (curves DataFrame, growth_gap dict). Each run resumes."""
@@ -145,7 +146,7 @@ def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[s
             for v in list(runs)[:3] for r in result.history]
     for i, (name, (model, cfg)) in enumerate(runs.items()):
         t = Trainer(model, prep.train, prep.valid, cfg, prep.tokenizer, run_root / f"variant{i}", callbacks,
-                    step_callbacks, hooks=freeze_hooks(model, cfg))
+                    step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress)
         offset = 0 if "scratch" in name else base_epochs
         rows += [{"variant": name, "epoch": r["epoch"] + offset, "val_ppl": r["val_ppl"]} for r in t.fit()]
     return pd.DataFrame(rows), gap

@@ -64,9 +64,11 @@ def keyed_run_dir(root: Union[str, Path], name: str, cfg: RunConfig, prepared: P
 
 def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
                    callbacks: Sequence[Callable[[dict], None]] = (), prepared: Optional[Prepared] = None,
-                   resume: bool = True, step_callbacks: Sequence[Callable[[dict], None]] = ()) -> RunResult:
+                   resume: bool = True, step_callbacks: Sequence[Callable[[dict], None]] = (),
+                   progress: Optional[Callable] = None) -> RunResult:
     """Prepare data, build the model, train (resuming ``run_dir`` if it holds a run), reload the best
-    weights and evaluate them. ``callbacks`` get each epoch's record, ``step_callbacks`` each step's loss."""
+    weights and evaluate them. ``callbacks`` get each epoch's record, ``step_callbacks`` each step's loss,
+    ``progress`` is the trainer's progress-bar class."""
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(cfg.data, cfg.model.vocab_size)
@@ -76,7 +78,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,
-                      step_callbacks, hooks=freeze_hooks(model, cfg))
+                      step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress)
     history = trainer.fit(resume=resume)
     if trainer.best_path is not None and trainer.best_path.exists():
         load_checkpoint(trainer.best_path).load_into(trainer.model)

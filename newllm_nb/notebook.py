@@ -4,12 +4,11 @@ This is the notebooks' entry point, so smoke mode (``NEWLLM_SMOKE=1``, set by th
 here and nowhere below: every helper that starts training passes the pipeline an already-shrunk
 config (``sized_for_session``).
 
-Progress bars: the trainer draws them with ``tqdm.auto``. In a notebook that is a widget per bar;
-a finished per-epoch bar (``leave=False``) closes its widget, and a closed widget left in the saved
-cell output shows "Error displaying widget: model not found" after a page reload. While a helper
-here trains, the trainer's ``tqdm`` (and ``tqdm.auto.tqdm``) is swapped for a subclass that prefixes
-each bar with the run it belongs to and, when a ``leave=False`` bar closes, also removes its output
-from the cell.
+Progress bars: the trainer draws them with ``tqdm.auto`` unless given another class. In a notebook that
+is a widget per bar; a finished per-epoch bar (``leave=False``) closes its widget, and a closed widget left
+in the saved cell output shows "Error displaying widget: model not found" after a page reload. The helpers
+here pass the trainer ``LabelledBar``, a subclass that prefixes each bar with the run it belongs to and,
+when a ``leave=False`` bar closes, also removes its output from the cell.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from typing import Callable, Optional, Union
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm as auto_tqdm
 
-from . import trainer as _trainer_module
 from .batching import WindowData, instruction_sequences, wikitext_stream
 from .colab import runs_root
 from .config import RunConfig, is_smoke, shrink_for_smoke
@@ -95,17 +94,15 @@ def _bar_class(base: type) -> type:
     return LabelledBar
 
 
+LabelledBar = _bar_class(auto_tqdm)
+
+
 @contextlib.contextmanager
 def labelled_progress(label: Optional[str] = None,
                       on_run: Optional[Callable[[], None]] = None) -> Iterator[Callable[[str], None]]:
-    """While inside, ``tqdm.auto`` bars are prefixed with the current label and transient bars leave
-    no output behind; ``on_run`` is called as each training run opens its epochs bar. Yields a
-    function that sets the label (for runs that start one after another)."""
-    import tqdm.auto as auto
-
-    swapped = [(m, m.tqdm) for m in (auto, _trainer_module) if hasattr(m, "tqdm")]
-    for module, original in swapped:
-        module.tqdm = _bar_class(original)
+    """While inside, ``LabelledBar`` bars (pass ``progress=LabelledBar`` to the trainer) are prefixed with the
+    current label; ``on_run`` is called as each training run opens its epochs bar. Yields a function that
+    sets the label (for runs that start one after another)."""
     _runs.append({"label": label or "", "on_run": on_run})
 
     def set_label(text: str) -> None:
@@ -115,8 +112,6 @@ def labelled_progress(label: Optional[str] = None,
         yield set_label
     finally:
         _runs.pop()
-        for module, original in swapped:
-            module.tqdm = original
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -138,7 +133,8 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     folder = keyed_run_dir(runs_root(), name, cfg, prepared)
     live = LivePlot(title or name)
     with labelled_progress(title or name):
-        res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step], prepared=prepared)
+        res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step], prepared=prepared,
+                             progress=LabelledBar)
     if len(res.history) != len(live.history):  # a resumed run: show the epochs from before the restart too
         live.history = list(res.history)
     live.draw()
@@ -160,7 +156,8 @@ def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("n
             live = LivePlot(label)
             return [live.update], [live.step]
 
-        return run_sweep(cfg, layers, runs_root() / name, archs=list(archs), on_run_start=on_run_start)
+        return run_sweep(cfg, layers, runs_root() / name, archs=list(archs), on_run_start=on_run_start,
+                         progress=LabelledBar)
 
 
 GROWTH_VARIANTS = ("no growth", "grow, freeze base", "grow, fine-tune all", "context {new_dim} from scratch")
@@ -196,7 +193,7 @@ def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig
 
     with labelled_progress(on_run=next_run) as set_label:
         return growth_experiment(result, new_dim, extra_epochs, root, callbacks=[on_epoch],
-                                 step_callbacks=[on_step])
+                                 step_callbacks=[on_step], progress=LabelledBar)
 
 
 def context_memory(result: RunResult, samples: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:

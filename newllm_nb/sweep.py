@@ -32,7 +32,8 @@ def sweep_configs(base: RunConfig, layers: Sequence[int], archs: Sequence[str] =
 
 def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path], archs: Sequence[str] = ("newllm",),
               prepared: Optional[Prepared] = None,
-              on_run_start: Optional[Callable[[str, int], object]] = None, jobs: int = 1) -> pd.DataFrame:
+              on_run_start: Optional[Callable[[str, int], object]] = None, jobs: int = 1,
+              progress: Optional[Callable] = None) -> pd.DataFrame:
     """Train every (arch, layers) pair on the same data; returns one row per run.
 
     Each run's folder is ``out_dir/<arch>-L<n>-<fingerprint id>`` (experiment.keyed_run_dir, the CLI's rule),
@@ -61,7 +62,7 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
             todo.append((len(rows) - 1, (arch, n, cfg, rd, prepared)))
             continue
         callbacks, step_callbacks = _split_callbacks(on_run_start(arch, n) if on_run_start else ())
-        rows.append(train_one(arch, n, cfg, rd, prepared, callbacks, step_callbacks))
+        rows.append(train_one(arch, n, cfg, rd, prepared, callbacks, step_callbacks, progress))
     if todo:
         def done_one(k: int, got) -> None:
             arch, n = todo[k][1][:2]
@@ -76,9 +77,10 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
 
 
 def train_one(arch: str, n: int, cfg: RunConfig, rd: Path, prepared: Prepared, callbacks: Sequence = (),
-              step_callbacks: Sequence = ()) -> dict:
+              step_callbacks: Sequence = (), progress: Optional[Callable] = None) -> dict:
     """One sweep run into ``rd``; its row, also saved as ``rd/result.json`` (a worker process may run this)."""
-    res = run_experiment(cfg, rd, callbacks=callbacks, prepared=prepared, step_callbacks=step_callbacks)
+    res = run_experiment(cfg, rd, callbacks=callbacks, prepared=prepared, step_callbacks=step_callbacks,
+                         progress=progress)
     best = min(res.history, key=lambda r: r["val_loss"]) if res.history else {}
     row = {"arch": arch, "layers": n, "params": res.params, "best_val_ppl": round(res.metrics["ppl"], 3),
            "val_acc_%": round(100 * res.metrics["acc"], 2), "best_epoch": best.get("epoch"),

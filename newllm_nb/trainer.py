@@ -73,6 +73,7 @@ class TrainHook(Protocol):
 class Trainer:
     """Train ``model`` on ``train``, validating on ``valid``, as ``config.train`` says.
 
+    ``progress`` (default ``tqdm.auto.tqdm``) draws the epochs bar and each epoch's transient bar.
     ``callbacks`` get each epoch's history record (live plots); ``step_callbacks`` get
     ``{"step", "epoch", "loss"}`` after every training step; ``hooks`` run after each update and resume.
     Hooks that change which parameters train (``BaseFreeze``) must be made before the Trainer.
@@ -81,8 +82,10 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, train: Optional[Dataset], valid: Optional[Dataset],
                  config: RunConfig, tokenizer=None, run_dir: Optional[Union[str, Path]] = None,
                  callbacks: Sequence[Callable[[dict], None]] = (),
-                 step_callbacks: Sequence[Callable[[dict], None]] = (), hooks: Sequence[TrainHook] = ()) -> None:
+                 step_callbacks: Sequence[Callable[[dict], None]] = (), hooks: Sequence[TrainHook] = (),
+                 progress: Optional[Callable] = None) -> None:
         self.cfg = config
+        self.progress = progress or tqdm  # a tqdm-like class for the bars (notebooks label theirs per run)
         tc = config.train
         if tc.freeze_base and not hooks:
             raise ValueError("train.freeze_base=True needs the BaseFreeze hook: train a grown model through "
@@ -255,13 +258,13 @@ class Trainer:
         total_steps = steps_per_epoch * tc.epochs
         last_save = time.monotonic()
         consecutive_bad = 0
-        bar = tqdm(total=tc.epochs, initial=st.epoch, desc="epochs", disable=not show)
+        bar = self.progress(total=tc.epochs, initial=st.epoch, desc="epochs", disable=not show)
         try:
             while st.epoch < tc.epochs:
                 clip = tc.clip_for_epoch(st.epoch)
                 self.model.train()
                 t0 = time.perf_counter()
-                inner = tqdm(total=steps_per_epoch, initial=st.step_in_epoch, leave=False,
+                inner = self.progress(total=steps_per_epoch, initial=st.step_in_epoch, leave=False,
                              desc=f"epoch {st.epoch + 1}", disable=not show)
                 for i, batch in enumerate(self.train_data.batches(B, shuffle=True, seed=tc.seed + st.epoch,
                                                                    rank=self.rank, world=self.world)):

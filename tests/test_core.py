@@ -159,3 +159,17 @@ def test_the_step_is_public_and_used_by_the_throughput_probe():
                          device="cpu", warmup=1)
     assert r["path"] == "eager" and r["step_ms"] > 0
     assert isinstance(make_trainer(tiny_config(), prepare(tiny_config().data, 200)).step, EagerStep)
+
+
+def test_the_trainer_draws_its_bars_with_the_progress_class_it_is_given(tiny_prepared):
+    from tqdm import tqdm
+
+    made = []
+
+    class Recording(tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append((kwargs.get("desc"), kwargs.get("leave", True)))
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    make_trainer(tiny_config(train__epochs=2), tiny_prepared, progress=Recording).fit()
+    assert made == [("epochs", True), ("epoch 1", False), ("epoch 2", False)]

@@ -189,9 +189,8 @@ def test_every_badge_and_clone_line_names_the_one_repository():
 def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(monkeypatch):
     pytest.importorskip("ipywidgets")
     import IPython.display
-    import tqdm.auto
 
-    from newllm_nb import notebook, trainer
+    from newllm_nb import notebook
 
     shown = []
 
@@ -207,16 +206,16 @@ def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(mo
     runs = []
     from tqdm.notebook import tqdm as widget_tqdm
 
-    monkeypatch.setattr(trainer, "tqdm", widget_tqdm)  # as tqdm.auto picks in a notebook
+    bar = notebook._bar_class(widget_tqdm)  # the class notebook.LabelledBar is where tqdm.auto picks widgets
     with notebook.labelled_progress("base", on_run=lambda: runs.append(1)) as set_label:
         set_label("grow, freeze base (2/4)")
-        outer = trainer.tqdm(total=2, desc="epochs")
-        inner = trainer.tqdm(total=3, desc="epoch 1", leave=False)
+        outer = bar(total=2, desc="epochs")
+        inner = bar(total=3, desc="epoch 1", leave=False)
         assert outer.desc.startswith("grow, freeze base (2/4) · epochs") and runs == [1]  # only the outer bar
         inner.update(3)
         inner.close()
         outer.close()
-    assert trainer.tqdm is widget_tqdm and tqdm.auto.tqdm is not None
+    assert bar(total=1, desc="later").desc == "later"  # outside the block: no label
     assert shown[-1] == ("update", {"text/plain": ""})  # the closed transient bar's output is emptied
     assert inner.container.comm is None and outer.container.comm is not None  # closed vs kept widget
 

@@ -98,6 +98,20 @@ class TrainingPanel:
             self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
                                     description="field mapping", style=STYLE, layout=lay)
             data_rows += [self.hub_name, self.field_map]
+        # The cell options (ModelConfig; off = the seed's cell). A chosen one trains through the autograd loop.
+        self.state_norm = w.Dropdown(options=[("LayerNorm (seed)", "layernorm"), ("no affine", "noaffine"),
+                                              ("none", "none"), ("only what the FNN reads", "read")],
+                                     description="state norm", style=STYLE, layout=lay)
+        self.chrono = w.IntSlider(min=0, max=512, step=8, description="chrono init (0=off)", style=STYLE, layout=lay)
+        self.gate_context = w.Checkbox(description="gates also read c_{t-1}", style=STYLE, layout=wide)
+        self.fnn_residual = w.Dropdown(options=[("plain (seed)", "none"), ("residual", "residual"),
+                                                ("pre-norm", "prenorm")], description="FNN layers 2..N",
+                                       style=STYLE, layout=lay)
+        self.gate_rank = w.IntSlider(min=0, max=512, step=8, description="gate rank (0=full)", style=STYLE,
+                                     layout=lay)
+        self.slow_forget = w.FloatSlider(min=0.0, max=6.0, step=0.5, description="slow half bias (0=off)",
+                                         style=STYLE, layout=lay)
+        self._fill_options(cfg)
         self.recipe.observe(lambda change: self._fill(preset(change["new"])), names="value")
         unknown = set(hide) - set(vars(self))
         if unknown:
@@ -112,6 +126,9 @@ class TrainingPanel:
             w.HTML("<b>Model</b>"), _columns(shown(self.layers, self.embed, self.context, self.tie),
                                              shown(self.hidden, self.vocab, self.dropout, self.context_dropout,
                                                    self.input_dropout, self.output_dropout)),
+            w.HTML("<b>Cell options</b> (off = the seed's cell)"),
+            _columns(shown(self.state_norm, self.chrono, self.gate_context),
+                     shown(self.fnn_residual, self.gate_rank, self.slow_forget)),
             w.HTML("<b>Data</b>"), _columns(shown(*data_rows), shown(self.seq, self.mode)),
             w.HTML("<b>Training</b>"), _columns(shown(self.batch, self.lr, self.seed_lr, self.ema),
                                                 shown(self.epochs, self.patience, self.precision)),
@@ -134,6 +151,15 @@ class TrainingPanel:
                               (self.batch, self._batch_for(cfg)), (self.lr, t.lr or self.rec.lr),
                               (self.seed_lr, t.lr is None), (self.ema, t.ema_decay), (self.epochs, t.epochs),
                               (self.patience, t.patience), (self.precision, t.precision)):
+            widget.value = value
+        if hasattr(self, "state_norm"):  # the recipe dropdown's callback; at construction _fill_options follows
+            self._fill_options(cfg)
+
+    def _fill_options(self, cfg: RunConfig) -> None:
+        m = cfg.model
+        for widget, value in ((self.state_norm, m.state_norm), (self.chrono, int(m.chrono_init)),
+                              (self.gate_context, m.gate_context), (self.fnn_residual, m.fnn_residual),
+                              (self.gate_rank, m.gate_rank), (self.slow_forget, m.slow_forget_bias)):
             widget.value = value
 
     def _ipython_display_(self):  # display(panel) shows the widgets
@@ -160,7 +186,10 @@ class TrainingPanel:
                                       input_dropout=_unless_default(self.input_dropout.value, b.model.input_dropout),
                                       output_dropout=_unless_default(self.output_dropout.value,
                                                                      b.model.output_dropout),
-                                      tie_embeddings=bool(self.tie.value)),
+                                      tie_embeddings=bool(self.tie.value), state_norm=self.state_norm.value,
+                                      chrono_init=float(self.chrono.value), gate_context=bool(self.gate_context.value),
+                                      fnn_residual=self.fnn_residual.value, gate_rank=int(self.gate_rank.value),
+                                      slow_forget_bias=float(self.slow_forget.value)),
             data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
                                      tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
             train=dataclasses.replace(b.train, batch_size=self.batch.value,

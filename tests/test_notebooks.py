@@ -244,3 +244,17 @@ def test_notebook_helpers_shrink_for_smoke_mode_only_when_it_is_on(monkeypatch):
     monkeypatch.setenv("NEWLLM_SMOKE", "1")
     small = sized_for_session(cfg)
     assert small.train.epochs == 2 and small.data.max_examples and smoke_epochs(20) == 1
+
+
+def test_training_panel_sets_the_cell_options_and_the_seed_cell_by_default():
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.widgets import TrainingPanel
+
+    p = TrainingPanel("seed_wikitext")
+    assert p.config().model.seed_cell  # every option off: the seed's cell, on the fast path
+    p.state_norm.value, p.chrono.value, p.gate_context.value = "read", 64, True
+    p.fnn_residual.value, p.gate_rank.value, p.slow_forget.value = "residual", 128, 3.0
+    m = p.config().model
+    assert (m.state_norm, m.chrono_init, m.gate_context, m.fnn_residual, m.gate_rank, m.slow_forget_bias) == \
+        ("read", 64.0, True, "residual", 128, 3.0)
+    assert not m.seed_cell

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm as auto_tqdm
 
 from .batching import WindowData, instruction_sequences, wikitext_stream
 from .colab import runs_root
-from .config import RunConfig, is_smoke, shrink_for_smoke
+from .config import RunConfig, apply_overrides, is_smoke, shrink_for_smoke
 from .data import prepare
 from .expansion import growth_experiment
 from .experiment import RunResult, keyed_run_dir, run_experiment
@@ -37,7 +37,8 @@ from .prompt import instruction_prompt
 from .sources import load_wikitext
 from .sweep import run_sweep
 
-__all__ = ["sized_for_session", "train_live", "sweep_live", "grow_live", "category_table", "latest_checkpoint",
+__all__ = ["sized_for_session", "train_live", "sweep_live", "option_sweep_live", "CELL_OPTIONS",
+           "grow_live", "category_table", "latest_checkpoint",
            "text_table", "instruction_prompt", "labelled_progress"]
 
 
@@ -158,6 +159,26 @@ def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("n
 
         return run_sweep(cfg, layers, runs_root() / name, archs=list(archs), on_run_start=on_run_start,
                          progress=LabelledBar)
+
+
+# The cell options a notebook can sweep, each with the values it offers (the first is the seed's).
+CELL_OPTIONS = {"state_norm": ["layernorm", "noaffine", "none", "read"], "chrono_init": [0.0, 16.0, 64.0, 256.0],
+                "gate_context": [False, True], "fnn_residual": ["none", "residual", "prenorm"],
+                "gate_rank": [0, 64, 128], "slow_forget_bias": [0.0, 2.0, 4.0]}
+
+
+def option_sweep_live(cfg: RunConfig, option: str, values: Sequence, layers: int = 1,
+                      name: str = "option") -> pd.DataFrame:
+    """Sweep one cell option (``CELL_OPTIONS``) the way ``sweep_live`` sweeps layers: one New-LLM run per value,
+    each in its own keyed folder (a finished one is read back), one row per value with an ``option`` column."""
+    if option not in CELL_OPTIONS:
+        raise ValueError(f"unknown cell option {option!r}: choose one of {sorted(CELL_OPTIONS)}")
+    frames = []
+    for value in values:
+        run_cfg = apply_overrides(cfg, **{f"model__{option}": value})
+        df = sweep_live(run_cfg, [layers], ["newllm"], name=f"{name}-{option}")
+        frames.append(df.assign(option=option, value=str(value)))
+    return pd.concat(frames, ignore_index=True)
 
 
 GROWTH_VARIANTS = ("no growth", "grow, freeze base", "grow, fine-tune all", "context {new_dim} from scratch")

@@ -69,3 +69,25 @@ results.merge(SEED_SWEEP, on="layers", how="left")
 
 # %%
 plot_sweep(results)
+
+# %% [markdown]
+# ## Sweep one cell option
+# The same panel's settings with one of New-LLM's cell options (off = the seed's cell) set to each value in
+# turn, one run per value. Which options help at vocab 10000 on real WikiText-2 text, and by how much, is
+# measured in `benchmarks/RESULTS.md` (issue 18's dev-set screen).
+
+# %%
+import ipywidgets as w
+from newllm_nb.notebook import CELL_OPTIONS
+
+option = w.Dropdown(options=list(CELL_OPTIONS), value="state_norm", description="cell option",
+                    style={"description_width": "140px"})
+option_layers = w.IntSlider(value=1, min=1, max=8, description="FNN layers", style={"description_width": "140px"})
+display(w.VBox([option, option_layers]))
+
+# %%
+from newllm_nb.notebook import option_sweep_live
+
+values = CELL_OPTIONS[option.value][:2] if SMOKE else CELL_OPTIONS[option.value]
+by_option = option_sweep_live(panel.config(), option.value, values, layers=option_layers.value)
+by_option[["option", "value", "params", "best_val_ppl", "val_acc_%", "epochs"]]

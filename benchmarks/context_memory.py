@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing as mp
-import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +30,7 @@ from quality import DEFAULT_FILE, load_recipe, load_splits, run_one  # noqa: E40
 from newllm_nb.baselines import matched_config  # noqa: E402
 from newllm_nb.batching import wikitext_stream  # noqa: E402
 from newllm_nb.checkpoint import load_model  # noqa: E402
+from newllm_nb.distributed import spread  # noqa: E402
 from newllm_nb.memory import loss_by_position, perturbation_fade  # noqa: E402
 from newllm_nb.tokenizer import WordTokenizer  # noqa: E402
 
@@ -52,11 +50,6 @@ def train_and_measure(label: str, model_cfg, train_cfg, seq: int, data: tuple, d
     pos = loss_by_position(model, tokens, resets, reset_every=(None, reset_every)).assign(**keys)
     fade = perturbation_fade(model, tokens, resets, warmup=32, horizon=128, samples=128).assign(**keys)
     return row, pos, fade
-
-
-def _only_gpu(gpu: Optional[int]) -> None:
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
 def _append(path: Path, df: pd.DataFrame) -> None:
@@ -157,22 +150,18 @@ def run(args, out: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = torch.cuda.device_count()
     print(f"{len(calls)} runs, {args.best_epochs} epochs each, on {max(gpus, 1)} {device} device(s)", flush=True)
-    pools = [ProcessPoolExecutor(-(-args.jobs // max(gpus, 1)), mp_context=mp.get_context("spawn"),
-                                 initializer=_only_gpu, initargs=(g if gpus > 1 else None,))
-             for g in range(max(gpus, 1))]
-    try:
-        futures = [pools[k % len(pools)].submit(train_and_measure, label, mc, tc, seq, data, device,
-                                                str(Path(args.workdir) / str(k)), sd)
-                   for k, (label, mc, tc, seq, sd) in enumerate(calls)]
-        for f in as_completed(futures):
-            row, pos, fade = f.result()
-            print(row, flush=True)
-            _append(out / "screen.csv", pd.DataFrame([row]))
-            _append(out / "position.csv", pos)
-            _append(out / "fade.csv", fade)
-    finally:
-        for pool in pools:
-            pool.shutdown()
+
+    def record(k: int, got) -> None:  # as each run ends, so a time limit keeps what finished
+        if isinstance(got, BaseException):
+            raise got
+        row, pos, fade = got
+        print(row, flush=True)
+        _append(out / "screen.csv", pd.DataFrame([row]))
+        _append(out / "position.csv", pos)
+        _append(out / "fade.csv", fade)
+
+    spread(train_and_measure, [(label, mc, tc, seq, data, device, str(Path(args.workdir) / str(k)), sd)
+                               for k, (label, mc, tc, seq, sd) in enumerate(calls)], args.jobs, on_done=record)
     screen = pd.read_csv(out / "screen.csv")
     order = {label: k for k, (label, _) in enumerate(recipes + [("lstm", None)])}
     screen = screen.sort_values(["recipe", "seed"], key=lambda s: s.map(order) if s.name == "recipe" else s)

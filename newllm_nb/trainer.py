@@ -265,7 +265,7 @@ class Trainer:
                 self.model.train()
                 t0 = time.perf_counter()
                 inner = self.progress(total=steps_per_epoch, initial=st.step_in_epoch, leave=False,
-                             desc=f"epoch {st.epoch + 1}", disable=not show)
+                                      desc=f"epoch {st.epoch + 1}", disable=not show)
                 for i, batch in enumerate(self.train_data.batches(B, shuffle=True, seed=tc.seed + st.epoch,
                                                                    rank=self.rank, world=self.world)):
                     if i < st.step_in_epoch:  # resumed mid-epoch: skip the batches already trained on
@@ -347,7 +347,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as e:
             raise OutOfMemory(
                 f"CUDA out of memory at batch_size={B}: try batch_size={max(1, B // 2)} (and lr by the seed rule). "
-                f"Last checkpoint kept: {self.last_path or 'none (no run_dir)'}") from e
+                f"Last checkpoint kept: {self._last_good()}") from e
         finally:
             bar.close()
         if not st.finished:  # resumed with no epochs left to run

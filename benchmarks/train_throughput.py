@@ -75,7 +75,7 @@ def main() -> None:
         met = int((fast.speedup_vs_seed >= 3).sum())
         ratios = ", ".join(f"{c} {s}x" for c, s in zip(fast.config, fast.speedup_vs_seed))
         print(f"\nsummary: fast path vs seed loop = {ratios} -> >= 3x in {met} of {len(fast)} config(s)")
-    for name in df.config.unique():  # the issue-15 target: the fused step at or below cuDNN's LSTM
+    for name in df.config.unique():  # the target: the fused step at or below cuDNN's LSTM
         ms = dict(zip(df[df.config == name].variant, df[df.config == name].step_ms))
         fused, lstm = ms.get("fused Triton recurrence (graph)"), ms.get("cuDNN LSTM, equal params")
         if fused and lstm:

@@ -81,7 +81,7 @@ class ModelConfig:
     tf_heads: int = 4
     max_len: int = 1024  # Transformer position table
     grown_from: Optional[int] = None  # context_dim before expand_context(), if grown
-    # -- New-LLM cell options (issue 18). Each is off by default (the seed cell); every one that is on makes
+    # -- New-LLM cell options. Each is off by default (the seed cell); every one that is on makes
     # ``ContextVectorLLM.forward`` run its own autograd loop (the whole-loop recurrences implement the seed cell).
     # state_norm: where the LayerNorm of  c_t = clamp(LN(s_t))  with  s_t = f * c_{t-1} + i * u  sits.
     #   "layernorm" (seed); "noaffine": LN without its weight and bias (2C fewer parameters);
@@ -112,7 +112,7 @@ class ModelConfig:
 
     @property
     def seed_cell(self) -> bool:
-        """True when the cell is the seed's equations (no option of issue 18 on, no tanh): the whole-loop
+        """True when the cell is the seed's equations (no cell option on, no tanh): the whole-loop
         recurrences (recurrence.py, fused.py) implement exactly this cell."""
         return (self.state_norm == "layernorm" and not self.chrono_init and not self.gate_context
                 and self.fnn_residual == "none" and not self.gate_rank and not self.slow_forget_bias
@@ -297,8 +297,8 @@ def _seed_dolly() -> RunConfig:
 
 
 def _best_wikitext() -> RunConfig:
-    # The package's recipe (issue 6) at vocab 1000, chosen on the dev set by `benchmarks/quality.py --grid`
-    # (benchmarks/RESULTS.md): stateful BPTT over 16 streams, tied embeddings, AdamW (decay 0.1) with
+    # The package's recipe at vocab 1000, chosen on the dev set with `benchmarks/quality.py` (the tables are in
+    # benchmarks/RESULTS.md): stateful BPTT over 16 streams, tied embeddings, AdamW (decay 0.1) with
     # warm-up + cosine, norm clipping, dropout 0.5, context dropout 0.3, weights averaged (EMA 0.995).
     return RunConfig(ModelConfig(num_layers=1, dropout=0.5, context_dropout=0.3, tie_embeddings=True),
                      DataConfig("wikitext", max_seq_length=64, mode="stream"),
@@ -307,7 +307,7 @@ def _best_wikitext() -> RunConfig:
 
 
 def _best_wikitext_10k() -> RunConfig:
-    # The same at vocab 10000 (quality.py's BEST[10000], rounds 5-8): dropout mostly moved off the recurrent
+    # The same at vocab 10000, chosen the same way: dropout mostly moved off the recurrent
     # path (0.5 on the embedding vectors in and on the features out; 0.2 in the FNN, 0.1 on the context),
     # word-type embedding dropout 0.2, weight decay 0.2, 8 streams. Same evaluation-set caveats as above.
     return RunConfig(ModelConfig(vocab_size=10000, num_layers=1, dropout=0.2, context_dropout=0.1,

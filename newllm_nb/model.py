@@ -14,7 +14,7 @@ the embedding half of layer 1 is one matmul over all positions, the output head 
 all hidden states, and W_f / W_i / W_u are one fused matmul. ``step`` is the literal single-token
 update, used by generation.
 
-Options (``ModelConfig`` fields of issue 18, each off by default; their comments there give the equations):
+Cell options (``ModelConfig`` fields, each off by default; their comments there give the equations):
 ``state_norm``, ``chrono_init``, ``gate_context``, ``fnn_residual``, ``gate_rank``, ``slow_forget_bias``. With
 any of them on, ``_cell`` is the general cell below and ``forward`` always runs its own autograd loop.
 """
@@ -161,7 +161,7 @@ class ContextVectorLLM(nn.Module):
 
     def _option_cell(self, x_proj: torch.Tensor, c: torch.Tensor,
                      W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cell with the ModelConfig options of issue 18 (the seed cell when all are off, up to op order)."""
+        """The cell with the ModelConfig cell options (the seed cell when all are off, up to op order)."""
         cfg = self.config
         r = self._state_norm(c) if cfg.state_norm == "read" else c  # what the FNN and the gates read
         r_in = self.ctx_drop(r) if cfg.context_dropout > 0 else r
@@ -211,7 +211,7 @@ class ContextVectorLLM(nn.Module):
         ``recurrence`` runs the whole time loop at once instead of the per-token ``_cell`` loop, with
         ``recurrence.NewLLMRecurrence.apply``'s signature: the same function with a hand-written
         backward (the training steps pass it; see step.py). Not with ``return_trajectory`` or ``context_tanh``.
-        It implements only the seed cell: with an option of issue 18 on, it is ignored and the autograd loop
+        It implements only the seed cell: with a cell option on, it is ignored and the autograd loop
         below runs instead (the same result, slower).
         """
         B, T = ids.shape

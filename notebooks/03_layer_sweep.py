@@ -74,7 +74,7 @@ plot_sweep(results)
 # ## Sweep one cell option
 # The same panel's settings with one of New-LLM's cell options (off = the seed's cell) set to each value in
 # turn, one run per value. Which options help at vocab 10000 on real WikiText-2 text, and by how much, is
-# measured in `benchmarks/RESULTS.md` (issue 18's dev-set screen).
+# measured in `benchmarks/RESULTS.md` (the dev-set screen of the cell options).
 
 # %%
 import ipywidgets as w

@@ -1,4 +1,4 @@
-"""The New-LLM cell options of issue 18 (ModelConfig fields, all off by default) and the context-memory analysis."""
+"""The New-LLM cell options (ModelConfig fields, all off by default) and the context-memory analysis."""
 
 import dataclasses
 import json

@@ -138,8 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     info = detect(args.device if args.device not in (None, "auto") else None)
     cfg = config_from_args(args, recommend(info).batch_size)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
-    print(f"data: {prepared.source} | train {len(prepared.train):,} / valid {len(prepared.valid):,} "
-          f"{'tokens' if prepared.train.stateful else 'sequences'} | vocab {prepared.tokenizer.vocab_size:,}")
+    print(prepared.summary())
     name = f"{args.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
     run_dir = args.run_dir or keyed_run_dir("runs", name, cfg, prepared)
     world = world_size()

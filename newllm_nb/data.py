@@ -28,6 +28,12 @@ class Prepared:
     valid_records: list = field(default_factory=list)  # instruction data: held-out examples (per-category eval, demos)
     info: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line: where the text came from, how much of it, and the vocabulary."""
+        unit = "tokens" if self.train.stateful else "sequences"
+        return (f"data: {self.source} | train {len(self.train):,} / valid {len(self.valid):,} {unit} | "
+                f"vocab {self.tokenizer.vocab_size:,}")
+
 
 def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     """Load ``cfg.dataset``, train (or reuse) a tokenizer on its training split, build datasets."""

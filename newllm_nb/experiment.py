@@ -72,8 +72,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(cfg.data, cfg.model.vocab_size)
-        print(f"data: {prepared.source} | train {len(prepared.train):,} / valid {len(prepared.valid):,} "
-              f"{'tokens' if prepared.train.stateful else 'sequences'} | vocab {prepared.tokenizer.vocab_size:,}")
+        print(prepared.summary())
     cfg = fit_vocab(cfg, prepared.tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)

@@ -130,7 +130,7 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     Prints one summary line at the end."""
     cfg = sized_for_session(cfg)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
-    print(f"data: {prepared.source} | vocab {prepared.tokenizer.vocab_size:,}")
+    print(prepared.summary())
     folder = keyed_run_dir(runs_root(), name, cfg, prepared)
     live = LivePlot(title or name)
     with labelled_progress(title or name):

@@ -199,7 +199,7 @@ def graph_decoder(model, batch_size: int = 1, chunk: int = 32, temperature: floa
         ok, why = fused_available(device)
     except ImportError as e:
         ok, why = False, f"Triton is not importable ({e})"
-    if ok and getattr(model.config, "seed_cell", True) and not model.config.context_tanh:
+    if ok and model.config.seed_cell:  # the fused decode step implements the seed cell only
         return FusedDecoder(model, batch_size, chunk, temperature)
     print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")
     return GraphDecoder(model, batch_size, chunk, temperature)

@@ -21,8 +21,8 @@ fp32 otherwise, then with IEEE fp32 dots so the fp32 path is not silently TF32),
 math, LayerNorm and the carried context in fp32.
 
 Generation: ``FusedDecoder`` (``generate.GraphDecoder``'s interface) decodes inside a CUDA graph with
-``FusedCell``: a token is 3 + (L - 1) launches split over output columns (a batch-1 step is a GEMV, bound by
-how fast the weights reach the SMs, so they must be spread over many), the embedding half of layer 1 read
+``FusedCell``: a greedy token is 2 + (L - 1) launches split over output columns (a batch-1 step is a GEMV,
+bound by how fast the weights reach the SMs, so they must be spread over many), the embedding half of layer 1 read
 from a precomputed vocab x hidden table (bias included), LayerNorm and the greedy argmax folded into the next
 token's first launch.
 
@@ -467,7 +467,8 @@ def kernel_uniforms(seed: torch.Tensor, stream: int, shape: tuple) -> torch.Tens
     return out.view(shape)
 
 
-# -- generation: a token is 3 + (L - 1) launches, each split over output columns so the weights stream into many SMs
+# -- generation: a greedy token is 2 + (L - 1) launches, each split over output columns so that the weights
+# stream into many SMs
 @triton.jit
 def _dec_in_kernel(table_ptr, tok_ptr, pmax_ptr, pidx_ptr, flag_ptr, xs_ptr, ctx_ptr, lnw_ptr, lnb_ptr, wc_ptr,
                    out_ptr, h_ptr, B, C, H, NV, out_stride, clamp, eps,
@@ -532,11 +533,11 @@ def _dec_layer_kernel(a_ptr, w_ptr, b_ptr, out_ptr, B, K, H, IEEE: tl.constexpr,
 
 
 @triton.jit
-def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
-                     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def _gate_tile(pid_c, pid_b, h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
+               BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """x[:, c-tile] = sigmoid(f) c_{t-1} + sigmoid(i) u; the LayerNorm runs at the start of the next token."""
-    cols = tl.program_id(0) * BC + tl.arange(0, BC)
-    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    cols = pid_c * BC + tl.arange(0, BC)
+    rows = pid_b * BB + tl.arange(0, BB)
     rm, cm = rows < B, cols < C
     m2 = rm[:, None] & cm[None, :]
     f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
@@ -552,18 +553,17 @@ def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, 
         u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
     c = tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
     tl.store(xs_ptr + rows[:, None] * C + cols[None, :], tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=m2)
-    if tl.program_id(0) + tl.program_id(1) == 0:
+    if pid_c + pid_b == 0:
         tl.store(flag_ptr, 0)  # from now on the context is LayerNorm(x)
 
 
 @triton.jit
-def _dec_head_kernel(h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE: tl.constexpr,
-                     BB: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+def _head_tile(pid_v, pid_b, h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE: tl.constexpr,
+               BB: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """Greedy head: this vocab tile's logits (rounded to the model dtype, as the torch head returns them) and
     each row's maximum and its first index, for the next token's _dec_in_kernel to reduce."""
-    pid_v = tl.program_id(0)
     vcol = pid_v * BV + tl.arange(0, BV)
-    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rows = pid_b * BB + tl.arange(0, BB)
     rm, vm = rows < B, vcol < V
     acc = tl.zeros([BB, BV], tl.float32) + tl.load(b_ptr + vcol, mask=vm, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, H, BK):
@@ -577,6 +577,29 @@ def _dec_head_kernel(h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE: tl.
     tl.store(pidx_ptr + pid_v * B + rows, (pid_v * BV + tl.argmax(lg, 1)).to(tl.int64), mask=rm)
 
 
+@triton.jit
+def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """The gates alone (sampling, or a head that is not one linear map: the head runs in torch)."""
+    _gate_tile(tl.program_id(0), tl.program_id(1), h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H,
+               IEEE, BB, BC, BK)
+
+
+@triton.jit
+def _dec_gate_head_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr,
+                          B, C, H, V, NGATE, IEEE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr,
+                          BV: tl.constexpr, BK: tl.constexpr):
+    """Greedy decoding: the gates and the head both read only h_N, so one launch runs both, the first NGATE
+    programs a gate tile each and the rest a vocab tile each (a launch fewer per token)."""
+    pid = tl.program_id(0)
+    if pid < NGATE:
+        _gate_tile(pid, tl.program_id(1), h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE, BB, BC,
+                   BK)
+    else:
+        _head_tile(pid - NGATE, tl.program_id(1), h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE, BB, BV,
+                   BK)
+
+
 def _head_weights(model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(W [V, H], b) where the head is one linear map of h (an nn.Linear, or a tied head without projection)."""
     head = model.head
@@ -585,6 +608,10 @@ def _head_weights(model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     if getattr(head, "proj", "absent") is None and hasattr(head, "_embed"):
         return head._embed[0].weight.detach(), head.bias.detach()
     return None
+
+
+def _dec_env(name: str, default: int) -> int:
+    return int(os.environ.get("NEWLLM_DEC_" + name, 0)) or default
 
 
 class FusedCell:
@@ -621,9 +648,11 @@ class FusedCell:
         self.flag = torch.ones(1, dtype=torch.int32, device=dev)
         self.hs = [torch.empty(batch_size, H, dtype=dt, device=dev) for _ in range(1 + len(self.layers))]
         # Small batches: narrow column tiles so that many SMs read the weights at once (a GEMV is bound by how
-        # fast the weights stream in, not by FLOPs).
+        # fast the weights stream in, not by FLOPs). NEWLLM_DEC_{BN,BK,BV,WARPS} override the tiles for tuning
+        # (benchmarks/decode_tiles.py).
         self.BB = 16 if batch_size <= 16 else 32 if batch_size <= 64 else 64
-        self.BN, self.BK, self.BV = 32, 64, 64
+        self.BN, self.BK, self.BV = _dec_env("BN", 32), _dec_env("BK", 64), _dec_env("BV", 64)
+        self.launch = {} if _INTERPRET else {"num_warps": _dec_env("WARPS", 4)}
         self.V = self.head_w.shape[0] if self.head_w is not None else 0
         self.NV = triton.cdiv(self.V, self.BV)
         self.pmax = torch.zeros(max(self.NV, 1), batch_size, dtype=torch.float32, device=dev)
@@ -645,6 +674,7 @@ class FusedCell:
         return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
 
     def _advance(self, tok: torch.Tensor, out_col: Optional[torch.Tensor], from_head: bool) -> torch.Tensor:
+        """Layer 1..L of one token; with ``from_head`` the gates are left to ``greedy``'s combined launch."""
         B, C, H = self.B, self.C, self.H
         nb = triton.cdiv(B, self.BB)
         grid_h = (triton.cdiv(H, self.BN), nb)
@@ -654,12 +684,14 @@ class FusedCell:
                                out.stride(0) if out.dim() else 1, CONTEXT_CLAMP, LN_EPS,
                                FROM_HEAD=from_head, WRITE_OUT=out_col is not None, IEEE=self.ieee, BB=self.BB,
                                BN=self.BN, BCF=max(16, triton.next_power_of_2(C)),
-                               BNV=max(2, triton.next_power_of_2(self.NV)))
+                               BNV=max(2, triton.next_power_of_2(self.NV)), **self.launch)
         for j, (w, b) in enumerate(self.layers):
             _dec_layer_kernel[grid_h](self.hs[j], w, b, self.hs[j + 1], B, H, H, IEEE=self.ieee, BB=self.BB,
-                                      BN=self.BN, BK=self.BK)
-        _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs, self.flag,
-                                                        B, C, H, IEEE=self.ieee, BB=self.BB, BC=self.BN, BK=self.BK)
+                                      BN=self.BN, BK=self.BK, **self.launch)
+        if not from_head:
+            _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs,
+                                                            self.flag, B, C, H, IEEE=self.ieee, BB=self.BB,
+                                                            BC=self.BN, BK=self.BK, **self.launch)
         return self.hs[-1]
 
     def __call__(self, tok: torch.Tensor, out_col: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -668,13 +700,16 @@ class FusedCell:
 
     def greedy(self, out_col: Optional[torch.Tensor] = None) -> None:
         """Advance by the current token (``set_context``'s, else the argmax of the last head), written to
-        ``out_col``, and run the head for the next one. Needs a linear head (see ``_head_weights``)."""
+        ``out_col``, and run the head for the next one (in the gates' launch). Needs a linear head (see
+        ``_head_weights``)."""
         if self.head_w is None:
             raise ValueError("greedy() needs a head that is one linear map (no tied projection)")
         h = self._advance(self.tok, out_col, from_head=True)
-        _dec_head_kernel[(self.NV, triton.cdiv(self.B, self.BB))](h, self.head_w, self.head_b, self.pmax, self.pidx,
-                                                                  self.B, self.H, self.V, IEEE=self.ieee, BB=self.BB,
-                                                                  BV=self.BV, BK=self.BK)
+        ngate = triton.cdiv(self.C, self.BN)
+        _dec_gate_head_kernel[(ngate + self.NV, triton.cdiv(self.B, self.BB))](
+            h, self.Wg, self.bg, self.ctx, self.xs, self.flag, self.head_w, self.head_b, self.pmax, self.pidx,
+            self.B, self.C, self.H, self.V, ngate, IEEE=self.ieee, BB=self.BB, BC=self.BN, BV=self.BV, BK=self.BK,
+            **self.launch)
 
     def next_tokens(self) -> torch.Tensor:
         """The argmax of the last ``greedy`` head (what the next ``greedy`` reads), for checks."""
@@ -685,8 +720,9 @@ class FusedCell:
 class FusedDecoder:
     """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps captured in one CUDA graph and
     replayed for any number of tokens; device memory is constant (ids leave chunk by chunk into host memory).
-    Greedy decoding (temperature 0, linear head) is all Triton: 3 + (L - 1) launches a token, the head's argmax
-    reduced inside the next token's first launch. Sampling runs the model's head and Gumbel-max in torch.
+    Greedy decoding (temperature 0, linear head) is all Triton: 2 + (L - 1) launches a token (the gates and
+    the head share one), the head's argmax reduced inside the next token's first launch. Sampling runs the
+    model's head and Gumbel-max in torch.
     ``use_graph=False`` runs the same launches without capture (CPU under Triton's interpreter)."""
 
     def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0,

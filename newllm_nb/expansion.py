@@ -1,11 +1,29 @@
 """Context expansion (the seed's growth experiment): grow a trained model's context vector, e.g. 256 -> 512,
 and keep training either everything ("fine-tune all") or only the new dimensions ("freeze base").
 
-New weights start at zero, as the seed did: the new context entries feed nothing (their columns in
-layer 1 are zero) and their candidate input is zero. The old dimensions still change slightly:
-LayerNorm now normalises over the larger vector, and with its new gains at 1 the new entries come
-out of it non-zero (which is also what lets them start learning). ``growth_gap`` measures the
-effect instead of assuming it away.
+Every base parameter is copied exactly. New weight-matrix entries start at zero, as the seed did: the new
+context entries feed nothing (their columns in layer 1, and in the gates when they read the context, are
+zero) and their candidate input is zero. New biases and norm gains start as a freshly built model's do:
+LayerNorm gains 1, and the new channels' forget / input biases as ``forget_bias``, ``chrono_init`` and
+``slow_forget_bias`` set them, so the new channels get the timescales the option asks for. The old
+dimensions still change slightly: LayerNorm now normalises over the larger vector, and with its new gains
+at 1 the new entries come out of it non-zero (which is also what lets them start learning). ``growth_gap``
+measures the effect instead of assuming it away. Nothing in this initialisation tells the new channels
+apart: they start equal and get equal gradients, so they stay equal to one another unless something
+per-channel separates them (context dropout, or chrono_init's per-channel gate biases).
+
+Every cell option grows:
+
+* ``state_norm``: "layernorm" and "read" as above ("read" keeps the state un-normalised, so the new entries
+  stay zero and only their normalised read is non-zero); "noaffine" has no gains to grow. "none" has no
+  norm to make the new entries non-zero, and all-zero new weights would then never receive a gradient, so
+  there the new candidate rows of W_u start as a fresh model's: nothing reads the new entries yet, so the
+  grown model's outputs equal the base's exactly.
+* ``gate_context``: the gates' columns that read the new context entries start at zero (full rank or
+  ``gate_down`` with ``gate_rank``); ``gate_rank`` keeps its rank, and ``gates`` (U) gets zero rows.
+* ``slow_forget_bias``: the context is [fast half ; slow half], so each half grows at its own end,
+  [old fast | new fast | old slow | new slow], and every channel keeps its timescale and its half's norm.
+* ``fnn_residual``: layers 2..N and their norms do not depend on the context size and are copied whole.
 """
 
 from __future__ import annotations
@@ -20,36 +38,66 @@ import pandas as pd
 import torch
 
 from .batching import Dataset
-from .config import RunConfig, apply_overrides
+from .config import ModelConfig, RunConfig, apply_overrides
 from .metrics import evaluate
 from .model import ContextVectorLLM
 from .trainer import Trainer
 
 
+def channel_positions(config: ModelConfig, old_dim: int) -> torch.Tensor:
+    """Where the ``old_dim`` channels of the model before growth sit in ``config``'s context vector."""
+    if config.slow_forget_bias:  # each half grows at its own end: [old fast | new fast | old slow | new slow]
+        half = torch.arange(old_dim // 2)
+        return torch.cat([half, config.context_dim // 2 + half])
+    return torch.arange(old_dim)
+
+
+def _base_index(model: ContextVectorLLM, old_dim: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Parameter name -> one index per axis selecting the entries that hold the base model's parameters
+    (``t[torch.meshgrid(*index)]``); parameters not named here do not depend on the context size."""
+    cfg = model.config
+    C, E, H = cfg.context_dim, cfg.embed_dim, cfg.hidden_dim
+    pos = channel_positions(cfg, old_dim)
+    rows = torch.cat([j * C + pos for j in range(3)])  # gate blocks [forget | input | candidate], each grown
+    ctx_read = torch.cat([torch.arange(H), H + pos])  # the gates' input [h ; c] when they read the context
+    index = {"fnn.0.weight": (torch.arange(H), torch.cat([torch.arange(E), E + pos])), "gates.bias": (rows,)}
+    if model.gate_down is not None:
+        index["gates.weight"] = (rows, torch.arange(cfg.gate_rank))
+        if cfg.gate_context:
+            index["gate_down.weight"] = (torch.arange(cfg.gate_rank), ctx_read)
+    else:
+        index["gates.weight"] = (rows, ctx_read if cfg.gate_context else torch.arange(H))
+    if model.norm.weight is not None:
+        index["norm.weight"] = index["norm.bias"] = (pos,)
+    return index
+
+
 @torch.no_grad()
 def expand_context(model: ContextVectorLLM, new_dim: int) -> ContextVectorLLM:
-    """A copy of ``model`` with context_dim ``new_dim``; every old weight kept, every new one zero
-    (LayerNorm's new gains 1, as LayerNorm starts). ``config.grown_from`` records the old size."""
+    """A copy of ``model`` with context_dim ``new_dim``: every base parameter kept exactly, new weight-matrix
+    entries zero, new biases and norm gains as a fresh model starts them (the module docstring gives the
+    layout per cell option). ``config.grown_from`` records the size before the first growth."""
+    if not isinstance(model, ContextVectorLLM):
+        raise ValueError(f"expand_context grows a New-LLM (arch='newllm'), not a {type(model).__name__}")
     cfg = model.config
-    C, E = cfg.context_dim, cfg.embed_dim
-    if not isinstance(new_dim, int) or new_dim <= C:
+    C = cfg.context_dim
+    if not isinstance(new_dim, int) or isinstance(new_dim, bool) or new_dim <= C:
         raise ValueError(f"invalid new_dim={new_dim!r}: must be an integer larger than context_dim={C}")
-    new_cfg = dataclasses.replace(cfg, context_dim=new_dim, grown_from=cfg.grown_from or C)
+    new_cfg = dataclasses.replace(cfg, context_dim=new_dim, grown_from=cfg.grown_from or C)  # validates new_dim
     big = ContextVectorLLM(new_cfg).to(model.embed.weight.device)
+    index = _base_index(big, C)
     old_sd, sd = model.state_dict(), big.state_dict()
-    for k, v in old_sd.items():
-        if sd[k].shape == v.shape:
-            sd[k].copy_(v)
-    sd["fnn.0.weight"].zero_()
-    sd["fnn.0.weight"][:, : E + C] = old_sd["fnn.0.weight"]  # [embed | old ctx | new ctx=0]
-    for name in ("gates.weight", "gates.bias"):  # blocks [forget | input | candidate], each grown
-        sd[name].zero_()
-        for j in range(3):
-            sd[name][j * new_dim: j * new_dim + C] = old_sd[name][j * C:(j + 1) * C]
-    sd["norm.weight"].fill_(1.0)
-    sd["norm.weight"][:C] = old_sd["norm.weight"]
-    sd["norm.bias"].zero_()
-    sd["norm.bias"][:C] = old_sd["norm.bias"]
+    for name, fresh in sd.items():
+        if name not in index:
+            fresh.copy_(old_sd[name])
+            continue
+        grown = fresh.clone() if fresh.dim() == 1 else torch.zeros_like(fresh)
+        if name == "gates.weight" and cfg.state_norm == "none":  # the new candidate rows, as a fresh model's
+            candidate = torch.arange(2 * new_dim, 3 * new_dim)
+            candidate = candidate[~torch.isin(candidate, index[name][0])]
+            grown[candidate] = fresh[candidate]
+        grown[torch.meshgrid(*index[name], indexing="ij")] = old_sd[name]
+        fresh.copy_(grown)
     big.load_state_dict(sd)
     return big
 
@@ -59,17 +107,13 @@ def trainable_masks(model: ContextVectorLLM) -> dict:
     cfg = model.config
     if not cfg.grown_from:
         raise ValueError("freeze_base needs a grown model (config.grown_from is not set): call expand_context first")
-    C0, C, E = cfg.grown_from, cfg.context_dim, cfg.embed_dim
+    index = _base_index(model, cfg.grown_from)
     masks = {}
     for name, p in model.named_parameters():
         m = torch.zeros_like(p, dtype=torch.bool)
-        if name == "fnn.0.weight":
-            m[:, E + C0:] = True
-        elif name in ("gates.weight", "gates.bias"):
-            for j in range(3):
-                m[j * C + C0:(j + 1) * C] = True
-        elif name in ("norm.weight", "norm.bias"):
-            m[C0:] = True
+        if name in index:
+            m.fill_(True)
+            m[torch.meshgrid(*index[name], indexing="ij")] = False
         masks[name] = m
     return masks
 

@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--warps", default="1,2,4")
     ap.add_argument("--chunks", default="32,128")
     ap.add_argument("--repeat", type=int, default=2, help="times each setting is decoded; the best is kept")
+    ap.add_argument("--best-env", help="write the fastest setting here as NEWLLM_DEC_* shell exports")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_tiles.py times the CUDA decoder: no GPU is visible")
@@ -92,6 +93,10 @@ def main() -> None:
     print(f"\n{device_name(dev)} | seed model L{args.layers}, bf16, batch 1, {args.tokens} greedy tokens | "
           f"torch {torch.__version__} | best of {args.repeat}; the first row of each chunk is the default tiles")
     print(df.to_string(index=False))
+    if args.best_env:
+        best = df.dropna(subset=["tokens_per_s"]).iloc[0]
+        Path(args.best_env).write_text("".join(f"export NEWLLM_DEC_{k}={int(best[k.lower() if k == 'CHUNK' else k])}\n"
+                                               for k in (*KNOBS, "CHUNK")))
 
 
 if __name__ == "__main__":

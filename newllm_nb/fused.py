@@ -648,7 +648,7 @@ class FusedCell:
         self.flag = torch.ones(1, dtype=torch.int32, device=dev)
         self.hs = [torch.empty(batch_size, H, dtype=dt, device=dev) for _ in range(1 + len(self.layers))]
         # Small batches: narrow column tiles so that many SMs read the weights at once (a GEMV is bound by how
-        # fast the weights stream in, not by FLOPs). NEWLLM_DEC_{BN,BK,BV,WARPS} override the tiles for tuning
+        # fast the weights stream in, not by FLOPs). NEWLLM_DEC_{BN,BK,BV,WARPS,CHUNK} override the tiles for tuning
         # (benchmarks/decode_tiles.py).
         self.BB = 16 if batch_size <= 16 else 32 if batch_size <= 64 else 64
         self.BN, self.BK, self.BV = _dec_env("BN", 32), _dec_env("BK", 64), _dec_env("BV", 64)
@@ -725,8 +725,9 @@ class FusedDecoder:
     model's head and Gumbel-max in torch.
     ``use_graph=False`` runs the same launches without capture (CPU under Triton's interpreter)."""
 
-    def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0,
+    def __init__(self, model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0,
                  use_graph: bool = True) -> None:
+        chunk = chunk or _dec_env("CHUNK", 32)  # tokens per graph replay
         self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
         self.cell = FusedCell(model, batch_size)
         self.use_graph = use_graph

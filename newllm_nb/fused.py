@@ -727,7 +727,7 @@ class FusedDecoder:
 
     def __init__(self, model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0,
                  use_graph: bool = True) -> None:
-        chunk = chunk or _dec_env("CHUNK", 32)  # tokens per graph replay
+        chunk = chunk or _dec_env("CHUNK", 128)  # tokens per graph replay (128: fastest on an H200)
         self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
         self.cell = FusedCell(model, batch_size)
         self.use_graph = use_graph

@@ -14,8 +14,9 @@ What is captured, and why only that: forward, loss and backward (scaled by the G
 tensor in fp16). Unscaling, the inf check, clipping and the (fused, single-kernel) Adam update stay
 eager: the fp16 GradScaler may skip a step on a device flag, a decision a static graph cannot hold,
 and keeping the update outside makes fp16, bf16 and fp32 share one code path, the non-finite guard
-included. One graph per batch shape; a batch of another shape (the last partial one) runs eagerly,
-and any capture failure prints one line and the step continues eagerly.
+included. One graph per batch shape: an epoch's shorter last batch of independent windows replays it with
+PAD rows added (they count nothing), a batch of another shape runs eagerly, and any capture failure prints
+one line and the step continues eagerly.
 
 More than one process (torchrun): each rank runs the step on its share of the global batch, then
 ``distributed.all_reduce_step`` averages the gradients in one flat all-reduce *after* the backward
@@ -35,6 +36,7 @@ import torch
 
 from .baselines import detach_state
 from .batching import Batch
+from .config import PAD_ID
 from .distributed import active, all_reduce_step, is_main
 from .hardware import autocast
 from .metrics import token_loss
@@ -141,8 +143,12 @@ class GraphedStep(EagerStep):
 
     def _fill(self, b: Batch, context) -> None:
         s = self.static
-        s["x"].copy_(b.x, non_blocking=True)
-        s["y"].copy_(b.y, non_blocking=True)
+        k = b.x.shape[0]
+        s["x"][:k].copy_(b.x, non_blocking=True)
+        s["y"][:k].copy_(b.y, non_blocking=True)
+        if k < s["x"].shape[0]:  # a smaller batch of independent windows: the extra rows' targets count nothing
+            s["x"][k:].fill_(PAD_ID)
+            s["y"][k:].fill_(PAD_ID)
         if "r" in s:
             s["r"].copy_(b.reset, non_blocking=True)
         if b.carry and context is not None:
@@ -199,7 +205,7 @@ class GraphedStep(EagerStep):
                 return self._eager(b, context)
             if self.use_graph and is_main():
                 print(f"fast path: {self.mode} captured for batch {sig[0]}x{sig[1]} in {self.warmup_s:.1f}s")
-        elif sig != self.sig:
+        elif sig != self.sig and not self._pads_into_graph(b):
             return self._eager(b, context)
         else:
             self._fill(b, context)
@@ -212,7 +218,15 @@ class GraphedStep(EagerStep):
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum, n, correct, c = self._static_fwd_bwd()
         self.used = self.mode
-        return loss_sum, n, correct, c.clone()
+        return loss_sum, n, correct, c[:b.x.shape[0]].clone()
+
+    def _pads_into_graph(self, b: Batch) -> bool:
+        """A shorter batch of independent windows (an epoch's last) replays the graph with PAD rows added:
+        the loss, its gradients and the token counts are sums over non-PAD targets, so they are unchanged,
+        and the step avoids a slow eager pass. Stateful batches keep their shape or run eagerly."""
+        B, T, has_reset = self.sig
+        return (b.reset is None and not has_reset and not b.carry and b.x.shape[1] == T
+                and b.x.shape[0] < B)
 
     def _eager(self, b: Batch, context) -> tuple:
         self.used = "eager"

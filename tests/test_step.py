@@ -62,7 +62,11 @@ def test_fast_path_declines_other_shapes_and_models():
     fast = GraphedStep(t.model, t.optimizer, t.scaler, t.device, t.precision, use_graph=False)
     fast(_batches(1, False)[0], None, 1.0)
     assert fast.used == "static-eager"
-    fast(_batches(1, False, B=4)[0], None, 1.0)  # last partial batch -> eager
+    fast(_batches(1, False, B=4)[0], None, 1.0)  # a shorter batch of windows: PAD rows, same buffers
+    assert fast.used == "static-eager"
+    fast(_batches(1, False, B=8, T=6)[0], None, 1.0)  # another window length -> eager
+    assert fast.used == "eager"
+    fast(_batches(2, True, B=4)[1], None, 1.0)  # a stateful batch of another shape -> eager
     assert fast.used == "eager"
     from newllm_nb.baselines import LSTMLM
 
@@ -71,6 +75,23 @@ def test_fast_path_declines_other_shapes_and_models():
     other = GraphedStep(lstm, opt, t.scaler, t.device, t.precision)
     other(_batches(1, False)[0], None, 1.0)
     assert other.used == "eager"
+
+
+def test_shorter_last_batch_is_padded_into_the_static_buffers_with_the_same_update():
+    """An epoch's last, shorter batch of windows replays the captured shape with PAD rows: loss sum, token
+    count, correct count and the updated weights equal the eager step's on that batch alone."""
+    eager = _trainer("cpu", "fp32", "off")
+    static = _trainer("cpu", "fp32", "off")
+    static.step = GraphedStep(static.model, static.optimizer, static.scaler, static.device, static.precision,
+                              recurrence=None, use_graph=False)
+    for b in _batches(2, False) + _batches(1, False, B=3):
+        e, s = eager.step(b, None, 1.0), static.step(b, None, 1.0)
+        assert static.step.used == "static-eager"
+        for a, c in ((e.loss_sum, s.loss_sum), (e.n, s.n), (e.correct, s.correct)):
+            torch.testing.assert_close(a, c)
+    assert static.step.static["x"].shape[0] == 8 and int(s.n) == int((b.y != 0).sum())
+    for pe, ps in zip(eager.model.parameters(), static.model.parameters()):
+        torch.testing.assert_close(pe, ps)
 
 
 def _rel(a, b):

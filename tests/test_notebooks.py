@@ -80,9 +80,10 @@ def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
     from newllm_nb.widgets import TrainingPanel
 
     p = TrainingPanel("seed_wikitext")
-    assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext", "best_wikitext_10k"}
+    assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext", "best_wikitext_10k", "newllm_plus",
+                                     "newllm_plus_10k"}
     seed_batch = p.config().train.batch_size  # the seed recipe takes this machine's batch
-    for name in ("best_wikitext", "best_wikitext_10k"):
+    for name in ("newllm_plus_10k", "best_wikitext", "best_wikitext_10k"):
         p.recipe.value = name
         cfg, best = p.config(), preset(name)
         assert (cfg.model, cfg.data, cfg.train) == (best.model, best.data, best.train)  # measured recipe kept whole

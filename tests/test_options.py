@@ -195,7 +195,7 @@ def test_gate_rank_for_a_wider_context_keeps_the_parameter_count():
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "recipes").glob("opt_*.json"))
 EQUAL_PARAMS = {"opt_norm_read", "opt_chrono64", "opt_gatectx_r256", "opt_wide512_r127", "opt_slow4",
-                "opt_combo_chrono_gctx", "opt_combo_read_chrono_gctx"}
+                "opt_combo_chrono_gctx", "opt_combo_read_chrono_gctx", "opt_combo_read_chrono_gctx_v1000"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -271,3 +271,15 @@ def test_perturbation_fade(arch):
     assert df.state_diff.iloc[0] > 0 and (df.kl >= -1e-6).all() and (df.rel_diff > 0).all()
     with pytest.raises(ValueError):
         perturbation_fade(m, tokens, resets, warmup=80, horizon=20)
+
+
+@pytest.mark.parametrize("plus,base,recipe", [("newllm_plus", "best_wikitext", "opt_combo_read_chrono_gctx_v1000"),
+                                              ("newllm_plus_10k", "best_wikitext_10k", "opt_combo_read_chrono_gctx")])
+def test_plus_presets_are_their_base_recipe_with_the_measured_cell_options(plus, base, recipe):
+    """The presets are the recipe files benchmarks/RESULTS.md measured, with the seed cell's parameter count."""
+    p, b = preset(plus), preset(base)
+    doc = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "recipes" / f"{recipe}.json").read_text())
+    assert doc["base"] == base and p == preset(base, **{f"model__{k}": v for k, v in doc["model"].items()})
+    assert (p.data, p.train) == (b.data, b.train) and not p.model.seed_cell and b.model.seed_cell
+    with torch.device("meta"):
+        assert count_parameters(ContextVectorLLM(p.model)) == count_parameters(ContextVectorLLM(b.model))

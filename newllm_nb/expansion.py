@@ -1,24 +1,20 @@
 """Context expansion (the seed's growth experiment): grow a trained model's context vector, e.g. 256 -> 512,
 and keep training either everything ("fine-tune all") or only the new dimensions ("freeze base").
 
-Every base parameter is copied exactly. New weight-matrix entries start at zero, as the seed did: the new
-context entries feed nothing (their columns in layer 1, and in the gates when they read the context, are
-zero) and their candidate input is zero. New biases and norm gains start as a freshly built model's do:
-LayerNorm gains 1, and the new channels' forget / input biases as ``forget_bias``, ``chrono_init`` and
-``slow_forget_bias`` set them, so the new channels get the timescales the option asks for. The old
-dimensions still change slightly: LayerNorm now normalises over the larger vector, and with its new gains
-at 1 the new entries come out of it non-zero (which is also what lets them start learning). ``growth_gap``
-measures the effect instead of assuming it away. Nothing in this initialisation tells the new channels
-apart: they start equal and get equal gradients, so they stay equal to one another unless something
-per-channel separates them (context dropout, or chrono_init's per-channel gate biases).
+Every base parameter is copied exactly. The new context entries feed nothing at first: their columns in
+layer 1, and in the gates when they read the context, are zero. What they hold comes from the new candidate
+rows of W_u, which start as a freshly built model's (random): with zero rows every new channel would start
+equal and get equal gradients, and stay a copy of the others. New biases and norm gains start as a freshly
+built model's do: LayerNorm gains 1, and the new channels' forget / input biases as ``forget_bias``,
+``chrono_init`` and ``slow_forget_bias`` set them, so the new channels get the timescales the option asks
+for. The old dimensions still change slightly: LayerNorm now normalises over the larger vector, new
+entries included. ``growth_gap`` measures the effect instead of assuming it away.
 
 Every cell option grows:
 
-* ``state_norm``: "layernorm" and "read" as above ("read" keeps the state un-normalised, so the new entries
-  stay zero and only their normalised read is non-zero); "noaffine" has no gains to grow. "none" has no
-  norm to make the new entries non-zero, and all-zero new weights would then never receive a gradient, so
-  there the new candidate rows of W_u start as a fresh model's: nothing reads the new entries yet, so the
-  grown model's outputs equal the base's exactly.
+* ``state_norm``: "layernorm" and "read" as above; "noaffine" has no gains to grow. "none" has no norm that
+  couples the channels, and nothing reads the new entries yet, so there the grown model's outputs equal
+  the base's exactly.
 * ``gate_context``: the gates' columns that read the new context entries start at zero (full rank or
   ``gate_down`` with ``gate_rank``); ``gate_rank`` keeps its rank, and ``gates`` (U) gets zero rows.
 * ``slow_forget_bias``: the context is [fast half ; slow half], so each half grows at its own end,
@@ -75,8 +71,9 @@ def _base_index(model: ContextVectorLLM, old_dim: int) -> dict[str, tuple[torch.
 @torch.no_grad()
 def expand_context(model: ContextVectorLLM, new_dim: int) -> ContextVectorLLM:
     """A copy of ``model`` with context_dim ``new_dim``: every base parameter kept exactly, new weight-matrix
-    entries zero, new biases and norm gains as a fresh model starts them (the module docstring gives the
-    layout per cell option). ``config.grown_from`` records the size before the first growth."""
+    entries zero except the new candidate rows of W_u, new biases and norm gains as a fresh model starts
+    them (the module docstring gives the layout per cell option). ``config.grown_from`` records the size
+    before the first growth."""
     if not isinstance(model, ContextVectorLLM):
         raise ValueError(f"expand_context grows a New-LLM (arch='newllm'), not a {type(model).__name__}")
     cfg = model.config
@@ -92,7 +89,7 @@ def expand_context(model: ContextVectorLLM, new_dim: int) -> ContextVectorLLM:
             fresh.copy_(old_sd[name])
             continue
         grown = fresh.clone() if fresh.dim() == 1 else torch.zeros_like(fresh)
-        if name == "gates.weight" and cfg.state_norm == "none":  # the new candidate rows, as a fresh model's
+        if name == "gates.weight":  # the new candidate rows of W_u, as a fresh model's (module docstring)
             candidate = torch.arange(2 * new_dim, 3 * new_dim)
             candidate = candidate[~torch.isin(candidate, index[name][0])]
             grown[candidate] = fresh[candidate]

@@ -74,6 +74,9 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
         prepared = prepare(cfg.data, cfg.model.vocab_size)
         print(prepared.summary())
     cfg = fit_vocab(cfg, prepared.tokenizer)
+    if cfg.train.freeze_base and not (resume and run_dir and (Path(run_dir) / "last.safetensors").exists()):
+        raise ValueError("train.freeze_base=True: run_experiment builds a fresh model, so it can only resume a grown "
+                         "run from its run folder; grow and train one with expansion.growth_experiment")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,

@@ -88,8 +88,8 @@ class Trainer:
         self.progress = progress or tqdm  # a tqdm-like class for the bars (notebooks label theirs per run)
         tc = config.train
         if tc.freeze_base and not hooks:
-            raise ValueError("train.freeze_base=True needs the BaseFreeze hook: train a grown model through "
-                             "experiment.run_experiment or expansion.growth_experiment")
+            raise ValueError("train.freeze_base=True needs the BaseFreeze hook: grow and train a model with "
+                             "expansion.growth_experiment, or pass hooks=[expansion.BaseFreeze(model)]")
         self.device = resolve_device(tc.device)
         self.precision = resolve_precision(tc.precision, self.device)
         self.model = model.to(self.device)

@@ -91,11 +91,11 @@ def test_growth_copies_the_base_exactly_and_new_weights_start_at_zero(option):
     grown = expand_context(base, C1)
     assert grown.config.context_dim == C1 and grown.config.grown_from == C0
     assert_base_kept(base, grown)
-    # New weight-matrix entries are zero, except the new candidate rows without a norm ("none"), which start as
-    # a fresh model's: there, nothing else would make the new context entries non-zero.
+    # New weight-matrix entries are zero, except the new candidate rows of W_u, which start as a fresh model's
+    # (zero rows would leave the new channels identical to one another).
     nonzero = sum(int(p.count_nonzero()) for p in grown.parameters() if p.dim() == 2)
     base_nonzero = sum(p.numel() for p in base.parameters() if p.dim() == 2)
-    fresh_candidate_rows = (C1 - C0) * grown.gates.weight.shape[1] if grown.config.state_norm == "none" else 0
+    fresh_candidate_rows = (C1 - C0) * grown.gates.weight.shape[1]
     assert nonzero == base_nonzero + fresh_candidate_rows
     if grown.norm.weight is not None:  # new LayerNorm gains 1 and biases 0, as LayerNorm starts
         new = torch.ones(C1, dtype=torch.bool)
@@ -150,7 +150,10 @@ def test_grown_model_trains_with_frozen_base(option, trained, tiny_prepared):
     new_columns = torch.ones(cfg.model.embed_dim + C1, dtype=torch.bool)
     new_columns[:cfg.model.embed_dim] = False
     new_columns[cfg.model.embed_dim + old_positions(grown.config, C0)] = False
-    assert not torch.equal(grown.fnn[0].weight.detach()[:, new_columns], before[:, new_columns])
+    learned = grown.fnn[0].weight.detach()[:, new_columns]
+    assert not torch.equal(learned, before[:, new_columns])
+    # ... and they learn different things: each new channel is its own direction, not a copy of the first.
+    assert (learned - learned[:, :1]).abs().amax(0)[1:].min() > 0
 
 
 def test_growth_experiment_runs_the_best_candidate(tiny_prepared, tmp_path):
@@ -172,3 +175,11 @@ def test_what_cannot_be_grown_is_refused_in_one_line(tiny_prepared):
         expand_context(slow, 25)
     with pytest.raises(ValueError, match=r"^invalid new_dim=8: must be an integer larger than context_dim=16$"):
         expand_context(slow, 8)
+
+
+def test_run_experiment_refuses_to_freeze_the_base_of_a_fresh_model(tiny_prepared, tmp_path):
+    cfg = tiny_config(model__context_dim=C1, model__grown_from=C0, train__freeze_base=True, train__epochs=1)
+    cfg = apply_overrides(cfg, model__vocab_size=tiny_prepared.tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="run_experiment builds a fresh model"):
+        run_experiment(cfg, tmp_path / "run", prepared=tiny_prepared)
+    assert not (tmp_path / "run").exists()

@@ -214,9 +214,34 @@ def _check_greedy_decode_matches_eager():
         assert not torch.equal(sampled, ref)
 
 
+def _check_greedy_decode_with_other_tiles():
+    """The NEWLLM_DEC_* tiles (benchmarks/decode_tiles.py) change how the work is split, not the tokens:
+    narrower column and vocab tiles (more gate and vocab programs in the shared launch), another K step and
+    another graph chunk decode what the eager model decodes."""
+    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb.fused import FusedDecoder
+    from newllm_nb.generate import decode_ids
+
+    torch.manual_seed(2)
+    m = ContextVectorLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=40, hidden_dim=40, num_layers=2,
+                                     init_std=0.5)).eval()
+    prompt = torch.randint(4, 150, (2, 3))
+    tiles = {"BN": "16", "BK": "16", "BV": "16", "CHUNK": "3"}
+    os.environ.update({"NEWLLM_DEC_" + k: v for k, v in tiles.items()})
+    try:
+        dec = FusedDecoder(m, batch_size=2, use_graph=False)
+        assert (dec.chunk, dec.cell.BN, dec.cell.BK, dec.cell.BV, dec.cell.NV) == (3, 16, 16, 16, 10)
+        out = dec.run(prompt, 10)
+    finally:
+        for k in tiles:
+            os.environ.pop("NEWLLM_DEC_" + k)
+    assert torch.equal(out, decode_ids(m, prompt, 10, use_graph=False))
+
+
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_matches_bptt_with_resets, _check_matches_bptt_one_layer_hs_only, _check_dropout_matches_masked_reference,
-    _check_model_loop_with_every_dropout, _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager)}
+    _check_model_loop_with_every_dropout, _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager,
+    _check_greedy_decode_with_other_tiles)}
 
 
 def _interpreter_main() -> None:

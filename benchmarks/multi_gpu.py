@@ -386,6 +386,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if clash:
         raise SystemExit(f"{', '.join(clash)}: set by this script (use its own options: --seeds, --batch, ...)")
     counts = _int_list(args.gpus, "--gpus")
+    if min(counts) < 1:
+        raise SystemExit(f"--gpus {args.gpus}: every count must be at least 1")
+    if args.batch < 1 or (args.per_gpu_batch is not None and args.per_gpu_batch < 1):
+        raise SystemExit("--batch / --per-gpu-batch: must be at least 1")
+    if args.per_gpu_batch is not None and args.batch != ap.get_default("batch"):
+        raise SystemExit("--batch and --per-gpu-batch: give one (same global batch, or the same batch per GPU)")
     seeds: list[Optional[int]] = _int_list(args.seeds, "--seeds") if args.seeds else [None]
     paths = [p.strip() for p in args.fast_path.split(",") if p.strip()] if args.fast_path else [None]
     out = Path(args.out) if args.out else None

@@ -7,8 +7,8 @@ rows of W_u, which start as a freshly built model's (random): with zero rows eve
 equal and get equal gradients, and stay a copy of the others. New biases and norm gains start as a freshly
 built model's do: LayerNorm gains 1, and the new channels' forget / input biases as ``forget_bias``,
 ``chrono_init`` and ``slow_forget_bias`` set them, so the new channels get the timescales the option asks
-for. The old dimensions still change slightly: LayerNorm now normalises over the larger vector, new
-entries included. ``growth_gap`` measures the effect instead of assuming it away.
+for. The old dimensions still change slightly: after growth LayerNorm normalises over the larger vector,
+new entries included. ``growth_gap`` measures the effect instead of assuming it away.
 
 Every cell option grows:
 
@@ -16,7 +16,8 @@ Every cell option grows:
   couples the channels, and nothing reads the new entries yet, so there the grown model's outputs equal
   the base's exactly.
 * ``gate_context``: the gates' columns that read the new context entries start at zero (full rank or
-  ``gate_down`` with ``gate_rank``); ``gate_rank`` keeps its rank, and ``gates`` (U) gets zero rows.
+  ``gate_down`` with ``gate_rank``); ``gate_rank`` keeps its rank, and ``gates`` (U) gets new rows: zero
+  for the forget and input gates, fresh random ones for the candidate, as above.
 * ``slow_forget_bias``: the context is [fast half ; slow half], so each half grows at its own end,
   [old fast | new fast | old slow | new slow], and every channel keeps its timescale and its half's norm.
 * ``fnn_residual``: layers 2..N and their norms do not depend on the context size and are copied whole.

@@ -611,7 +611,17 @@ def _head_weights(model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _dec_env(name: str, default: int) -> int:
-    return int(os.environ.get("NEWLLM_DEC_" + name, 0)) or default
+    """NEWLLM_DEC_<name> if set: tiles a power of two >= 16, warps a power of two <= 16, chunk >= 1."""
+    raw = os.environ.get("NEWLLM_DEC_" + name, "")
+    if not raw:
+        return default
+    v = int(raw) if raw.strip().isdigit() else 0
+    pow2 = v > 0 and v & (v - 1) == 0
+    ok = {"CHUNK": v >= 1, "WARPS": pow2 and v <= 16}.get(name, pow2 and v >= 16)
+    if not ok:
+        want = {"CHUNK": "an integer >= 1", "WARPS": "a power of two up to 16"}.get(name, "a power of two >= 16")
+        raise ValueError(f"NEWLLM_DEC_{name}={raw!r}: must be {want}")
+    return v
 
 
 class FusedCell:
@@ -727,6 +737,8 @@ class FusedDecoder:
 
     def __init__(self, model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0,
                  use_graph: bool = True) -> None:
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"invalid chunk={chunk!r}: must be an integer >= 1 (tokens per graph replay)")
         chunk = chunk or _dec_env("CHUNK", 128)  # tokens per graph replay (128: fastest on an H200)
         self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
         self.cell = FusedCell(model, batch_size)

@@ -190,24 +190,27 @@ class GraphDecoder:
         return out
 
 
-def graph_decoder(model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0):
+def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0):
     """The fastest captured decoder for ``model`` here: ``fused.FusedDecoder`` on a GPU where the Triton kernels
-    run (the seed cell), else ``GraphDecoder``, with one printed line saying why."""
+    run (the seed cell), else ``GraphDecoder``, with one printed line saying why. ``chunk``: tokens per graph
+    replay (default: each decoder's own)."""
     device = next(model.parameters()).device
     try:
         from .fused import FusedDecoder, fused_available  # optional: needs triton
         ok, why = fused_available(device)
     except ImportError as e:
         ok, why = False, f"Triton is not importable ({e})"
-    if ok and model.config.seed_cell:  # the fused decode step implements the seed cell only
+    if ok and not model.config.seed_cell:
+        ok, why = False, "the fused decode step implements the seed cell; this model uses cell options"
+    if ok:
         return FusedDecoder(model, batch_size, chunk, temperature)
     print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")
-    return GraphDecoder(model, batch_size, chunk, temperature)
+    return GraphDecoder(model, batch_size, chunk or 32, temperature)
 
 
 @torch.no_grad()
 def decode_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-               use_graph: Optional[bool] = None, chunk: int = 32) -> torch.Tensor:
+               use_graph: Optional[bool] = None, chunk: Optional[int] = None) -> torch.Tensor:
     """Bulk generation of token ids [B, max_new_tokens] (returned on the CPU), no stop conditions.
     On CUDA it uses the fused Triton decoder where it runs (fused.py), else a ``GraphDecoder``; elsewhere
     (or ``use_graph=False``) the eager step loop."""

@@ -15,8 +15,9 @@ tensor in fp16). Unscaling, the inf check, clipping and the (fused, single-kerne
 eager: the fp16 GradScaler may skip a step on a device flag, a decision a static graph cannot hold,
 and keeping the update outside makes fp16, bf16 and fp32 share one code path, the non-finite guard
 included. One graph per batch shape: an epoch's shorter last batch of independent windows replays it with
-PAD rows added (they count nothing), a batch of another shape runs eagerly, and any capture failure prints
-one line and the step continues eagerly.
+PAD rows added (they count nothing), a larger one (a run resumed on a short batch) captures again at its
+size, a batch of another shape runs eagerly, and any capture failure prints one line and the step continues
+eagerly.
 
 More than one process (torchrun): each rank runs the step on its share of the global batch, then
 ``distributed.all_reduce_step`` averages the gradients in one flat all-reduce *after* the backward
@@ -193,7 +194,7 @@ class GraphedStep(EagerStep):
         if self.failed or self.loss_hook is not None:
             return self._eager(b, context)
         sig = (*b.x.shape, b.reset is not None)
-        if self.sig is None:  # first batch: allocate the static buffers (and capture the graph)
+        if self.sig is None or self._outgrows_graph(b):  # allocate the static buffers (and capture the graph)
             try:
                 self._capture(b, context)
             except Exception as e:
@@ -227,6 +228,14 @@ class GraphedStep(EagerStep):
         B, T, has_reset = self.sig
         return (b.reset is None and not has_reset and not b.carry and b.x.shape[1] == T
                 and b.x.shape[0] < B)
+
+    def _outgrows_graph(self, b: Batch) -> bool:
+        """A larger batch of independent windows than the captured one: a run resumed on an epoch's short
+        last batch captured that shape first, so capture again at the full size (once) rather than train
+        every later batch eagerly."""
+        B, T, has_reset = self.sig
+        return (b.reset is None and not has_reset and not b.carry and b.x.shape[1] == T
+                and b.x.shape[0] > B and not self.failed)
 
     def _eager(self, b: Batch, context) -> tuple:
         self.used = "eager"

@@ -47,7 +47,8 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # weight averaging; 15% lower perplexity than the seed recipe on real WikiText-2 text at vocab 1000;
 # `best_wikitext_10k`: the same for vocab 10000 with dropout moved onto the input and output, 31% lower;
 # `newllm_plus` / `newllm_plus_10k`: those recipes with the cell options that did best on the dev set,
-# 4% lower again at vocab 10000; see `benchmarks/RESULTS.md`). Change anything, then run the next cell.
+# 4% below `best_wikitext_10k` at vocab 10000; see `benchmarks/RESULTS.md`). Change anything, then run the
+# next cell.
 
 # %%
 from newllm_nb.widgets import TrainingPanel

@@ -435,3 +435,17 @@ def test_fused_decoder_matches_eager_greedy_decode(batch):
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+@pytest.mark.parametrize("name,value", [("BN", "24"), ("BK", "8"), ("BV", "abc"), ("WARPS", "3"), ("CHUNK", "0")])
+def test_decoder_tile_knobs_refuse_bad_values_in_one_line(monkeypatch, name, value):
+    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb.fused import FusedDecoder
+
+    monkeypatch.setenv("NEWLLM_DEC_" + name, value)
+    m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=16, hidden_dim=16))
+    with pytest.raises(ValueError, match=f"NEWLLM_DEC_{name}='{value}': must be"):
+        FusedDecoder(m, use_graph=False)
+    monkeypatch.delenv("NEWLLM_DEC_" + name)
+    with pytest.raises(ValueError, match="invalid chunk=0"):
+        FusedDecoder(m, chunk=0, use_graph=False)

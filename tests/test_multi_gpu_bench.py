@@ -65,7 +65,7 @@ def test_seed_and_fast_path_use_the_cli_flags_where_train_has_them_else_the_work
     assert "--seed" not in cmd and mg.WORKER_FLAG in cmd
     assert mg.json.loads(cmd[cmd.index(mg.WORKER_FLAG) + 1]) == {"train__seed": 7, "train__fast_path": "fused"}
     plain = mg.launch_command(mg.RunSpec(1, None, 2048, "strong", 2048), Path("d"), Path("r"), 4, 3, set())
-    assert mg.WORKER_FLAG not in plain and "--seed" not in plain  # the defaults launch the CLI as before
+    assert mg.WORKER_FLAG not in plain and "--seed" not in plain  # without overrides: the CLI itself
 
 
 def test_the_worker_entry_point_puts_the_overrides_into_the_cli_config(monkeypatch, tmp_path):

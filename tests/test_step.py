@@ -94,6 +94,22 @@ def test_shorter_last_batch_is_padded_into_the_static_buffers_with_the_same_upda
         torch.testing.assert_close(pe, ps)
 
 
+def test_a_run_resumed_on_a_short_batch_captures_again_at_the_full_size():
+    """Resuming on an epoch's short last batch allocates the static buffers at that size; the next full batch
+    must take them over at its size (the graph captured again once), not train eagerly from then on."""
+    eager = _trainer("cpu", "fp32", "off")
+    static = _trainer("cpu", "fp32", "off")
+    static.step = GraphedStep(static.model, static.optimizer, static.scaler, static.device, static.precision,
+                              recurrence=None, use_graph=False)
+    for b in _batches(1, False, B=3) + _batches(2, False) + _batches(1, False, B=5):
+        e, s = eager.step(b, None, 1.0), static.step(b, None, 1.0)
+        assert static.step.used == "static-eager"
+        torch.testing.assert_close(e.loss_sum, s.loss_sum)
+    assert static.step.sig[0] == 8
+    for pe, ps in zip(eager.model.parameters(), static.model.parameters()):
+        torch.testing.assert_close(pe, ps)
+
+
 def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 

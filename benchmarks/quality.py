@@ -153,10 +153,13 @@ def plan(recipe: RunConfig, vocab: int, best_epochs: int) -> list[tuple]:
     seq = recipe.data.max_seq_length
     seed_model = dataclasses.replace(preset("seed_wikitext").model, vocab_size=vocab)
     L1, L4 = (dataclasses.replace(base, num_layers=n) for n in (1, 4))
+    # A recipe with another layer count also gets a row at its own depth (the L1 / L4 rows set theirs).
+    own = [] if base.num_layers in (1, 4) else [(f"newllm-best-L{base.num_layers}", base, tc, "best", seq)]
     return [
         ("newllm-seed-L1", dataclasses.replace(seed_model, num_layers=1), None, "seed", SEQ),
         ("newllm-seed-L4", dataclasses.replace(seed_model, num_layers=4), None, "seed", SEQ),
         ("newllm-best-L1", L1, tc, "best", seq),
+        *own,
         ("newllm-best-L4", L4, tc, "best", seq),
         # Baselines: the same recipe (regularisers, tying, optimiser), sized to New-LLM L4's parameters ...
         ("lstm-best", matched_config(L4, "lstm"), tc, "best", seq),
@@ -206,6 +209,10 @@ def main() -> None:
         data = (tok, train_lines, dev_lines, eval_lines)
         seed_rows_done = False
         for spec, recipe in recipes[V]:
+            n = recipe.model.num_layers
+            if n != 1 and args.runs and "newllm-best-L1" in args.runs.split(","):
+                print(f"note: recipe {spec} has {n} layers; the newllm-best-L1 row trains it with 1 "
+                      f"(its own depth is the newllm-best-L{n} row)")
             for name, mc, tc, mode, seq in plan(recipe, tok.vocab_size, args.best_epochs):
                 if args.runs and name not in args.runs.split(","):
                     continue

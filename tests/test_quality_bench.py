@@ -62,3 +62,13 @@ def test_recipes_are_presets_or_override_files(plain, tmp_path):
 def test_bad_recipes_are_refused_before_training(args, expected):
     bad = _run(*args, check=False)
     assert bad.returncode == 2 and expected in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_recipe_of_another_depth_gets_its_own_row_and_the_L1_row_says_it_differs(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text(json.dumps({"base": "best_wikitext", "model": {"num_layers": 2, "fnn_residual": "residual"}}))
+    out = _run("--recipe", str(deep), "--runs", "newllm-best-L1,newllm-best-L2").stdout
+    assert "note: recipe" in out and "newllm-best-L2 row" in out
+    rows = {r["run"]: r for r in _rows(out)}
+    assert set(rows) == {"newllm-best-L1", "newllm-best-L2"} and rows["newllm-best-L2"]["params"] > rows[
+        "newllm-best-L1"]["params"]

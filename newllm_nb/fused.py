@@ -216,6 +216,29 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr,
 
 
 @triton.jit
+def _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0, srow, r64, rm, mu, rs, C, clamp, BC: tl.constexpr):
+    """One column tile of a backward step, recomputed from the saved gates (both passes over LayerNorm need
+    it): sigmoid(f), sigmoid(i), u, c_{t-1}, the LayerNorm gain, x-hat, and dL/dy masked where the clamp cut
+    y off. Also the tile's columns, masks and dc pointers."""
+    cols = c0 + tl.arange(0, BC)
+    cm = cols < C
+    m2 = rm[:, None] & cm[None, :]
+    gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+    sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
+    si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
+    u = tl.load(gp + 2 * C, mask=m2, other=0.0)
+    c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+    lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+    xh = (sf * c + si * u - mu[:, None]) * rs[:, None]
+    y = xh * lw[None, :] + lb[None, :]
+    dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+    dy = tl.load(dcp, mask=m2, other=0.0)
+    dy = tl.where(m2 & (y >= -clamp) & (y <= clamp), dy, 0.0)
+    return cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy
+
+
+@triton.jit
 def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_ptr, seed_ptr,
                 hs_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, da_ptr, pw_ptr, pb_ptr,
                 B, T, C, H, p, p_ctx, clamp,
@@ -244,20 +267,8 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
         s1 = tl.zeros([BB], tl.float32)
         s2 = tl.zeros([BB], tl.float32)
         for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            cm = cols < C
-            m2 = rm[:, None] & cm[None, :]
-            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
-            sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
-            si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
-            u = tl.load(gp + 2 * C, mask=m2, other=0.0)
-            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
-            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-            xh = (sf * c + si * u - mu[:, None]) * rs[:, None]
-            y = xh * lw[None, :] + lb[None, :]
-            dy = tl.load(dc_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            dy = tl.where(m2 & (y >= -clamp) & (y <= clamp), dy, 0.0)
+            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
             pwp = pw_ptr + pid * C + cols
             tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
             pbp = pb_ptr + pid * C + cols
@@ -269,21 +280,8 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
         m2s = s2 / C
         # -- dx, gate gradients dG, and the direct path dc = dx * sigmoid(f) --------------------------------
         for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            cm = cols < C
-            m2 = rm[:, None] & cm[None, :]
-            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
-            sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
-            si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
-            u = tl.load(gp + 2 * C, mask=m2, other=0.0)
-            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
-            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-            xh = (sf * c + si * u - mu[:, None]) * rs[:, None]
-            y = xh * lw[None, :] + lb[None, :]
-            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
-            dy = tl.load(dcp, mask=m2, other=0.0)
-            dy = tl.where(m2 & (y >= -clamp) & (y <= clamp), dy, 0.0)
+            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
             dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
             dgp = dg_ptr + srow[:, None] * (3 * C) + cols[None, :]
             tl.store(dgp, (dx * c * sf * (1.0 - sf)).to(dt), mask=m2)

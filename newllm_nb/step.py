@@ -194,7 +194,10 @@ class GraphedStep(EagerStep):
         if self.failed or self.loss_hook is not None:
             return self._eager(b, context)
         sig = (*b.x.shape, b.reset is not None)
-        if self.sig is None or self._outgrows_graph(b):  # allocate the static buffers (and capture the graph)
+        # Independent windows of the captured length fit any batch size: a smaller batch is padded into the
+        # buffers; a larger one (a run resumed on an epoch's short last batch captured that first) captures again.
+        windows = self.sig is not None and self._windows_of_graph_length(b)
+        if self.sig is None or (windows and sig[0] > self.sig[0]):  # allocate the static buffers (and capture)
             try:
                 self._capture(b, context)
             except Exception as e:
@@ -206,7 +209,7 @@ class GraphedStep(EagerStep):
                 return self._eager(b, context)
             if self.use_graph and is_main():
                 print(f"fast path: {self.mode} captured for batch {sig[0]}x{sig[1]} in {self.warmup_s:.1f}s")
-        elif sig != self.sig and not self._pads_into_graph(b):
+        elif sig != self.sig and not windows:
             return self._eager(b, context)
         else:
             self._fill(b, context)
@@ -221,21 +224,11 @@ class GraphedStep(EagerStep):
         self.used = self.mode
         return loss_sum, n, correct, c[:b.x.shape[0]].clone()
 
-    def _pads_into_graph(self, b: Batch) -> bool:
-        """A shorter batch of independent windows (an epoch's last) replays the graph with PAD rows added:
-        the loss, its gradients and the token counts are sums over non-PAD targets, so they are unchanged,
-        and the step avoids a slow eager pass. Stateful batches keep their shape or run eagerly."""
-        B, T, has_reset = self.sig
-        return (b.reset is None and not has_reset and not b.carry and b.x.shape[1] == T
-                and b.x.shape[0] < B)
-
-    def _outgrows_graph(self, b: Batch) -> bool:
-        """A larger batch of independent windows than the captured one: a run resumed on an epoch's short
-        last batch captured that shape first, so capture again at the full size (once) rather than train
-        every later batch eagerly."""
-        B, T, has_reset = self.sig
-        return (b.reset is None and not has_reset and not b.carry and b.x.shape[1] == T
-                and b.x.shape[0] > B and not self.failed)
+    def _windows_of_graph_length(self, b: Batch) -> bool:
+        """``b`` and the captured batch are independent windows (no resets, no carried state) of one length.
+        Their row counts may differ: the loss, its gradients and the token counts are sums over non-PAD
+        targets, so PAD rows change nothing. Stateful batches keep their shape or run eagerly."""
+        return b.reset is None and not self.sig[2] and not b.carry and b.x.shape[1] == self.sig[1]
 
     def _eager(self, b: Batch, context) -> tuple:
         self.used = "eager"

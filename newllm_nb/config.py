@@ -323,16 +323,18 @@ def _best_wikitext_10k() -> RunConfig:
 PLUS_CELL = {"state_norm": "read", "chrono_init": 64.0, "gate_context": True, "gate_rank": 256}
 
 
+def _with_plus_cell(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **PLUS_CELL))
+
+
 def _newllm_plus() -> RunConfig:
     # best_wikitext with PLUS_CELL. At vocab 1000 it ties best_wikitext on the dev set.
-    cfg = _best_wikitext()
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **PLUS_CELL))
+    return _with_plus_cell(_best_wikitext())
 
 
 def _newllm_plus_10k() -> RunConfig:
     # best_wikitext_10k with PLUS_CELL: lower dev and eval perplexity than best_wikitext_10k over five seeds.
-    cfg = _best_wikitext_10k()
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **PLUS_CELL))
+    return _with_plus_cell(_best_wikitext_10k())
 
 
 def _smoke() -> RunConfig:

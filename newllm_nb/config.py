@@ -104,7 +104,7 @@ class ModelConfig:
     # slow_forget_bias > 0: two context vectors with different timescales, c = [c_fast ; c_slow] (C/2 each):
     # each half is normalised on its own (LN statistics per half; the affine stays one vector of C), and the slow
     # half's forget-gate biases start at slow_forget_bias (input-gate biases at its negative), the fast half's
-    # as before. Parameters unchanged; context_dim must be even.
+    # as forget_bias and chrono_init set them. Parameters unchanged; context_dim must be even.
     slow_forget_bias: float = 0.0
 
     def __post_init__(self) -> None:

@@ -7,22 +7,41 @@ round-trip through JSON (``to_json`` / ``tokenizer_from_json``) so a checkpoint 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from .files import atomic_write_text
 
+# Distinct words a vocabulary count keeps at most: past it the rarest half is dropped (the top words of
+# any vocabulary this package trains are far more frequent than what is dropped), so memory stays bounded
+# however many distinct strings a corpus holds.
+MAX_COUNTED_WORDS = 1_000_000
+
+
+def prune_counts(counts: Counter, keep: int = MAX_COUNTED_WORDS // 2) -> None:
+    """Keep the ``keep`` most frequent words of ``counts``, in place."""
+    top = counts.most_common(keep)
+    counts.clear()
+    counts.update(dict(top))
+
+
+_MARK_CHAR = "\x02"  # not whitespace, so str.split keeps it as a word of its own between spaces
+_MARK = f" {_MARK_CHAR} "
+
 
 class Tokenizer(Protocol):
     vocab_size: int
 
     def encode(self, text: str, add_special: bool = True) -> list[int]: ...
+    def encode_batch(self, texts: Iterable[str], add_special: bool = True) -> list[list[int]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def to_json(self) -> str: ...
 
@@ -39,16 +58,46 @@ class WordTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1000) -> WordTokenizer:
-        if vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+        """One pass over ``texts`` (any iterable, read once) in bounded memory: see ``count_words``."""
         counts: Counter = Counter()
         for text in texts:
             counts.update(text.lower().split())
+            if len(counts) > MAX_COUNTED_WORDS:
+                prune_counts(counts)
+        return cls.from_counts(counts, vocab_size)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, vocab_size: int = 1000) -> WordTokenizer:
+        """The ``vocab_size - 4`` most frequent words (ties: the word seen first)."""
+        if vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
         for tok in SPECIAL_TOKENS:
             counts.pop(tok, None)
         if not counts:
             raise ValueError("cannot build a vocabulary: the training texts contain no words")
         return cls([w for w, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS))])
+
+    def encode_flat(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
+        """``encode`` of each text, back to back in one int64 array, and the lengths: the batch is
+        lowered and split once, with a marker word between texts that cannot occur in any of them."""
+        if not texts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        joined = _MARK + _MARK.join(clean_text(t) for t in texts)
+        if joined.count(_MARK_CHAR) != len(texts):  # the marker occurs in the text: encode one by one
+            encs = self.encode_batch(texts)
+            lengths = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
+            return np.fromiter(itertools.chain.from_iterable(encs), dtype=np.int64, count=int(lengths.sum())), lengths
+        words = joined.lower().split()
+        words.append(_MARK_CHAR)
+        ids = np.fromiter(map(self.stoi.get, words, itertools.repeat(UNK_ID)), dtype=np.int64, count=len(words))
+        marks = np.flatnonzero(np.fromiter(map(_MARK_CHAR.__eq__, words), dtype=bool, count=len(words)))
+        return _with_specials(np.delete(ids, marks), np.diff(marks) - 1)
+
+    def encode_batch(self, texts: Iterable[str], add_special: bool = True) -> list[list[int]]:
+        get, unk = self.stoi.get, UNK_ID
+        if add_special:
+            return [[BOS_ID, *[get(w, unk) for w in clean_text(t).lower().split()], EOS_ID] for t in texts]
+        return [[get(w, unk) for w in clean_text(t).lower().split()] for t in texts]
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         ids = [self.stoi.get(w, UNK_ID) for w in clean_text(text).lower().split()]
@@ -84,11 +133,25 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        texts = [t for t in texts if t.strip()]
-        if not texts:
+        seen = [0]
+
+        def nonempty() -> Iterable[str]:  # streamed: the trainer reads the texts once, in batches
+            for t in texts:
+                if t.strip():
+                    seen[0] += 1
+                    yield t
+
+        tok.train_from_iterator(nonempty(), trainer=trainer)
+        if not seen[0]:
             raise ValueError("cannot train BPE: the training texts are empty")
-        tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
+
+    def encode_batch(self, texts: Iterable[str], add_special: bool = True) -> list[list[int]]:
+        """Many texts at once, on all cores (the library's own threads)."""
+        encs = self._tok.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        if add_special:
+            return [[BOS_ID, *e.ids, EOS_ID] for e in encs]
+        return [e.ids for e in encs]
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         ids = self._tok.encode(clean_text(text), add_special_tokens=False).ids
@@ -101,8 +164,27 @@ class BPETokenizer:
         # Byte-level pieces may be partial UTF-8; generate.py decodes the running sequence instead.
         return self.decode([token_id])
 
+    def encode_flat(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
+        """``encode`` of each text, back to back in one int64 array, and the lengths."""
+        encs = self._tok.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        n = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        return _with_specials(np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int64,
+                                          count=int(n.sum())), n)
+
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "tokenizer": self._tok.to_str()})
+
+
+def _with_specials(ids: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Texts of ``n`` ids each, back to back in ``ids``, as BOS ... EOS each: (ids, lengths)."""
+    lengths = n + 2
+    bos = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), dtype=np.int64)
+    keep = np.ones(len(out), dtype=bool)
+    keep[bos] = keep[bos + lengths - 1] = False
+    out[bos], out[bos + lengths - 1] = BOS_ID, EOS_ID
+    out[keep] = ids
+    return out, lengths
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> WordTokenizer | BPETokenizer:
@@ -134,8 +216,11 @@ def tokenizer_hash(tok: WordTokenizer | BPETokenizer) -> str:
 
 def clean_text(text: str) -> str:
     """Text that UTF-8 can encode: lone surrogates (e.g. half an emoji from a broken copy) become U+FFFD."""
-    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text) \
-        if any("\ud800" <= ch <= "\udfff" for ch in text) else text
+    try:
+        text.encode("utf-8")  # the common case, checked in C
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
 
 
 def save_tokenizer(tok: WordTokenizer | BPETokenizer, path: str) -> None:

@@ -1,0 +1,176 @@
+"""Training batches cut from a memory-mapped token file: the same windows and streams as
+``WindowData`` / ``StreamData`` build from lists, without holding the corpus (or its windows) in memory.
+
+Each batch is gathered from the map when it is asked for, so memory stays at the index arrays
+(16 bytes a window, 8 a reset) whatever the corpus's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .batching import Batch
+from .config import BOS_ID, PAD_ID
+from .distributed import stream_rows, window_rows
+from .sources import MIN_WORDS, DataError
+from .token_cache import HEADING, LONG, TokenFile
+
+CHUNK = 1 << 22  # tokens scanned at a time when counting targets
+
+
+def _hash(tf: TokenFile, *params) -> str:
+    return hashlib.sha256(f"{tf.sha256}|{params}".encode()).hexdigest()
+
+
+def _int64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.int64))
+
+
+class TokenWindows:
+    """The original windows over each document of >= 5 words: ``max_seq_length`` tokens, stride half of
+    it, PAD-padded, one more window where the last full one stops short (``batching.make_windows``)."""
+
+    stateful = False
+
+    def __init__(self, tf: TokenFile, max_seq_length: int) -> None:
+        S, stride = max_seq_length, max(1, max_seq_length // 2)
+        long = (tf.flags & LONG) != 0
+        starts, ends = np.asarray(tf.offsets[:-1])[long], np.asarray(tf.offsets[1:])[long]
+        if len(starts) == 0:
+            raise DataError(f"no document with >= {MIN_WORDS} words to train on in {tf.meta.get('corpus')} "
+                            f"{tf.meta.get('split')}")
+        L = ends - starts
+        full = np.where(L > S, (L - S) // stride + 1, 1)
+        last = (full - 1) * stride
+        count = full + ((L > S) & (last + S < L))
+        first = np.repeat(np.cumsum(count) - count, count)
+        self.starts = np.repeat(starts, count) + (np.arange(int(count.sum())) - first) * stride
+        self.ends = np.repeat(ends, count)
+        self.tf, self.S = tf, S
+        self._offsets = np.arange(S, dtype=np.int64)
+        self._targets = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def seq_len(self) -> int:
+        return self.S - 1
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Windows ``idx`` as an [len(idx), S] int64 array."""
+        pos = self.starts[idx, None] + self._offsets
+        valid = pos < self.ends[idx, None]
+        w = self.tf.tokens[np.minimum(pos, len(self.tf) - 1)].astype(np.int64)
+        w[~valid] = PAD_ID
+        return w
+
+    def _xy(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.rows(idx)
+        y = w[:, 1:]
+        y = np.where(y == BOS_ID, PAD_ID, y)  # BOS is never a prediction target
+        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(y))
+
+    def num_targets(self) -> int:
+        if self._targets is None:
+            step = max(1, CHUNK // self.S)
+            self._targets = sum(int(np.isin(self.rows(np.arange(i, min(i + step, len(self))))[:, 1:],
+                                            (PAD_ID, BOS_ID), invert=True).sum()) for i in range(0, len(self), step))
+        return self._targets
+
+    def content_hash(self) -> str:
+        return _hash(self.tf, "windows", self.S)
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """As ``WindowData.batches``: the same order for the same seed, rank ``rank``'s rows of each."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else torch.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            idx = window_rows(order[i:i + batch_size], rank, world)
+            if len(idx) == 0:
+                x, y = self._xy(order[i:i + 1].numpy())
+                yield Batch(x, torch.full_like(y, PAD_ID), None, False)
+                continue
+            x, y = self._xy(idx.numpy())
+            yield Batch(x, y, None, False)
+
+
+class TokenStream:
+    """The corpus as one token stream in B parallel streams (``StreamData``), read from the map: the
+    context resets at the very start, at each article heading (``reset_at_articles``) or at every
+    document (``reset_every_line``); targets at resets and at BOS are ignored."""
+
+    stateful = True
+
+    def __init__(self, tf: TokenFile, seq_len: int, reset_at_articles: bool = True,
+                 reset_every_line: bool = False) -> None:
+        if len(tf) < 4:
+            raise DataError(f"the token stream of {tf.meta.get('corpus')} {tf.meta.get('split')} is empty")
+        doc_starts = np.asarray(tf.offsets[:-1])
+        if reset_every_line:
+            r = doc_starts
+        elif reset_at_articles:
+            r = doc_starts[(tf.flags & HEADING) != 0]
+        else:
+            r = doc_starts[:0]
+        self.reset_pos = np.union1d(np.zeros(1, dtype=np.int64), r).astype(np.int64)
+        self.tf, self.seq_len = tf, seq_len
+        self.params = (reset_at_articles, reset_every_line)
+        self._targets = None
+
+    def __len__(self) -> int:
+        return len(self.tf)
+
+    def _is_reset(self, pos: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.reset_pos, pos)
+        return self.reset_pos[np.minimum(i, len(self.reset_pos) - 1)] == pos
+
+    def num_targets(self) -> int:
+        if self._targets is None:
+            t = self.tf.tokens
+            self._targets = sum(int(np.isin(t[i:i + CHUNK], (PAD_ID, BOS_ID), invert=True).sum())
+                                for i in range(1, len(t), CHUNK))
+            # resets hold a document's BOS, except where a document was empty of text: none are
+            self._targets -= int((~np.isin(t[self.reset_pos[self.reset_pos >= 1]], (PAD_ID, BOS_ID))).sum())
+        return self._targets
+
+    def content_hash(self) -> str:
+        return _hash(self.tf, "stream", self.seq_len, self.params)
+
+    def streams_for(self, batch_size: int) -> int:
+        return max(1, min(batch_size, (len(self) - 1) // (2 * self.seq_len)))
+
+    def num_batches(self, batch_size: int) -> int:
+        B = self.streams_for(batch_size)
+        return -(-((len(self) - 1) // B) // self.seq_len)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """As ``StreamData.batches``: consecutive windows of the parallel streams, rank ``rank``'s block."""
+        B = self.streams_for(batch_size)
+        n = (len(self) - 1) // B
+        T = self.seq_len
+        rows = range(B) if world == 1 else stream_rows(B, rank, world)
+        base = (np.arange(rows.start, rows.stop, dtype=np.int64) * n)[:, None]
+        tokens = self.tf.tokens
+        for i in range(0, n, T):
+            t = min(T, n - i)
+            pos = base + i + np.arange(t, dtype=np.int64)
+            x = tokens[pos].astype(np.int64)
+            y = tokens[pos + 1].astype(np.int64)
+            y[(y == BOS_ID) | self._is_reset(pos + 1)] = PAD_ID
+            r = self._is_reset(pos)
+            if i == 0:
+                r[:, 0] = True  # each stream starts fresh
+            if t < T:  # keep static shapes: pad the last window, padded targets are ignored
+                x, y = (np.pad(a, ((0, 0), (0, T - t)), constant_values=PAD_ID) for a in (x, y))
+                r = np.pad(r, ((0, 0), (0, T - t)), constant_values=False)
+            yield Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(r), i > 0)

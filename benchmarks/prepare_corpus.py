@@ -96,9 +96,33 @@ def epoch_times(args: argparse.Namespace, res) -> list:
     return rows
 
 
+def build_file(path: str, source: str, mb: int, seed: int = 0) -> None:
+    """``mb`` MB of ``source``'s lines, repeated, each repetition shuffled (the benchmark's corpora)."""
+    import random
+
+    lines = Path(source).read_text(encoding="utf-8").splitlines()
+    rng, n = random.Random(seed), 0
+    with open(path, "w", encoding="utf-8") as f:
+        while n < mb * 1_000_000:
+            rng.shuffle(lines)
+            block = "\n".join(lines) + "\n"
+            f.write(block)
+            n += len(block.encode("utf-8"))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "cpu") if os.path.exists("/proc/cpuinfo") else "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {cores} cores usable, load average {load:.1f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--file", required=True)
+    p.add_argument("--build-from", help="first write --file: --build-mb MB of this file's lines, shuffled")
+    p.add_argument("--build-mb", type=int, default=100)
     p.add_argument("--tokenizer", choices=["word", "bpe"], default="word")
     p.add_argument("--vocab-size", type=int, default=1000)
     p.add_argument("--cache", help=f"cache folder (default {cache_root()})")
@@ -111,6 +135,9 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--trials", type=int, default=2)
     args = p.parse_args()
+    if args.build_from:
+        build_file(args.file, args.build_from, args.build_mb)
+    print(f"machine: {machine()}")
     row = prepare(args)
     res = row.pop("_res")
     print(" | ".join(row))

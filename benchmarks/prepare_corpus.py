@@ -39,7 +39,9 @@ def prepare(args: argparse.Namespace) -> dict:
     size = os.path.getsize(args.file)
     return {"file": Path(args.file).name, "MB": round(size / 1e6, 1), "tokenizer": args.tokenizer,
             "cache": "reused" if not res.built else "built", "seconds": round(secs, 2),
-            "MB/s": round(size / 1e6 / secs, 1), "tokens": sum(len(t) for t in res.splits.values()),
+            "MB/s": round(size / 1e6 / secs, 1), "tokenizer s": round(res.tokenizer_seconds, 2),
+            "encode MB/s": round(res.source_bytes / 1e6 / max(1e-9, res.seconds - res.tokenizer_seconds), 1)
+            if res.built else None, "tokens": sum(len(t) for t in res.splits.values()),
             "dtype": next(iter(res.splits.values())).meta["dtype"],
             "cache MB": round(sum(t.nbytes for t in res.splits.values()) / 1e6, 1),
             "peak RSS MB": round(peak_rss_mb(resource.RUSAGE_SELF)),

@@ -303,6 +303,7 @@ class Tokenized:
     built: list  # splits tokenized by this call (the others came from the cache)
     seconds: float
     source_bytes: int  # bytes read to tokenize (0 when everything came from the cache)
+    tokenizer_seconds: float = 0.0  # of ``seconds``, training (or loading) the tokenizer
 
 
 def _is_main_rank() -> bool:
@@ -430,7 +431,8 @@ def prepare_tokens(corpus: Corpus, kind: str, vocab_size: int, root: Optional[Un
     root = cache_root(root)
     t0 = time.perf_counter()
     tok = tokenizer or train_corpus_tokenizer(corpus, kind, vocab_size, root, sample_bytes, workers, show_progress)
+    t_tok = time.perf_counter() - t0
     res = tokenize_corpus(corpus, tok, root, workers, show_progress)
-    res.seconds = time.perf_counter() - t0
+    res.seconds, res.tokenizer_seconds = time.perf_counter() - t0, t_tok
     return res
 

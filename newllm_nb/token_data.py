@@ -63,10 +63,13 @@ class TokenWindows:
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Windows ``idx`` as an [len(idx), S] int64 array."""
-        pos = self.starts[idx, None] + self._offsets
-        valid = pos < self.ends[idx, None]
-        w = self.tf.tokens[np.minimum(pos, len(self.tf) - 1)].astype(np.int64)
-        w[~valid] = PAD_ID
+        starts, ends = self.starts[idx], self.ends[idx]
+        tokens, S = self.tf.tokens, self.S
+        if len(tokens) >= S and starts.max(initial=0) <= len(tokens) - S:
+            w = np.lib.stride_tricks.sliding_window_view(tokens, S)[starts].astype(np.int64)
+        else:  # a window reaching past the last token (only at the very end)
+            w = tokens[np.minimum(starts[:, None] + self._offsets, len(tokens) - 1)].astype(np.int64)
+        w[self._offsets >= (ends - starts)[:, None]] = PAD_ID
         return w
 
     def _xy(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +132,6 @@ class TokenStream:
     def __len__(self) -> int:
         return len(self.tf)
 
-    def _is_reset(self, pos: np.ndarray) -> np.ndarray:
-        i = np.searchsorted(self.reset_pos, pos)
-        return self.reset_pos[np.minimum(i, len(self.reset_pos) - 1)] == pos
-
     def num_targets(self) -> int:
         if self._targets is None:
             t = self.tf.tokens
@@ -159,18 +158,24 @@ class TokenStream:
         n = (len(self) - 1) // B
         T = self.seq_len
         rows = range(B) if world == 1 else stream_rows(B, rank, world)
-        base = (np.arange(rows.start, rows.stop, dtype=np.int64) * n)[:, None]
-        tokens = self.tf.tokens
+        x_all = self.tf.tokens[: B * n].reshape(B, n)[rows.start:rows.stop]
+        y_all = self.tf.tokens[1: B * n + 1].reshape(B, n)[rows.start:rows.stop]
+        row_start = np.arange(rows.start, rows.stop, dtype=np.int64) * n
+        R = self.reset_pos
         for i in range(0, n, T):
             t = min(T, n - i)
-            pos = base + i + np.arange(t, dtype=np.int64)
-            x = tokens[pos].astype(np.int64)
-            y = tokens[pos + 1].astype(np.int64)
-            y[(y == BOS_ID) | self._is_reset(pos + 1)] = PAD_ID
-            r = self._is_reset(pos)
+            x = np.zeros((len(rows), T), dtype=np.int64)  # PAD past the end keeps the shapes static
+            y = np.zeros((len(rows), T), dtype=np.int64)
+            x[:, :t] = x_all[:, i:i + t]
+            y[:, :t] = y_all[:, i:i + t]
+            y[y == BOS_ID] = PAD_ID  # every reset is a document's BOS, so this also ignores the resets
+            r = np.zeros((len(rows), T), dtype=bool)
+            lo, hi = np.searchsorted(R, row_start + i), np.searchsorted(R, row_start + i + t)
+            count = hi - lo
+            if count.any():
+                k = np.repeat(np.arange(len(rows)), count)
+                at = R[np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)]
+                r[k, at - row_start[k] - i] = True
             if i == 0:
                 r[:, 0] = True  # each stream starts fresh
-            if t < T:  # keep static shapes: pad the last window, padded targets are ignored
-                x, y = (np.pad(a, ((0, 0), (0, T - t)), constant_values=PAD_ID) for a in (x, y))
-                r = np.pad(r, ((0, 0), (0, T - t)), constant_values=False)
             yield Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(r), i > 0)

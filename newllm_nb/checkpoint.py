@@ -1,6 +1,10 @@
 """Checkpoints: one safetensors file holding weights, optimizer tensors and RNG state, with the run's
 config, tokenizer, history and trainer state as JSON in its metadata. Nothing is unpickled on load.
 
+``load_checkpoint`` and ``load_model`` also take a shared model (a folder from ``hub.HubModel.save_pretrained``:
+its ``model.safetensors`` is a checkpoint of the weights alone, checked against ``config.json`` and
+``tokenizer.json``), and ``load_model`` a hub id ``owner/name[@revision]`` (hub_files.py).
+
 Writes are atomic (temp file in the same folder, fsync, ``os.replace``), so a crash or a Colab
 disconnect never leaves a half-written checkpoint under the real name.
 """
@@ -21,7 +25,8 @@ from .batching import tensor_sha256
 from .config import RunConfig
 from .files import atomic_write
 from .hardware import resolve_device
-from .tokenizer import tokenizer_from_json, tokenizer_hash
+from .hub_files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, locate
+from .tokenizer import tokenizer_from_hub_json, tokenizer_from_json, tokenizer_hash
 
 FORMAT = "newllm_nb/1"
 
@@ -87,17 +92,24 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: d
             tensors[f"rng.cuda.{i}"] = s
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
+    write_checkpoint(path, tensors, meta)
+    return Path(path)
+
+
+def write_checkpoint(path: Union[str, Path], tensors: dict, meta: dict) -> str:
+    """Write ``tensors`` (CPU, contiguous, named as ``save_checkpoint`` names them) with ``meta`` atomically;
+    returns the SHA-256 written with them."""
     meta_json = json.dumps(meta)
     metadata = {"newllm_nb": meta_json, "sha256": _checksum(tensors, meta_json)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return Path(path)
+    return metadata["sha256"]
 
 
 class Checkpoint:
     """What ``load_checkpoint`` returns: tensors and parsed metadata, no model built yet."""
 
-    def __init__(self, path: Path, tensors: dict, meta: dict) -> None:
-        self.path, self.tensors, self.meta = path, tensors, meta
+    def __init__(self, path: Path, tensors: dict, meta: dict, sha256: Optional[str] = None) -> None:
+        self.path, self.tensors, self.meta, self.sha256 = path, tensors, meta, sha256
 
     @property
     def config(self) -> dict:
@@ -154,6 +166,8 @@ class Checkpoint:
 def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; CheckpointError names the file and the problem."""
     p = Path(path)
+    if p.is_dir() and (p / WEIGHTS_FILE).exists():
+        return _load_shared(p)
     if p.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
             if (p / name).exists():
@@ -184,14 +198,36 @@ def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
         raise CheckpointError(f"{p}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
     if "sha256" in metadata and _checksum(tensors, metadata["newllm_nb"]) != metadata["sha256"]:
         raise DamagedCheckpointError(f"{p} is damaged: its contents do not match the SHA-256 written with it")
-    return Checkpoint(p, tensors, meta)
+    return Checkpoint(p, tensors, meta, metadata.get("sha256"))
 
 
-def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
+def _load_shared(folder: Path) -> Checkpoint:
+    """A shared model's folder: its weights file, and the config.json and tokenizer.json that must describe it."""
+    ckpt = load_checkpoint(folder / WEIGHTS_FILE)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        tokenizer = tokenizer_from_hub_json((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder} is not a complete shared model: no {Path(e.filename).name}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    if not isinstance(config, dict) or config.get("checkpoint_sha256") != ckpt.sha256 or \
+            {k: config.get(k) for k in ckpt.config} != ckpt.config:
+        raise CheckpointError(f"{folder}/{CONFIG_FILE} does not describe {WEIGHTS_FILE} (another model's config, or "
+                              "edited): share the model again")
+    if "tokenizer" not in ckpt.meta or tokenizer_hash(tokenizer) != tokenizer_hash(ckpt.tokenizer()):
+        raise CheckpointError(f"{folder}/{TOKENIZER_FILE} is not the tokenizer {WEIGHTS_FILE} was trained with")
+    return ckpt
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", revision: Optional[str] = None):
     """Build the model a checkpoint describes and load its weights. Returns (model, tokenizer, checkpoint).
+
+    ``path``: a checkpoint file, a run folder, a shared model's folder, or a hub id ``owner/name`` (optionally
+    ``owner/name@revision``, or ``revision=``), which is downloaded to the Hugging Face cache first.
     The model remembers its tokenizer's hash (``tokenizer_sha256``), so generation can refuse another one."""
     device = resolve_device(str(device))  # a device that is not there: one clear line, before any work
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(locate(path, revision))
     try:
         cfg = RunConfig.from_dict(ckpt.config)
     except (ValueError, TypeError) as e:

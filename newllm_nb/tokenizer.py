@@ -2,6 +2,8 @@
 
 Both reserve PAD/UNK/BOS/EOS = 0/1/2/3, ``encode`` adds BOS and EOS by default, and both
 round-trip through JSON (``to_json`` / ``tokenizer_from_json``) so a checkpoint carries its tokenizer.
+A shared model's ``tokenizer.json`` is the Hugging Face ``tokenizers`` format of the same tokenizer
+(``to_hub_json`` / ``tokenizer_from_hub_json``): ``tokenizers.Tokenizer.from_file`` gives the same ids.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from .files import atomic_write_text
@@ -115,6 +117,13 @@ class WordTokenizer:
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "words": self.itos[len(SPECIAL_TOKENS):]})
 
+    def to_hub_json(self) -> str:
+        """The same vocabulary as a ``tokenizers`` WordLevel model: lowercase, whitespace split, BOS/EOS added."""
+        tok = HFTokenizer(models.WordLevel(vocab=self.stoi, unk_token=SPECIAL_TOKENS[UNK_ID]))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return _with_bos_eos(tok)
+
 
 class BPETokenizer:
     """Byte-level BPE trained offline with Hugging Face ``tokenizers``; no word splitting needed,
@@ -174,6 +183,18 @@ class BPETokenizer:
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "tokenizer": self._tok.to_str()})
 
+    def to_hub_json(self) -> str:
+        return _with_bos_eos(HFTokenizer.from_str(self._tok.to_str()))
+
+
+def _with_bos_eos(tok) -> str:
+    """``tok`` as ``tokenizers`` JSON whose ``encode`` adds BOS and EOS as ours does."""
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    bos, eos = SPECIAL_TOKENS[BOS_ID], SPECIAL_TOKENS[EOS_ID]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}",
+                                                       special_tokens=[(bos, BOS_ID), (eos, EOS_ID)])
+    return tok.to_str()
+
 
 def _with_specials(ids: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Texts of ``n`` ids each, back to back in ``ids``, as BOS ... EOS each: (ids, lengths)."""
@@ -207,6 +228,25 @@ def tokenizer_from_json(s: str) -> WordTokenizer | BPETokenizer:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"not a newllm_nb tokenizer JSON: {e}") from e
     raise ValueError(f"not a newllm_nb tokenizer JSON: unknown kind {kind!r}")
+
+
+def tokenizer_from_hub_json(s: str) -> WordTokenizer | BPETokenizer:
+    """Inverse of ``to_hub_json``; raises ValueError on a ``tokenizer.json`` it did not write."""
+    try:
+        d = json.loads(s)
+        kind = d["model"]["type"]
+        if kind == "WordLevel":
+            vocab = d["model"]["vocab"]
+            words = sorted(vocab, key=vocab.get)
+            if [vocab[w] for w in words] != list(range(len(words))) or tuple(words[:4]) != SPECIAL_TOKENS:
+                raise ValueError("ids are not 0..n-1 with <pad> <unk> <bos> <eos> first")
+            return WordTokenizer(words[len(SPECIAL_TOKENS):])
+        if kind == "BPE":
+            d["post_processor"] = None  # ours adds BOS/EOS itself
+            return BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+    except Exception as e:  # json, a missing key, or tokenizers rejecting the JSON (a plain Exception)
+        raise ValueError(f"not a newllm_nb tokenizer.json: {e}") from e
+    raise ValueError(f"not a newllm_nb tokenizer.json: a {kind} model (expected WordLevel or BPE)")
 
 
 def tokenizer_hash(tok: WordTokenizer | BPETokenizer) -> str:

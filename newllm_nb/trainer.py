@@ -324,6 +324,7 @@ class Trainer:
                 seconds = st.epoch_seconds
                 rec = {"epoch": st.epoch + 1, "train_loss": train["loss"], "train_ppl": train["ppl"],
                        "val_loss": val["loss"], "val_ppl": val["ppl"], "val_acc": val["acc"],
+                       "val_tokens": val["tokens"],
                        "tokens_per_s": train["tokens"] / seconds if seconds > 0 else float("nan"),
                        "seconds": seconds, "lr": lr_at(tc, max(0, st.global_step - 1), total_steps), "clip": clip,
                        "nonfinite_steps": st.nonfinite_epoch, "best": improved}

@@ -1,4 +1,4 @@
-"""Train New-LLM, or use a trained checkpoint: python -m newllm_nb train | sweep | generate | chat.
+"""Train New-LLM, or use a trained checkpoint: python -m newllm_nb train | sweep | generate | chat | push.
 
 ``train`` also runs under torchrun, one process per GPU (``torchrun --nproc_per_node=N -m newllm_nb
 train ...``, same flags; ``--batch-size`` is then the global batch): see distributed.py.
@@ -23,6 +23,7 @@ from .distributed import init_from_env, launched, shutdown, world_size
 from .experiment import keyed_run_dir, run_experiment
 from .generate import ChatSession, Sampling, stream
 from .hardware import detect, recommend
+from .hub import push
 from .runs import check_writable
 from .sweep import run_sweep
 from .trainer import TrainingStopped
@@ -69,11 +70,19 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a run")
+    where = "a .safetensors checkpoint, a run folder, a shared model's folder, or a hub id OWNER/NAME[@REVISION]"
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
-    g.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder")
+    g.add_argument("--checkpoint", required=True, help=where)
     g.add_argument("--prompt", required=True)
     c = sub.add_parser("chat", help="chat in the terminal with a trained checkpoint (an empty line or EOF ends)")
-    c.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint or a run folder")
+    c.add_argument("--checkpoint", required=True, help=where)
+    s = sub.add_parser("push", help="share a checkpoint on the Hugging Face Hub, with its tokenizer and model card")
+    s.add_argument("--checkpoint", required=True, help=where)
+    s.add_argument("--repo", required=True, help="OWNER/NAME of the model repo on the hub")
+    s.add_argument("--local-dir", help="write the folder that would be uploaded there, and upload nothing")
+    s.add_argument("--private", action="store_true", help="create the repo as private")
+    for q in (g, c, s):
+        q.add_argument("--revision", help="with a hub id: a branch, tag or commit (default main)")
     for q in (g, c):
         q.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         q.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -82,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
         q.add_argument("--seed", type=int, help="fixed sampling seed")
         q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    for q in (t, w, g, c):
+    for q in (t, w, g, c, s):
         q.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -111,7 +120,7 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "sweep": _sweep, "generate": _generate, "chat": _chat}[args.command]
+    command = {"train": _train, "sweep": _sweep, "generate": _generate, "chat": _chat, "push": _push}[args.command]
     distributed = args.command == "train" and launched()
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -181,7 +190,7 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 def _generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
-    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    model, tokenizer, _ = load_model(args.checkpoint, args.device, args.revision)
     for piece in stream(model, tokenizer, args.prompt, sampling, stop=()):
         print(piece, end="", flush=True)
     print()
@@ -190,7 +199,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
-    model, tokenizer, ckpt = load_model(args.checkpoint, args.device)
+    model, tokenizer, ckpt = load_model(args.checkpoint, args.device, args.revision)
     session = ChatSession(model, tokenizer, sampling)
     print(f"chatting with {ckpt.path} (one context vector for the whole talk); an empty line or EOF ends")
     while True:
@@ -204,4 +213,11 @@ def _chat(args: argparse.Namespace) -> int:
         for piece in session.stream(message):
             print(piece, end="", flush=True)
         print()
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    where = push(args.checkpoint, args.repo, args.local_dir, revision=args.revision, private=args.private or None)
+    print(f"wrote {where} (README.md, config.json, model.safetensors, tokenizer.json); nothing uploaded"
+          if args.local_dir else f"shared: {where}")
     return 0

@@ -222,14 +222,15 @@ def _check_remote(repo: str, identity: str, token: str) -> None:
 def share_on_hub(checkpoint: Union[str, Path, None], repo: str) -> Optional[str]:
     """The notebooks' "Share on the Hub" cell: with a token and a repo id, push; else say what is missing and
     do nothing. Returns the model's address, or None."""
+    if not get_token():
+        print(f"Not shared: no Hugging Face token. To share, {LOGIN_HELP}; set HUB_REPO = \"your-name/model-name\" "
+              "in this cell and run it again.")
+        return None
     if not repo:
-        print('Sharing is off: set HUB_REPO = "your-name/model-name" in this cell and run it again.')
+        print('Not shared: set HUB_REPO = "your-name/model-name" in this cell and run it again.')
         return None
     if checkpoint is None:
-        print("Nothing to share yet: train first (no best checkpoint was written).")
-        return None
-    if not get_token():
-        print(f"Not shared: no Hugging Face token. To share, {LOGIN_HELP}; then run this cell again.")
+        print("Not shared: there is nothing to share yet (no best checkpoint was written).")
         return None
     url = push(checkpoint, repo)
     print(f"Shared: {url}  (load it anywhere with load_model({repo!r}))")

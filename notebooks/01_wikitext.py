@@ -99,6 +99,22 @@ texts = generate_batch(result.model, result.tokenizer, prompts, temperature=0.8,
 text_table({"prompt": prompts, "continuation": texts})
 
 # %% [markdown]
+# ## Share on the Hub
+# Put the best weights on the Hugging Face Hub with their tokenizer and a model card (architecture and
+# equations, data source, recipe, the validation figures above with their token counts, the command that
+# trains the run again). Anyone then loads the model by name, in notebook 04 or with
+# `load_model("your-name/newllm-wikitext")`. Sharing needs a token: `huggingface_hub.login()`, the `HF_TOKEN`
+# variable, or in Colab an `HF_TOKEN` secret (the key icon on the left). Without one this cell only says
+# how to log in. `python -m newllm_nb push --checkpoint PATH --repo OWNER/NAME --local-dir DIR` writes the
+# same folder without uploading (docs/sharing.md).
+
+# %%
+from newllm_nb.hub import share_on_hub
+
+HUB_REPO = ""  # e.g. "your-name/newllm-wikitext"; empty: nothing is shared
+share_on_hub(result.best_path, HUB_REPO)
+
+# %% [markdown]
 # ## Grow the context vector
 # The seed's growth experiment: take the trained model, widen its context vector (256 → 512 by
 # default), and keep training either **only the new dimensions** (freeze base) or **everything**

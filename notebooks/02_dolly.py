@@ -82,3 +82,19 @@ held_out = result.prepared.valid_records[:4]
 text_table([{"instruction": r["instruction"], "reference": r["response"],
              "model": generate(result.model, result.tokenizer, instruction_prompt(r["instruction"], r["context"]),
                                temperature=0.7, top_k=40, max_new_tokens=40, seed=0)} for r in held_out])
+
+# %% [markdown]
+# ## Share on the Hub
+# Put the best weights on the Hugging Face Hub with their tokenizer and a model card (architecture and
+# equations, data source, recipe, the validation figures with their token counts, the command that
+# trains the run again). Anyone then loads the model by name, in notebook 04 or with
+# `load_model("your-name/newllm-dolly")`. Sharing needs a token: `huggingface_hub.login()`, the `HF_TOKEN`
+# variable, or in Colab an `HF_TOKEN` secret (the key icon on the left). Without one this cell only says
+# how to log in. `python -m newllm_nb push --checkpoint PATH --repo OWNER/NAME --local-dir DIR` writes the
+# same folder without uploading (docs/sharing.md).
+
+# %%
+from newllm_nb.hub import share_on_hub
+
+HUB_REPO = ""  # e.g. "your-name/newllm-dolly"; empty: nothing is shared
+share_on_hub(result.best_path, HUB_REPO)

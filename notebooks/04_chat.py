@@ -37,6 +37,9 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 
 # %% [markdown]
 # ## Load a checkpoint
+# A checkpoint file or run folder (pre-filled with the latest from notebook 02), a shared model's folder, or
+# anyone's model on the Hugging Face Hub by name: `owner/name`, or `owner/name@revision` for a branch, tag
+# or commit. A hub model is downloaded once into the Hugging Face cache and checked like a local file.
 
 # %%
 import ipywidgets as w
@@ -44,7 +47,8 @@ import ipywidgets as w
 from newllm_nb.notebook import latest_checkpoint
 
 default = latest_checkpoint("dolly")
-path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensors", description="checkpoint",
+path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensors or owner/name",
+                  description="checkpoint",
                   layout=w.Layout(width="640px"))
 path_box
 
@@ -55,7 +59,7 @@ from newllm_nb.notebook import train_live
 
 if path_box.value.strip():
     model, tokenizer, ckpt = load_model(path_box.value.strip())
-    print("loaded", ckpt.path, "| trained epochs:", len(ckpt.history))
+    print("loaded", path_box.value.strip(), "| trained epochs:", len(ckpt.history))
 else:
     print("No checkpoint from notebook 02 yet: training a small Dolly model so this notebook still works.")
     demo = train_live(preset("seed_dolly", train__epochs=3, train__batch_size=32), "chat-demo")

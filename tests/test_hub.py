@@ -252,12 +252,14 @@ def test_push_refuses_a_repo_holding_another_model(run, shared, tmp_path, capsys
     assert all(r.startswith(("GET", "HEAD")) for r in server.requests)  # nothing was uploaded
 
 
-def test_share_cell_without_a_token_does_nothing_and_says_how_to_log_in(run, capsys, no_token, online):
+def test_share_cell_without_a_token_does_nothing_and_says_how_to_log_in(run, capsys, no_token, online,
+                                                                         monkeypatch):
     online("http://127.0.0.1:9")
     assert share_on_hub(run, "alice/tiny") is None
     out = capsys.readouterr().out
     assert "no Hugging Face token" in out and "huggingface_hub.login()" in out and "Secrets" in out
-    assert share_on_hub(run, "") is None and "HUB_REPO" in capsys.readouterr().out
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    assert share_on_hub(run, "") is None and "set HUB_REPO" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------

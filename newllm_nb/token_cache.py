@@ -39,6 +39,7 @@ from .sources import MIN_WORDS, DataError, is_article_heading
 from .tokenizer import (
     MAX_COUNTED_WORDS,
     WordTokenizer,
+    bpe_pieces,
     prune_counts,
     tokenizer_from_json,
     tokenizer_hash,
@@ -236,7 +237,16 @@ def _pool(workers: int, tok_json: Optional[str] = None):
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
         yield None
         return
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (tok_json,))
+    # The workers run the tokenizers library single-threaded; saying so keeps it from warning at the fork.
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = mp.get_context("fork").Pool(workers, _init_worker, (tok_json,))
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
     try:
         yield pool
         pool.close()
@@ -265,9 +275,9 @@ def _progress(total: Optional[int], desc: str, show: bool):
 
 
 def encoded(tokenizer, batches: Iterator[DocBatch], dtype: np.dtype, workers: int) -> Iterator[tuple]:
-    """(split, nbytes, ids, lengths, flags) per batch, in order. The word tokenizer encodes in worker
-    processes; BPE in the tokenizers library's own threads."""
-    if isinstance(tokenizer, WordTokenizer) and workers > 1:
+    """(split, nbytes, ids, lengths, flags) per batch, in order, encoded in worker processes (BPE without
+    the ``regex`` module: in the tokenizers library's own threads)."""
+    if workers > 1 and (isinstance(tokenizer, WordTokenizer) or bpe_pieces() is not None):
         with _pool(workers, tokenizer.to_json()) as pool:
             if pool is not None:
                 jobs = ((b.split, b.docs, b.nbytes, dtype.str) for b in batches)

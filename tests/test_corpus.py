@@ -249,3 +249,19 @@ def test_word_encode_flat_equals_encode_including_odd_text():
         ids, lengths = tok.encode_flat(batch)
         assert lengths.tolist() == [len(tok.encode(t)) for t in batch]
         assert ids.tolist() == [i for t in batch for i in tok.encode(t)]
+
+
+def test_bpe_encode_flat_equals_the_library_on_text_and_random_unicode():
+    import random
+
+    pytest.importorskip("regex")
+    lines = SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines()
+    tok = BPETokenizer.train(lines, 300)
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(0x2100) if not 0xD800 <= c <= 0xDFFF] + [" "] * 400 + ["<unk>", "'s", "\n"]
+    alphabet += list("the cat 12") * 100 + ["\u4e2d", "\U0001f600", "\u0c5c", "\ua7ce"]  # also the library's path
+    texts = [x.strip() for x in lines if x.strip()]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    ids, lengths = tok.encode_flat(texts)
+    assert ids.tolist() == [i for t in texts for i in tok.encode(t)]
+    assert lengths.tolist() == [len(tok.encode(t)) for t in texts]

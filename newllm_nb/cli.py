@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -50,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out-dir", default="runs/sweep", help="one run folder per run; finished runs are skipped")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
     for q in (t, w):
-        q.add_argument("--dataset", choices=["wikitext", "dolly"], default="wikitext")
+        q.add_argument("--dataset", choices=["wikitext", "dolly"], help="default: wikitext (or --config's)")
         q.add_argument("--preset", choices=sorted(PRESETS), help="default: seed_wikitext or seed_dolly")
+        q.add_argument("--config", help="a config.json (a shared model's, or RunConfig.to_dict() as JSON) instead of "
+                                        "a preset; the other flags still apply")
         q.add_argument("--epochs", type=int)
         q.add_argument("--batch-size", type=int, help="default: this machine's recommendation (under torchrun: "
                                                       "the global batch, shared by the processes)")
@@ -98,12 +101,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunConfig:
     """The RunConfig the flags describe: the preset, then every given flag, then baseline sizing and smoke mode."""
-    name = args.preset or f"seed_{args.dataset}"
-    ov = {"data__dataset": args.dataset}
+    if args.config and args.preset:
+        raise ValueError("--config and --preset both given: a run starts from one of them")
+    name = args.preset or f"seed_{args.dataset or 'wikitext'}"
+    ov = {"data__dataset": args.dataset} if args.dataset or not args.config else {}
     # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
     if args.batch_size is not None:
         ov["train__batch_size"] = args.batch_size
-    elif name.startswith("seed_"):
+    elif name.startswith("seed_") and not args.config:
         ov["train__batch_size"] = recommended_batch
     for flag, key in FLAG_FIELDS.items():
         if getattr(args, flag, None) is not None:
@@ -112,10 +117,25 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
         ov["train__seed_compatible"] = True
     if args.quiet:
         ov["train__show_progress"] = False
-    cfg = apply_overrides(preset(name), **ov)
+    cfg = apply_overrides(_config_file(args.config) if args.config else preset(name), **ov)
     if getattr(args, "arch", None) and args.arch != "newllm":
         cfg = apply_overrides(cfg, **{f"model__{k}": v for k, v in vars(matched_config(cfg.model, args.arch)).items()})
     return shrink_for_smoke(cfg) if args.smoke or is_smoke() else cfg
+
+
+def _config_file(path: str) -> RunConfig:
+    """The run config a JSON file holds: its model / data / train sections (other keys, e.g. a shared model's
+    fingerprint, are ignored)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+            raise ValueError("it has no 'model' section")
+        return RunConfig.from_dict({k: d[k] for k in ("model", "data", "train") if k in d})
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"--config {path}: not a run config ({e})") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -148,7 +168,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, recommend(info).batch_size)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
-    name = f"{args.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
+    name = f"{cfg.data.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
     run_dir = args.run_dir or keyed_run_dir("runs", name, cfg, prepared)
     world = world_size()
     batch = (f"global batch {cfg.train.batch_size} ({world} processes, about {-(-cfg.train.batch_size // world)} "

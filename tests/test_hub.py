@@ -313,3 +313,19 @@ def test_cli_loads_a_hub_id_through_hf_endpoint(shared, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: alice/other: no such file or folder here, and not in the local Hugging Face cache, and the hub is "
         "offline (HF_HUB_OFFLINE=1; unset it to download)"]
+
+
+def test_the_cards_reproduce_command_reads_the_shared_config(shared, tmp_path, capsys):
+    from newllm_nb.cli import _parser, config_from_args
+
+    ck = load_checkpoint(shared)
+    args = _parser().parse_args(["train", "--config", str(shared / "config.json")])
+    assert config_from_args(args, recommended_batch=4096).to_dict() == ck.config
+    args = _parser().parse_args(["train", "--config", str(shared / "config.json"), "--epochs", "7"])
+    assert config_from_args(args, recommended_batch=4096).train.epochs == 7
+    assert main(["train", "--config", str(tmp_path / "none.json")]) == 2
+    assert "cannot read it" in _one_line(capsys)
+    for name, text in (("list.json", "[1]"), ("empty.json", "{}"), ("other.json", '{"model": {"width": 3}}')):
+        (tmp_path / name).write_text(text)
+        assert main(["train", "--config", str(tmp_path / name)]) == 2
+        assert f"--config {tmp_path / name}: not a run config" in _one_line(capsys)

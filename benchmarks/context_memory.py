@@ -1,6 +1,7 @@
 """What does the context vector remember? Train (with quality.py's own ``run_one``: the same data split,
-training and evaluation) New-LLM recipes and the equal-parameter LSTM, then measure each trained model with
-``newllm_nb.memory`` on the evaluation text and draw the seed model, the best option and the LSTM side by side.
+training and evaluation) New-LLM recipes and the equal-parameter LSTM, then measure each trained model
+with ``newllm_nb.experiments.memory`` on the evaluation text and draw the seed model, the best option and the
+LSTM side by side.
 
 Every row of the quality table (dev_ppl, eval_ppl) is what ``quality.py --runs newllm-best-L1`` (or
 ``lstm-best-L1size``) gives for that recipe and seed; choose on dev_ppl only. Outputs under --out:
@@ -27,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py sits beside this file
 from quality import DEFAULT_FILE, load_recipe, load_splits, run_one  # noqa: E402
 
-from newllm_nb.baselines import matched_config  # noqa: E402
-from newllm_nb.batching import wikitext_stream  # noqa: E402
-from newllm_nb.checkpoint import load_model  # noqa: E402
-from newllm_nb.distributed import spread  # noqa: E402
-from newllm_nb.memory import loss_by_position, perturbation_fade  # noqa: E402
-from newllm_nb.tokenizer import WordTokenizer  # noqa: E402
+from newllm_nb.data.batching import wikitext_stream  # noqa: E402
+from newllm_nb.data.tokenizer import WordTokenizer  # noqa: E402
+from newllm_nb.experiments.memory import loss_by_position, perturbation_fade  # noqa: E402
+from newllm_nb.models.baselines import matched_config  # noqa: E402
+from newllm_nb.runtime.distributed import spread  # noqa: E402
+from newllm_nb.train.checkpoint import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,16 +24,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from newllm_nb.bench import device_name  # noqa: E402
 from newllm_nb.config import ModelConfig  # noqa: E402
-from newllm_nb.model import ContextVectorLLM  # noqa: E402
+from newllm_nb.experiments.bench import device_name  # noqa: E402
+from newllm_nb.models.newllm import ContextVectorLLM  # noqa: E402
 
 KNOBS = ("BN", "BK", "BV", "WARPS")
 
 
 def decode(model, tiles: dict, chunk: int, tokens: int) -> tuple[float, torch.Tensor, float]:
     """(tokens/s, the ids, first-use seconds) of one setting."""
-    from newllm_nb.fused import FusedDecoder
+    from newllm_nb.kernels.fused import FusedDecoder
 
     for k in KNOBS:
         os.environ["NEWLLM_DEC_" + k] = str(tiles[k])

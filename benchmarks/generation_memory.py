@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig
-from newllm_nb.baselines import TransformerLM, matched_config
-from newllm_nb.bench import device_name
-from newllm_nb.generate import GraphDecoder, decode_ids
+from newllm_nb.experiments.bench import device_name
+from newllm_nb.infer.generate import GraphDecoder, decode_ids
+from newllm_nb.models.baselines import TransformerLM, matched_config
 
 
 def _mem_reset(dev):
@@ -104,7 +104,7 @@ def main() -> None:
     fused = {}
     if cuda and {"fused", "fused64"} & set(models):
         try:
-            from newllm_nb.fused import FusedDecoder, fused_available
+            from newllm_nb.kernels.fused import FusedDecoder, fused_available
 
             ok, why = fused_available(dev)
         except ImportError as e:

@@ -67,9 +67,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(ROOT))
 
-from newllm_nb.bench import device_name  # noqa: E402
-from newllm_nb.checkpoint import load_checkpoint  # noqa: E402
 from newllm_nb.config import RunConfig, apply_overrides  # noqa: E402
+from newllm_nb.experiments.bench import device_name  # noqa: E402
+from newllm_nb.train.checkpoint import load_checkpoint  # noqa: E402
 
 # NVLink multicast stays off: on shared hosts a program that uses it can take the GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -38,17 +38,17 @@ from typing import Any, Optional
 import pandas as pd
 import torch
 
-from newllm_nb.baselines import build_model, matched_config
-from newllm_nb.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
-from newllm_nb.bench import device_name
-from newllm_nb.checkpoint import load_checkpoint
 from newllm_nb.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
-from newllm_nb.distributed import spread
-from newllm_nb.metrics import evaluate
-from newllm_nb.model import count_parameters
-from newllm_nb.sources import load_wikitext, read_text, split_lines
-from newllm_nb.tokenizer import WordTokenizer
-from newllm_nb.trainer import Trainer
+from newllm_nb.data.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
+from newllm_nb.data.sources import load_wikitext, read_text, split_lines
+from newllm_nb.data.tokenizer import WordTokenizer
+from newllm_nb.experiments.bench import device_name
+from newllm_nb.models.baselines import build_model, matched_config
+from newllm_nb.models.newllm import count_parameters
+from newllm_nb.runtime.distributed import spread
+from newllm_nb.train.checkpoint import load_checkpoint
+from newllm_nb.train.metrics import evaluate
+from newllm_nb.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"

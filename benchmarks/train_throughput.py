@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 
 from newllm_nb import ModelConfig
-from newllm_nb.baselines import build_model, matched_config
-from newllm_nb.bench import probe_throughput
+from newllm_nb.experiments.bench import probe_throughput
+from newllm_nb.models.baselines import build_model, matched_config
 
 from seed_loop import SeedLoop
 

@@ -16,18 +16,18 @@ from typing import Optional
 
 import torch
 
-from .baselines import matched_config
-from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, RunConfig, apply_overrides, is_smoke, preset, shrink_for_smoke
-from .data import prepare
-from .distributed import init_from_env, launched, shutdown, world_size
-from .experiment import keyed_run_dir, run_experiment
-from .generate import ChatSession, Sampling, stream
-from .hardware import detect, recommend
+from .data.pipeline import prepare
+from .experiments.experiment import keyed_run_dir, run_experiment
+from .experiments.sweep import run_sweep
 from .hub import push
-from .runs import check_writable
-from .sweep import run_sweep
-from .trainer import TrainingStopped
+from .infer.generate import ChatSession, Sampling, stream
+from .models.baselines import matched_config
+from .runtime.distributed import init_from_env, launched, shutdown, world_size
+from .runtime.hardware import detect, recommend
+from .train.checkpoint import CheckpointError, load_model
+from .train.runs import check_writable
+from .train.trainer import TrainingStopped
 
 # The package's own errors, and CUDA running out of memory: one line and exit code 2 (--debug: traceback).
 USER_ERRORS = (ValueError, CheckpointError, TrainingStopped, torch.cuda.OutOfMemoryError)

@@ -210,7 +210,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 10.0
     keep_every: int = 0  # also keep epoch_{k}.safetensors every k epochs (0 = only best + last)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
-    freeze_base: bool = False  # grown models (expansion.py): train only the new context dimensions
+    freeze_base: bool = False  # grown models (experiments/growth.py): train only the new context dimensions
     ema_decay: float = 0.0  # > 0: validate and keep `best` with an exponential moving average of the weights
     show_progress: bool = True
 

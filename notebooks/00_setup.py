@@ -25,11 +25,12 @@
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
 import sys
 import subprocess
-if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.notebook.colab", shell=True, check=True)
 
 # %%
 from IPython.display import display
-from newllm_nb import colab, is_smoke
+from newllm_nb import is_smoke
+from newllm_nb.notebook import colab
 
 display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
 SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
@@ -42,7 +43,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 import pandas as pd
 import torch
 
-from newllm_nb import hardware
+from newllm_nb.runtime import hardware
 
 info = hardware.detect()
 rec = hardware.recommend(info)
@@ -83,7 +84,7 @@ pd.DataFrame({"package": names, "version": [version(n) for n in names]}).set_ind
 
 # %%
 from newllm_nb import ModelConfig
-from newllm_nb.bench import probe_throughput
+from newllm_nb.experiments.bench import probe_throughput
 
 batch = 8 if SMOKE else rec.batch_size
 rows = []

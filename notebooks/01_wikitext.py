@@ -29,11 +29,12 @@
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
 import sys
 import subprocess
-if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.notebook.colab", shell=True, check=True)
 
 # %%
 from IPython.display import display
-from newllm_nb import colab, is_smoke
+from newllm_nb import is_smoke
+from newllm_nb.notebook import colab
 
 display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
 SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
@@ -51,7 +52,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # next cell.
 
 # %%
-from newllm_nb.widgets import TrainingPanel
+from newllm_nb.notebook.widgets import TrainingPanel
 
 panel = TrainingPanel("seed_wikitext")
 panel
@@ -62,8 +63,8 @@ panel
 # from its last checkpoint (a Colab disconnect loses minutes, not the run).
 
 # %%
-from newllm_nb.notebook import train_live
-from newllm_nb.plots import history_frame
+from newllm_nb.notebook.live import train_live
+from newllm_nb.notebook.plots import history_frame
 
 cfg = panel.config()
 result = train_live(cfg, "wikitext", "New-LLM on WikiText-2")
@@ -77,7 +78,7 @@ history_frame(result.history).tail(10)
 # %%
 import pandas as pd
 
-from newllm_nb.notebook import text_table
+from newllm_nb.notebook.live import text_table
 
 m = result.metrics
 summary = pd.Series({"data": result.prepared.source, "parameters": f"{result.params:,}",
@@ -91,7 +92,7 @@ text_table(summary.to_frame("best weights"), index=True, max_width=90)
 # Generation primes the context on the prompt once, then costs one cell update per new token.
 
 # %%
-from newllm_nb.generate import generate_batch
+from newllm_nb.infer.generate import generate_batch
 
 prompts = ["the history of the", "in the early", "the river is"]
 texts = generate_batch(result.model, result.tokenizer, prompts, temperature=0.8, top_k=40, max_new_tokens=30,
@@ -137,8 +138,8 @@ display(w.VBox([grow_to, extra_epochs]))
 # fine-tune all, and the wide model from scratch. Then all four side by side.
 
 # %%
-from newllm_nb.notebook import grow_live
-from newllm_nb.plots import plot_curves
+from newllm_nb.notebook.live import grow_live
+from newllm_nb.notebook.plots import plot_curves
 
 curves, gap = grow_live(result, grow_to.value, extra_epochs.value, cfg)
 print(f"validation loss right after growth: {gap['loss_before']:.4f} -> {gap['loss_after']:.4f} "
@@ -158,8 +159,8 @@ curves.groupby("variant", sort=False)["val_ppl"].agg(["min", "last"]).round(2)
 # `benchmarks/results/context_memory.png` (`benchmarks/context_memory.py`, numbers in `benchmarks/RESULTS.md`).
 
 # %%
-from newllm_nb.notebook import context_memory
-from newllm_nb.plots import plot_context_memory
+from newllm_nb.notebook.live import context_memory
+from newllm_nb.notebook.plots import plot_context_memory
 
 by_position, fade = context_memory(result)
 plot_context_memory(by_position, fade, "the model trained above")

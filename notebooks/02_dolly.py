@@ -30,11 +30,12 @@
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
 import sys
 import subprocess
-if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.notebook.colab", shell=True, check=True)
 
 # %%
 from IPython.display import display
-from newllm_nb import colab, is_smoke
+from newllm_nb import is_smoke
+from newllm_nb.notebook import colab
 
 display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
 SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
@@ -44,7 +45,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # ## Settings
 
 # %%
-from newllm_nb.widgets import TrainingPanel
+from newllm_nb.notebook.widgets import TrainingPanel
 
 panel = TrainingPanel("seed_dolly")
 panel
@@ -53,8 +54,8 @@ panel
 # ## Train (reads the widgets' current values; re-running resumes)
 
 # %%
-from newllm_nb.notebook import train_live
-from newllm_nb.plots import history_frame
+from newllm_nb.notebook.live import train_live
+from newllm_nb.notebook.plots import history_frame
 
 cfg = panel.config()
 result = train_live(cfg, "dolly", "New-LLM on Dolly-15k")
@@ -67,7 +68,7 @@ history_frame(result.history).tail(10)
 # Token-weighted over non-PAD targets, on the held-out 10% (the `category` field; Dolly has eight).
 
 # %%
-from newllm_nb.notebook import category_table
+from newllm_nb.notebook.live import category_table
 
 category_table(result.model, result.tokenizer, result.prepared.valid_records, cfg.data.max_seq_length)
 
@@ -75,8 +76,8 @@ category_table(result.model, result.tokenizer, result.prepared.valid_records, cf
 # ## Answers to held-out instructions
 
 # %%
-from newllm_nb.generate import generate
-from newllm_nb.notebook import instruction_prompt, text_table
+from newllm_nb.infer.generate import generate
+from newllm_nb.notebook.live import instruction_prompt, text_table
 
 held_out = result.prepared.valid_records[:4]
 text_table([{"instruction": r["instruction"], "reference": r["response"],

@@ -26,11 +26,12 @@
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
 import sys
 import subprocess
-if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.notebook.colab", shell=True, check=True)
 
 # %%
 from IPython.display import display
-from newllm_nb import colab, is_smoke
+from newllm_nb import is_smoke
+from newllm_nb.notebook import colab
 
 display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
 SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
@@ -42,7 +43,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # %%
 from IPython.display import display
 
-from newllm_nb.widgets import TrainingPanel, choice_boxes
+from newllm_nb.notebook.widgets import TrainingPanel, choice_boxes
 
 panel = TrainingPanel("seed_wikitext", hide=("layers",))  # the layer count comes from the checkboxes below
 layer_row, chosen_layers = choice_boxes(list(range(1, 9)), [1, 4, 5, 6, 7], "FNN layers")
@@ -53,7 +54,7 @@ display(panel.widget, layer_row, arch_row)
 # ## Run the sweep (reads the widgets' current values)
 
 # %%
-from newllm_nb.notebook import sweep_live
+from newllm_nb.notebook.live import sweep_live
 
 results = sweep_live(panel.config(), chosen_layers(), chosen_archs())
 
@@ -63,7 +64,7 @@ results = sweep_live(panel.config(), chosen_layers(), chosen_archs())
 # validation, per-batch averages; the two stand side by side, they are not the same measurement.
 
 # %%
-from newllm_nb.plots import SEED_SWEEP, plot_sweep
+from newllm_nb.notebook.plots import SEED_SWEEP, plot_sweep
 
 results.merge(SEED_SWEEP, on="layers", how="left")
 
@@ -78,7 +79,7 @@ plot_sweep(results)
 
 # %%
 import ipywidgets as w
-from newllm_nb.notebook import CELL_OPTIONS
+from newllm_nb.notebook.live import CELL_OPTIONS
 
 option = w.Dropdown(options=list(CELL_OPTIONS), value="state_norm", description="cell option",
                     style={"description_width": "140px"})
@@ -86,7 +87,7 @@ option_layers = w.IntSlider(value=1, min=1, max=8, description="FNN layers", sty
 display(w.VBox([option, option_layers]))
 
 # %%
-from newllm_nb.notebook import option_sweep_live
+from newllm_nb.notebook.live import option_sweep_live
 
 values = CELL_OPTIONS[option.value][:2] if SMOKE else CELL_OPTIONS[option.value]
 by_option = option_sweep_live(panel.config(), option.value, values, layers=option_layers.value)

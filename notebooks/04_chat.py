@@ -25,11 +25,12 @@
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
 import sys
 import subprocess
-if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.colab", shell=True, check=True)
+if "google.colab" in sys.modules: subprocess.run("[ -d newllm-nb ] || git clone -q --depth 1 https://github.com/newllm-nb/newllm-nb newllm-nb; pip install -q --no-deps ./newllm-nb && python -m newllm_nb.notebook.colab", shell=True, check=True)
 
 # %%
 from IPython.display import display
-from newllm_nb import colab, is_smoke
+from newllm_nb import is_smoke
+from newllm_nb.notebook import colab
 
 display(colab.drive_checkbox())  # default off; ticking it mounts Drive and checkpoints go there
 SMOKE = is_smoke()  # NEWLLM_SMOKE=1 (set by the tests): tiny data, <= 2 epochs, every cell still runs
@@ -44,7 +45,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # %%
 import ipywidgets as w
 
-from newllm_nb.notebook import latest_checkpoint
+from newllm_nb.notebook.live import latest_checkpoint
 
 default = latest_checkpoint("dolly")
 path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensors or owner/name",
@@ -53,9 +54,9 @@ path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensor
 path_box
 
 # %%
-from newllm_nb.checkpoint import load_model
+from newllm_nb.train.checkpoint import load_model
 from newllm_nb.config import preset
-from newllm_nb.notebook import train_live
+from newllm_nb.notebook.live import train_live
 
 if path_box.value.strip():
     model, tokenizer, ckpt = load_model(path_box.value.strip())
@@ -71,8 +72,8 @@ else:
 # empties the context vector.
 
 # %%
-from newllm_nb.generate import ChatSession
-from newllm_nb.widgets import ChatPanel
+from newllm_nb.infer.generate import ChatSession
+from newllm_nb.notebook.widgets import ChatPanel
 
 chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_new_tokens=60, seed=0))
 chat
@@ -82,7 +83,7 @@ chat
 # conversation of its own, on a second panel that is not shown: the chat above stays yours.
 
 # %%
-from newllm_nb.notebook import text_table
+from newllm_nb.notebook.live import text_table
 
 demo_chat = ChatPanel(ChatSession(model, tokenizer, temperature=0.7, top_k=40, max_new_tokens=60,
                                   seed=0))

@@ -12,10 +12,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from newllm_nb import preset  # noqa: E402
-from newllm_nb.baselines import build_model  # noqa: E402
 from newllm_nb.config import RunConfig, apply_overrides  # noqa: E402
 from newllm_nb.data import Prepared, prepare  # noqa: E402
-from newllm_nb.trainer import Trainer  # noqa: E402
+from newllm_nb.models.baselines import build_model  # noqa: E402
+from newllm_nb.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"

@@ -15,11 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from newllm_nb import preset  # noqa: E402
-from newllm_nb.baselines import build_model  # noqa: E402
 from newllm_nb.config import apply_overrides  # noqa: E402
 from newllm_nb.data import prepare  # noqa: E402
-from newllm_nb.distributed import init_from_env, is_main, shutdown  # noqa: E402
-from newllm_nb.trainer import Trainer  # noqa: E402
+from newllm_nb.models.baselines import build_model  # noqa: E402
+from newllm_nb.runtime.distributed import init_from_env, is_main, shutdown  # noqa: E402
+from newllm_nb.train.trainer import Trainer  # noqa: E402
 
 # Global batch 16 windows (8 per rank) / 8 parallel streams (4 per rank); no dropout, so one process
 # and two compute the same function of the same global batches.

@@ -9,8 +9,8 @@ import torch
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
-from newllm_nb.runs import RunFolderError
-from newllm_nb.trainer import Trainer
+from newllm_nb.train.runs import RunFolderError
+from newllm_nb.train.trainer import Trainer
 
 
 def main(run_dir: str, sleep: float, out: str) -> None:

@@ -76,7 +76,7 @@ def lab(tmp_path_factory):
     # 04_chat's checkpoint: a smoke Dolly model, trained through the package where 02_dolly would put it.
     subprocess.run([sys.executable, "-c", (
         "import sys; from newllm_nb.config import preset, shrink_for_smoke; "
-        "from newllm_nb.experiment import run_experiment; "
+        "from newllm_nb.experiments.experiment import run_experiment; "
         "run_experiment(shrink_for_smoke(preset('seed_dolly', train__epochs=1, train__batch_size=32, "
         "train__show_progress=False)), sys.argv[1])"), str(runs / "dolly-browser-test")],
         env=env, check=True, capture_output=True, timeout=300)
@@ -243,7 +243,7 @@ def test_wikitext_notebook_in_the_browser(lab, browser):
     # A slider changed by hand reaches the next run: 1 epoch instead of smoke mode's 2.
     _set_slider(browser, "max epochs", 1)
     _run_cell(browser, "result = train_live(", 240)
-    _run_cell(browser, "from newllm_nb.notebook import text_table\n\nm = result.metrics", 30)
+    _run_cell(browser, "from newllm_nb.notebook.live import text_table\n\nm = result.metrics", 30)
     assert "epochs 1 |" in _cell_text(browser, "result = train_live("), "the changed slider did not reach the run"
     assert re.search(r"epochs</td><td[^>]*>1</td>", _cell_text(browser, "m = result.metrics")), "evaluation table"
     _assert_clean(browser, "01_wikitext after the slider change")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig, RunConfig
-from newllm_nb.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from newllm_nb.tokenizer import WordTokenizer
+from newllm_nb.data.tokenizer import WordTokenizer
+from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 
 CFG = RunConfig(model=ModelConfig(vocab_size=20, embed_dim=8, context_dim=8, hidden_dim=16))
 

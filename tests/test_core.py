@@ -8,44 +8,63 @@ import pytest
 import torch
 
 from newllm_nb import preset
-from newllm_nb.baselines import build_model, matched_config
-from newllm_nb.batching import WindowData
 from newllm_nb.config import ModelConfig
 from newllm_nb.data import prepare
-from newllm_nb.metrics import evaluate
-from newllm_nb.step import EagerStep, apply_update
+from newllm_nb.data.batching import WindowData
+from newllm_nb.models.baselines import build_model, matched_config
+from newllm_nb.train.metrics import evaluate
+from newllm_nb.train.step import EagerStep, apply_update
 
 from conftest import make_trainer, tiny_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "newllm_nb"
 GOLDEN = Path(__file__).with_name("golden_losses.json")
-OPTIONAL = {"datasets", "ipywidgets", "jupytext", "triton", "google", "IPython", "tomllib"}
+# The layers, bottom to top: a module imports only from its own subpackage or from a lower layer. The package's
+# face (newllm_nb/__init__.py) re-exports from below and is not a layer.
+LAYERS = {"config": 0, "runtime": 1, "data": 2, "kernels": 2, "models": 3, "train": 4, "infer": 4,
+          "experiments": 5, "notebook": 6, "cli": 6, "__main__": 7}
+OPTIONAL_INSIDE = {"kernels.fused"}  # needs Triton: imported inside the functions that use it
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
 
 
 def _package_imports() -> dict:
-    """module -> ({package modules imported at the top}, {package modules imported inside functions})."""
+    """module ("train.step") -> ({package modules imported at the top}, {package modules imported inside functions})."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     out = {}
-    for path in PACKAGE.glob("*.py"):
+    for name, path in modules.items():
         tree = ast.parse(path.read_text())
         top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        here = name.split(".") if path.name == "__init__.py" and name != "__init__" else name.split(".")[:-1]
         deps, inner = set(), set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module] if node.module else [a.name for a in node.names]
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here[:len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("newllm_nb"):
-                names = [(node.module.split(".") + [None])[1]] if "." in node.module else [a.name for a in node.names]
+                base = node.module.split(".")[1:]
             else:
                 continue
-            (deps if node in top else inner).update(n for n in names if n)
-        out[path.stem] = (deps, inner)
+            found = set()
+            for alias in node.names:  # `from .x import y`: y is a module of x, or a name in x
+                full = ".".join(base + [alias.name])
+                found.add(full if full in modules else ".".join(base))
+            (deps if node in top else inner).update(f for f in found if f in modules)
+        out[name] = (deps, inner)
     return out
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[0]
 
 
 def test_package_imports_form_no_cycle_and_sit_at_the_top():
     graph = _package_imports()
-    inner = {m: sorted(i) for m, (_, i) in graph.items() if i - {"fused"}}
+    inner = {m: sorted(i - OPTIONAL_INSIDE) for m, (_, i) in graph.items() if i - OPTIONAL_INSIDE}
     assert not inner, f"package imports inside functions (only the optional Triton module may be): {inner}"
-    edges = {m: {d for d in deps | i if d in graph} for m, (deps, i) in graph.items()}
+    edges = {m: deps | i for m, (deps, i) in graph.items()}
     state, stack = {}, []
 
     def visit(m):  # depth-first search; a grey node met again closes a cycle
@@ -64,12 +83,28 @@ def test_package_imports_form_no_cycle_and_sit_at_the_top():
             visit(m)
 
 
-def test_pipeline_modules_never_import_notebook_modules():
+def test_layers_import_one_way_from_config_up_to_cli_and_notebook():
     graph = _package_imports()
-    notebook_side = {"notebook", "widgets", "plots", "colab"}
+    assert {_layer(m) for m in graph} - {"__init__"} == set(LAYERS), "a new subpackage needs its place in LAYERS"
+    wrong = []
     for m, (deps, inner) in graph.items():
-        if m not in notebook_side and m != "__main__":
-            assert not (deps | inner) & notebook_side, m
+        if m == "__init__":
+            continue
+        for d in deps | inner:
+            if _layer(d) != _layer(m) and LAYERS[_layer(d)] >= LAYERS[_layer(m)]:
+                wrong.append(f"{m} -> {d}")
+    assert not wrong, f"imports against the layer order {LAYERS}: {sorted(wrong)}"
+
+
+def test_the_import_check_sees_a_wrong_way_import(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "data" / "__init__.py").write_text("")
+    (tmp_path / "train" / "__init__.py").write_text("")
+    (tmp_path / "train" / "loop.py").write_text("X = 1\n")
+    (tmp_path / "data" / "batching.py").write_text("from ..train.loop import X\n")
+    monkeypatch.setitem(globals(), "PACKAGE", tmp_path)
+    assert _package_imports()["data.batching"] == ({"train.loop"}, set())
 
 
 def _first_losses(cfg, n=50):
@@ -157,7 +192,7 @@ def test_a_reset_inside_a_batch_equals_separate_runs(arch):
 
 
 def test_the_step_is_public_and_used_by_the_throughput_probe():
-    from newllm_nb.bench import probe_throughput
+    from newllm_nb.experiments.bench import probe_throughput
 
     r = probe_throughput(ModelConfig(vocab_size=50, embed_dim=8, context_dim=8, hidden_dim=16), 4, 6, steps=2,
                          device="cpu", warmup=1)

@@ -4,7 +4,9 @@ import time
 import pytest
 import torch
 
-from newllm_nb.batching import (
+from newllm_nb.config import DataConfig
+from newllm_nb.data import prepare
+from newllm_nb.data.batching import (
     StreamData,
     WindowData,
     instruction_sequences,
@@ -13,11 +15,9 @@ from newllm_nb.batching import (
     wikitext_sequences,
     wikitext_stream,
 )
-from newllm_nb.config import DataConfig
-from newllm_nb.data import prepare
-from newllm_nb.prompt import instruction_text
-from newllm_nb.sources import DataError, hub_reachable, load_dolly, load_wikitext, read_jsonl, split_records
-from newllm_nb.tokenizer import WordTokenizer
+from newllm_nb.data.prompt import instruction_text
+from newllm_nb.data.sources import DataError, hub_reachable, load_dolly, load_wikitext, read_jsonl, split_records
+from newllm_nb.data.tokenizer import WordTokenizer
 
 
 def test_windows_stride_half_and_padding_exactly():

@@ -14,10 +14,10 @@ import distributed_worker
 import pytest
 import torch
 
-from newllm_nb.batching import StreamData, WindowData
-from newllm_nb.checkpoint import CheckpointError, load_checkpoint
 from newllm_nb.config import PAD_ID
-from newllm_nb.distributed import gather_state, shard_state, spread, stream_rows
+from newllm_nb.data.batching import StreamData, WindowData
+from newllm_nb.runtime.distributed import gather_state, shard_state, spread, stream_rows
+from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -178,8 +178,8 @@ def test_spread_reports_a_failed_run_and_keeps_the_others():
 
 def test_parallel_sweep_keeps_the_runs_that_finish_and_reports_the_one_that_fails(tmp_path, tiny_prepared):
     from newllm_nb.cli import main
-    from newllm_nb.experiment import keyed_run_dir
-    from newllm_nb.sweep import run_sweep, sweep_configs
+    from newllm_nb.experiments.experiment import keyed_run_dir
+    from newllm_nb.experiments.sweep import run_sweep, sweep_configs
 
     from conftest import tiny_config
 

@@ -4,8 +4,8 @@ import torch
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
-from newllm_nb.expansion import BaseFreeze, expand_context, growth_gap, trainable_masks
-from newllm_nb.trainer import Trainer
+from newllm_nb.experiments.growth import BaseFreeze, expand_context, growth_gap, trainable_masks
+from newllm_nb.train.trainer import Trainer
 
 # Zero-initialised new weights leave the logits' direct inputs unchanged, but LayerNorm now averages
 # over the larger vector. Measured here (context 16 -> 32, bundled sample): +3.5% validation loss right
@@ -74,7 +74,7 @@ def test_fine_tune_all_moves_old_entries_and_grown_checkpoint_round_trips(traine
     t = Trainer(big, p.train, p.valid, cfg2, p.tokenizer, tmp_path)
     t.fit()
     assert not torch.equal(before, big.head.weight)
-    from newllm_nb.checkpoint import load_model
+    from newllm_nb.train.checkpoint import load_model
 
     again, _, ck = load_model(tmp_path / "best.safetensors")
     assert again.config.grown_from == 16 and again.config.context_dim == 24

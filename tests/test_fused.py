@@ -1,4 +1,4 @@
-"""The fused Triton recurrence (newllm_nb/fused.py) computes the same function as the hand-written BPTT.
+"""The fused Triton recurrence (newllm_nb/kernels/fused.py) computes the same function as the hand-written BPTT.
 
 CPU: the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be set before triton is
 first imported, so those checks run once in a subprocess) against ``NewLLMRecurrence``, the model's
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def masked_reference(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training, *layers):
     """``NewLLMRecurrence.apply``'s signature, plain autograd in fp32, with the dropout masks rebuilt from the
     seed FusedRecurrence draws (same RNG call, so the model's other dropouts stay in step too)."""
-    from newllm_nb.fused import kernel_uniforms
+    from newllm_nb.kernels.fused import kernel_uniforms
 
     B, T, H = x_proj.shape
     C = c0.shape[1]
@@ -112,8 +112,8 @@ _NAMES = ["hs", "c_T", "d x_proj", "d c0", "d W_c", "d W_g", "d b_g", "d ln_w", 
 
 # -- the interpreter checks (run in a subprocess with TRITON_INTERPRET=1) ------------------------------------------
 def _check_matches_bptt_with_resets():
-    from newllm_nb.fused import FusedRecurrence
-    from newllm_nb.recurrence import NewLLMRecurrence
+    from newllm_nb.kernels.fused import FusedRecurrence
+    from newllm_nb.kernels.recurrence import NewLLMRecurrence
 
     args, layers = _raw_args(B=5, T=4, C=12, H=20, L=3, keep=True)  # odd sizes: every tile is masked
     _close(_run(FusedRecurrence.apply, args, layers, 0.0, 0.0), _run(NewLLMRecurrence.apply, args, layers, 0.0, 0.0),
@@ -121,8 +121,8 @@ def _check_matches_bptt_with_resets():
 
 
 def _check_matches_bptt_one_layer_hs_only():
-    from newllm_nb.fused import FusedRecurrence
-    from newllm_nb.recurrence import NewLLMRecurrence
+    from newllm_nb.kernels.fused import FusedRecurrence
+    from newllm_nb.kernels.recurrence import NewLLMRecurrence
 
     # More rows than one program holds (two programs), no resets, no gradient through c_T.
     args, layers = _raw_args(B=19, T=3, C=16, H=32, L=1, keep=False, seed=1)
@@ -131,7 +131,7 @@ def _check_matches_bptt_one_layer_hs_only():
 
 
 def _check_dropout_matches_masked_reference():
-    from newllm_nb.fused import FusedRecurrence, kernel_uniforms
+    from newllm_nb.kernels.fused import FusedRecurrence, kernel_uniforms
 
     args, layers = _raw_args(B=6, T=4, C=12, H=20, L=2, keep=True, seed=2)
     fused = _run(FusedRecurrence.apply, args, layers, 0.3, 0.2)
@@ -145,7 +145,7 @@ def _check_dropout_matches_masked_reference():
 
 def _check_model_loop_with_every_dropout():
     from newllm_nb import ContextVectorLLM, ModelConfig
-    from newllm_nb.fused import FusedRecurrence
+    from newllm_nb.kernels.fused import FusedRecurrence
 
     if "recurrence" not in inspect.signature(ContextVectorLLM.forward).parameters:
         return "skipped: model.forward has no recurrence argument yet"
@@ -177,7 +177,7 @@ def _check_model_loop_with_every_dropout():
 
 def _check_decode_cell_matches_model_step():
     from newllm_nb import ContextVectorLLM, ModelConfig
-    from newllm_nb.fused import FusedCell
+    from newllm_nb.kernels.fused import FusedCell
 
     torch.manual_seed(0)
     m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
@@ -195,8 +195,8 @@ def _check_decode_cell_matches_model_step():
 
 def _check_greedy_decode_matches_eager():
     from newllm_nb import ContextVectorLLM, ModelConfig
-    from newllm_nb.fused import FusedDecoder
-    from newllm_nb.generate import decode_ids
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.fused import FusedDecoder
 
     for tie, layers in ((False, 1), (True, 2)):  # nn.Linear head; tied head (embed = hidden: no projection)
         torch.manual_seed(1)
@@ -219,8 +219,8 @@ def _check_greedy_decode_with_other_tiles():
     narrower column and vocab tiles (more gate and vocab programs in the shared launch), another K step and
     another graph chunk decode what the eager model decodes."""
     from newllm_nb import ContextVectorLLM, ModelConfig
-    from newllm_nb.fused import FusedDecoder
-    from newllm_nb.generate import decode_ids
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.fused import FusedDecoder
 
     torch.manual_seed(2)
     m = ContextVectorLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=40, hidden_dim=40, num_layers=2,
@@ -280,7 +280,7 @@ def test_kernels_under_triton_interpreter(interpreter_results, check):
 def test_fused_available_says_why_not_on_cpu():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("under the interpreter every device counts as available")
-    from newllm_nb.fused import fused_available
+    from newllm_nb.kernels.fused import fused_available
 
     ok, why = fused_available("cpu")
     assert not ok and "CUDA" in why and "\n" not in why
@@ -290,7 +290,7 @@ def test_fused_available_says_why_not_on_cpu():
 def _gpu_ok() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "needs a CUDA GPU"
-    from newllm_nb.fused import fused_available
+    from newllm_nb.kernels.fused import fused_available
 
     return fused_available("cuda")
 
@@ -345,7 +345,7 @@ def test_fused_matches_fp32_reference_on_gpu(precision, stateful, dropout):
     """One step's gradients, then six Adam steps (losses and gradients), against an fp32 reference with the
     same dropout masks. AMP tolerance as test_fastpath.py: 5% relative gradient-norm error (fp32: 1e-4), or
     at worst twice the eager AMP path's own error."""
-    from newllm_nb.fused import FusedRecurrence
+    from newllm_nb.kernels.fused import FusedRecurrence
 
     tol = 1e-4 if precision == "fp32" else 5e-2
     drop = dict(dropout=0.2, context_dropout=0.1, embed_dropout=0.1, input_dropout=0.1, output_dropout=0.1) \
@@ -381,7 +381,7 @@ def test_fused_matches_fp32_reference_on_gpu(precision, stateful, dropout):
 
 @gpu
 def test_fused_dropout_masks_are_fresh_on_every_graph_replay():
-    from newllm_nb.fused import FusedRecurrence
+    from newllm_nb.kernels.fused import FusedRecurrence
 
     m = _model(dropout=0.3, context_dropout=0.2)
     with torch.no_grad():  # away from init: near it every mask gives about the same loss, log 64
@@ -418,8 +418,8 @@ def test_fused_dropout_masks_are_fresh_on_every_graph_replay():
 @gpu
 @pytest.mark.parametrize("batch", [1, 5])
 def test_fused_decoder_matches_eager_greedy_decode(batch):
-    from newllm_nb.fused import FusedDecoder
-    from newllm_nb.generate import decode_ids
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.fused import FusedDecoder
 
     m = _model(layers=2).eval()
     with torch.no_grad():  # weights away from init, so greedy tokens are not near-ties
@@ -440,7 +440,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("name,value", [("BN", "24"), ("BK", "8"), ("BV", "abc"), ("WARPS", "3"), ("CHUNK", "0")])
 def test_decoder_tile_knobs_refuse_bad_values_in_one_line(monkeypatch, name, value):
     from newllm_nb import ContextVectorLLM, ModelConfig
-    from newllm_nb.fused import FusedDecoder
+    from newllm_nb.kernels.fused import FusedDecoder
 
     monkeypatch.setenv("NEWLLM_DEC_" + name, value)
     m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=16, hidden_dim=16))

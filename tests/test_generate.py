@@ -3,7 +3,8 @@ import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig
 from newllm_nb.config import EOS_ID
-from newllm_nb.generate import (
+from newllm_nb.data.tokenizer import WordTokenizer
+from newllm_nb.infer.generate import (
     ChatSession,
     Sampling,
     encode_prompt,
@@ -13,7 +14,6 @@ from newllm_nb.generate import (
     pick_next,
     stream,
 )
-from newllm_nb.tokenizer import WordTokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "instruction:", "response:", "a", "dog", "ran"]
 
@@ -85,7 +85,7 @@ def test_stop_conditions(lm):
         st_model.head.bias[tok.stoi["instruction:"]] = 100.0
     pieces = list(stream(st_model, tok, "the cat", greedy=True, max_new_tokens=30))
     assert "".join(pieces) == "" and "instruction" not in "".join(pieces)
-    from newllm_nb.generate import _TextAssembler
+    from newllm_nb.infer.generate import _TextAssembler
 
     asm = _TextAssembler(tok, ["Instruction:"])
     pieces = [asm.add(tok.stoi[w]) for w in ["the", "cat", "sat", "instruction:", "dog"] if not asm.stopped]
@@ -119,7 +119,7 @@ def test_chat_keeps_state_shape_and_accepts_any_text(lm):
 
 
 def test_decode_ids_greedy_equals_streaming_greedy(lm):
-    from newllm_nb.generate import decode_ids
+    from newllm_nb.infer.generate import decode_ids
 
     model, tok = lm
     prompt = torch.tensor([encode_prompt(tok, "the cat sat"), encode_prompt(tok, "a dog ran")])
@@ -133,7 +133,7 @@ def test_decode_ids_greedy_equals_streaming_greedy(lm):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_ids_cuda_graph_equals_eager(lm):
-    from newllm_nb.generate import decode_ids
+    from newllm_nb.infer.generate import decode_ids
 
     model, tok = lm
     model = ContextVectorLLM(model.config).cuda().eval()
@@ -144,7 +144,7 @@ def test_decode_ids_cuda_graph_equals_eager(lm):
 
 
 def test_transformer_kv_cache_step_equals_forward():
-    from newllm_nb.baselines import TransformerLM
+    from newllm_nb.models.baselines import TransformerLM
 
     torch.manual_seed(0)
     m = TransformerLM(ModelConfig(vocab_size=40, arch="transformer", tf_dim=16, tf_heads=4, tf_layers=2,
@@ -158,7 +158,7 @@ def test_transformer_kv_cache_step_equals_forward():
 
 
 def test_baseline_models_get_a_clear_error(lm):
-    from newllm_nb.baselines import LSTMLM
+    from newllm_nb.models.baselines import LSTMLM
 
     _, tok = lm
     lstm = LSTMLM(ModelConfig(vocab_size=tok.vocab_size, embed_dim=8, lstm_hidden=8, arch="lstm"))

@@ -1,6 +1,6 @@
 import pytest
 
-from newllm_nb.hardware import HardwareInfo, classify, detect, recommend, seed_table
+from newllm_nb.runtime.hardware import HardwareInfo, classify, detect, recommend, seed_table
 
 
 @pytest.mark.parametrize("name,kind", [("Tesla T4", "T4"), ("NVIDIA L4", "L4"), ("NVIDIA A100-SXM4-40GB", "A100"),

@@ -8,9 +8,9 @@ import torch
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
-from newllm_nb.prompt import instruction_text
-from newllm_nb.sources import load_instructions
-from newllm_nb.trainer import Trainer
+from newllm_nb.data.prompt import instruction_text
+from newllm_nb.data.sources import load_instructions
+from newllm_nb.train.trainer import Trainer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "instruct-ja-sample.jsonl"
 ALPACA = {"context": "input", "response": "output"}

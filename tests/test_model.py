@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from newllm_nb import ContextVectorLLM, ModelConfig
 from newllm_nb.config import CONTEXT_CLAMP, LN_EPS
-from newllm_nb.model import count_parameters
-from newllm_nb.recurrence import NewLLMRecurrence
+from newllm_nb.kernels.recurrence import NewLLMRecurrence
+from newllm_nb.models.newllm import count_parameters
 
 SEED_PARAMS = {1: 1_426_152, 4: 2_214_120, 6: 2_739_432}
 
@@ -185,7 +185,7 @@ def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_mas
 
 
 def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
-    from newllm_nb.checkpoint import load_checkpoint, save_checkpoint
+    from newllm_nb.train.checkpoint import load_checkpoint, save_checkpoint
 
     untied = ContextVectorLLM(ModelConfig())
     tied = ContextVectorLLM(ModelConfig(tie_embeddings=True))
@@ -212,7 +212,7 @@ def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
 def test_embed_dropout_drops_whole_word_types_in_training_only():
     m = ContextVectorLLM(small(embed_dropout=0.5))
     ids = torch.tensor([[5, 9, 5, 9, 5, 9, 11, 11]])
-    from newllm_nb.model import embed_lookup
+    from newllm_nb.models.newllm import embed_lookup
 
     torch.manual_seed(0)
     seen = set()
@@ -233,7 +233,7 @@ def test_embed_dropout_drops_whole_word_types_in_training_only():
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 def test_baselines_take_tying_and_embedding_dropout(arch):
-    from newllm_nb.baselines import build_model, matched_config
+    from newllm_nb.models.baselines import build_model, matched_config
 
     base = ModelConfig(vocab_size=1000)
     plain = build_model(matched_config(base, arch))
@@ -267,7 +267,7 @@ def test_input_and_output_dropout_stay_off_the_recurrent_path():
 
 
 def test_lstm_dropout_placement_defaults_to_dropout_at_input_and_output():
-    from newllm_nb.baselines import LSTMLM
+    from newllm_nb.models.baselines import LSTMLM
 
     ids = torch.randint(4, 50, (2, 9))
     cfg = dataclasses.replace(small(arch="lstm", lstm_hidden=24), dropout=0.4)
@@ -286,7 +286,7 @@ def test_lstm_dropout_placement_defaults_to_dropout_at_input_and_output():
 
 @pytest.mark.parametrize("arch", ["newllm", "lstm"])
 def test_forget_bias_sets_only_the_forget_gate(arch):
-    from newllm_nb.baselines import build_model
+    from newllm_nb.models.baselines import build_model
 
     m = build_model(small(arch=arch, lstm_hidden=24, forget_bias=1.5))
     if arch == "newllm":  # [forget | input | candidate]

@@ -55,7 +55,7 @@ def test_notebook_runs_headless_in_smoke_mode(nb, runs_dir):
 
 def test_training_panel_reads_widget_values_into_a_valid_config():
     pytest.importorskip("ipywidgets")
-    from newllm_nb.widgets import TrainingPanel, parse_field_map
+    from newllm_nb.notebook.widgets import TrainingPanel, parse_field_map
 
     p = TrainingPanel("seed_dolly")
     cfg = p.config()
@@ -77,7 +77,7 @@ def test_training_panel_reads_widget_values_into_a_valid_config():
 def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
     pytest.importorskip("ipywidgets")
     from newllm_nb.config import preset
-    from newllm_nb.widgets import TrainingPanel
+    from newllm_nb.notebook.widgets import TrainingPanel
 
     p = TrainingPanel("seed_wikitext")
     assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext", "best_wikitext_10k", "newllm_plus",
@@ -100,7 +100,7 @@ def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
 
 def test_sweep_panel_leaves_out_the_layer_slider_it_does_not_use():
     pytest.importorskip("ipywidgets")
-    from newllm_nb.widgets import TrainingPanel
+    from newllm_nb.notebook.widgets import TrainingPanel
 
     def shown(widget):
         return [widget] + [x for child in getattr(widget, "children", ()) for x in shown(child)]
@@ -118,7 +118,7 @@ class _EchoSession:
     """Stands in for generate.ChatSession: replies 'echo <message>' in two pieces."""
 
     def __init__(self):
-        from newllm_nb.generate import Sampling
+        from newllm_nb.infer.generate import Sampling
 
         self.sampling, self.turns = Sampling(), []
 
@@ -137,7 +137,7 @@ def _press_enter(text):
 
 def test_chat_panel_sends_on_enter_with_the_whole_message_and_not_on_leaving_the_box():
     pytest.importorskip("ipywidgets")
-    from newllm_nb.widgets import ChatPanel
+    from newllm_nb.notebook.widgets import ChatPanel
 
     chat = ChatPanel(_EchoSession())
     assert chat.text.continuous_update is False and "starts here" in chat.transcript.value
@@ -162,7 +162,7 @@ def test_chat_panel_sends_on_enter_with_the_whole_message_and_not_on_leaving_the
 def test_text_table_shows_whole_left_aligned_text_without_touching_pandas_options():
     import pandas as pd
 
-    from newllm_nb.notebook import text_table
+    from newllm_nb.notebook.live import text_table
 
     long = "a continuation " * 12 + "that ends here"
     before = pd.get_option("display.max_colwidth")
@@ -174,9 +174,9 @@ def test_text_table_shows_whole_left_aligned_text_without_touching_pandas_option
 
 
 def test_every_badge_and_clone_line_names_the_one_repository():
-    from newllm_nb import colab
+    from newllm_nb.notebook import colab
 
-    assert colab.stale_links() == [], "run `python -m newllm_nb.colab --relink`"
+    assert colab.stale_links() == [], "run `python -m newllm_nb.notebook.colab --relink`"
     for nb in NOTEBOOKS:
         for path in (nb, nb.with_suffix(".py")):
             text = path.read_text()
@@ -191,7 +191,7 @@ def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(mo
     pytest.importorskip("ipywidgets")
     import IPython.display
 
-    from newllm_nb import notebook
+    from newllm_nb.notebook import live as notebook
 
     shown = []
 
@@ -222,7 +222,7 @@ def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(mo
 
 
 def test_live_plot_has_a_title_and_shows_training_loss_from_the_first_steps():
-    from newllm_nb.plots import LivePlot
+    from newllm_nb.notebook.plots import LivePlot
 
     live = LivePlot("New-LLM on WikiText-2")
     live.draw()
@@ -238,7 +238,7 @@ def test_live_plot_has_a_title_and_shows_training_loss_from_the_first_steps():
 
 def test_notebook_helpers_shrink_for_smoke_mode_only_when_it_is_on(monkeypatch):
     from newllm_nb.config import preset
-    from newllm_nb.notebook import sized_for_session, smoke_epochs
+    from newllm_nb.notebook.live import sized_for_session, smoke_epochs
 
     cfg = preset("seed_wikitext")
     assert sized_for_session(cfg) == cfg and smoke_epochs(20) == 20
@@ -249,7 +249,7 @@ def test_notebook_helpers_shrink_for_smoke_mode_only_when_it_is_on(monkeypatch):
 
 def test_training_panel_sets_the_cell_options_and_the_seed_cell_by_default():
     pytest.importorskip("ipywidgets")
-    from newllm_nb.widgets import TrainingPanel
+    from newllm_nb.notebook.widgets import TrainingPanel
 
     p = TrainingPanel("seed_wikitext")
     assert p.config().model.seed_cell  # every option off: the seed's cell, on the fast path

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from newllm_nb.checkpoint import load_model
 from newllm_nb.config import RunConfig
 from newllm_nb.data import prepare
-from newllm_nb.generate import generate
-from newllm_nb.metrics import evaluate
+from newllm_nb.infer.generate import generate
+from newllm_nb.train.checkpoint import load_model
+from newllm_nb.train.metrics import evaluate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_before_rename.safetensors"
 EXPECTED = json.loads(FIXTURE.with_suffix(".json").read_text())

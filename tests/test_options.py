@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig
-from newllm_nb.baselines import LSTMLM, matched_config
-from newllm_nb.checkpoint import load_model, save_checkpoint
 from newllm_nb.config import preset
-from newllm_nb.memory import article_spans, loss_by_position, perturbation_fade, token_losses
-from newllm_nb.model import count_parameters, gate_rank_for
-from newllm_nb.recurrence import NewLLMRecurrence
-from newllm_nb.tokenizer import WordTokenizer
+from newllm_nb.data.tokenizer import WordTokenizer
+from newllm_nb.experiments.memory import article_spans, loss_by_position, perturbation_fade, token_losses
+from newllm_nb.kernels.recurrence import NewLLMRecurrence
+from newllm_nb.models.baselines import LSTMLM, matched_config
+from newllm_nb.models.newllm import count_parameters, gate_rank_for
+from newllm_nb.train.checkpoint import load_model, save_checkpoint
 
 E, C, H, V = 12, 10, 16, 50
 # Options that keep every parameter's shape: the same weights must give another function.
@@ -224,7 +224,7 @@ def test_checkpoints_round_trip_with_options(tmp_path, name):
     torch.testing.assert_close(loaded(ids)[0], m(ids)[0])
 
 
-# -- what the context vector remembers (newllm_nb.memory) ------------------------------------------------------
+# -- what the context vector remembers (newllm_nb.experiments.memory) ----------------------------------------------
 
 def _stream(n_articles=3, length=90, seed=0):
     g = torch.Generator().manual_seed(seed)

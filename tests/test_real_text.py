@@ -8,7 +8,7 @@ import torch
 from newllm_nb import ContextVectorLLM, preset
 from newllm_nb.config import PAD_ID, apply_overrides
 from newllm_nb.data import prepare
-from newllm_nb.trainer import Trainer
+from newllm_nb.train.trainer import Trainer
 
 
 def unigram_ppl(train_targets: torch.Tensor, valid_targets: torch.Tensor, vocab: int) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from newllm_nb.checkpoint import CheckpointError, load_checkpoint
+from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 

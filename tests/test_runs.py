@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig
-from newllm_nb.checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, load_model
 from newllm_nb.cli import main
 from newllm_nb.data import prepare
-from newllm_nb.generate import ChatSession, Sampling, generate
-from newllm_nb.runs import RunFolderError, RunLock, check_writable
-from newllm_nb.sources import DataError, read_jsonl
-from newllm_nb.tokenizer import BPETokenizer, WordTokenizer
+from newllm_nb.data.sources import DataError, read_jsonl
+from newllm_nb.data.tokenizer import BPETokenizer, WordTokenizer
+from newllm_nb.infer.generate import ChatSession, Sampling, generate
+from newllm_nb.train.checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, load_model
+from newllm_nb.train.runs import RunFolderError, RunLock, check_writable
 
 from conftest import make_trainer, tiny_config
 
@@ -98,7 +98,7 @@ def test_two_processes_on_one_folder_exactly_one_trains(tmp_path):
 
 
 def test_a_lock_is_released_with_its_process(tmp_path):
-    code = ("import sys, os; from newllm_nb.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, os; from newllm_nb.train.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
             "os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=ENV)
     with RunLock(tmp_path):  # the killed process's lock does not block
@@ -148,7 +148,7 @@ def test_metadata_that_is_not_an_object_is_a_checkpoint_error(tmp_path):
 
 
 def test_a_diverged_short_run_fails_and_names_no_missing_checkpoint(tmp_path, tiny_prepared):
-    from newllm_nb.trainer import NonFiniteLossError
+    from newllm_nb.train.trainer import NonFiniteLossError
 
     t = make_trainer(tiny_config(train__epochs=1, train__max_nonfinite=1000), tiny_prepared, tmp_path)
     t.step.loss_hook = lambda loss: loss * float("nan")  # the epoch ends before the consecutive-NaN guard

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from newllm_nb import ContextVectorLLM, ModelConfig
-from newllm_nb.batching import Batch
 from newllm_nb.config import DataConfig, RunConfig, TrainConfig
-from newllm_nb.step import GraphedStep, make_step
-from newllm_nb.trainer import Trainer
+from newllm_nb.data.batching import Batch
+from newllm_nb.train.step import GraphedStep, make_step
+from newllm_nb.train.trainer import Trainer
 
 
 def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2, tie=False, ema=0.0, **model_kw):
@@ -68,7 +68,7 @@ def test_fast_path_declines_other_shapes_and_models():
     assert fast.used == "eager"
     fast(_batches(2, True, B=4)[1], None, 1.0)  # a stateful batch of another shape -> eager
     assert fast.used == "eager"
-    from newllm_nb.baselines import LSTMLM
+    from newllm_nb.models.baselines import LSTMLM
 
     lstm = LSTMLM(ModelConfig(vocab_size=64, embed_dim=16, lstm_hidden=16))
     opt = torch.optim.Adam(lstm.parameters())

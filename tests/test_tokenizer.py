@@ -1,6 +1,6 @@
 import pytest
 
-from newllm_nb.tokenizer import BPETokenizer, WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json
+from newllm_nb.data.tokenizer import BPETokenizer, WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json
 
 TEXTS = ["The cat sat on the mat .", "the dog sat on the log .", "A cat and a dog ."]
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from newllm_nb import ContextVectorLLM
-from newllm_nb.batching import WindowData
-from newllm_nb.checkpoint import CheckpointError, load_checkpoint
 from newllm_nb.data import prepare
-from newllm_nb.metrics import Metrics, evaluate
-from newllm_nb.optim import lr_at
-from newllm_nb.runs import RunFolderError
-from newllm_nb.trainer import NonFiniteLossError
+from newllm_nb.data.batching import WindowData
+from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint
+from newllm_nb.train.metrics import Metrics, evaluate
+from newllm_nb.train.optim import lr_at
+from newllm_nb.train.runs import RunFolderError
+from newllm_nb.train.trainer import NonFiniteLossError
 
 from conftest import make_trainer as make
 from conftest import tiny_config as tiny
@@ -63,7 +63,7 @@ def test_stop_then_resume_equals_uninterrupted(tmp_path, mode, ema):
 
 
 def test_weight_average_math_and_swap():
-    from newllm_nb.optim import WeightAverage
+    from newllm_nb.train.optim import WeightAverage
 
     lin = torch.nn.Linear(3, 2)
     avg = WeightAverage(lin, 0.5)
@@ -217,7 +217,7 @@ def test_keep_every_and_bounded_checkpoint_files(tmp_path, prepared):
 
 
 def test_sweep_saves_each_run_and_skips_finished_ones(tmp_path, prepared, capsys):
-    from newllm_nb.sweep import run_sweep
+    from newllm_nb.experiments.sweep import run_sweep
 
     cfg = tiny(train__epochs=1, model__vocab_size=prepared.tokenizer.vocab_size)
     df = run_sweep(cfg, [1, 2], tmp_path, archs=("newllm", "lstm"), prepared=prepared)
@@ -233,7 +233,7 @@ def test_sweep_saves_each_run_and_skips_finished_ones(tmp_path, prepared, capsys
 
 
 def test_without_checkpoints_the_result_keeps_the_averaged_weights(monkeypatch):
-    from newllm_nb.experiment import run_experiment
+    from newllm_nb.experiments.experiment import run_experiment
 
     monkeypatch.setenv("NEWLLM_SMOKE", "1")
     cfg = tiny(train__epochs=2, train__ema_decay=0.9, train__show_progress=False)

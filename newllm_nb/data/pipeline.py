@@ -1,0 +1,71 @@
+"""One call from a DataConfig to train / valid datasets and a tokenizer (sources -> tokenizer -> batches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import DataConfig
+from .batching import (
+    Dataset,
+    StreamData,
+    WindowData,
+    instruction_sequences,
+    instruction_stream,
+    wikitext_sequences,
+    wikitext_stream,
+)
+from .prompt import instruction_text
+from .sources import MIN_WORDS, DataError, load_dolly, load_instructions, load_wikitext
+from .tokenizer import train_tokenizer
+
+
+@dataclass
+class Prepared:
+    train: Dataset
+    valid: Dataset
+    tokenizer: object
+    source: str
+    valid_records: list = field(default_factory=list)  # instruction data: held-out examples (per-category eval, demos)
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: where the text came from, how much of it, and the vocabulary."""
+        unit = "tokens" if self.train.stateful else "sequences"
+        return (f"data: {self.source} | train {len(self.train):,} / valid {len(self.valid):,} {unit} | "
+                f"vocab {self.tokenizer.vocab_size:,}")
+
+
+def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
+    """Load ``cfg.dataset``, train (or reuse) a tokenizer on its training split, build datasets."""
+    max_examples = cfg.max_examples
+    S = cfg.max_seq_length
+    if cfg.dataset == "wikitext":
+        sp = load_wikitext(cfg.path, max_examples)
+        if not any(len(x.split()) >= MIN_WORDS for x in sp.valid):
+            raise DataError(f"the validation split from {sp.source} is empty: none of its {len(sp.valid)} line(s) has "
+                            f">= {MIN_WORDS} words (a single file gives its last 10% of lines to validation): "
+                            f"add text, or pass a folder with a wiki.valid file")
+        tok = tokenizer or train_tokenizer(cfg.tokenizer, [x for x in sp.train if x.strip()], vocab_size)
+        if cfg.mode == "windows":
+            train, valid = (WindowData(wikitext_sequences(s, tok, S)) for s in (sp.train, sp.valid))
+        else:
+            train, valid = (StreamData(*wikitext_stream(s, tok, cfg.reset_at_articles), seq_len=S - 1)
+                            for s in (sp.train, sp.valid))
+        return Prepared(train, valid, tok, sp.source)
+    if cfg.dataset == "dolly":
+        rs = load_dolly(cfg.path, max_examples)
+    else:
+        rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples)
+    if not rs.valid:
+        raise DataError(f"the validation split from {rs.source} is empty: {len(rs.train)} usable record(s) leave none "
+                        f"for the 10% held out (need at least 2)")
+    tok = tokenizer or train_tokenizer(cfg.tokenizer, [instruction_text(r) for r in rs.train], vocab_size)
+    if cfg.mode == "packed" or cfg.mode == "stream":
+        def make(recs):
+            ids, resets, tgt = instruction_stream(recs, tok, cfg.response_only_loss)
+            return StreamData(ids, resets, S - 1, tgt)
+    else:
+        def make(recs):
+            return WindowData(*instruction_sequences(recs, tok, S, cfg.response_only_loss))
+    return Prepared(make(rs.train), make(rs.valid), tok, rs.source, valid_records=rs.valid,
+                    info={"skipped_records": rs.skipped})

@@ -1,0 +1,792 @@
+"""Fused Triton kernels for the New-LLM recurrence: training (forward + backward) and generation.
+
+``FusedRecurrence`` computes the same function, with the same gradients, as ``recurrence.NewLLMRecurrence``
+(same ``apply`` signature), but each direction of the time loop is ONE persistent kernel launch:
+
+* every program (CTA) owns ``BLOCK_B`` rows of the batch and loops over all T steps itself. Batch rows
+  are independent, so no program ever waits for another (cuDNN's persistent-RNN layout without the
+  inter-CTA barrier). The weights are streamed from L2 through ``tl.dot`` every step; a step's
+  activations go to a per-row scratch / saved-activation buffer that the same SM reads back at once.
+* inside one step everything is fused: the recurrent matmul plus the hoisted embedding projection,
+  ReLU, dropout, the further FNN layers, the gate matmul, sigmoids, ``f*c + i*u``, LayerNorm, clamp
+  and the resets; backward the same in reverse.
+* dropout masks come from Philox (``tl.rand``) keyed by a seed tensor drawn on the device in each
+  forward, so they are fresh on every call and on every CUDA-graph replay; backward needs no mask:
+  a kept FNN unit is exactly one whose stored output is > 0 (ReLU), and the context mask is regenerated
+  from the saved seed.
+* weight gradients stay one GEMM each over all B*T positions in PyTorch after the loop.
+
+Mixed precision as in ``recurrence.py``: matmul operands in ``x_proj.dtype`` (bf16 / fp16 under autocast,
+fp32 otherwise, then with IEEE fp32 dots so the fp32 path is not silently TF32), accumulation, gate
+math, LayerNorm and the carried context in fp32.
+
+Generation: ``FusedDecoder`` (``generate.GraphDecoder``'s interface) decodes inside a CUDA graph with
+``FusedCell``: a greedy token is 2 + (L - 1) launches split over output columns (a batch-1 step is a GEMV,
+bound by how fast the weights reach the SMs, so they must be spread over many), the embedding half of layer 1 read
+from a precomputed vocab x hidden table (bias included), LayerNorm and the greedy argmax folded into the next
+token's first launch.
+
+Triton is an optional dependency: import this module only where ``import triton`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import CONTEXT_CLAMP, LN_EPS
+from .decoding import capture_graph, prime, sample_ids
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_available(device) -> tuple[bool, str]:
+    """Whether the fused kernels run on ``device``; the string says why not (one line) when they don't."""
+    device = torch.device(device)
+    if _INTERPRET:
+        return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    if device.type != "cuda":
+        return False, f"fused kernels need a CUDA GPU (device is {device.type})"
+    if not torch.cuda.is_available():
+        return False, "fused kernels need CUDA, which is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    # Triton's tl.dot lowers to mma.sync from sm_75 (fp16 / fp32) and sm_80 (bf16); wgmma only on sm_90,
+    # where Triton picks it itself, so no Hopper-only path is required here.
+    if (major, minor) < (7, 5):
+        return False, f"fused kernels need compute capability >= 7.5; this GPU is sm_{major}{minor}"
+    try:
+        x = torch.ones(16, 16, device=device)
+        y = torch.empty_like(x)
+        _probe_kernel[(1,)](x, y, BLOCK=16)
+        if not torch.equal(y, x @ x):
+            return False, "Triton probe kernel returned wrong values on this GPU"
+    except Exception as e:  # a broken toolchain (no compiler, driver mismatch): fall back, say why
+        return False, f"Triton cannot compile for this GPU ({type(e).__name__}: {str(e)[:100]})"
+    return True, f"Triton {triton.__version__} on sm_{major}{minor}"
+
+
+def bf16_supported(device) -> bool:
+    """bf16 tl.dot needs sm_80+ (T4 = sm_75 runs the fp16 and fp32 paths only)."""
+    device = torch.device(device)
+    return _INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+@triton.jit
+def _probe_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    a = tl.load(x_ptr + r[:, None] * BLOCK + r[None, :])
+    tl.store(y_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, a, input_precision="ieee"))
+
+
+@triton.jit
+def _mm(a, w, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, w, acc)
+
+
+@triton.jit
+def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
+                seed_ptr, hs_ptr, xin_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, xs_ptr,
+                B, T, C, H, p, p_ctx, clamp, eps,
+                L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
+                IEEE: tl.constexpr,
+                BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Forward over all T steps for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32 holds c_0 on entry
+    and c_T on exit. Saved for backward: layer outputs hs [L, T, B, H], layer-1 context input xin
+    [T, B, C] (after reset and context dropout, matmul dtype), cin [T, B, C] (after reset, fp32), raw
+    gates g [T, B, 3C] fp32, LayerNorm mean / rstd [T, B]. xs [B, C] is scratch for LayerNorm's input."""
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    rm = rows < B
+    r64 = rows.to(tl.int64)
+    seed = tl.load(seed_ptr)
+    dt = xin_ptr.dtype.element_ty
+    scale = 1.0 / (1.0 - p)
+    scale_ctx = 1.0 / (1.0 - p_ctx)
+    LS = T * B  # layer stride of hs
+    for t in range(T):
+        tB = t * B
+        srow = tB + r64  # this step's rows in the [T, B, ...] buffers
+        # -- c_{t-1} after the reset; the layer-1 operand after context dropout --------------------------
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = rm[:, None] & (cols < C)[None, :]
+            c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            if HAS_KEEP:
+                c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
+            if CTX_DROP:
+                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
+            tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+        tl.debug_barrier()
+        # -- FNN layer 1: x_proj + W_c c, then layers 2..L ------------------------------------------------
+        for j in tl.static_range(L):
+            K = C if j == 0 else H
+            for n0 in range(0, H, BN):
+                ncol = n0 + tl.arange(0, BN)
+                nm = ncol < H
+                if j == 0:
+                    acc = tl.load(xp_ptr + (r64[:, None] * T + t) * H + ncol[None, :],
+                                  mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+                else:
+                    acc = tl.zeros([BB, BN], tl.float32) + tl.load(bl_ptr + (j - 1) * H + ncol, mask=nm,
+                                                                     other=0.0).to(tl.float32)[None, :]
+                for k0 in range(0, K, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < K
+                    if j == 0:
+                        a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wc_ptr + ncol[None, :] * C + kc[:, None], mask=km[:, None] & nm[None, :],
+                                    other=0.0)
+                    else:
+                        a = tl.load(hs_ptr + ((j - 1) * LS + srow)[:, None] * H + kc[None, :],
+                                    mask=rm[:, None] & km[None, :], other=0.0)
+                        w = tl.load(wl_ptr + (j - 1) * H * H + ncol[None, :] * H + kc[:, None],
+                                    mask=km[:, None] & nm[None, :], other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
+                h = tl.maximum(acc, 0.0)
+                if DROP:
+                    r = tl.rand(seed + j, (tB + r64)[:, None] * H + ncol[None, :])
+                    h = tl.where(r >= p, h * scale, 0.0)
+                tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt),
+                         mask=rm[:, None] & nm[None, :])
+            tl.debug_barrier()
+        # -- gates, x = sigmoid(f) c + sigmoid(i) u (c: after reset, before context dropout) ----------------
+        s1 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+            i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+            u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm,
+                                                         other=0.0).to(tl.float32)[None, :]
+            for k0 in range(0, H, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < H
+                a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
+                            mask=rm[:, None] & km[None, :], other=0.0)
+                wm = km[:, None] & cm[None, :]
+                f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
+                i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
+                u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
+            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            tl.store(gp, f, mask=m2)
+            tl.store(gp + C, i, mask=m2)
+            tl.store(gp + 2 * C, u, mask=m2)
+            c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            if HAS_KEEP:
+                c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            x = tl.sigmoid(f) * c + tl.sigmoid(i) * u
+            x = tl.where(m2, x, 0.0)
+            tl.store(xs_ptr + r64[:, None] * C + cols[None, :], x, mask=m2)
+            s1 += tl.sum(x, 1)
+        mean = s1 / C
+        tl.debug_barrier()
+        # -- LayerNorm (two-pass variance, as torch) and clamp -> c_t --------------------------------------
+        s2 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = rm[:, None] & (cols < C)[None, :]
+            x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            d = tl.where(m2, x - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt(s2 / C + eps)
+        tl.store(mu_ptr + tB + r64, mean, mask=rm)
+        tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+            y = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+            y = tl.minimum(tl.maximum(y, -clamp), clamp)
+            tl.store(c_ptr + r64[:, None] * C + cols[None, :], y, mask=m2)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0, srow, r64, rm, mu, rs, C, clamp, BC: tl.constexpr):
+    """One column tile of a backward step, recomputed from the saved gates (both passes over LayerNorm need
+    it): sigmoid(f), sigmoid(i), u, c_{t-1}, the LayerNorm gain, x-hat, and dL/dy masked where the clamp cut
+    y off. Also the tile's columns, masks and dc pointers."""
+    cols = c0 + tl.arange(0, BC)
+    cm = cols < C
+    m2 = rm[:, None] & cm[None, :]
+    gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+    sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
+    si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
+    u = tl.load(gp + 2 * C, mask=m2, other=0.0)
+    c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+    lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+    xh = (sf * c + si * u - mu[:, None]) * rs[:, None]
+    y = xh * lw[None, :] + lb[None, :]
+    dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+    dy = tl.load(dcp, mask=m2, other=0.0)
+    dy = tl.where(m2 & (y >= -clamp) & (y <= clamp), dy, 0.0)
+    return cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy
+
+
+@triton.jit
+def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_ptr, seed_ptr,
+                hs_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, da_ptr, pw_ptr, pb_ptr,
+                B, T, C, H, p, p_ctx, clamp,
+                L: tl.constexpr, HAS_DH: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr,
+                CTX_DROP: tl.constexpr, IEEE: tl.constexpr,
+                BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Reverse loop for rows [pid*BB, pid*BB + BB). ``dc_ptr`` [B, C] fp32: dL/dc_T on entry, dL/dc_0 on
+    exit. Writes the per-step pre-activation gradients dG [T, B, 3C] and dA [L, T, B, H] (matmul dtype)
+    for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias gradients
+    (pw, pb [programs, C])."""
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    rm = rows < B
+    r64 = rows.to(tl.int64)
+    seed = tl.load(seed_ptr)
+    dt = dg_ptr.dtype.element_ty
+    scale = 1.0 / (1.0 - p)
+    scale_ctx = 1.0 / (1.0 - p_ctx)
+    for tt in range(T):
+        t = T - 1 - tt
+        tB = t * B
+        srow = tB + r64
+        mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
+        rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
+        # -- through clamp and LayerNorm: row sums of dxhat and dxhat * xhat ---------------------------------
+        s1 = tl.zeros([BB], tl.float32)
+        s2 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
+            pwp = pw_ptr + pid * C + cols
+            tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
+            pbp = pb_ptr + pid * C + cols
+            tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dy, 0), mask=cm)
+            dxh = dy * lw[None, :]
+            s1 += tl.sum(dxh, 1)
+            s2 += tl.sum(dxh * xh, 1)
+        m1 = s1 / C
+        m2s = s2 / C
+        # -- dx, gate gradients dG, and the direct path dc = dx * sigmoid(f) --------------------------------
+        for c0 in range(0, C, BC):
+            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
+            dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
+            dgp = dg_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            tl.store(dgp, (dx * c * sf * (1.0 - sf)).to(dt), mask=m2)
+            tl.store(dgp + C, (dx * u * si * (1.0 - si)).to(dt), mask=m2)
+            tl.store(dgp + 2 * C, (dx * si).to(dt), mask=m2)
+            tl.store(dcp, dx * sf, mask=m2)
+        tl.debug_barrier()
+        # -- dh_L = dhs_t + dG W_g, then down the layers: da_j = dh_j * relu' * mask, dh_{j-1} = da_j W_j -------
+        for jj in tl.static_range(L):
+            j = L - 1 - jj
+            K = 3 * C if j == L - 1 else H
+            for n0 in range(0, H, BN):
+                ncol = n0 + tl.arange(0, BN)
+                nm = ncol < H
+                o2 = rm[:, None] & nm[None, :]
+                if j == L - 1 and HAS_DH:
+                    acc = tl.load(dhs_ptr + (r64[:, None] * T + t) * H + ncol[None, :], mask=o2,
+                                  other=0.0).to(tl.float32)
+                else:
+                    acc = tl.zeros([BB, BN], tl.float32)
+                for k0 in range(0, K, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < K
+                    if j == L - 1:
+                        a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wg_ptr + kc[:, None] * H + ncol[None, :], mask=km[:, None] & nm[None, :],
+                                    other=0.0)
+                    else:
+                        a = tl.load(da_ptr + ((j + 1) * T * B + srow)[:, None] * H + kc[None, :],
+                                    mask=rm[:, None] & km[None, :], other=0.0)
+                        w = tl.load(wl_ptr + j * H * H + kc[:, None] * H + ncol[None, :],
+                                    mask=km[:, None] & nm[None, :], other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
+                h = tl.load(hs_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], mask=o2, other=0.0)
+                if DROP:
+                    acc = acc * scale
+                da = tl.where(h > 0, acc, 0.0)
+                tl.store(da_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], da.to(dt), mask=o2)
+            tl.debug_barrier()
+        # -- dc_{t-1} = dx * sigmoid(f) + M_c (da_1 W_c), then the reset -----------------------------------
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            acc = tl.zeros([BB, BC], tl.float32)
+            for k0 in range(0, H, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < H
+                a = tl.load(da_ptr + srow[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                w = tl.load(wc_ptr + kc[:, None] * C + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+                acc = _mm(a, w, acc, IEEE)
+            if CTX_DROP:
+                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
+            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+            dc = tl.load(dcp, mask=m2, other=0.0) + acc
+            if HAS_KEEP:
+                dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            tl.store(dcp, dc, mask=m2)
+        tl.debug_barrier()
+
+
+def _blocks(B: int, C: int, H: int, device: torch.device) -> dict:
+    """Tile sizes. BLOCK_B rows per program: small enough to spread the batch over all SMs (16 is tl.dot's
+    minimum and measured fastest on an H100 at B=2048: 128 programs); NEWLLM_FUSED_{BLOCK_B,BN,BK,BC,WARPS,
+    STAGES} override them for tuning on another GPU."""
+    def p2(n: int, cap: int) -> int:
+        return max(16, min(cap, triton.next_power_of_2(n)))
+
+    def env(name: str, default: int) -> int:
+        return int(os.environ.get("NEWLLM_FUSED_" + name, 0)) or default
+
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        bb = 16 if B <= 16 * sms else 32 if B <= 32 * sms else 64
+        # 128-wide output tiles, 64-deep K steps, 3-4 stages: the fastest of a small grid on an H100
+        # (L1-T127, B=2048, bf16: recurrence forward + backward 12.6 ms vs 15.7 ms with 64-wide tiles).
+        return dict(BB=env("BLOCK_B", bb), BN=env("BN", p2(H, 128)), BK=env("BK", p2(max(C, H), 64)),
+                    BC=env("BC", p2(C, 128)), num_warps=env("WARPS", 4), num_stages=env("STAGES", 3))
+    return dict(BB=16, BN=p2(H, 32), BK=p2(max(C, H), 32), BC=p2(C, 32))
+
+
+def _kernel_kwargs(blocks: dict) -> dict:
+    return {k: v for k, v in blocks.items() if k not in ("num_warps", "num_stages") or not _INTERPRET}
+
+
+class FusedRecurrence(torch.autograd.Function):
+    """Drop-in for ``NewLLMRecurrence.apply(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training,
+    *layers)`` -> ``(hs [B, T, H], c_T [B, C])``: one persistent Triton kernel each way."""
+
+    @staticmethod
+    def forward(ctx, x_proj: torch.Tensor, c0: torch.Tensor, keep: Optional[torch.Tensor], W_c: torch.Tensor,
+                W_g: torch.Tensor, b_g: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, p: float,
+                p_ctx: float, training: bool, *layers: torch.Tensor):
+        B, T, H = x_proj.shape
+        C = c0.shape[1]
+        dt, dev = x_proj.dtype, x_proj.device
+        if dt == torch.bfloat16 and not bf16_supported(dev):
+            raise RuntimeError("the fused kernels need sm_80+ for bf16 matmuls: train this GPU in fp16 or fp32")
+        L = 1 + len(layers) // 2
+        xp = x_proj.contiguous()
+        Wc = W_c.to(dt).contiguous()
+        Wg, bg = W_g.to(dt).contiguous(), b_g.to(dt).contiguous()
+        if L > 1:
+            Wl = torch.stack([layers[k].to(dt) for k in range(0, len(layers), 2)]).contiguous()
+            bl = torch.stack([layers[k + 1].to(dt) for k in range(0, len(layers), 2)]).contiguous()
+        else:
+            Wl = bl = torch.zeros(1, dtype=dt, device=dev)
+        lnw, lnb = ln_w.float().contiguous(), ln_b.float().contiguous()
+        drop, ctx_drop = bool(training and p > 0), bool(training and p_ctx > 0)
+        # A fresh seed per call, drawn on the device: graph-safe, so every replay gets new masks too.
+        seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), device=dev, dtype=torch.int64) if drop or ctx_drop \
+            else torch.zeros(1, dtype=torch.int64, device=dev)
+        kp = keep.reshape(B, T).float().contiguous() if keep is not None else torch.zeros(1, device=dev)
+        c = c0.float().clone().contiguous()
+        Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)
+        Xin = torch.empty(T, B, C, dtype=dt, device=dev)
+        Cin = torch.empty(T, B, C, dtype=torch.float32, device=dev)
+        G = torch.empty(T, B, 3 * C, dtype=torch.float32, device=dev)
+        MU = torch.empty(T, B, dtype=torch.float32, device=dev)
+        RS = torch.empty(T, B, dtype=torch.float32, device=dev)
+        XS = torch.empty(B, C, dtype=torch.float32, device=dev)
+        blk = _blocks(B, C, H, dev)
+        grid = (triton.cdiv(B, blk["BB"]),)
+        _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS, XS,
+                          B, T, C, H, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
+                          L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop,
+                          IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+        ctx.save_for_backward(kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS)
+        ctx.cfg = (L, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype)
+        return Hs[L - 1].transpose(0, 1), c
+
+    @staticmethod
+    def backward(ctx, d_hs: Optional[torch.Tensor], d_c: Optional[torch.Tensor]):
+        kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS = ctx.saved_tensors
+        L, p, p_ctx, drop, ctx_drop, has_keep, c_dtype = ctx.cfg
+        _, T, B, H = Hs.shape
+        C = Cin.shape[-1]
+        dt, dev = Hs.dtype, Hs.device
+        dhs = d_hs.to(dt).contiguous() if d_hs is not None else torch.zeros(1, dtype=dt, device=dev)
+        dc = d_c.float().clone().contiguous() if d_c is not None else torch.zeros(B, C, device=dev)
+        dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
+        dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
+        blk = _blocks(B, C, H, dev)
+        nprog = triton.cdiv(B, blk["BB"])
+        PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+        PB = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+        _bwd_kernel[(nprog,)](dhs, dc, kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dA, PW, PB,
+                              B, T, C, H, p, p_ctx, CONTEXT_CLAMP,
+                              L=L, HAS_DH=d_hs is not None, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
+                              IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+        # Weight gradients: one matmul each over all T*B positions (as recurrence.py).
+        flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
+        d_Wg = (flatG.t() @ Hs[L - 1].reshape(-1, H)).float()
+        d_bg = flatG.float().sum(0)
+        d_Wc = (flatA[0].t() @ Xin.reshape(-1, C)).float()  # Xin: exactly what layer 1 read
+        layer_grads = []
+        for j in range(1, L):
+            layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
+        d_x = dA[0].transpose(0, 1)
+        return (d_x, dc.to(c_dtype), None, d_Wc, d_Wg, d_bg, PW.sum(0), PB.sum(0), None, None, None, *layer_grads)
+
+
+# -- dropout masks, as the kernels draw them (tests rebuild the reference with these) ---------------------------
+@triton.jit
+def _rand_kernel(seed_ptr, out_ptr, n, stream, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = tl.rand(tl.load(seed_ptr) + stream, offs)
+    tl.store(out_ptr + offs, r, mask=offs < n)
+
+
+def kernel_uniforms(seed: torch.Tensor, stream: int, shape: tuple) -> torch.Tensor:
+    """The uniforms the kernels compare with p: stream j < L is FNN layer j+1's dropout over [T, B, H],
+    stream L the context dropout over [T, B, C]; a unit is kept where the uniform is >= p."""
+    n = 1
+    for s in shape:
+        n *= s
+    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+    _rand_kernel[(triton.cdiv(n, 1024),)](seed, out, n, stream, BLOCK=1024)
+    return out.view(shape)
+
+
+# -- generation: a greedy token is 2 + (L - 1) launches, each split over output columns so that the weights
+# stream into many SMs
+@triton.jit
+def _dec_in_kernel(table_ptr, tok_ptr, pmax_ptr, pidx_ptr, flag_ptr, xs_ptr, ctx_ptr, lnw_ptr, lnb_ptr, wc_ptr,
+                   out_ptr, h_ptr, B, C, H, NV, out_stride, clamp, eps,
+                   FROM_HEAD: tl.constexpr, WRITE_OUT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
+                   BN: tl.constexpr, BCF: tl.constexpr, BNV: tl.constexpr):
+    """Start of a token: its id (FROM_HEAD: the argmax over the previous head launch's per-tile maxima), the
+    context c_{t-1} = clamp(LayerNorm(x_{t-1})) (or the given context while ``flag`` says it is fresh), then
+    layer 1's column tile: relu(table[tok] + W_c c). Every program recomputes the (cheap) LayerNorm of its rows,
+    so no program waits for another; the first column tile also stores c_{t-1} and the token."""
+    pid_n = tl.program_id(0)
+    ncol = pid_n * BN + tl.arange(0, BN)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, nm = rows < B, ncol < H
+    fresh = tl.load(flag_ptr) != 0
+    tok = tl.load(tok_ptr + rows, mask=rm, other=0)
+    if FROM_HEAD:
+        vt = tl.arange(0, BNV)
+        pm = tl.load(pmax_ptr + vt[:, None] * B + rows[None, :], mask=(vt < NV)[:, None] & rm[None, :],
+                     other=float("-inf"))
+        best = tl.argmax(pm, 0)  # the first tile holding the row's maximum: torch.argmax's tie rule
+        tok = tl.where(fresh, tok, tl.load(pidx_ptr + best * B + rows, mask=rm, other=0))
+    tok = tok.to(tl.int64)
+    cols = tl.arange(0, BCF)
+    cm = cols < C
+    m2 = rm[:, None] & cm[None, :]
+    x = tl.load(xs_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    mean = tl.sum(x, 1) / C
+    d = tl.where(m2, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+    lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+    lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+    y = tl.minimum(tl.maximum(d * rstd[:, None] * lw[None, :] + lb[None, :], -clamp), clamp)
+    c = tl.where(fresh, tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0), y)
+    if pid_n == 0:
+        tl.store(ctx_ptr + rows[:, None] * C + cols[None, :], c, mask=m2)
+        tl.store(tok_ptr + rows, tok, mask=rm)
+        if WRITE_OUT:
+            tl.store(out_ptr + rows * out_stride, tok, mask=rm)
+    o2 = rm[:, None] & nm[None, :]
+    acc = tl.load(table_ptr + tok[:, None] * H + ncol[None, :], mask=o2, other=0.0).to(tl.float32)
+    w = tl.load(wc_ptr + ncol[None, :] * C + cols[:, None], mask=cm[:, None] & nm[None, :], other=0.0)
+    acc = _mm(c.to(w.dtype), w, acc, IEEE)
+    tl.store(h_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty), mask=o2)
+
+
+@triton.jit
+def _dec_layer_kernel(a_ptr, w_ptr, b_ptr, out_ptr, B, K, H, IEEE: tl.constexpr,
+                      BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[:, n-tile] = relu(b + a @ w^T): FNN layers 2..L of one token."""
+    ncol = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, nm = rows < B, ncol < H
+    acc = tl.zeros([BB, BN], tl.float32) + tl.load(b_ptr + ncol, mask=nm, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, K, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < K
+        a = tl.load(a_ptr + rows[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + ncol[None, :] * K + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        acc = _mm(a, w, acc, IEEE)
+    tl.store(out_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty),
+             mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _gate_tile(pid_c, pid_b, h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
+               BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """x[:, c-tile] = sigmoid(f) c_{t-1} + sigmoid(i) u; the LayerNorm runs at the start of the next token."""
+    cols = pid_c * BC + tl.arange(0, BC)
+    rows = pid_b * BB + tl.arange(0, BB)
+    rm, cm = rows < B, cols < C
+    m2 = rm[:, None] & cm[None, :]
+    f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, H, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < H
+        a = tl.load(h_ptr + rows[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        wm = km[:, None] & cm[None, :]
+        f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
+        i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
+        u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
+    c = tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    tl.store(xs_ptr + rows[:, None] * C + cols[None, :], tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=m2)
+    if pid_c + pid_b == 0:
+        tl.store(flag_ptr, 0)  # from now on the context is LayerNorm(x)
+
+
+@triton.jit
+def _head_tile(pid_v, pid_b, h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE: tl.constexpr,
+               BB: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Greedy head: this vocab tile's logits (rounded to the model dtype, as the torch head returns them) and
+    each row's maximum and its first index, for the next token's _dec_in_kernel to reduce."""
+    vcol = pid_v * BV + tl.arange(0, BV)
+    rows = pid_b * BB + tl.arange(0, BB)
+    rm, vm = rows < B, vcol < V
+    acc = tl.zeros([BB, BV], tl.float32) + tl.load(b_ptr + vcol, mask=vm, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, H, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < H
+        a = tl.load(h_ptr + rows[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + vcol[None, :] * H + kc[:, None], mask=km[:, None] & vm[None, :], other=0.0)
+        acc = _mm(a, w, acc, IEEE)
+    lg = tl.where(vm[None, :], acc.to(h_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+    tl.store(pmax_ptr + pid_v * B + rows, tl.max(lg, 1), mask=rm)
+    tl.store(pidx_ptr + pid_v * B + rows, (pid_v * BV + tl.argmax(lg, 1)).to(tl.int64), mask=rm)
+
+
+@triton.jit
+def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """The gates alone (sampling, or a head that is not one linear map: the head runs in torch)."""
+    _gate_tile(tl.program_id(0), tl.program_id(1), h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H,
+               IEEE, BB, BC, BK)
+
+
+@triton.jit
+def _dec_gate_head_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr,
+                          B, C, H, V, NGATE, IEEE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr,
+                          BV: tl.constexpr, BK: tl.constexpr):
+    """Greedy decoding: the gates and the head both read only h_N, so one launch runs both, the first NGATE
+    programs a gate tile each and the rest a vocab tile each (a launch fewer per token)."""
+    pid = tl.program_id(0)
+    if pid < NGATE:
+        _gate_tile(pid, tl.program_id(1), h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE, BB, BC,
+                   BK)
+    else:
+        _head_tile(pid - NGATE, tl.program_id(1), h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE, BB, BV,
+                   BK)
+
+
+def _head_weights(model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(W [V, H], b) where the head is one linear map of h (an nn.Linear, or a tied head without projection)."""
+    head = model.head
+    if isinstance(head, torch.nn.Linear) and head.bias is not None:
+        return head.weight.detach(), head.bias.detach()
+    if getattr(head, "proj", "absent") is None and hasattr(head, "_embed"):
+        return head._embed[0].weight.detach(), head.bias.detach()
+    return None
+
+
+def _dec_env(name: str, default: int) -> int:
+    """NEWLLM_DEC_<name> if set: tiles a power of two >= 16, warps a power of two <= 16, chunk >= 1."""
+    raw = os.environ.get("NEWLLM_DEC_" + name, "")
+    if not raw:
+        return default
+    v = int(raw) if raw.strip().isdigit() else 0
+    pow2 = v > 0 and v & (v - 1) == 0
+    ok = {"CHUNK": v >= 1, "WARPS": pow2 and v <= 16}.get(name, pow2 and v >= 16)
+    if not ok:
+        want = {"CHUNK": "an integer >= 1", "WARPS": "a power of two up to 16"}.get(name, "a power of two >= 16")
+        raise ValueError(f"NEWLLM_DEC_{name}={raw!r}: must be {want}")
+    return v
+
+
+class FusedCell:
+    """The model's single-token update as Triton launches over a batch of ``batch_size`` rows, state on the device.
+
+    ``set_context(c)`` starts from a context; ``cell(tok)`` advances by the tokens ``tok`` [B] and returns the
+    last layer's output [B, H] (for the model's head); ``greedy()`` advances by the argmax of the previous head
+    launch and runs the head itself (no logits tensor, no argmax kernel); ``context()`` is c_t. The state is
+    kept as x_t (LayerNorm's input): the next token's first launch normalizes it, which saves a launch a token.
+    Layer 1's embedding half (bias included) is a precomputed vocab x hidden table. Weights are taken at
+    construction, in the model's own dtype (generation runs without autocast): rebuild after training."""
+
+    def __init__(self, model, batch_size: int) -> None:
+        cfg = model.config
+        if cfg.context_tanh:
+            raise ValueError("the fused cell has no context_tanh")
+        E, C, H = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim
+        W1 = model.fnn[0].weight.detach()
+        dt, dev = W1.dtype, W1.device
+        with torch.no_grad():
+            self.table = torch.nn.functional.linear(model.embed.weight.detach(), W1[:, :E],
+                                                    model.fnn[0].bias.detach()).contiguous()
+        self.Wc = W1[:, E:].contiguous()
+        self.layers = [(m.weight.detach().contiguous(), m.bias.detach().contiguous()) for m in model.fnn[1:]]
+        self.Wg, self.bg = model.gates.weight.detach().contiguous(), model.gates.bias.detach().contiguous()
+        self.lnw = model.norm.weight.detach().float().contiguous()
+        self.lnb = model.norm.bias.detach().float().contiguous()
+        hw = _head_weights(model)
+        self.head_w, self.head_b = (hw[0].contiguous(), hw[1].contiguous()) if hw is not None else (None, None)
+        self.B, self.C, self.H, self.dt = batch_size, C, H, dt
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.ctx = torch.zeros(batch_size, C, dtype=torch.float32, device=dev)
+        self.xs = torch.zeros(batch_size, C, dtype=torch.float32, device=dev)
+        self.flag = torch.ones(1, dtype=torch.int32, device=dev)
+        self.hs = [torch.empty(batch_size, H, dtype=dt, device=dev) for _ in range(1 + len(self.layers))]
+        # Small batches: narrow column tiles so that many SMs read the weights at once (a GEMV is bound by how
+        # fast the weights stream in, not by FLOPs). NEWLLM_DEC_{BN,BK,BV,WARPS,CHUNK} override the tiles for tuning
+        # (benchmarks/decode_tiles.py).
+        self.BB = 16 if batch_size <= 16 else 32 if batch_size <= 64 else 64
+        self.BN, self.BK, self.BV = _dec_env("BN", 32), _dec_env("BK", 64), _dec_env("BV", 64)
+        self.launch = {} if _INTERPRET else {"num_warps": _dec_env("WARPS", 4)}
+        self.V = self.head_w.shape[0] if self.head_w is not None else 0
+        self.NV = triton.cdiv(self.V, self.BV)
+        self.pmax = torch.zeros(max(self.NV, 1), batch_size, dtype=torch.float32, device=dev)
+        self.pidx = torch.zeros(max(self.NV, 1), batch_size, dtype=torch.long, device=dev)
+        self.ieee = dt == torch.float32
+
+    def set_context(self, context: torch.Tensor, tok: Optional[torch.Tensor] = None) -> None:
+        """Start from ``context`` [B, C] (and, for ``greedy``, the first token ``tok`` [B])."""
+        self.ctx.copy_(context)
+        if tok is not None:
+            self.tok.copy_(tok)
+        self.flag.fill_(1)
+
+    def context(self) -> torch.Tensor:
+        """c_t after the last token: clamp(LayerNorm(x_t)), or the context given to ``set_context``."""
+        if int(self.flag) != 0:
+            return self.ctx.clone()
+        y = torch.nn.functional.layer_norm(self.xs, (self.C,), self.lnw, self.lnb, LN_EPS)
+        return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+
+    def _advance(self, tok: torch.Tensor, out_col: Optional[torch.Tensor], from_head: bool) -> torch.Tensor:
+        """Layer 1..L of one token; with ``from_head`` the gates are left to ``greedy``'s combined launch."""
+        B, C, H = self.B, self.C, self.H
+        nb = triton.cdiv(B, self.BB)
+        grid_h = (triton.cdiv(H, self.BN), nb)
+        out = out_col if out_col is not None else self.tok
+        _dec_in_kernel[grid_h](self.table, tok, self.pmax, self.pidx, self.flag, self.xs, self.ctx, self.lnw,
+                               self.lnb, self.Wc, out, self.hs[0], B, C, H, self.NV,
+                               out.stride(0) if out.dim() else 1, CONTEXT_CLAMP, LN_EPS,
+                               FROM_HEAD=from_head, WRITE_OUT=out_col is not None, IEEE=self.ieee, BB=self.BB,
+                               BN=self.BN, BCF=max(16, triton.next_power_of_2(C)),
+                               BNV=max(2, triton.next_power_of_2(self.NV)), **self.launch)
+        for j, (w, b) in enumerate(self.layers):
+            _dec_layer_kernel[grid_h](self.hs[j], w, b, self.hs[j + 1], B, H, H, IEEE=self.ieee, BB=self.BB,
+                                      BN=self.BN, BK=self.BK, **self.launch)
+        if not from_head:
+            _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs,
+                                                            self.flag, B, C, H, IEEE=self.ieee, BB=self.BB,
+                                                            BC=self.BN, BK=self.BK, **self.launch)
+        return self.hs[-1]
+
+    def __call__(self, tok: torch.Tensor, out_col: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Advance by the tokens ``tok`` [B] (int64; written to ``out_col`` too); returns h_N [B, H]."""
+        return self._advance(tok, out_col, from_head=False)
+
+    def greedy(self, out_col: Optional[torch.Tensor] = None) -> None:
+        """Advance by the current token (``set_context``'s, else the argmax of the last head), written to
+        ``out_col``, and run the head for the next one (in the gates' launch). Needs a linear head (see
+        ``_head_weights``)."""
+        if self.head_w is None:
+            raise ValueError("greedy() needs a head that is one linear map (no tied projection)")
+        h = self._advance(self.tok, out_col, from_head=True)
+        ngate = triton.cdiv(self.C, self.BN)
+        _dec_gate_head_kernel[(ngate + self.NV, triton.cdiv(self.B, self.BB))](
+            h, self.Wg, self.bg, self.ctx, self.xs, self.flag, self.head_w, self.head_b, self.pmax, self.pidx,
+            self.B, self.C, self.H, self.V, ngate, IEEE=self.ieee, BB=self.BB, BC=self.BN, BV=self.BV, BK=self.BK,
+            **self.launch)
+
+    def next_tokens(self) -> torch.Tensor:
+        """The argmax of the last ``greedy`` head (what the next ``greedy`` reads), for checks."""
+        best = self.pmax.argmax(0)
+        return self.pidx.gather(0, best[None]).squeeze(0)
+
+
+class FusedDecoder:
+    """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps captured in one CUDA graph and
+    replayed for any number of tokens; device memory is constant (ids leave chunk by chunk into host memory).
+    Greedy decoding (temperature 0, linear head) is all Triton: 2 + (L - 1) launches a token (the gates and
+    the head share one), the head's argmax reduced inside the next token's first launch. Sampling runs the
+    model's head and Gumbel-max in torch.
+    ``use_graph=False`` runs the same launches without capture (CPU under Triton's interpreter)."""
+
+    def __init__(self, model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0,
+                 use_graph: bool = True) -> None:
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"invalid chunk={chunk!r}: must be an integer >= 1 (tokens per graph replay)")
+        chunk = chunk or _dec_env("CHUNK", 128)  # tokens per graph replay (128: fastest on an H200)
+        self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
+        self.cell = FusedCell(model, batch_size)
+        self.use_graph = use_graph
+        self.fused_head = temperature == 0 and self.cell.head_w is not None
+        dev = self.cell.ctx.device
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.out = torch.empty(batch_size, chunk, dtype=torch.long, device=dev)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    @torch.no_grad()
+    def _body(self) -> None:
+        if self.fused_head:
+            for j in range(self.chunk):
+                self.cell.greedy(self.out[:, j])
+            return
+        t = self.tok
+        for j in range(self.chunk):
+            lg = self.model.head(self.cell(t, self.out[:, j]))
+            t = sample_ids(lg, self.temperature)
+        self.tok.copy_(t)
+
+    def _capture(self) -> None:
+        saved = self.tok.clone(), self.cell.tok.clone(), self.cell.ctx.clone()
+        self.graph = capture_graph(self._body)
+        self.tok.copy_(saved[0])
+        self.cell.set_context(saved[2], saved[1])
+
+    @torch.no_grad()
+    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+        if prompt_ids.shape[1] == 0:
+            raise ValueError("cannot prime on an empty prompt")
+        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
+        cuda = self.tok.device.type == "cuda"
+        if cuda:
+            torch.cuda.manual_seed(seed)  # sampling draws from the default CUDA generator (philox offsets)
+        else:
+            torch.manual_seed(seed)
+        self.tok.copy_(sample_ids(logits, self.temperature))
+        self.cell.set_context(ctx, self.tok)
+        if self.use_graph and self.graph is None:
+            self._capture()
+        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=cuda)
+        for i in range(0, max_new_tokens, self.chunk):
+            if self.use_graph:
+                self.graph.replay()
+            else:
+                self._body()
+            n = min(self.chunk, max_new_tokens - i)
+            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        return out

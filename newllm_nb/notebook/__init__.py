@@ -1,0 +1,3 @@
+"""The notebooks' side: training with live bars and plots and the tables they show (live), widget panels
+(widgets), figures (plots) and Colab set-up (colab). It exports nothing itself, so that
+``python -m newllm_nb.notebook.colab`` installs what is missing before anything heavy is imported."""

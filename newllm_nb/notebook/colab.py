@@ -1,0 +1,137 @@
+"""Colab set-up: install only what is missing, optional Google Drive for checkpoints, run folders.
+
+Never upgrades what Colab ships (torch, ipywidgets 7, pandas ...): upgrading ipywidgets to 8 there has
+broken widget display (googlecolab/colabtools#3020).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+# (pip requirement, import name): installed only when the import name is missing.
+REQUIREMENTS = [("torch>=2.4", "torch"), ("datasets>=2.14", "datasets"), ("ipywidgets>=7.7", "ipywidgets"),
+                ("matplotlib>=3.6", "matplotlib"), ("pandas>=1.5", "pandas"), ("tqdm>=4.64", "tqdm"),
+                ("safetensors>=0.4", "safetensors"), ("tokenizers>=0.15", "tokenizers")]
+DRIVE_ROOT = Path("/content/drive/MyDrive/newllm-nb")
+
+# The one place that names the repository the Colab badges open and the set-up cell clones. A fork sets its
+# own owner/name (and branch) here and runs `python -m newllm_nb.notebook.colab --relink` to rewrite the notebooks'
+# badges and clone lines and README's badges; tests/test_notebooks.py checks that they all match.
+REPOSITORY = "newllm-nb/newllm-nb"
+BRANCH = "main"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG") is not None
+
+
+def missing_requirements() -> list[str]:
+    return [req for req, mod in REQUIREMENTS if importlib.util.find_spec(mod) is None]
+
+
+def ensure_requirements() -> list[str]:
+    """pip-install the requirements whose module is absent; returns what was installed."""
+    missing = missing_requirements()
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+    return missing
+
+
+def runs_root() -> Path:
+    """Where runs go: $NEWLLM_RUNS_DIR, else Drive when mounted, else ./runs."""
+    if os.environ.get("NEWLLM_RUNS_DIR"):
+        return Path(os.environ["NEWLLM_RUNS_DIR"])
+    if DRIVE_ROOT.parent.exists():
+        return DRIVE_ROOT / "runs"
+    return Path.cwd() / "runs"
+
+
+def mount_drive() -> Optional[Path]:
+    if not in_colab():
+        print("Google Drive is only available in Colab; checkpoints stay in", runs_root())
+        return None
+    from google.colab import drive  # type: ignore
+
+    drive.mount("/content/drive")
+    DRIVE_ROOT.mkdir(parents=True, exist_ok=True)
+    print("checkpoints now go to", runs_root())
+    return DRIVE_ROOT
+
+
+def drive_checkbox():
+    """A 'keep checkpoints on Google Drive' checkbox (default off); ticking it mounts Drive."""
+    import ipywidgets as w
+
+    box = w.Checkbox(value=False, description="Keep checkpoints on Google Drive",
+                     style={"description_width": "initial"})
+
+    def on_change(change):
+        if change["new"]:
+            mount_drive()
+
+    box.observe(on_change, names="value")
+    return box
+
+
+def clone_url(repository: str = REPOSITORY) -> str:
+    return f"https://github.com/{repository}"
+
+
+def badge_url(notebook: str, repository: str = REPOSITORY, branch: str = BRANCH) -> str:
+    """The Colab address that opens ``notebooks/<notebook>.ipynb`` of this repository."""
+    return f"https://colab.research.google.com/github/{repository}/blob/{branch}/notebooks/{notebook}.ipynb"
+
+
+# What a badge / clone line looks like for any repository, so --relink can rewrite another repository's links.
+_BADGE = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[\w./-]+?/notebooks/"
+                    r"(?P<nb>[\w-]+)\.ipynb")
+_CLONE = re.compile(r"git clone -q --depth 1 (?:-b [\w./-]+ )?https://github\.com/[\w.-]+/[\w.-]+ ")
+
+
+def link_files(root: Path = PROJECT_ROOT) -> list[Path]:
+    """The files that carry badges or clone lines: every notebook (both halves of each pair) and README."""
+    nbs = sorted((root / "notebooks").glob("*.ipynb")) + sorted((root / "notebooks").glob("*.py"))
+    return nbs + [root / "README.md"]
+
+
+def relink_text(text: str, repository: str = REPOSITORY, branch: str = BRANCH) -> str:
+    """``text`` with every Colab badge and set-up clone line pointing at ``repository`` / ``branch``."""
+    text = _BADGE.sub(lambda m: badge_url(m["nb"], repository, branch), text)
+    branch_flag = "" if branch == "main" else f"-b {branch} "
+    return _CLONE.sub(f"git clone -q --depth 1 {branch_flag}{clone_url(repository)} ", text)
+
+
+def stale_links(root: Path = PROJECT_ROOT) -> list[str]:
+    """Files whose badges or clone lines name another repository than ``REPOSITORY`` (empty: all agree)."""
+    return [str(p.relative_to(root)) for p in link_files(root) if relink_text(p.read_text()) != p.read_text()]
+
+
+def relink(root: Path = PROJECT_ROOT) -> list[Path]:
+    """Rewrite badges and clone lines to ``REPOSITORY`` / ``BRANCH``; returns the files changed."""
+    changed = []
+    for p in link_files(root):
+        old = p.read_text()
+        new = relink_text(old)
+        if new != old:
+            p.write_text(new)
+            changed.append(p)
+    return changed
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--relink"]:
+        files = relink()
+        print(f"{clone_url()} ({BRANCH}):", ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in files)
+              if files else "every badge and clone line already points here")
+    elif sys.argv[1:]:
+        sys.exit("usage: python -m newllm_nb.notebook.colab [--relink]")
+    else:
+        installed = ensure_requirements()
+        print("installed: " + (", ".join(installed) if installed else "nothing (all present)"))

@@ -1,0 +1,96 @@
+"""What training and evaluation count.
+
+Unless ``seed_compatible``, loss / PPL / accuracy are *token-weighted over all non-PAD targets* (UNK
+targets included, BOS never a target): loss = sum of per-token cross-entropy / number of such tokens,
+PPL = exp(loss), accuracy = share of those tokens predicted exactly. ``seed_compatible=True``
+reproduces the seed's figures: the mean over batches of each batch's mean loss / accuracy (PPL = exp
+of that), which weights short batches more.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from ..config import PAD_ID
+from ..data.batching import Dataset
+from ..runtime.distributed import all_reduce_sums, rank, world_size
+from ..runtime.hardware import autocast
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy, number of non-PAD targets, number correct), all as tensors (no sync)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    y = targets.reshape(-1)
+    loss_sum = F.cross_entropy(flat, y, ignore_index=PAD_ID, reduction="sum")
+    mask = y != PAD_ID
+    correct = ((flat.argmax(-1) == y) & mask).sum()
+    return loss_sum, mask.sum(), correct
+
+
+class Metrics:
+    """Token-weighted (default) or per-batch-averaged (seed) loss / accuracy, accumulated as Python floats
+    (one host sync per batch, which the non-finite check needs anyway)."""
+
+    def __init__(self, seed_compatible: bool = False) -> None:
+        self.seed_compatible = seed_compatible
+        self.loss = self.n = self.correct = 0.0
+        self.batch_loss = self.batch_acc = 0.0
+        self.batches = 0
+
+    def add(self, loss_sum: torch.Tensor, n: torch.Tensor, correct: torch.Tensor) -> None:
+        ls, nn_, c = float(loss_sum), float(n), float(correct)
+        if nn_ == 0:
+            return
+        self.loss += ls
+        self.n += nn_
+        self.correct += c
+        self.batch_loss += ls / nn_
+        self.batch_acc += c / nn_
+        self.batches += 1
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    def load(self, d: dict) -> None:
+        vars(self).update(d)
+
+    def result(self) -> dict:
+        if self.batches == 0:
+            return {"loss": float("nan"), "ppl": float("nan"), "acc": float("nan"), "tokens": 0}
+        if self.seed_compatible:
+            loss, acc = self.batch_loss / self.batches, self.batch_acc / self.batches
+        else:
+            loss, acc = self.loss / self.n, self.correct / self.n
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": acc, "tokens": int(self.n)}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
+             precision: str = "fp32", seed_compatible: bool = False) -> dict:
+    """Loss, PPL, accuracy over ``data`` (see the module docstring for what is counted).
+
+    Under torchrun every rank evaluates its share of each batch (as in training) and the batch's sums are
+    all-reduced before they count, so every rank gets the figures one process gets for the whole set:
+    the same per-batch sums, in the same order, in both the token-weighted and the seed's per-batch mode.
+    Sharding rather than every rank evaluating everything keeps validation as fast as training scales.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    m = Metrics(seed_compatible)
+    state = None
+    world = world_size()
+    for b in data.batches(batch_size, rank=rank(), world=world):
+        x, y = b.x.to(device), b.y.to(device)
+        r = None if b.reset is None else b.reset.to(device)
+        with autocast(device, precision):
+            logits, new_state = model(x, state if b.carry else None, r)
+        sums = token_loss(logits, y)
+        m.add(*(all_reduce_sums(*sums) if world > 1 else sums))
+        state = new_state
+    model.train(was_training)
+    return m.result()

@@ -1,0 +1,361 @@
+"""Training: ``Trainer`` sets up a run (device, precision, optimizer, step, state) and ``fit`` is the loop.
+
+The loop reads top to bottom: set the learning rate, take a step, count it, checkpoint now and then;
+at each epoch's end evaluate, record, checkpoint, and stop when the epochs run out or validation
+stops improving. What a step does lives in step.py, what a resume needs in state.py, and what the
+metrics count in metrics.py.
+
+``run_dir`` (optional) receives ``best.safetensors`` and ``last.safetensors`` (the one before it kept as
+``last.prev.safetensors``, plus ``epoch_K.safetensors`` every ``keep_every`` epochs). A ``last`` there is
+resumed automatically if it was written by the same configuration (runs.py's fingerprint); another
+configuration's run is refused, naming what differs. A lock keeps a second process out of the folder.
+
+Under torchrun (distributed.py) every rank runs this loop on its share of each global batch; rank 0
+alone holds the lock, decides whether and from what to resume (the others load the checkpoint it
+names, or raise the error it raised), shows progress, prints and writes checkpoints. Everything the
+loop decides on (losses, validation, when to save) is the same on every rank, so all ranks stop together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, seed_lr
+from ..data.batching import Dataset
+from ..runtime.distributed import (
+    agreed,
+    barrier,
+    broadcast_parameters,
+    check_same,
+    flag_from_main,
+    gather_objects,
+    gather_state,
+    rank,
+    shard_state,
+    world_size,
+)
+from ..runtime.hardware import resolve_device, resolve_precision
+from .checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, save_checkpoint
+from .metrics import Metrics, evaluate
+from .optim import WeightAverage, lr_at, make_optimizer
+from .runs import RunFolderError, RunLock, check_writable, differences, run_fingerprint
+from .state import TrainState
+from .step import make_step
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the message says why and which checkpoint is kept)."""
+
+
+class NonFiniteLossError(TrainingStopped):
+    """The loss diverged: too many consecutive non-finite losses, or a non-finite validation loss."""
+
+
+class OutOfMemory(TrainingStopped):
+    """CUDA ran out of memory at this batch size."""
+
+
+class TrainHook(Protocol):
+    """Something the loop calls around updates, e.g. ``expansion.BaseFreeze`` keeping a grown model's base."""
+
+    def after_update(self) -> None: ...
+    def after_resume(self) -> None: ...
+
+
+class Trainer:
+    """Train ``model`` on ``train``, validating on ``valid``, as ``config.train`` says.
+
+    ``progress`` (default ``tqdm.auto.tqdm``) draws the epochs bar and each epoch's transient bar.
+    ``callbacks`` get each epoch's history record (live plots); ``step_callbacks`` get
+    ``{"step", "epoch", "loss"}`` after every training step; ``hooks`` run after each update and resume.
+    Hooks that change which parameters train (``BaseFreeze``) must be made before the Trainer.
+    """
+
+    def __init__(self, model: torch.nn.Module, train: Optional[Dataset], valid: Optional[Dataset],
+                 config: RunConfig, tokenizer=None, run_dir: Optional[Union[str, Path]] = None,
+                 callbacks: Sequence[Callable[[dict], None]] = (),
+                 step_callbacks: Sequence[Callable[[dict], None]] = (), hooks: Sequence[TrainHook] = (),
+                 progress: Optional[Callable] = None) -> None:
+        self.cfg = config
+        self.progress = progress or tqdm  # a tqdm-like class for the bars (notebooks label theirs per run)
+        tc = config.train
+        if tc.freeze_base and not hooks:
+            raise ValueError("train.freeze_base=True needs the BaseFreeze hook: grow and train a model with "
+                             "expansion.growth_experiment, or pass hooks=[expansion.BaseFreeze(model)]")
+        self.device = resolve_device(tc.device)
+        self.precision = resolve_precision(tc.precision, self.device)
+        self.model = model.to(self.device)
+        self.rank, self.world = rank(), world_size()
+        self.main = self.rank == 0
+        if self.world > 1:  # every rank must cut the same global batches from the same data
+            check_same([d.content_hash() for d in (train, valid) if d is not None], "training / validation data")
+        broadcast_parameters(self.model)  # ranks > 0 start from rank 0's weights (a no-op for one process)
+        self.train_data, self.valid_data = train, valid
+        self.tokenizer = tokenizer
+        self.run_dir = check_writable(run_dir) if run_dir else None
+        self.fingerprint = run_fingerprint(config, train, valid, tokenizer) if self.run_dir else None
+        self.callbacks, self.step_callbacks, self.hooks = list(callbacks), list(step_callbacks), list(hooks)
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.state = TrainState(metrics=Metrics(tc.seed_compatible),
+                                ema=WeightAverage(self.model, tc.ema_decay) if tc.ema_decay > 0 else None)
+        self.rank_rng: dict = {}  # ranks > 0's RNG streams, for rank 0's next full checkpoint
+        self.step = make_step(tc.fast_path, self.model, self.optimizer, self.scaler, self.device, self.precision)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
+
+    @property
+    def ema(self) -> Optional[WeightAverage]:
+        return self.state.ema
+
+    @property
+    def last_path(self) -> Optional[Path]:
+        return self.run_dir / "last.safetensors" if self.run_dir else None
+
+    @property
+    def best_path(self) -> Optional[Path]:
+        return self.run_dir / "best.safetensors" if self.run_dir else None
+
+    @property
+    def previous_path(self) -> Optional[Path]:
+        return self.run_dir / "last.prev.safetensors" if self.run_dir else None
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save(self, path: Union[str, Path], full: bool = True) -> Path:
+        """A checkpoint of the model; ``full`` adds everything a resume needs (optimizer, scaler, state)."""
+        meta, tensors = self.state.to_checkpoint()
+        path = Path(path)
+        if path == self.last_path and path.exists():  # keep one good `last` to fall back on
+            path.replace(self.previous_path)
+        return save_checkpoint(path, self.model, config=self.cfg.to_dict(), tokenizer=self.tokenizer,
+                               history=self.state.history, optimizer=self.optimizer if full else None,
+                               scaler=self.scaler if full else None, trainer_state=meta,
+                               extra_tensors={**tensors, **self.rank_rng} if full else {},
+                               fingerprint=self.fingerprint)
+
+    def _resumable(self):
+        """The newest good full checkpoint of this run folder, or None for a fresh one. A damaged ``last``
+        falls back to ``last.prev`` (saying so); another configuration's run is refused."""
+        found = [p for p in (self.last_path, self.previous_path) if p.exists()]
+        for i, path in enumerate(found):
+            try:
+                ckpt = load_checkpoint(path)
+            except DamagedCheckpointError as e:
+                if i + 1 == len(found):
+                    raise
+                print(f"{e}; resuming from the previous checkpoint {found[i + 1]}")
+                continue
+            stored = ckpt.fingerprint
+            if stored != self.fingerprint:
+                why = differences(stored, self.fingerprint) if stored else "it records no configuration"
+                raise RunFolderError(f"run folder {self.run_dir} holds another configuration's run ({why}): "
+                                     f"choose another run folder, or the same settings to resume it")
+            return ckpt
+        return None
+
+    def resume(self, path) -> None:
+        """Continue a run from a full checkpoint (a path, or a loaded one): weights, optimizer, scaler, state, RNG."""
+        ckpt = path if not isinstance(path, (str, Path)) else load_checkpoint(path)
+        if ckpt.config.get("model") != self.cfg.to_dict()["model"]:
+            raise CheckpointError(f"{ckpt.path} was written for another model config "
+                                  f"({ckpt.config.get('model')}); use a new run name or the same settings")
+        ckpt.load_into(self.model)
+        opt = ckpt.optimizer_state()
+        if opt is None:
+            raise CheckpointError(f"{ckpt.path} has no optimizer state: it is a 'best' checkpoint, not resumable")
+        self.optimizer.load_state_dict(opt)
+        if "scaler" in ckpt.meta and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt.meta["scaler"])
+        self.state.restore(ckpt, self.device)
+        for hook in self.hooks:
+            hook.after_resume()
+
+    def _averaged(self):
+        """Validation and ``best`` use the averaged weights when the recipe keeps an average."""
+        return self.state.ema.applied() if self.state.ema is not None else contextlib.nullcontext()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> list[dict]:
+        """Train until ``epochs`` run out or validation stops improving; returns the history."""
+        with contextlib.ExitStack() as held:  # holds the run folder's lock (rank 0) until training ends
+            ckpt = agreed(lambda: self._claim(held, resume), share=lambda c: None if c is None else str(c.path),
+                          receive=lambda path: None if path is None else load_checkpoint(path))
+            history = self._fit(ckpt)
+            barrier()  # no rank reads best / last before rank 0 has written them
+            return history
+
+    def _claim(self, held: contextlib.ExitStack, resume: bool):
+        """Lock the run folder, clear a killed write's leftovers and find the checkpoint to resume (rank 0)."""
+        if self.run_dir is None:
+            return None
+        held.enter_context(RunLock(self.run_dir))
+        for stale in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write; never a checkpoint
+            stale.unlink()
+        return self._resumable() if resume else None
+
+    def _print(self, *args) -> None:
+        if self.main:
+            print(*args)
+
+    def _checkpoint(self, path: Path, full: bool = True) -> None:
+        """``save`` from rank 0, with the carried context of every rank's streams (a collective: all ranks call)."""
+        st = self.state
+        context = gather_state(st.context) if full and self.world > 1 else st.context
+        if full and self.world > 1:  # each rank draws its own dropout masks: keep every rank's streams
+            mine = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                    else None)
+            self.rank_rng = {f"rng.rank{r}.{kind}": t for r, states in enumerate(gather_objects(mine)) if r
+                             for kind, t in zip(("cpu", "cuda"), states) if t is not None}
+        if self.main:
+            own, st.context = st.context, context
+            try:
+                self.save(path, full)
+            finally:
+                st.context = own
+
+    def _restore_rank_rng(self, ckpt) -> None:
+        """A rank > 0 takes back its own RNG streams (``resume`` gave it rank 0's)."""
+        cpu, gpu = (ckpt.extra(f"rng.rank{self.rank}.{kind}") for kind in ("cpu", "cuda"))
+        if cpu is None:  # written by fewer processes: a stream of this rank's own, fixed by the step reached
+            torch.manual_seed(self.cfg.train.seed + self.rank + 7919 * self.state.global_step)
+            return
+        torch.set_rng_state(cpu)
+        if gpu is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(gpu, self.device)
+
+    def _fit(self, ckpt) -> list[dict]:
+        tc, st = self.cfg.train, self.state
+        if ckpt is not None:
+            self.resume(ckpt)
+            st.context = shard_state(st.context, self.rank, self.world)  # saved whole; each rank takes its streams
+            if self.rank > 0:
+                self._restore_rank_rng(ckpt)
+            if st.finished:
+                self._print(f"run in {self.run_dir} finished earlier ({len(st.history)} epochs): not trained again")
+                return st.history
+            self._print(f"resumed {ckpt.path} at epoch {st.epoch + 1}, step {st.step_in_epoch}")
+        else:
+            # Rank r seeds with seed + r: ranks draw different dropout masks (the same masks on every rank would
+            # correlate the noise of a global batch's shards); rank 0, and so one process, is unchanged.
+            torch.manual_seed(tc.seed + self.rank)
+        B = tc.batch_size
+        if self.world > 1:
+            rule = "given" if tc.lr is not None else f"seed rule 1e-4*sqrt({B}/32) = {seed_lr(B):.2e}"
+            self._print(f"data parallel: {self.world} processes | global batch {B} (about {-(-B // self.world)} "
+                        f"per process) | lr {tc.effective_lr:.2e} ({rule}, from the global batch)")
+        show = tc.show_progress and self.main
+        steps_per_epoch = self.train_data.num_batches(B)
+        total_steps = steps_per_epoch * tc.epochs
+        last_save = time.monotonic()
+        consecutive_bad = 0
+        bar = self.progress(total=tc.epochs, initial=st.epoch, desc="epochs", disable=not show)
+        try:
+            while st.epoch < tc.epochs:
+                clip = tc.clip_for_epoch(st.epoch)
+                self.model.train()
+                t0 = time.perf_counter()
+                inner = self.progress(total=steps_per_epoch, initial=st.step_in_epoch, leave=False,
+                                      desc=f"epoch {st.epoch + 1}", disable=not show)
+                for i, batch in enumerate(self.train_data.batches(B, shuffle=True, seed=tc.seed + st.epoch,
+                                                                   rank=self.rank, world=self.world)):
+                    if i < st.step_in_epoch:  # resumed mid-epoch: skip the batches already trained on
+                        continue
+                    lr = lr_at(tc, st.global_step, total_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    out = self.step(batch, st.context, clip)
+                    st.context = out.context
+                    if out.finite:
+                        for hook in self.hooks:
+                            hook.after_update()
+                        if st.ema is not None:
+                            st.ema.update()
+                        st.metrics.add(out.loss_sum, out.n, out.correct)
+                        consecutive_bad = 0
+                    else:
+                        consecutive_bad += 1
+                        st.nonfinite_epoch += 1
+                        if consecutive_bad >= tc.max_nonfinite:
+                            raise NonFiniteLossError(
+                                f"{consecutive_bad} consecutive non-finite losses at epoch {st.epoch + 1}, "
+                                f"step {i + 1} (lr={lr:.3g}, precision={self.precision}): the learning rate is "
+                                f"probably too high (try lr/10 or a smaller clip) or fp16 overflowed (use bf16/fp32). "
+                                f"Last good checkpoint: {self._last_good()}")
+                    st.global_step += 1
+                    st.step_in_epoch = i + 1
+                    inner.update(1)
+                    if self.step_callbacks:
+                        rec = {"step": st.global_step, "epoch": st.epoch + 1,
+                               "loss": float(out.loss_sum) / max(1.0, float(out.n))}
+                        for cb in self.step_callbacks:
+                            cb(rec)
+                    # Rank 0's clock decides for all: saving gathers every rank's streams.
+                    if self.run_dir and flag_from_main(time.monotonic() - last_save > 60 * tc.checkpoint_every_minutes):
+                        st.epoch_seconds += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        self._checkpoint(self.last_path)
+                        last_save = time.monotonic()
+                inner.close()
+                st.epoch_seconds += time.perf_counter() - t0
+
+                # End of epoch: evaluate, record, checkpoint, decide whether to stop.
+                train = st.metrics.result()
+                with self._averaged():
+                    val = evaluate(self.model, self.valid_data, min(B, 1024), self.device, self.precision,
+                                   tc.seed_compatible)
+                if not (math.isfinite(val["loss"]) and math.isfinite(train["loss"])):
+                    raise NonFiniteLossError(
+                        f"the run diverged: {'validation' if math.isfinite(train['loss']) else 'training'} loss is "
+                        f"not finite at epoch {st.epoch + 1} (lr={lr:.3g}, precision={self.precision}); try lr/10, "
+                        f"a smaller clip or bf16/fp32. Last good checkpoint: {self._last_good()}")
+                improved = val["loss"] < st.best_val - tc.min_delta
+                st.best_val = val["loss"] if improved else st.best_val
+                st.bad_epochs = 0 if improved else st.bad_epochs + 1
+                seconds = st.epoch_seconds
+                rec = {"epoch": st.epoch + 1, "train_loss": train["loss"], "train_ppl": train["ppl"],
+                       "val_loss": val["loss"], "val_ppl": val["ppl"], "val_acc": val["acc"],
+                       "val_tokens": val["tokens"],
+                       "tokens_per_s": train["tokens"] / seconds if seconds > 0 else float("nan"),
+                       "seconds": seconds, "lr": lr_at(tc, max(0, st.global_step - 1), total_steps), "clip": clip,
+                       "nonfinite_steps": st.nonfinite_epoch, "best": improved}
+                st.history.append(rec)
+                st.start_epoch_over()
+                st.finished = st.bad_epochs >= tc.patience or st.epoch >= tc.epochs
+                if self.run_dir:
+                    if improved:
+                        with self._averaged():
+                            self._checkpoint(self.best_path, full=False)
+                    if tc.keep_every and st.epoch % tc.keep_every == 0:
+                        self._checkpoint(self.run_dir / f"epoch_{st.epoch}.safetensors", full=False)
+                    self._checkpoint(self.last_path)
+                last_save = time.monotonic()
+                for cb in self.callbacks:
+                    cb(rec)
+                bar.update(1)
+                bar.set_postfix(train=f"{rec['train_loss']:.3f}", val_ppl=f"{rec['val_ppl']:.2f}")
+                if st.finished:
+                    break
+        except torch.cuda.OutOfMemoryError as e:
+            raise OutOfMemory(
+                f"CUDA out of memory at batch_size={B}: try batch_size={max(1, B // 2)} (and lr by the seed rule). "
+                f"Last checkpoint kept: {self._last_good()}") from e
+        finally:
+            bar.close()
+        if not st.finished:  # resumed with no epochs left to run
+            st.finished = True
+            if self.run_dir:
+                self._checkpoint(self.last_path)
+        return st.history
+
+    def _last_good(self) -> str:
+        return str(self.last_path) if self.last_path is not None and self.last_path.exists() else "none"

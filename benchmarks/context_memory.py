@@ -1,6 +1,6 @@
 """What does the context vector remember? Train (with quality.py's own ``run_one``: the same data split,
 training and evaluation) New-LLM recipes and the equal-parameter LSTM, then measure each trained model
-with ``newllm_nb.experiments.memory`` on the evaluation text and draw the seed model, the best option and the
+with ``newllm_nb.experiments.memory`` on the evaluation text and draw the original model, the best option and the
 LSTM side by side.
 
 Every row of the quality table (dev_ppl, eval_ppl) is what ``quality.py --runs newllm-best-L1`` (or

@@ -5,7 +5,7 @@ program ``BN``, vocab columns ``BV``, K step ``BK``, warps per program) and the 
 replay) set the speed. Each row builds ``fused.FusedDecoder`` with ``NEWLLM_DEC_*`` set, decodes
 --tokens tokens from the same start and checks that it emits exactly the tokens of the default setting.
 
-    python benchmarks/decode_tiles.py                       # the grid below, seed model L1, bf16
+    python benchmarks/decode_tiles.py                       # the grid below, original model L1, bf16
     python benchmarks/decode_tiles.py --layers 4 --tokens 20000
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from newllm_nb.config import ModelConfig  # noqa: E402
 from newllm_nb.experiments.bench import device_name  # noqa: E402
-from newllm_nb.models.newllm import ContextVectorLLM  # noqa: E402
+from newllm_nb.models.newllm import NewLLM  # noqa: E402
 
 KNOBS = ("BN", "BK", "BV", "WARPS")
 
@@ -68,7 +68,7 @@ def main() -> None:
         sys.exit("decode_tiles.py times the CUDA decoder: no GPU is visible")
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    model = ContextVectorLLM(ModelConfig(num_layers=args.layers, dropout=0.0)).to(dev, torch.bfloat16).eval()
+    model = NewLLM(ModelConfig(num_layers=args.layers, dropout=0.0)).to(dev, torch.bfloat16).eval()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     grid = [dict(zip(KNOBS, v)) for v in itertools.product(ints(args.bn), ints(args.bk), ints(args.bv),
                                                             ints(args.warps))]
@@ -90,7 +90,7 @@ def main() -> None:
                          "same_tokens": bool(torch.equal(ids, reference))})
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows).sort_values("tokens_per_s", ascending=False)
-    print(f"\n{device_name(dev)} | seed model L{args.layers}, bf16, batch 1, {args.tokens} greedy tokens | "
+    print(f"\n{device_name(dev)} | original model L{args.layers}, bf16, batch 1, {args.tokens} greedy tokens | "
           f"torch {torch.__version__} | best of {args.repeat}; the first row of each chunk is the default tiles")
     print(df.to_string(index=False))
     if args.best_env:

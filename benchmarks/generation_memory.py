@@ -25,7 +25,7 @@ import time
 import pandas as pd
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.experiments.bench import device_name
 from newllm_nb.infer.generate import GraphDecoder, decode_ids
 from newllm_nb.models.baselines import TransformerLM, matched_config
@@ -84,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     ap.add_argument("--lengths", default="1000,10000,100000" + (",1000000" if cuda else ""))
-    ap.add_argument("--layers", type=int, default=1, help="New-LLM FNN layers (seed defaults otherwise)")
+    ap.add_argument("--layers", type=int, default=1, help="New-LLM FNN layers (original defaults otherwise)")
     ap.add_argument("--tf-full-max", type=int, default=100_000, help="longest Transformer run done in full")
     ap.add_argument("--tf-tail", type=int, default=2000, help="steps timed at the end of longer Transformer runs")
     ap.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"])
@@ -97,7 +97,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=args.layers, dropout=0.0)
-    newllm = ContextVectorLLM(cfg).to(dev, dtype).eval()
+    newllm = NewLLM(cfg).to(dev, dtype).eval()
     tf = TransformerLM(matched_config(cfg, "transformer")).to(dev, dtype).eval()
     decoder = GraphDecoder(newllm) if cuda else None  # one captured single-token step for every length
     models = args.models.split(",")

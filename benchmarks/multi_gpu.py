@@ -10,7 +10,7 @@ so the timings are medians over the later epochs.
 
     # 1 vs 2 GPUs at the same global batch, three seeds: is the val PPL gap spread or systematic?
     python benchmarks/multi_gpu.py --gpus 1,2 --batch 2048 --seeds 0,10,20 --epochs 4 --out results/mg_seeds
-    # weak scaling: 2048 rows per GPU, so global batch 2048 / 4096 / 8192 (lr by the seed rule from it)
+    # weak scaling: 2048 rows per GPU, so global batch 2048 / 4096 / 8192 (lr by the original rule from it)
     python benchmarks/multi_gpu.py --gpus 1,2,4 --per-gpu-batch 2048 --seeds 0,10 --epochs 4 --budget 220
     # the fused Triton step against the CUDA graph + hand-written BPTT step, on the same seeds
     python benchmarks/multi_gpu.py --gpus 1,2 --fast-path fused,graph --seeds 0,10
@@ -112,7 +112,7 @@ def plan_runs(counts: Sequence[int], seeds: Sequence[Optional[int]], batch: int,
             for s in seeds for fp in fast_paths for n in counts]
 
 
-def seed_overlap_note(seeds: Sequence[int], epochs: int, gpus: int) -> Optional[str]:
+def original_overlap_note(seeds: Sequence[int], epochs: int, gpus: int) -> Optional[str]:
     """A warning when two seeds are closer than the trainer's seed offsets (seed + epoch, seed + rank)."""
     s = sorted(set(seeds))
     gap = min((b - a for a, b in zip(s, s[1:])), default=None)
@@ -259,7 +259,7 @@ def _groups(df: pd.DataFrame):
 
 
 def with_speedups(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each run's speed-up (tokens/s against the same seed's run on the fewest GPUs of its group, times that
+    """Each run's speed-up (tokens/s against the same original's run on the fewest GPUs of its group, times that
     count) and efficiency (speed-up / GPUs). NaN where that seed has no run on the fewest GPUs."""
     df = runs.copy()
     df["speedup"] = float("nan")
@@ -281,7 +281,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
     Like with like: the speed-up compares the median tokens/s of the seeds this count and the group's fewest
     GPUs both ran (``seeds`` lists them); ``dppl`` is the mean over those seeds of val PPL minus the same
-    seed's val PPL on the fewest GPUs (same initial weights and data order), ``dppl_sd`` its sample std.
+    original's val PPL on the fewest GPUs (same initial weights and data order), ``dppl_sd`` its sample std.
     """
     out = []
     for key, g in _groups(runs):
@@ -366,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, help="default: the CLI's rule, 1e-4*sqrt(global batch/32)")
-    ap.add_argument("--mode", choices=["windows", "stream"], help="default: the seed preset's (windows)")
+    ap.add_argument("--mode", choices=["windows", "stream"], help="default: the original preset's (windows)")
     ap.add_argument("--run-timeout", type=float, default=1200, help="seconds before one launch is stopped")
     ap.add_argument("--budget", type=float, help="seconds for the whole script: a run that would not finish in "
                                                  "time (judged by the longest launch so far) is not started")
@@ -416,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            f"epochs {args.epochs} (timings: median of epochs 2-{args.epochs}) | seeds {args.seeds or 'CLI default'} | "
            f"fast path {args.fast_path or 'CLI default'} | torch {torch.__version__}"
            + (f" | train flags: {' '.join(args.train_args)}" if args.train_args else ""))
-    note = seed_overlap_note([s for s in seeds if s is not None], args.epochs, max(counts))
+    note = original_overlap_note([s for s in seeds if s is not None], args.epochs, max(counts))
     if note:
         report(note)
 

@@ -1,4 +1,4 @@
-"""Quality on real WikiText-2 text: the seed recipe vs this package's recipes, and equal-parameter
+"""Quality on real WikiText-2 text: the original recipe vs this package's recipes, and equal-parameter
 LSTM / Transformer baselines, at vocab 1000 and 10000.
 
 Data: the first 90% of the lines of --file train (its last 5% serve as the dev set for early
@@ -7,7 +7,7 @@ in training or model selection. Choose recipes on ``dev_ppl`` only.
 
 Evaluation (the same tokens for every model): the evaluation lines as one token stream cut into
 --eval-streams parallel streams (default 8, each starting from a zero state), every token predicted
-once, PPL token-weighted over non-PAD targets (UNK included, BOS never a target). Seed-recipe models
+once, PPL token-weighted over non-PAD targets (UNK included, BOS never a target). Original-recipe models
 read each paragraph from a zero context (as they were trained); stateful models carry their state
 through each article; the Transformer reads windows of its training length.
 
@@ -52,7 +52,7 @@ from newllm_nb.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-SEQ = 64  # the seed's WikiText window; inputs are 63 tokens
+SEQ = 64  # the original's WikiText window; inputs are 63 tokens
 
 
 def default_recipe(vocab: int) -> str:
@@ -95,9 +95,9 @@ def load_recipe(spec: str, sets: Optional[list] = None) -> RunConfig:
     return preset(base, **overrides)
 
 
-def seed_recipe(batch: int, max_epochs: int) -> TrainConfig:
+def original_recipe(batch: int, max_epochs: int) -> TrainConfig:
     """The seed: Adam, constant lr = 1e-4 * sqrt(batch/32), clip 0.5/1.0/2.0 schedule, patience 30."""
-    return dataclasses.replace(preset("seed_wikitext").train, epochs=max_epochs, batch_size=batch,
+    return dataclasses.replace(preset("original_wikitext").train, epochs=max_epochs, batch_size=batch,
                                show_progress=False)
 
 
@@ -118,7 +118,7 @@ def run_one(name, model_cfg, train_cfg, mode, data, device, workdir, seq: int = 
     from TrainConfig.seed 42 + s (s = 0 is what every table without a seed column used)."""
     torch.set_num_threads(2)  # several runs may share the machine (--jobs)
     tok, train_lines, dev_lines, eval_lines = data
-    if mode == "seed":
+    if mode == "original":
         train = WindowData(wikitext_sequences(train_lines, tok, SEQ))
         dev = WindowData(wikitext_sequences(dev_lines, tok, SEQ))
         ev = StreamData(*wikitext_stream(eval_lines, tok, reset_every_line=True), seq_len=SEQ - 1)
@@ -128,7 +128,7 @@ def run_one(name, model_cfg, train_cfg, mode, data, device, workdir, seq: int = 
         # window length gives them the same predictions (63 keeps evaluation identical across recipes).
         ev_seq = seq if model_cfg.arch == "transformer" else SEQ
         ev = StreamData(*wikitext_stream(eval_lines, tok), seq_len=ev_seq - 1)
-    cfg = RunConfig(model_cfg, DataConfig(max_seq_length=seq, mode="windows" if mode == "seed" else "stream"),
+    cfg = RunConfig(model_cfg, DataConfig(max_seq_length=seq, mode="windows" if mode == "original" else "stream"),
                     dataclasses.replace(train_cfg, device=device, seed=train_cfg.seed + seed))
     torch.manual_seed(seed)
     model = build_model(model_cfg)
@@ -151,13 +151,13 @@ def plan(recipe: RunConfig, vocab: int, best_epochs: int) -> list[tuple]:
     base = dataclasses.replace(recipe.model, vocab_size=vocab)
     tc = dataclasses.replace(recipe.train, epochs=best_epochs, show_progress=False)
     seq = recipe.data.max_seq_length
-    seed_model = dataclasses.replace(preset("seed_wikitext").model, vocab_size=vocab)
+    original_model = dataclasses.replace(preset("original_wikitext").model, vocab_size=vocab)
     L1, L4 = (dataclasses.replace(base, num_layers=n) for n in (1, 4))
     # A recipe with another layer count also gets a row at its own depth (the L1 / L4 rows set theirs).
     own = [] if base.num_layers in (1, 4) else [(f"newllm-best-L{base.num_layers}", base, tc, "best", seq)]
     return [
-        ("newllm-seed-L1", dataclasses.replace(seed_model, num_layers=1), None, "seed", SEQ),
-        ("newllm-seed-L4", dataclasses.replace(seed_model, num_layers=4), None, "seed", SEQ),
+        ("newllm-original-L1", dataclasses.replace(original_model, num_layers=1), None, "original", SEQ),
+        ("newllm-original-L4", dataclasses.replace(original_model, num_layers=4), None, "original", SEQ),
         ("newllm-best-L1", L1, tc, "best", seq),
         *own,
         ("newllm-best-L4", L4, tc, "best", seq),
@@ -180,8 +180,9 @@ def main() -> None:
                          "repeat to compare recipes (default: the package's preset for each vocab)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override one field of every recipe, e.g. --set model.dropout=0.3")
-    ap.add_argument("--seed-batch", type=int, default=128, help="seed recipe batch (lr follows the seed rule)")
-    ap.add_argument("--max-epochs", type=int, default=150, help="seed recipe cap (patience 30 usually stops it)")
+    ap.add_argument("--original-batch", type=int, default=128,
+                    help="original recipe batch (lr follows the original rule)")
+    ap.add_argument("--max-epochs", type=int, default=150, help="original recipe cap (patience 30 usually stops it)")
     ap.add_argument("--best-epochs", type=int, default=60, help="epochs (and cosine length) of the other recipes")
     ap.add_argument("--eval-streams", type=int, default=8,
                     help="the evaluation text is read as this many parallel streams (each from a zero state)")
@@ -207,7 +208,7 @@ def main() -> None:
     for V in vocabs:
         tok = WordTokenizer.train([x for x in train_lines if x.strip()], V)
         data = (tok, train_lines, dev_lines, eval_lines)
-        seed_rows_done = False
+        original_rows_done = False
         for spec, recipe in recipes[V]:
             n = recipe.model.num_layers
             if n != 1 and args.runs and "newllm-best-L1" in args.runs.split(","):
@@ -216,12 +217,12 @@ def main() -> None:
             for name, mc, tc, mode, seq in plan(recipe, tok.vocab_size, args.best_epochs):
                 if args.runs and name not in args.runs.split(","):
                     continue
-                if mode == "seed":  # the seed recipe does not depend on --recipe: run it once
-                    if seed_rows_done and name.startswith("newllm-seed"):
+                if mode == "original":  # the original recipe does not depend on --recipe: run it once
+                    if original_rows_done and name.startswith("newllm-original"):
                         continue
-                    tc = seed_recipe(args.seed_batch, args.max_epochs)
-                jobs.append((name, mc, tc, mode, data, seq, {"recipe": spec} if several and mode != "seed" else {}))
-            seed_rows_done = True
+                    tc = original_recipe(args.original_batch, args.max_epochs)
+                jobs.append((name, mc, tc, mode, data, seq, {"recipe": spec} if several and mode != "original" else {}))
+            original_rows_done = True
     rows = []
     gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     with tempfile.TemporaryDirectory() as work:
@@ -283,14 +284,15 @@ def seed_summary(df: pd.DataFrame) -> Optional[pd.DataFrame]:
 
 
 def comparison_lines(df: pd.DataFrame) -> list[str]:
-    """Per vocab: the best New-LLM recipe vs the seed recipe, and the LSTMs (means over seeds, if several)."""
+    """Per vocab: the best New-LLM recipe vs the original recipe, and the LSTMs (means over seeds, if several)."""
     lines = []
     for V, g in df.groupby("vocab"):
         ppl = g.groupby("run")["eval_ppl"].mean().round(2)
-        if {"newllm-seed-L1", "newllm-best-L1"} <= set(ppl.index):
+        if {"newllm-original-L1", "newllm-best-L1"} <= set(ppl.index):
             best = ppl[[r for r in ppl.index if r.startswith("newllm-best")]].min()
-            seed = ppl[[r for r in ppl.index if r.startswith("newllm-seed")]].min()
-            line = f"vocab {V}: best New-LLM recipe {best} vs seed recipe {seed} ({100 * (1 - best / seed):.1f}% lower)"
+            original = ppl[[r for r in ppl.index if r.startswith("newllm-original")]].min()
+            line = (f"vocab {V}: best New-LLM recipe {best} vs original recipe {original} "
+                    f"({100 * (1 - best / original):.1f}% lower)")
             for lstm in ("lstm-best", "lstm-best-L1size"):
                 if lstm in ppl.index:
                     line += f"; {lstm} {ppl[lstm]}"

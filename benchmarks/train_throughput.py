@@ -1,4 +1,4 @@
-"""Training throughput: the seed's per-token loop vs this package's eager and fast paths, cuDNN LSTM
+"""Training throughput: the original's per-token loop vs this package's eager and fast paths, cuDNN LSTM
 and a causal Transformer of about equal parameters. Whole training steps (forward, backward, clip,
 Adam), random tokens, median of --steps steps after warm-up.
 
@@ -18,7 +18,7 @@ from newllm_nb import ModelConfig
 from newllm_nb.experiments.bench import probe_throughput
 from newllm_nb.models.baselines import build_model, matched_config
 
-from seed_loop import SeedLoop
+from original_loop import OriginalLoop
 
 CONFIGS = {"L1-T127": (1, 127), "L4-T63": (4, 63)}  # Dolly and WikiText configs
 
@@ -38,7 +38,7 @@ def main() -> None:
     for name in args.configs.split(","):
         layers, T = CONFIGS[name]
         cfg = ModelConfig(num_layers=layers)
-        variants = [("seed per-token loop", cfg, dict(fast_path="off", model=SeedLoop(build_model(cfg)))),
+        variants = [("original per-token loop", cfg, dict(fast_path="off", model=OriginalLoop(build_model(cfg)))),
                     ("package eager (hoisted)", cfg, dict(fast_path="off"))]
         if cuda:
             variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))
@@ -54,13 +54,13 @@ def main() -> None:
         for label, mcfg, kw in variants:
             t0 = time.perf_counter()
             r = probe_throughput(mcfg, args.batch, T, steps=args.steps, precision=args.precision, **kw)
-            if label == "seed per-token loop":  # the speed-up column needs the seed row (absent with --only)
+            if label == "original per-token loop":  # the speed-up column needs the original row (absent with --only)
                 base_ms = r["step_ms"]
             rows.append({"config": name, "variant": label, "params": r["params"], "path": r["path"],
                          "step_ms": round(r["step_ms"], 2), "tokens_per_s": round(r["tokens_per_s"]),
                          "warmup_s": round(r["warmup_s"], 2),
                          "peak_mem_gb": None if r["peak_mem_gb"] is None else round(r["peak_mem_gb"], 2),
-                         "speedup_vs_seed": round(base_ms / r["step_ms"], 2) if base_ms else None,
+                         "speedup_vs_original": round(base_ms / r["step_ms"], 2) if base_ms else None,
                          "precision": r["precision"],
                          "device": r["device"]})
             print(f"{name:22s} {label:34s} {r['step_ms']:9.2f} ms  ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -70,11 +70,11 @@ def main() -> None:
           f"median of {args.steps} steps")
     shown = df.drop(columns=["device"])
     print(shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False))
-    fast = df[df.variant.str.startswith("package fast path") & df.speedup_vs_seed.notna()]
+    fast = df[df.variant.str.startswith("package fast path") & df.speedup_vs_original.notna()]
     if len(fast):
-        met = int((fast.speedup_vs_seed >= 3).sum())
-        ratios = ", ".join(f"{c} {s}x" for c, s in zip(fast.config, fast.speedup_vs_seed))
-        print(f"\nsummary: fast path vs seed loop = {ratios} -> >= 3x in {met} of {len(fast)} config(s)")
+        met = int((fast.speedup_vs_original >= 3).sum())
+        ratios = ", ".join(f"{c} {s}x" for c, s in zip(fast.config, fast.speedup_vs_original))
+        print(f"\nsummary: fast path vs original loop = {ratios} -> >= 3x in {met} of {len(fast)} config(s)")
     for name in df.config.unique():  # the target: the fused step at or below cuDNN's LSTM
         ms = dict(zip(df[df.config == name].variant, df[df.config == name].step_ms))
         fused, lstm = ms.get("fused Triton recurrence (graph)"), ms.get("cuDNN LSTM, equal params")

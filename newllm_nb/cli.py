@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .config import PRESETS, RunConfig, apply_overrides, is_smoke, preset, shrink_for_smoke
+from .config import PRESETS, RENAMED_PRESETS, RunConfig, apply_overrides, is_smoke, preset, renamed, shrink_for_smoke
 from .data.pipeline import prepare
 from .experiments.experiment import keyed_run_dir, run_experiment
 from .experiments.sweep import run_sweep
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
     for q in (t, w):
         q.add_argument("--dataset", choices=["wikitext", "dolly"], help="default: wikitext (or --config's)")
-        q.add_argument("--preset", choices=sorted(PRESETS), help="default: seed_wikitext or seed_dolly")
+        q.add_argument("--preset", choices=sorted(PRESETS), help="default: original_wikitext or original_dolly")
         q.add_argument("--config", help="a config.json (a shared model's, or RunConfig.to_dict() as JSON) instead of "
                                         "a preset; the other flags still apply")
         q.add_argument("--epochs", type=int)
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: hub, else bundled "
                                            "sample)")
         q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
-        q.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
+        q.add_argument("--original-metrics", action="store_true", help="average metrics per batch, as the original did")
         q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
@@ -103,18 +103,18 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
     """The RunConfig the flags describe: the preset, then every given flag, then baseline sizing and smoke mode."""
     if args.config and args.preset:
         raise ValueError("--config and --preset both given: a run starts from one of them")
-    name = args.preset or f"seed_{args.dataset or 'wikitext'}"
+    name = args.preset or f"original_{args.dataset or 'wikitext'}"
     ov = {"data__dataset": args.dataset} if args.dataset or not args.config else {}
-    # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
+    # The original's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
     if args.batch_size is not None:
         ov["train__batch_size"] = args.batch_size
-    elif name.startswith("seed_") and not args.config:
+    elif name.startswith("original_") and not args.config:
         ov["train__batch_size"] = recommended_batch
     for flag, key in FLAG_FIELDS.items():
         if getattr(args, flag, None) is not None:
             ov[key] = getattr(args, flag)
-    if args.seed_compatible:
-        ov["train__seed_compatible"] = True
+    if args.original_metrics:
+        ov["train__original_metrics"] = True
     if args.quiet:
         ov["train__show_progress"] = False
     cfg = apply_overrides(_config_file(args.config) if args.config else preset(name), **ov)
@@ -138,8 +138,26 @@ def _config_file(path: str) -> RunConfig:
         raise ValueError(f"--config {path}: not a run config ({e})") from None
 
 
+RENAMED_FLAGS = {"--seed-compatible": "--original-metrics"}
+
+
+def _current_names(argv: Sequence[str]) -> list[str]:
+    """``argv`` with former flag and preset names replaced by today's (config.renamed says so in one line)."""
+    out = []
+    for a in argv:
+        flag, eq, value = a.partition("=")
+        if flag in RENAMED_FLAGS:
+            a = renamed(flag, RENAMED_FLAGS[flag]) + eq + value
+        elif (flag == "--preset" and value in RENAMED_PRESETS) or (out and out[-1] == "--preset"
+                                                                    and a in RENAMED_PRESETS):
+            old = value if eq else a
+            a = (flag + eq if eq else "") + renamed(old, RENAMED_PRESETS[old])
+        out.append(a)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_current_names(sys.argv[1:] if argv is None else argv))
     command = {"train": _train, "sweep": _sweep, "generate": _generate, "chat": _chat, "push": _push}[args.command]
     distributed = args.command == "train" and launched()
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -179,7 +197,7 @@ def _train(args: argparse.Namespace) -> int:
     res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared)
     m = res.metrics
     last = res.history[-1] if res.history else {}
-    print(f"\nfinal ({'per-batch mean, seed-compatible' if cfg.train.seed_compatible else 'token-weighted, non-PAD'}"
+    print(f"\nfinal ({'per-batch mean, original-metrics' if cfg.train.original_metrics else 'token-weighted, non-PAD'}"
           f" validation, best epoch): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | accuracy {100 * m['acc']:.1f}% | "
           f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s")
     print(f"checkpoint: {res.best_path}")

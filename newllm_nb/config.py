@@ -1,4 +1,4 @@
-"""Plain dataclass configs with validation and the seed's presets.
+"""Plain dataclass configs with validation and the original's presets.
 
 Every invalid value raises ``ValueError`` naming the field, so a mistyped widget or CLI flag fails
 before any work starts.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -16,6 +17,22 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # The New-LLM cell's constants, named once: c_t = clamp(LayerNorm(...), -CONTEXT_CLAMP, CONTEXT_CLAMP).
 CONTEXT_CLAMP = 10.0
 LN_EPS = 1e-5
+
+
+# Names that said "seed" for the original New-LLM code (rato-tokyo/new-llm). Still accepted, with one line naming
+# the new name, so commands, recipe files and checkpoints written with them keep working.
+RENAMED_PRESETS = {"seed_wikitext": "original_wikitext", "seed_dolly": "original_dolly"}
+RENAMED_TRAIN_FIELDS = {"seed_compatible": "original_metrics"}
+RENAMED_CLIP = {"seed": "original"}
+_told: set = set()
+
+
+def renamed(old: str, new: str) -> str:
+    """``new``, after saying once per process (on stderr) that ``old`` is its former name."""
+    if (old, new) not in _told:
+        _told.add((old, new))
+        print(f"note: {old!r} is now called {new!r}; the old name still works", file=sys.stderr)
+    return new
 
 
 def is_smoke() -> bool:
@@ -61,10 +78,10 @@ class ModelConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.1
-    context_dropout: float = 0.0  # dropout on the recurrent context path (0 = seed)
-    context_tanh: bool = False  # tanh on the candidate W_u h; the seed's code has none
-    tie_embeddings: bool = False  # output layer shares the input embedding (model.TiedHead); seed: separate
-    embed_dropout: float = 0.0  # word-type dropout on the embedding (model.embed_lookup); 0 = seed
+    context_dropout: float = 0.0  # dropout on the recurrent context path (0 = original)
+    context_tanh: bool = False  # tanh on the candidate W_u h; the original's code has none
+    tie_embeddings: bool = False  # output layer shares the input embedding (model.TiedHead); original: separate
+    embed_dropout: float = 0.0  # word-type dropout on the embedding (model.embed_lookup); 0 = original
     # Dropout off the recurrent path, on the embedding vectors going in and on the features going to the
     # output layer. None = each family's own placement: New-LLM has none there (the seed), the LSTM puts
     # ``dropout`` there (its only dropout). The Transformer ignores both.
@@ -81,21 +98,21 @@ class ModelConfig:
     tf_heads: int = 4
     max_len: int = 1024  # Transformer position table
     grown_from: Optional[int] = None  # context_dim before expand_context(), if grown
-    # -- New-LLM cell options. Each is off by default (the seed cell); every one that is on makes
-    # ``ContextVectorLLM.forward`` run its own autograd loop (the whole-loop recurrences implement the seed cell).
+    # -- New-LLM cell options. Each is off by default (the original cell); every one that is on makes
+    # ``NewLLM.forward`` run its own autograd loop (the whole-loop recurrences implement the original cell).
     # state_norm: where the LayerNorm of  c_t = clamp(LN(s_t))  with  s_t = f * c_{t-1} + i * u  sits.
-    #   "layernorm" (seed); "noaffine": LN without its weight and bias (2C fewer parameters);
+    #   "layernorm" (original); "noaffine": LN without its weight and bias (2C fewer parameters);
     #   "none": c_t = clamp(s_t), no norm at all (2C fewer parameters); "read": the state is kept un-normalised,
-    #   c_t = clamp(s_t), and the FNN and the gates read LN(c_{t-1}) instead of c_{t-1} (seed's parameters).
+    #   c_t = clamp(s_t), and the FNN and the gates read LN(c_{t-1}) instead of c_{t-1} (original's parameters).
     state_norm: str = "layernorm"
     # chrono_init > 0: forget-gate biases b_f = log(U(1, chrono_init - 1)) per channel and input-gate biases
     # b_i = -b_f (Tallec & Ollivier 2018), spreading the initial memory timescales up to ~chrono_init tokens;
-    # 0 = every b_f = forget_bias and b_i = 0 (seed). Parameters unchanged.
+    # 0 = every b_f = forget_bias and b_i = 0 (original). Parameters unchanged.
     chrono_init: float = 0.0
     # gate_context: the gates read [h_t ; c_{t-1}] instead of h_t:  [f; i; u] = W_g [h_t ; c_{t-1}] + b_g
     # (3 C^2 more parameters, or gate_rank * C more with gate_rank), as an LSTM's gates see its state.
     gate_context: bool = False
-    # fnn_residual: layers 2..N of the FNN.  "none" (seed): h = drop(relu(W h + b));  "residual":
+    # fnn_residual: layers 2..N of the FNN.  "none" (original): h = drop(relu(W h + b));  "residual":
     # h = h + drop(relu(W h + b));  "prenorm": h = h + drop(relu(W LN(h) + b)) (2H parameters per layer more).
     fnn_residual: str = "none"
     # gate_rank > 0: the gate projection is low rank, W_g = U V with V: in -> gate_rank (no bias) and
@@ -111,8 +128,8 @@ class ModelConfig:
         self.validate()
 
     @property
-    def seed_cell(self) -> bool:
-        """True when the cell is the seed's equations (no cell option on, no tanh): the whole-loop
+    def original_cell(self) -> bool:
+        """True when the cell is the original's equations (no cell option on, no tanh): the whole-loop
         recurrences (recurrence.py, fused.py) implement exactly this cell."""
         return (self.state_norm == "layernorm" and not self.chrono_init and not self.gate_context
                 and self.fnn_residual == "none" and not self.gate_rank and not self.slow_forget_bias
@@ -164,7 +181,7 @@ class DataConfig:
     path: Optional[str] = None  # explicit local file / folder; else the hub; else the bundled sample
     max_seq_length: int = 64
     tokenizer: str = "word"  # word | bpe
-    mode: str = "windows"  # windows (seed) | stream (stateful BPTT) | packed (Dolly, reset per example)
+    mode: str = "windows"  # windows (original) | stream (stateful BPTT) | packed (Dolly, reset per example)
     reset_at_articles: bool = True  # stream mode: zero the context at each WikiText article
     response_only_loss: bool = False  # Dolly: loss only on the Response part
     max_examples: Optional[int] = None  # cap on paragraphs / records (smoke mode)
@@ -188,23 +205,23 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation. ``lr=None`` means the seed rule lr = 1e-4 * sqrt(batch / 32)."""
+    """Optimisation. ``lr=None`` means the original rule lr = 1e-4 * sqrt(batch / 32)."""
 
     epochs: int = 150
     batch_size: int = 2048
     lr: Optional[float] = None
-    optimizer: str = "adam"  # adam (seed) | adamw
+    optimizer: str = "adam"  # adam (original) | adamw
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant (seed) | cosine (with warm-up)
+    schedule: str = "constant"  # constant (original) | cosine (with warm-up)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    clip: Union[str, float] = "seed"  # "seed": 0.5 / 1.0 / 2.0 before epoch 10 / 30 / after; or a norm
+    clip: Union[str, float] = "original"  # "original": 0.5 / 1.0 / 2.0 before epoch 10 / 30 / after; or a norm
     patience: int = 30
     min_delta: float = 0.001
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
-    seed_compatible: bool = False  # metrics averaged per batch, as the seed did
+    original_metrics: bool = False  # metrics averaged per batch, as the original did
     # auto = graph (CUDA graph + hand-written BPTT) | fused (Triton kernels) | graph-autograd | compile | off
     fast_path: str = "auto"
     checkpoint_every_minutes: float = 10.0
@@ -219,11 +236,11 @@ class TrainConfig:
 
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else seed_lr(self.batch_size)
+        return self.lr if self.lr is not None else original_lr(self.batch_size)
 
     def clip_for_epoch(self, epoch: int) -> float:
         """Gradient-norm limit for a 0-based epoch."""
-        if self.clip == "seed":
+        if self.clip == "original":
             return 0.5 if epoch < 10 else 1.0 if epoch < 30 else 2.0
         return float(self.clip)
 
@@ -237,7 +254,10 @@ class TrainConfig:
         _choice(self, "schedule", ("constant", "cosine"))
         _int(self, "warmup_steps", 0)
         _float(self, "min_lr_ratio", 0.0, 1.0)
-        if self.clip != "seed":
+        if isinstance(self.clip, str) and self.clip in RENAMED_CLIP:
+            renamed(f"clip={self.clip!r}", f"clip={RENAMED_CLIP[self.clip]!r}")
+            self.clip = RENAMED_CLIP[self.clip]
+        if self.clip != "original":
             _float(self, "clip", 0.0, lo_open=True)
         _int(self, "patience", 1)
         _float(self, "min_delta", 0.0)
@@ -254,8 +274,8 @@ class TrainConfig:
         _float(self, "ema_decay", 0.0, 1.0, hi_open=True)
 
 
-def seed_lr(batch_size: int) -> float:
-    """The seed's learning-rate rule: 1e-4 * sqrt(batch / 32)."""
+def original_lr(batch_size: int) -> float:
+    """The original's learning-rate rule: 1e-4 * sqrt(batch / 32)."""
     return 1e-4 * (batch_size / 32) ** 0.5
 
 
@@ -280,18 +300,20 @@ class RunConfig:
 def config_from_dict(cls: type, d: dict) -> Any:
     """Build a config dataclass from a dict, naming any unknown key."""
     names = {f.name for f in dataclasses.fields(cls)}
+    if cls is TrainConfig:
+        d = {(renamed(k, RENAMED_TRAIN_FIELDS[k]) if k in RENAMED_TRAIN_FIELDS else k): v for k, v in d.items()}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**d)
 
 
-def _seed_wikitext() -> RunConfig:
+def _original_wikitext() -> RunConfig:
     return RunConfig(ModelConfig(num_layers=4), DataConfig("wikitext", max_seq_length=64),
                      TrainConfig(epochs=150, patience=30))
 
 
-def _seed_dolly() -> RunConfig:
+def _original_dolly() -> RunConfig:
     return RunConfig(ModelConfig(num_layers=1), DataConfig("dolly", max_seq_length=128),
                      TrainConfig(epochs=100, patience=20))
 
@@ -319,7 +341,7 @@ def _best_wikitext_10k() -> RunConfig:
 
 # The New-LLM cell options chosen on the dev set at vocab 10000 (benchmarks/RESULTS.md, "cell options at full
 # length"): LayerNorm only on what the FNN and the gates read, forget biases spread over timescales up to 64
-# tokens, gates that read c_{t-1} through a rank-256 factor. Same parameter count as the seed cell.
+# tokens, gates that read c_{t-1} through a rank-256 factor. Same parameter count as the original cell.
 PLUS_CELL = {"state_norm": "read", "chrono_init": 64.0, "gate_context": True, "gate_rank": 256}
 
 
@@ -343,13 +365,15 @@ def _smoke() -> RunConfig:
                      TrainConfig(epochs=2, batch_size=32, lr=3e-3, patience=5, show_progress=False))
 
 
-PRESETS = {"seed_wikitext": _seed_wikitext, "seed_dolly": _seed_dolly, "best_wikitext": _best_wikitext,
+PRESETS = {"original_wikitext": _original_wikitext, "original_dolly": _original_dolly, "best_wikitext": _best_wikitext,
            "best_wikitext_10k": _best_wikitext_10k, "newllm_plus": _newllm_plus, "newllm_plus_10k": _newllm_plus_10k,
            "smoke": _smoke}
 
 
 def preset(name: str, **overrides: Any) -> RunConfig:
     """A fresh preset; ``overrides`` are ``section__field=value`` (e.g. ``train__epochs=3``)."""
+    if name in RENAMED_PRESETS:
+        name = renamed(name, RENAMED_PRESETS[name])
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()

@@ -19,7 +19,7 @@
 # # 00 · Setup and GPU detection
 #
 # What this runtime is, what batch size / learning rate / precision suit it, and how fast New-LLM
-# trains here. The recommendation follows the seed's GPU table (batch 512 on T4, 2048 on L4,
+# trains here. The recommendation follows the original's GPU table (batch 512 on T4, 2048 on L4,
 # 4096 on A100 and H100) and its rule lr = 1e-4 · √(batch / 32).
 
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
@@ -50,10 +50,10 @@ rec = hardware.recommend(info)
 pd.DataFrame([info.as_dict()]).T.rename(columns={0: "this machine"})
 
 # %% [markdown]
-# ## Recommendation beside the seed's table
+# ## Recommendation beside the original's table
 
 # %%
-table = pd.DataFrame(hardware.seed_table()).assign(source="seed")
+table = pd.DataFrame(hardware.original_table()).assign(source="original")
 mine = pd.DataFrame([{"gpu": f"{info.kind} (this machine)", "batch_size": rec.batch_size, "lr": round(rec.lr, 6),
                       "source": f"recommended, precision {rec.precision}"}])
 pd.concat([table, mine], ignore_index=True)

@@ -42,10 +42,10 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 
 # %% [markdown]
 # ## Settings
-# Pre-filled with the seed's WikiText preset (4 layers, sequence 64, early stopping after 30 flat epochs)
+# Pre-filled with the original's WikiText preset (4 layers, sequence 64, early stopping after 30 flat epochs)
 # and this machine's batch size. The *recipe* dropdown switches to the package's measured recipes
 # (`best_wikitext`: 1 layer, stateful BPTT over 16 streams, tied embeddings, AdamW + cosine, dropout,
-# weight averaging; 15% lower perplexity than the seed recipe on real WikiText-2 text at vocab 1000;
+# weight averaging; 15% lower perplexity than the original recipe on real WikiText-2 text at vocab 1000;
 # `best_wikitext_10k`: the same for vocab 10000 with dropout moved onto the input and output, 31% lower;
 # `newllm_plus` / `newllm_plus_10k`: those recipes with the cell options that did best on the dev set,
 # 4% below `best_wikitext_10k` at vocab 10000; see `benchmarks/RESULTS.md`). Change anything, then run the
@@ -54,7 +54,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # %%
 from newllm_nb.notebook.widgets import TrainingPanel
 
-panel = TrainingPanel("seed_wikitext")
+panel = TrainingPanel("original_wikitext")
 panel
 
 # %% [markdown]
@@ -117,7 +117,7 @@ share_on_hub(result.best_path, HUB_REPO)
 
 # %% [markdown]
 # ## Grow the context vector
-# The seed's growth experiment: take the trained model, widen its context vector (256 → 512 by
+# The original's growth experiment: take the trained model, widen its context vector (256 → 512 by
 # default), and keep training either **only the new dimensions** (freeze base) or **everything**
 # (fine-tune all). New weights start at zero; LayerNorm now averages over the wider vector, so the
 # grown model is close to, not identical with, the original: the gap is measured below. For
@@ -155,7 +155,7 @@ curves.groupby("variant", sort=False)["val_ppl"].agg(["min", "last"]).round(2)
 # position in the article, once with the context carried through the whole article and once with it reset
 # every 64 tokens: where the two lines part, the model uses what it read more than 64 tokens ago. Right:
 # change one token, and follow how much the context still differs over the next tokens. The same
-# measurements for the seed model, the best cell option and the LSTM side by side are in
+# measurements for the original model, the best cell option and the LSTM side by side are in
 # `benchmarks/results/context_memory.png` (`benchmarks/context_memory.py`, numbers in `benchmarks/RESULTS.md`).
 
 # %%

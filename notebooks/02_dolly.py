@@ -19,7 +19,7 @@
 # # 02 · Instruction following on Dolly-15k
 #
 # Each example becomes `Instruction: … Context: … Response: …` (Context only when present), split
-# 90/10 with seed 42 like the seed. The seed reached validation PPL 15.6 with **one** FNN layer.
+# 90/10 with seed 42 like the original. The original reached validation PPL 15.6 with **one** FNN layer.
 # Offline, the bundled `data/dolly-sample.jsonl` (same schema, 8 categories) stands in.
 #
 # **Any instruction dataset** works too: give a hub name (or a local jsonl as the data source) and a field
@@ -47,7 +47,7 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # %%
 from newllm_nb.notebook.widgets import TrainingPanel
 
-panel = TrainingPanel("seed_dolly")
+panel = TrainingPanel("original_dolly")
 panel
 
 # %% [markdown]

@@ -18,7 +18,7 @@
 #
 # # 03 · Layer sweep: does depth help New-LLM?
 #
-# The seed trained 1, 4, 5, 6 and 7 FNN layers on WikiText-2 and found almost no difference
+# The original trained 1, 4, 5, 6 and 7 FNN layers on WikiText-2 and found almost no difference
 # (PPL 20.1–21.8). Here the same sweep runs on this machine, optionally beside an LSTM and a causal
 # Transformer **sized to the same parameter count**. Each finished run is saved; re-running this
 # notebook skips finished runs, so a disconnect loses at most the run in progress.
@@ -45,7 +45,7 @@ from IPython.display import display
 
 from newllm_nb.notebook.widgets import TrainingPanel, choice_boxes
 
-panel = TrainingPanel("seed_wikitext", hide=("layers",))  # the layer count comes from the checkboxes below
+panel = TrainingPanel("original_wikitext", hide=("layers",))  # the layer count comes from the checkboxes below
 layer_row, chosen_layers = choice_boxes(list(range(1, 9)), [1, 4, 5, 6, 7], "FNN layers")
 arch_row, chosen_archs = choice_boxes(["newllm", "lstm", "transformer"], ["newllm"], "model families")
 display(panel.widget, layer_row, arch_row)
@@ -59,21 +59,21 @@ from newllm_nb.notebook.live import sweep_live
 results = sweep_live(panel.config(), chosen_layers(), chosen_archs())
 
 # %% [markdown]
-# ## Results beside the seed's published table
-# Ours: token-weighted PPL over non-PAD targets on this run's validation data. The seed's: WikiText-2
+# ## Results beside the original's published table
+# Ours: token-weighted PPL over non-PAD targets on this run's validation data. The original's: WikiText-2
 # validation, per-batch averages; the two stand side by side, they are not the same measurement.
 
 # %%
-from newllm_nb.notebook.plots import SEED_SWEEP, plot_sweep
+from newllm_nb.notebook.plots import ORIGINAL_SWEEP, plot_sweep
 
-results.merge(SEED_SWEEP, on="layers", how="left")
+results.merge(ORIGINAL_SWEEP, on="layers", how="left")
 
 # %%
 plot_sweep(results)
 
 # %% [markdown]
 # ## Sweep one cell option
-# The same panel's settings with one of New-LLM's cell options (off = the seed's cell) set to each value in
+# The same panel's settings with one of New-LLM's cell options (off = the original's cell) set to each value in
 # turn, one run per value. Which options help at vocab 10000 on real WikiText-2 text, and by how much, is
 # measured in `benchmarks/RESULTS.md` (the dev-set screen of the cell options).
 

@@ -19,7 +19,7 @@
 # # 04 · Chat with what you trained
 #
 # The reply streams token by token. The whole conversation lives in **one context vector**: every new
-# token costs the same however long the chat gets (the seed re-encoded its window for each token).
+# token costs the same however long the chat gets (the original re-encoded its window for each token).
 # By default this loads the newest checkpoint from notebook 02; paste another path to use it instead.
 
 # %% Colab set-up in one line: clone + install this repo, then only the packages Colab lacks (does nothing locally)
@@ -63,7 +63,7 @@ if path_box.value.strip():
     print("loaded", path_box.value.strip(), "| trained epochs:", len(ckpt.history))
 else:
     print("No checkpoint from notebook 02 yet: training a small Dolly model so this notebook still works.")
-    demo = train_live(preset("seed_dolly", train__epochs=3, train__batch_size=32), "chat-demo")
+    demo = train_live(preset("original_dolly", train__epochs=3, train__batch_size=32), "chat-demo")
     model, tokenizer = demo.model.cpu().eval(), demo.tokenizer
 
 # %% [markdown]

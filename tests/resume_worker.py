@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from newllm_nb import ContextVectorLLM, preset
+from newllm_nb import NewLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
 from newllm_nb.train.runs import RunFolderError
@@ -20,7 +20,7 @@ def main(run_dir: str, sleep: float, out: str) -> None:
     p = prepare(cfg.data, 200)
     cfg = apply_overrides(cfg, model__vocab_size=p.tokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)
-    t = Trainer(ContextVectorLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer, run_dir or None)
+    t = Trainer(NewLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer, run_dir or None)
     if sleep:
         t.step.loss_hook = lambda loss: (time.sleep(sleep), loss)[1]
     try:

@@ -77,7 +77,7 @@ def lab(tmp_path_factory):
     subprocess.run([sys.executable, "-c", (
         "import sys; from newllm_nb.config import preset, shrink_for_smoke; "
         "from newllm_nb.experiments.experiment import run_experiment; "
-        "run_experiment(shrink_for_smoke(preset('seed_dolly', train__epochs=1, train__batch_size=32, "
+        "run_experiment(shrink_for_smoke(preset('original_dolly', train__epochs=1, train__batch_size=32, "
         "train__show_progress=False)), sys.argv[1])"), str(runs / "dolly-browser-test")],
         env=env, check=True, capture_output=True, timeout=300)
     port, token = _free_port(), secrets.token_hex(16)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig, RunConfig
+from newllm_nb import ModelConfig, NewLLM, RunConfig
 from newllm_nb.data.tokenizer import WordTokenizer
 from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 
@@ -12,7 +12,7 @@ CFG = RunConfig(model=ModelConfig(vocab_size=20, embed_dim=8, context_dim=8, hid
 
 
 def _save(tmp_path, model=None, **kw):
-    model = model or ContextVectorLLM(CFG.model)
+    model = model or NewLLM(CFG.model)
     tok = WordTokenizer([f"w{i}" for i in range(16)])
     return save_checkpoint(tmp_path / "ck.safetensors", model, config=CFG.to_dict(), tokenizer=tok, **kw), model
 
@@ -44,21 +44,21 @@ def test_missing_truncated_foreign_and_mismatched(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="not a newllm_nb checkpoint"):
         load_checkpoint(tmp_path / "plain.safetensors")
-    bigger = ContextVectorLLM(dataclasses.replace(CFG.model, vocab_size=30))
+    bigger = NewLLM(dataclasses.replace(CFG.model, vocab_size=30))
     with pytest.raises(CheckpointError, match=r"ck.safetensors does not fit.*embed.weight: checkpoint \(20, 8\)"):
         load_checkpoint(path).load_into(bigger)
-    deeper = ContextVectorLLM(dataclasses.replace(CFG.model, num_layers=2))
+    deeper = NewLLM(dataclasses.replace(CFG.model, num_layers=2))
     with pytest.raises(CheckpointError, match="missing fnn.1.weight"):
         load_checkpoint(path).load_into(deeper)
 
 
 def test_optimizer_state_round_trips(tmp_path):
-    model = ContextVectorLLM(CFG.model)
+    model = NewLLM(CFG.model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randint(0, 20, (2, 4)))[0].sum().backward()
     opt.step()
     path, _ = _save(tmp_path, model=model, optimizer=opt)
-    opt2 = torch.optim.Adam(ContextVectorLLM(CFG.model).parameters(), lr=1e-3)
+    opt2 = torch.optim.Adam(NewLLM(CFG.model).parameters(), lr=1e-3)
     opt2.load_state_dict(load_checkpoint(path).optimizer_state())
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(v, opt2.state_dict()["state"][0][k])

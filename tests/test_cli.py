@@ -29,14 +29,14 @@ def test_every_flag_sets_its_config_field():
     args = _parser().parse_args(["train", "--dataset", "dolly", "--layers", "3", "--epochs", "7", "--batch-size", "24",
                                  "--lr", "0.002", "--seq-len", "48", "--vocab-size", "700", "--patience", "4",
                                  "--precision", "fp32", "--tokenizer", "bpe", "--mode", "packed", "--data-path",
-                                 "x.jsonl", "--device", "cpu", "--seed-compatible", "--quiet"])
+                                 "x.jsonl", "--device", "cpu", "--original-metrics", "--quiet"])
     cfg = config_from_args(args, recommended_batch=512)
     m, d, t = cfg.model, cfg.data, cfg.train
     assert (m.num_layers, m.vocab_size) == (3, 700)
     assert (d.dataset, d.max_seq_length, d.tokenizer, d.mode, d.path) == ("dolly", 48, "bpe", "packed", "x.jsonl")
     assert (t.epochs, t.batch_size, t.lr, t.patience, t.precision, t.device) == (7, 24, 0.002, 4, "fp32", "cpu")
-    assert t.seed_compatible and not t.show_progress
-    # Not given: the preset's values, the seed preset's batch from this machine's recommendation.
+    assert t.original_metrics and not t.show_progress
+    # Not given: the preset's values, the original preset's batch from this machine's recommendation.
     plain = config_from_args(_parser().parse_args(["train"]), recommended_batch=512)
     assert plain.train.batch_size == 512 and plain.model.num_layers == 4 and plain.train.lr is None
     best = config_from_args(_parser().parse_args(["train", "--preset", "best_wikitext"]), recommended_batch=512)

@@ -8,8 +8,8 @@ from newllm_nb.config import (
     TrainConfig,
     apply_overrides,
     config_from_dict,
+    original_lr,
     preset,
-    seed_lr,
 )
 
 BAD = [
@@ -42,9 +42,9 @@ def test_invalid_value_names_the_field(cls, field, value):
 
 
 def test_presets_and_overrides():
-    w = preset("seed_wikitext")
+    w = preset("original_wikitext")
     assert (w.data.max_seq_length, w.train.epochs, w.train.patience, w.model.num_layers) == (64, 150, 30, 4)
-    d = preset("seed_dolly")
+    d = preset("original_dolly")
     assert (d.data.max_seq_length, d.train.epochs, d.train.patience, d.model.num_layers) == (128, 100, 20, 1)
     s = preset("smoke", train__epochs=1)
     assert s.train.epochs == 1
@@ -57,9 +57,9 @@ def test_presets_and_overrides():
     assert RunConfig.from_dict(w.to_dict()) == w
 
 
-def test_seed_lr_rule_and_clip_schedule():
-    assert seed_lr(2048) == pytest.approx(8e-4)
-    assert seed_lr(512) == pytest.approx(4e-4)
+def test_original_lr_rule_and_clip_schedule():
+    assert original_lr(2048) == pytest.approx(8e-4)
+    assert original_lr(512) == pytest.approx(4e-4)
     assert TrainConfig(batch_size=2048).effective_lr == pytest.approx(8e-4)
     tc = TrainConfig()
     assert [tc.clip_for_epoch(e) for e in (0, 9, 10, 29, 30, 100)] == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0]

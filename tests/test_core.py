@@ -154,24 +154,24 @@ def test_clipping_limits_the_gradient_norm_before_the_update():
     assert not apply_update(lin, opt, scaler, 0.5, torch.tensor(float("nan")))  # no update on a NaN loss
 
 
-def test_seed_compatible_metrics_end_to_end(tiny_prepared):
-    """Per-batch averages (the seed's) weight a short batch as much as a full one; token-weighted does not."""
+def test_original_metrics_end_to_end(tiny_prepared):
+    """Per-batch averages (the original's) weight a short batch as much as a full one; token-weighted does not."""
     t = make_trainer(tiny_config(train__epochs=1), tiny_prepared)
     t.fit()
     rows = torch.cat([tiny_prepared.valid.x, tiny_prepared.valid.y[:, -1:]], 1)
     data = WindowData(rows)
     dev = t.device
     tok = evaluate(t.model, data, 4, dev)
-    seed = evaluate(t.model, data, 4, dev, seed_compatible=True)
+    per_batch = evaluate(t.model, data, 4, dev, original_metrics=True)
     by_batch = [evaluate(t.model, WindowData(rows[i:i + 4]), 4, dev) for i in range(0, len(rows), 4)]
-    assert seed["loss"] == pytest.approx(sum(b["loss"] for b in by_batch) / len(by_batch), rel=1e-6)
+    assert per_batch["loss"] == pytest.approx(sum(b["loss"] for b in by_batch) / len(by_batch), rel=1e-6)
     weighted = sum(b["loss"] * b["tokens"] for b in by_batch) / sum(b["tokens"] for b in by_batch)
     assert tok["loss"] == pytest.approx(weighted, rel=1e-6)
-    assert seed["loss"] != pytest.approx(tok["loss"], rel=1e-4)
-    # And through the trainer: a seed-compatible run reports the per-batch mean in its history.
-    t2 = make_trainer(tiny_config(train__epochs=1, train__seed_compatible=True), tiny_prepared)
+    assert per_batch["loss"] != pytest.approx(tok["loss"], rel=1e-4)
+    # And through the trainer: an original-metrics run reports the per-batch mean in its history.
+    t2 = make_trainer(tiny_config(train__epochs=1, train__original_metrics=True), tiny_prepared)
     rec = t2.fit()[-1]
-    again = evaluate(t2.model, tiny_prepared.valid, 16, t2.device, t2.precision, seed_compatible=True)
+    again = evaluate(t2.model, tiny_prepared.valid, 16, t2.device, t2.precision, original_metrics=True)
     assert rec["val_loss"] == pytest.approx(again["loss"], rel=1e-6)
 
 

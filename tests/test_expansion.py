@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, preset
+from newllm_nb import NewLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
 from newllm_nb.experiments.growth import BaseFreeze, expand_context, growth_gap, trainable_masks
@@ -21,7 +21,7 @@ def trained():
     p = prepare(cfg.data, 300)
     cfg = apply_overrides(cfg, model__vocab_size=p.tokenizer.vocab_size)
     torch.manual_seed(0)
-    t = Trainer(ContextVectorLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer)
+    t = Trainer(NewLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer)
     t.fit()
     return t.model.eval(), p, cfg
 
@@ -97,7 +97,7 @@ def test_freeze_base_resume_keeps_the_checkpoint_base(trained, tmp_path):
         t.fit()
     base = {k: v.detach().clone() for k, v in big.named_parameters()}
     torch.manual_seed(123)
-    fresh = ContextVectorLLM(cfg2.model)  # random weights: resume must replace them, base included
+    fresh = NewLLM(cfg2.model)  # random weights: resume must replace them, base included
     Trainer(fresh, p.train, p.valid, cfg2, p.tokenizer, tmp_path, hooks=[BaseFreeze(fresh)]).fit()
     masks = trainable_masks(fresh)
     for name, v in fresh.named_parameters():
@@ -108,7 +108,7 @@ def test_a_tied_model_grows_with_its_shared_head():
     from newllm_nb import ModelConfig
 
     torch.manual_seed(0)
-    m = ContextVectorLLM(ModelConfig(vocab_size=60, embed_dim=8, context_dim=8, hidden_dim=16, tie_embeddings=True))
+    m = NewLLM(ModelConfig(vocab_size=60, embed_dim=8, context_dim=8, hidden_dim=16, tie_embeddings=True))
     big = expand_context(m, 12)
     assert big.head._embed[0] is big.embed and torch.equal(big.embed.weight, m.embed.weight)
     assert torch.equal(big.head.proj.weight, m.head.proj.weight) and torch.equal(big.head.bias, m.head.bias)

@@ -1,11 +1,11 @@
 """Context growth with the New-LLM cell options on: every option grows, keeping what expansion promises
-for the seed cell (exact base copy, first-token logits unchanged, a small loss change right after growth,
+for the original cell (exact base copy, first-token logits unchanged, a small loss change right after growth,
 a base that freeze-base training leaves bit-identical while the new dimensions learn)."""
 
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import apply_overrides
 from newllm_nb.experiments.experiment import run_experiment
 from newllm_nb.experiments.growth import expand_context, freeze_hooks, growth_experiment, growth_gap
@@ -59,7 +59,7 @@ def base_part(name: str, t: torch.Tensor, cfg: ModelConfig, old_dim: int) -> tor
     return t
 
 
-def assert_base_kept(base: torch.nn.Module, grown: ContextVectorLLM) -> None:
+def assert_base_kept(base: torch.nn.Module, grown: NewLLM) -> None:
     old = dict(base.named_parameters())
     assert set(old) == {n for n, _ in grown.named_parameters()}
     for name, p in grown.named_parameters():
@@ -84,7 +84,7 @@ def trained(tiny_prepared):
 @pytest.mark.parametrize("option", OPTIONS)
 def test_growth_copies_the_base_exactly_and_new_weights_start_at_zero(option):
     torch.manual_seed(0)
-    base = ContextVectorLLM(tiny_config(**OPTIONS[option]).model)
+    base = NewLLM(tiny_config(**OPTIONS[option]).model)
     with torch.no_grad():  # no entry of the base is 0 or 1, so a zero or a LayerNorm gain cannot pass for a copy
         for p in base.parameters():
             p.copy_(torch.randn_like(p).abs() + 1.5)
@@ -109,7 +109,7 @@ def test_growth_copies_the_base_exactly_and_new_weights_start_at_zero(option):
         torch.testing.assert_close(grown(ids)[0], base(ids)[0])
 
 
-def new_gate_biases(model: ContextVectorLLM) -> tuple[torch.Tensor, torch.Tensor]:
+def new_gate_biases(model: NewLLM) -> tuple[torch.Tensor, torch.Tensor]:
     C = model.config.context_dim
     new = torch.ones(C, dtype=torch.bool)
     new[old_positions(model.config, C0)] = False
@@ -118,7 +118,7 @@ def new_gate_biases(model: ContextVectorLLM) -> tuple[torch.Tensor, torch.Tensor
 
 def test_new_channels_of_a_chrono_model_get_chrono_timescales():
     torch.manual_seed(0)
-    base = ContextVectorLLM(tiny_config(model__chrono_init=64.0).model)
+    base = NewLLM(tiny_config(model__chrono_init=64.0).model)
     b_f, b_i = new_gate_biases(expand_context(base, C1))
     assert ((b_f >= 0) & (b_f <= torch.log(torch.tensor(63.0)))).all() and len(b_f.unique()) == C1 - C0
     assert torch.equal(b_i, -b_f)
@@ -126,7 +126,7 @@ def test_new_channels_of_a_chrono_model_get_chrono_timescales():
 
 def test_new_channels_of_each_half_get_that_halfs_timescale():
     torch.manual_seed(0)
-    base = ContextVectorLLM(tiny_config(model__slow_forget_bias=4.0, model__forget_bias=1.0).model)
+    base = NewLLM(tiny_config(model__slow_forget_bias=4.0, model__forget_bias=1.0).model)
     b_f, b_i = new_gate_biases(expand_context(base, C1))
     half = (C1 - C0) // 2  # new fast channels, then new slow ones
     assert torch.equal(b_f, torch.tensor([1.0] * half + [4.0] * half))
@@ -169,7 +169,7 @@ def test_what_cannot_be_grown_is_refused_in_one_line(tiny_prepared):
     lstm = build_model(ModelConfig(arch="lstm", vocab_size=50, embed_dim=8, context_dim=8, hidden_dim=8))
     with pytest.raises(ValueError, match=r"^expand_context grows a New-LLM \(arch='newllm'\), not a \w+$"):
         expand_context(lstm, 16)
-    slow = ContextVectorLLM(tiny_config(model__slow_forget_bias=4.0).model)
+    slow = NewLLM(tiny_config(model__slow_forget_bias=4.0).model)
     with pytest.raises(ValueError, match=r"^invalid config value context_dim=25: must be even with "
                                          r"slow_forget_bias \(two halves\)$"):
         expand_context(slow, 25)

@@ -144,13 +144,13 @@ def _check_dropout_matches_masked_reference():
 
 
 def _check_model_loop_with_every_dropout():
-    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.kernels.fused import FusedRecurrence
 
-    if "recurrence" not in inspect.signature(ContextVectorLLM.forward).parameters:
+    if "recurrence" not in inspect.signature(NewLLM.forward).parameters:
         return "skipped: model.forward has no recurrence argument yet"
     torch.manual_seed(0)
-    m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
+    m = NewLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
                                      dropout=0.0, init_std=0.3))
     ids = torch.randint(4, 40, (5, 6))
     reset = torch.rand(5, 6) < 0.2
@@ -163,7 +163,7 @@ def _check_model_loop_with_every_dropout():
         out[name] = [logits.detach(), c.detach(), *[p.grad.clone() for p in m.parameters()]]
     _close(out["fused"], out["autograd"], ["logits", "c_T"] + [n for n, _ in m.named_parameters()])
     # Every dropout on (embedding, input, FNN, context, output): the same as the masked reference.
-    m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
+    m = NewLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
                                      dropout=0.3, context_dropout=0.2, embed_dropout=0.1, input_dropout=0.2,
                                      output_dropout=0.2, init_std=0.3)).train()
     for name, rec in (("masked", masked_reference), ("fused", FusedRecurrence.apply)):
@@ -176,11 +176,11 @@ def _check_model_loop_with_every_dropout():
 
 
 def _check_decode_cell_matches_model_step():
-    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.kernels.fused import FusedCell
 
     torch.manual_seed(0)
-    m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
+    m = NewLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
                                      init_std=0.3)).eval()
     cell = FusedCell(m, batch_size=3)
     c = torch.randn(3, 12)
@@ -194,13 +194,13 @@ def _check_decode_cell_matches_model_step():
 
 
 def _check_greedy_decode_matches_eager():
-    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.fused import FusedDecoder
 
     for tie, layers in ((False, 1), (True, 2)):  # nn.Linear head; tied head (embed = hidden: no projection)
         torch.manual_seed(1)
-        m = ContextVectorLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=12, hidden_dim=20,
+        m = NewLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=12, hidden_dim=20,
                                          num_layers=layers, init_std=0.5, tie_embeddings=tie)).eval()
         prompt = torch.randint(4, 150, (3, 4))
         ref = decode_ids(m, prompt, 12, use_graph=False)
@@ -218,12 +218,12 @@ def _check_greedy_decode_with_other_tiles():
     """The NEWLLM_DEC_* tiles (benchmarks/decode_tiles.py) change how the work is split, not the tokens:
     narrower column and vocab tiles (more gate and vocab programs in the shared launch), another K step and
     another graph chunk decode what the eager model decodes."""
-    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.fused import FusedDecoder
 
     torch.manual_seed(2)
-    m = ContextVectorLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=40, hidden_dim=40, num_layers=2,
+    m = NewLLM(ModelConfig(vocab_size=150, embed_dim=20, context_dim=40, hidden_dim=40, num_layers=2,
                                      init_std=0.5)).eval()
     prompt = torch.randint(4, 150, (2, 3))
     tiles = {"BN": "16", "BK": "16", "BV": "16", "CHUNK": "3"}
@@ -300,10 +300,10 @@ gpu = pytest.mark.skipif(not _GPU, reason=_WHY)
 
 
 def _model(dropout=0.0, layers=2, **kw):
-    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb import ModelConfig, NewLLM
 
     torch.manual_seed(0)
-    return ContextVectorLLM(ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=layers,
+    return NewLLM(ModelConfig(vocab_size=64, embed_dim=16, context_dim=16, hidden_dim=32, num_layers=layers,
                                         dropout=dropout, **kw)).cuda()
 
 
@@ -439,11 +439,11 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("name,value", [("BN", "24"), ("BK", "8"), ("BV", "abc"), ("WARPS", "3"), ("CHUNK", "0")])
 def test_decoder_tile_knobs_refuse_bad_values_in_one_line(monkeypatch, name, value):
-    from newllm_nb import ContextVectorLLM, ModelConfig
+    from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.kernels.fused import FusedDecoder
 
     monkeypatch.setenv("NEWLLM_DEC_" + name, value)
-    m = ContextVectorLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=16, hidden_dim=16))
+    m = NewLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=16, hidden_dim=16))
     with pytest.raises(ValueError, match=f"NEWLLM_DEC_{name}='{value}': must be"):
         FusedDecoder(m, use_graph=False)
     monkeypatch.delenv("NEWLLM_DEC_" + name)

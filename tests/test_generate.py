@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import EOS_ID
 from newllm_nb.data.tokenizer import WordTokenizer
 from newllm_nb.infer.generate import (
@@ -22,7 +22,7 @@ WORDS = ["the", "cat", "sat", "on", "mat", "instruction:", "response:", "a", "do
 def lm():
     torch.manual_seed(0)
     tok = WordTokenizer(WORDS)
-    model = ContextVectorLLM(ModelConfig(vocab_size=tok.vocab_size, embed_dim=16, context_dim=16, hidden_dim=32,
+    model = NewLLM(ModelConfig(vocab_size=tok.vocab_size, embed_dim=16, context_dim=16, hidden_dim=32,
                                          num_layers=2, init_std=0.5)).eval()
     return model, tok
 
@@ -73,13 +73,13 @@ def test_stop_conditions(lm):
     out = list(stream(model, tok, "the", max_new_tokens=5, greedy=True, stop=()))
     assert len("".join(out).split()) <= 5
     # EOS: a model whose head always prefers EOS stops at once
-    eos_model = ContextVectorLLM(model.config).eval()
+    eos_model = NewLLM(model.config).eval()
     with torch.no_grad():
         eos_model.head.bias.zero_()
         eos_model.head.bias[EOS_ID] = 100.0
     assert generate(eos_model, tok, "the cat", greedy=True) == ""
     # stop string: a model that always says "instruction:" after "the"
-    st_model = ContextVectorLLM(model.config).eval()
+    st_model = NewLLM(model.config).eval()
     with torch.no_grad():
         st_model.head.bias.zero_()
         st_model.head.bias[tok.stoi["instruction:"]] = 100.0
@@ -136,7 +136,7 @@ def test_decode_ids_cuda_graph_equals_eager(lm):
     from newllm_nb.infer.generate import decode_ids
 
     model, tok = lm
-    model = ContextVectorLLM(model.config).cuda().eval()
+    model = NewLLM(model.config).cuda().eval()
     prompt = torch.tensor([encode_prompt(tok, "the cat sat")])
     g = decode_ids(model, prompt, 100, use_graph=True, chunk=16)
     e = decode_ids(model, prompt, 100, use_graph=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from newllm_nb.runtime.hardware import HardwareInfo, classify, detect, recommend, seed_table
+from newllm_nb.runtime.hardware import HardwareInfo, classify, detect, original_table, recommend
 
 
 @pytest.mark.parametrize("name,kind", [("Tesla T4", "T4"), ("NVIDIA L4", "L4"), ("NVIDIA A100-SXM4-40GB", "A100"),
@@ -14,7 +14,7 @@ def _gpu(kind, mem=40.0, bf16=True):
     return HardwareInfo(kind, kind, "cuda:0", mem, "8.0", bf16)
 
 
-def test_recommendations_follow_the_seed_table_and_lr_rule():
+def test_recommendations_follow_the_original_table_and_lr_rule():
     assert (recommend(_gpu("T4", 15, False)).batch_size, recommend(_gpu("T4", 15, False)).precision) == (512, "fp16")
     l4 = recommend(_gpu("L4", 22))
     assert (l4.batch_size, round(l4.lr, 6), l4.precision) == (2048, 8e-4, "bf16")
@@ -22,4 +22,4 @@ def test_recommendations_follow_the_seed_table_and_lr_rule():
     assert recommend(_gpu("other", 12)).batch_size == 512
     cpu = recommend(detect("cpu"))
     assert cpu.precision == "fp32" and cpu.lr == pytest.approx(1e-4 * (cpu.batch_size / 32) ** 0.5)
-    assert [r["gpu"] for r in seed_table()] == ["T4", "L4", "A100"]
+    assert [r["gpu"] for r in original_table()] == ["T4", "L4", "A100"]

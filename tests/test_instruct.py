@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from newllm_nb import ContextVectorLLM, preset
+from newllm_nb import NewLLM, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data import prepare
 from newllm_nb.data.prompt import instruction_text
@@ -39,6 +39,6 @@ def test_training_loss_falls_on_japanese_sample():
     p = prepare(cfg.data, 400)
     cfg = apply_overrides(cfg, model__vocab_size=p.tokenizer.vocab_size)
     torch.manual_seed(0)
-    hist = Trainer(ContextVectorLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer).fit()
+    hist = Trainer(NewLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer).fit()
     assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.5
     assert hist[-1]["val_loss"] < hist[0]["val_loss"]

@@ -4,27 +4,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import CONTEXT_CLAMP, LN_EPS
 from newllm_nb.kernels.recurrence import NewLLMRecurrence
 from newllm_nb.models.newllm import count_parameters
 
-SEED_PARAMS = {1: 1_426_152, 4: 2_214_120, 6: 2_739_432}
+ORIGINAL_PARAMS = {1: 1_426_152, 4: 2_214_120, 6: 2_739_432}
 
 
-@pytest.mark.parametrize("layers", sorted(SEED_PARAMS))
-def test_parameter_counts_at_seed_defaults(layers):
-    assert count_parameters(ContextVectorLLM(ModelConfig(num_layers=layers))) == SEED_PARAMS[layers]
+@pytest.mark.parametrize("layers", sorted(ORIGINAL_PARAMS))
+def test_parameter_counts_at_original_defaults(layers):
+    assert count_parameters(NewLLM(ModelConfig(num_layers=layers))) == ORIGINAL_PARAMS[layers]
 
 
 def test_init_is_normal_002_with_zero_biases():
-    m = ContextVectorLLM(ModelConfig(num_layers=2))
+    m = NewLLM(ModelConfig(num_layers=2))
     w = torch.cat([m.embed.weight.flatten(), m.fnn[0].weight.flatten(), m.head.weight.flatten()])
     assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
     assert all(float(layer.bias.detach().abs().max()) == 0 for layer in [*m.fnn, m.gates, m.head])
 
 
-def literal_loop(m: ContextVectorLLM, ids, c=None, reset=None):
+def literal_loop(m: NewLLM, ids, c=None, reset=None):
     """The test oracle: the cell's equations written token by token, literally and slowly, with W_f / W_i / W_u
     as separate matrices. Every faster path (hoisted loop, hand-written BPTT, fused kernels) is checked against
     it, directly or through one that is."""
@@ -61,7 +61,7 @@ def small(**kw):
 @pytest.mark.parametrize("layers,tanh,with_reset", [(1, False, False), (3, False, True), (2, True, False)])
 def test_hoisted_forward_matches_literal_loop_outputs_and_gradients(layers, tanh, with_reset):
     torch.manual_seed(0)
-    m = ContextVectorLLM(small(num_layers=layers, context_tanh=tanh))
+    m = NewLLM(small(num_layers=layers, context_tanh=tanh))
     with torch.no_grad():  # non-trivial biases / LayerNorm so every term is exercised
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -80,7 +80,7 @@ def test_hoisted_forward_matches_literal_loop_outputs_and_gradients(layers, tanh
 
 def test_state_carried_over_two_calls_equals_one_call():
     torch.manual_seed(1)
-    m = ContextVectorLLM(small(num_layers=2)).eval()
+    m = NewLLM(small(num_layers=2)).eval()
     ids = torch.randint(0, 50, (2, 20))
     full_logits, full_c = m(ids)
     a_logits, a_c = m(ids[:, :7])
@@ -92,7 +92,7 @@ def test_state_carried_over_two_calls_equals_one_call():
 @pytest.mark.parametrize("tie", [False, True])
 def test_step_equals_forward_and_trajectory_has_every_context(tie):
     torch.manual_seed(2)
-    m = ContextVectorLLM(small(num_layers=2, tie_embeddings=tie, embed_dropout=0.3)).eval()
+    m = NewLLM(small(num_layers=2, tie_embeddings=tie, embed_dropout=0.3)).eval()
     ids = torch.randint(0, 50, (2, 6))
     logits, c, traj = m(ids, return_trajectory=True)
     assert traj.shape == (2, 6, 10)
@@ -106,7 +106,7 @@ def test_step_equals_forward_and_trajectory_has_every_context(tie):
 
 def test_reset_mask_equals_separate_runs():
     torch.manual_seed(3)
-    m = ContextVectorLLM(small()).eval()
+    m = NewLLM(small()).eval()
     a, b = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 4))
     reset = torch.zeros(1, 9, dtype=torch.bool)
     reset[0, 5] = True
@@ -117,7 +117,7 @@ def test_reset_mask_equals_separate_runs():
 def test_context_dropout_only_in_training():
     # small() has no other dropout, so any randomness in training comes from the context dropout.
     torch.manual_seed(0)
-    m = _away_from_init(ContextVectorLLM(dataclasses.replace(small(), context_dropout=0.5)))
+    m = _away_from_init(NewLLM(dataclasses.replace(small(), context_dropout=0.5)))
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
         a, b = m(ids)[0], m(ids)[0]
@@ -126,7 +126,7 @@ def test_context_dropout_only_in_training():
         torch.testing.assert_close(m(ids)[0], m(ids)[0])
 
 
-def _away_from_init(m: ContextVectorLLM) -> ContextVectorLLM:
+def _away_from_init(m: NewLLM) -> NewLLM:
     """Perturb the weights out of the tiny-init regime, where LayerNorm amplifies fp32 rounding."""
     with torch.no_grad():
         for p in m.parameters():
@@ -155,7 +155,7 @@ def _assert_fused_matches_autograd(m, ids, c0=None, reset=None, mask_seed=None) 
 @pytest.mark.parametrize("layers,with_reset", [(1, False), (3, True)])
 def test_hand_written_bptt_equals_autograd(layers, with_reset):
     torch.manual_seed(0)
-    m = _away_from_init(ContextVectorLLM(small(num_layers=layers)))
+    m = _away_from_init(NewLLM(small(num_layers=layers)))
     ids = torch.randint(0, 50, (3, 9))
     c0 = torch.randn(3, 10, requires_grad=True)
     reset = (torch.rand(3, 9) < 0.3) if with_reset else None
@@ -165,7 +165,7 @@ def test_hand_written_bptt_equals_autograd(layers, with_reset):
 @pytest.mark.parametrize("ctx_drop", [0.0, 0.3])
 def test_hand_written_bptt_dropout_is_active_only_in_training(ctx_drop):
     torch.manual_seed(0)
-    m = ContextVectorLLM(dataclasses.replace(small(num_layers=2), dropout=0.5, context_dropout=ctx_drop))
+    m = NewLLM(dataclasses.replace(small(num_layers=2), dropout=0.5, context_dropout=ctx_drop))
     ids = torch.randint(0, 50, (2, 6))
     a, b = (m(ids, recurrence=NewLLMRecurrence.apply)[0] for _ in range(2))
     assert not torch.allclose(a, b)  # fresh masks each call
@@ -180,19 +180,19 @@ def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_mas
     """Same masks for both: draw them from one seed (both paths consume bernoulli draws in the same
     order when dropout on h is off)."""
     torch.manual_seed(0)
-    m = _away_from_init(ContextVectorLLM(dataclasses.replace(small(num_layers=2), context_dropout=0.4)))
+    m = _away_from_init(NewLLM(dataclasses.replace(small(num_layers=2), context_dropout=0.4)))
     _assert_fused_matches_autograd(m, torch.randint(0, 50, (3, 7)), mask_seed=7)
 
 
 def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
     from newllm_nb.train.checkpoint import load_checkpoint, save_checkpoint
 
-    untied = ContextVectorLLM(ModelConfig())
-    tied = ContextVectorLLM(ModelConfig(tie_embeddings=True))
+    untied = NewLLM(ModelConfig())
+    tied = NewLLM(ModelConfig(tie_embeddings=True))
     V, E, H = 1000, 256, 512
     assert count_parameters(tied) == count_parameters(untied) - H * V + H * E  # head: H x V -> H x E (+ same bias)
     assert not any("_embed" in k for k in tied.state_dict())
-    m = ContextVectorLLM(small(tie_embeddings=True))
+    m = NewLLM(small(tie_embeddings=True))
     ids = torch.randint(0, 50, (2, 6))
     logits, _ = m(ids)
     logits.sum().backward()
@@ -203,14 +203,14 @@ def test_tied_head_shares_the_embedding_and_saves_it_once(tmp_path):
         m.embed.weight[7].add_(1.0)  # changing an embedding row changes that word's logit
     assert not torch.allclose(m(ids)[0][..., 7], logits[..., 7])
     path = save_checkpoint(tmp_path / "t.safetensors", m, config={"model": dataclasses.asdict(m.config)})
-    again = ContextVectorLLM(small(tie_embeddings=True))
+    again = NewLLM(small(tie_embeddings=True))
     load_checkpoint(path).load_into(again)
     torch.testing.assert_close(again(ids)[0], m(ids)[0])
     assert again.head._embed[0] is again.embed  # still shared after loading
 
 
 def test_embed_dropout_drops_whole_word_types_in_training_only():
-    m = ContextVectorLLM(small(embed_dropout=0.5))
+    m = NewLLM(small(embed_dropout=0.5))
     ids = torch.tensor([[5, 9, 5, 9, 5, 9, 11, 11]])
     from newllm_nb.models.newllm import embed_lookup
 
@@ -241,7 +241,7 @@ def test_baselines_take_tying_and_embedding_dropout(arch):
     tied = build_model(tied_cfg)
     # Matched to the tied New-LLM, which is smaller: the tied baseline is too.
     assert count_parameters(tied) < count_parameters(plain)
-    assert abs(count_parameters(tied) - count_parameters(ContextVectorLLM(dataclasses.replace(tied_cfg, arch="newllm")))
+    assert abs(count_parameters(tied) - count_parameters(NewLLM(dataclasses.replace(tied_cfg, arch="newllm")))
                ) < 0.03 * count_parameters(tied)  # size steps of 8
     ids = torch.randint(0, 1000, (2, 7))
     logits, _ = tied(ids)
@@ -252,14 +252,14 @@ def test_baselines_take_tying_and_embedding_dropout(arch):
 
 def test_input_and_output_dropout_stay_off_the_recurrent_path():
     ids = torch.randint(4, 50, (3, 12))
-    ref = ContextVectorLLM(small()).eval()
-    out = ContextVectorLLM(small(output_dropout=0.9))
+    ref = NewLLM(small()).eval()
+    out = NewLLM(small(output_dropout=0.9))
     out.load_state_dict(ref.state_dict())
     logits, c = out.train()(ids)
     logits_ref, c_ref = ref(ids)
     torch.testing.assert_close(c, c_ref)  # the context never sees the output dropout ...
     assert not torch.allclose(logits, logits_ref)  # ... the output layer does
-    inp = ContextVectorLLM(small(input_dropout=0.9))
+    inp = NewLLM(small(input_dropout=0.9))
     inp.load_state_dict(ref.state_dict())
     assert not torch.allclose(inp.train()(ids)[1], c_ref)  # input dropout reaches the context
     for m in (out, inp):  # both are identity at evaluation
@@ -304,12 +304,12 @@ def test_hand_written_bptt_with_input_and_output_dropout():
     seed, no dropout inside the cell) both paths give the same logits and gradients. Output dropout (its mask
     is laid out in the recurrence's memory order, so it differs from eager's): the context is untouched."""
     torch.manual_seed(0)
-    m = _away_from_init(ContextVectorLLM(small(num_layers=2, input_dropout=0.5, tie_embeddings=True)))
+    m = _away_from_init(NewLLM(small(num_layers=2, input_dropout=0.5, tie_embeddings=True)))
     ids = torch.randint(0, 50, (3, 7))
     fused_logits = _assert_fused_matches_autograd(m, ids, mask_seed=5)
     with torch.no_grad():
         assert not torch.allclose(fused_logits, m.eval()(ids)[0])  # the dropout was active
-    out = ContextVectorLLM(small(num_layers=2, output_dropout=0.5))
+    out = NewLLM(small(num_layers=2, output_dropout=0.5))
     logits, c = out(ids, recurrence=NewLLMRecurrence.apply)
     with torch.no_grad():
         ref_logits, ref_c = out.eval()(ids)

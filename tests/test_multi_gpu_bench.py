@@ -50,9 +50,9 @@ def test_plan_keeps_one_global_batch_by_default_and_scales_it_per_gpu_seed_by_se
 
 
 def test_close_seeds_are_flagged():
-    assert mg.seed_overlap_note([0, 1, 2], epochs=4, gpus=2) is not None
-    assert mg.seed_overlap_note([0, 10, 20], epochs=4, gpus=2) is None
-    assert mg.seed_overlap_note([5], epochs=4, gpus=2) is None
+    assert mg.original_overlap_note([0, 1, 2], epochs=4, gpus=2) is not None
+    assert mg.original_overlap_note([0, 10, 20], epochs=4, gpus=2) is None
+    assert mg.original_overlap_note([5], epochs=4, gpus=2) is None
 
 
 def test_seed_and_fast_path_use_the_cli_flags_where_train_has_them_else_the_worker_entry():

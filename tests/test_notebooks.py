@@ -57,10 +57,10 @@ def test_training_panel_reads_widget_values_into_a_valid_config():
     pytest.importorskip("ipywidgets")
     from newllm_nb.notebook.widgets import TrainingPanel, parse_field_map
 
-    p = TrainingPanel("seed_dolly")
+    p = TrainingPanel("original_dolly")
     cfg = p.config()
     assert cfg.data.dataset == "dolly" and cfg.model.num_layers == 1 and cfg.data.max_seq_length == 128
-    p.layers.value, p.seq.value, p.seed_lr.value, p.lr.value = 3, 64, False, 1e-3
+    p.layers.value, p.seq.value, p.original_lr.value, p.lr.value = 3, 64, False, 1e-3
     p.source.value, p.path.value, p.field_map.value = "path", "x.jsonl", "context=input, response=output"
     p.tokenizer.value = "bpe"
     cfg = p.config()
@@ -79,10 +79,10 @@ def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
     from newllm_nb.config import preset
     from newllm_nb.notebook.widgets import TrainingPanel
 
-    p = TrainingPanel("seed_wikitext")
-    assert set(p.recipe.options) == {"seed_wikitext", "best_wikitext", "best_wikitext_10k", "newllm_plus",
+    p = TrainingPanel("original_wikitext")
+    assert set(p.recipe.options) == {"original_wikitext", "best_wikitext", "best_wikitext_10k", "newllm_plus",
                                      "newllm_plus_10k"}
-    seed_batch = p.config().train.batch_size  # the seed recipe takes this machine's batch
+    original_batch = p.config().train.batch_size  # the original recipe takes this machine's batch
     for name in ("newllm_plus_10k", "best_wikitext", "best_wikitext_10k"):
         p.recipe.value = name
         cfg, best = p.config(), preset(name)
@@ -92,10 +92,10 @@ def test_recipe_dropdown_refills_the_panel_from_the_chosen_preset():
     cfg = p.config()
     assert (cfg.train.ema_decay, cfg.model.tie_embeddings, cfg.model.context_dropout) == (0.0, False, 0.1)
     assert (cfg.model.input_dropout, cfg.model.output_dropout) == (0.5, 0.0)  # an explicit 0 is kept
-    p.recipe.value = "seed_wikitext"
-    cfg, seed = p.config(), preset("seed_wikitext")
-    assert (cfg.model, cfg.data) == (seed.model, seed.data)  # unset input/output dropout stays unset (None)
-    assert cfg.train.lr is None and cfg.train.batch_size == seed_batch and cfg.train.ema_decay == 0.0
+    p.recipe.value = "original_wikitext"
+    cfg, original = p.config(), preset("original_wikitext")
+    assert (cfg.model, cfg.data) == (original.model, original.data)  # unset input/output dropout stays unset (None)
+    assert cfg.train.lr is None and cfg.train.batch_size == original_batch and cfg.train.ema_decay == 0.0
 
 
 def test_sweep_panel_leaves_out_the_layer_slider_it_does_not_use():
@@ -105,13 +105,13 @@ def test_sweep_panel_leaves_out_the_layer_slider_it_does_not_use():
     def shown(widget):
         return [widget] + [x for child in getattr(widget, "children", ()) for x in shown(child)]
 
-    p = TrainingPanel("seed_wikitext", hide=("layers",))
+    p = TrainingPanel("original_wikitext", hide=("layers",))
     assert p.layers not in shown(p.widget) and p.epochs in shown(p.widget)
     assert p.config().model.num_layers == 4  # the recipe's value stays in the config
-    full = TrainingPanel("seed_wikitext")
+    full = TrainingPanel("original_wikitext")
     assert full.layers in shown(full.widget)
     with pytest.raises(ValueError, match="hide="):
-        TrainingPanel("seed_wikitext", hide=("layer",))
+        TrainingPanel("original_wikitext", hide=("layer",))
 
 
 class _EchoSession:
@@ -240,22 +240,22 @@ def test_notebook_helpers_shrink_for_smoke_mode_only_when_it_is_on(monkeypatch):
     from newllm_nb.config import preset
     from newllm_nb.notebook.live import sized_for_session, smoke_epochs
 
-    cfg = preset("seed_wikitext")
+    cfg = preset("original_wikitext")
     assert sized_for_session(cfg) == cfg and smoke_epochs(20) == 20
     monkeypatch.setenv("NEWLLM_SMOKE", "1")
     small = sized_for_session(cfg)
     assert small.train.epochs == 2 and small.data.max_examples and smoke_epochs(20) == 1
 
 
-def test_training_panel_sets_the_cell_options_and_the_seed_cell_by_default():
+def test_training_panel_sets_the_cell_options_and_the_original_cell_by_default():
     pytest.importorskip("ipywidgets")
     from newllm_nb.notebook.widgets import TrainingPanel
 
-    p = TrainingPanel("seed_wikitext")
-    assert p.config().model.seed_cell  # every option off: the seed's cell, on the fast path
+    p = TrainingPanel("original_wikitext")
+    assert p.config().model.original_cell  # every option off: the original's cell, on the fast path
     p.state_norm.value, p.chrono.value, p.gate_context.value = "read", 64, True
     p.fnn_residual.value, p.gate_rank.value, p.slow_forget.value = "residual", 128, 3.0
     m = p.config().model
     assert (m.state_norm, m.chrono_init, m.gate_context, m.fnn_residual, m.gate_rank, m.slow_forget_bias) == \
         ("read", 64.0, True, "residual", 128, 3.0)
-    assert not m.seed_cell
+    assert not m.original_cell

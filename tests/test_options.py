@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import preset
 from newllm_nb.data.tokenizer import WordTokenizer
 from newllm_nb.experiments.memory import article_spans, loss_by_position, perturbation_fade, token_losses
@@ -40,27 +40,27 @@ def small(**kw) -> ModelConfig:
     return ModelConfig(vocab_size=V, embed_dim=E, context_dim=C, hidden_dim=H, dropout=0.0, **kw)
 
 
-def perturbed(cfg: ModelConfig, seed: int = 0) -> ContextVectorLLM:
+def perturbed(cfg: ModelConfig, seed: int = 0) -> NewLLM:
     """A model with non-trivial weights (every term of the cell exercised)."""
     torch.manual_seed(seed)
-    m = ContextVectorLLM(cfg)
+    m = NewLLM(cfg)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return m
 
 
-def test_defaults_are_the_seed_cell():
+def test_defaults_are_the_original_cell():
     cfg = ModelConfig()
-    assert cfg.seed_cell
+    assert cfg.original_cell
     assert (cfg.state_norm, cfg.chrono_init, cfg.gate_context, cfg.fnn_residual, cfg.gate_rank,
             cfg.slow_forget_bias) == ("layernorm", 0.0, False, "none", 0, 0.0)
     for kw in ALL.values():
-        assert not small(**kw).seed_cell
+        assert not small(**kw).original_cell
 
 
 @pytest.mark.parametrize("layers", [1, 3])
-def test_option_cell_with_every_option_off_is_the_seed_cell(layers):
+def test_option_cell_with_every_option_off_is_the_original_cell(layers):
     m = perturbed(small(num_layers=layers))
     x, c = torch.randn(4, H), torch.randn(4, C)
     W_c = m._context_weight(x.dtype)
@@ -74,43 +74,43 @@ def test_option_cell_with_every_option_off_is_the_seed_cell(layers):
 def test_each_option_changes_the_function_of_the_same_weights(name):
     kw = SAME_SHAPES[name]
     layers = kw.get("num_layers", 1)
-    seed_model = perturbed(small(num_layers=layers))
-    opt = ContextVectorLLM(small(**kw))
-    opt.load_state_dict(seed_model.state_dict())
+    original_model = perturbed(small(num_layers=layers))
+    opt = NewLLM(small(**kw))
+    opt.load_state_dict(original_model.state_dict())
     ids = torch.randint(0, V, (3, 12))
     if name == "chrono":  # init only: the same weights are the same function, the initial biases differ
-        torch.testing.assert_close(opt(ids)[0], seed_model(ids)[0])
+        torch.testing.assert_close(opt(ids)[0], original_model(ids)[0])
         torch.manual_seed(0)
-        fresh_opt, fresh_seed = ContextVectorLLM(small(**kw)), ContextVectorLLM(small())
+        fresh_opt, fresh_seed = NewLLM(small(**kw)), NewLLM(small())
         assert not torch.equal(fresh_opt.gates.bias, fresh_seed.gates.bias)
         return
-    assert (opt(ids)[0] - seed_model(ids)[0]).abs().max() > 1e-3
+    assert (opt(ids)[0] - original_model(ids)[0]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(NEW_SHAPES))
 def test_options_with_new_shapes_change_the_function_of_the_shared_weights(name):
     kw, _ = NEW_SHAPES[name]
-    seed_model = perturbed(small(num_layers=kw.get("num_layers", 1)))
+    original_model = perturbed(small(num_layers=kw.get("num_layers", 1)))
     opt = perturbed(small(**kw), seed=1)
     own = opt.state_dict()
-    shared = {k: v for k, v in seed_model.state_dict().items() if k in own and own[k].shape == v.shape}
+    shared = {k: v for k, v in original_model.state_dict().items() if k in own and own[k].shape == v.shape}
     opt.load_state_dict({**own, **shared})
     ids = torch.randint(0, V, (3, 12))
-    assert (opt(ids)[0] - seed_model(ids)[0]).abs().max() > 1e-3
+    assert (opt(ids)[0] - original_model(ids)[0]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(NEW_SHAPES))
 def test_parameter_counts_as_documented(name):
     kw, delta = NEW_SHAPES[name]
     base = small(num_layers=kw.get("num_layers", 1))
-    assert count_parameters(ContextVectorLLM(small(**kw))) - count_parameters(ContextVectorLLM(base)) == delta
+    assert count_parameters(NewLLM(small(**kw))) - count_parameters(NewLLM(base)) == delta
 
 
 @pytest.mark.parametrize("name", sorted(SAME_SHAPES))
 def test_same_shape_options_keep_the_parameter_count(name):
     kw = SAME_SHAPES[name]
     base = small(num_layers=kw.get("num_layers", 1))
-    assert count_parameters(ContextVectorLLM(small(**kw))) == count_parameters(ContextVectorLLM(base))
+    assert count_parameters(NewLLM(small(**kw))) == count_parameters(NewLLM(base))
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -135,7 +135,7 @@ def test_a_whole_loop_recurrence_is_ignored_for_options(name):
     torch.testing.assert_close(got[1], ref[1])
 
 
-def test_the_seed_cell_still_takes_the_whole_loop_recurrence():
+def test_the_original_cell_still_takes_the_whole_loop_recurrence():
     m = perturbed(small())
     calls = []
 
@@ -149,18 +149,18 @@ def test_the_seed_cell_still_takes_the_whole_loop_recurrence():
 
 def test_chrono_and_slow_initial_biases():
     torch.manual_seed(0)
-    m = ContextVectorLLM(small(chrono_init=16.0))
+    m = NewLLM(small(chrono_init=16.0))
     b_f, b_i = m.gates.bias.detach()[:C], m.gates.bias.detach()[C: 2 * C]
     assert float(b_f.min()) >= 0 and float(b_f.max()) <= torch.log(torch.tensor(15.0)) + 1e-6
     assert b_f.unique().numel() == C
     torch.testing.assert_close(b_i, -b_f)
-    m = ContextVectorLLM(small(slow_forget_bias=3.0, forget_bias=1.0))
+    m = NewLLM(small(slow_forget_bias=3.0, forget_bias=1.0))
     assert m.gates.bias[: C // 2].eq(1.0).all() and m.gates.bias[C // 2: C].eq(3.0).all()
     assert m.gates.bias[C + C // 2: 2 * C].eq(-3.0).all()
 
 
 def test_slow_context_normalises_each_half_on_its_own():
-    m = ContextVectorLLM(small(slow_forget_bias=3.0))
+    m = NewLLM(small(slow_forget_bias=3.0))
     s = torch.randn(2, C) * torch.cat([torch.ones(C // 2), 100 * torch.ones(C // 2)])
     z = m._state_norm(s)
     for half in (z[:, : C // 2], z[:, C // 2:]):
@@ -189,7 +189,7 @@ def test_gate_rank_for_a_wider_context_keeps_the_parameter_count():
     cfg = preset("best_wikitext_10k").model
     r = gate_rank_for(cfg, 512)
     wide = dataclasses.replace(cfg, context_dim=512, gate_rank=r)
-    n0, n1 = (count_parameters(ContextVectorLLM(c)) for c in (cfg, wide))
+    n0, n1 = (count_parameters(NewLLM(c)) for c in (cfg, wide))
     assert abs(n1 - n0) / n0 < 0.001
 
 
@@ -204,7 +204,7 @@ def test_option_recipe_files_build_and_the_equal_parameter_ones_are(path):
     cfg = preset(doc["base"], **{f"model__{k}": v for k, v in doc["model"].items()}).model
     base = preset(doc["base"]).model
     with torch.device("meta"):
-        n, n0 = count_parameters(ContextVectorLLM(cfg)), count_parameters(ContextVectorLLM(base))
+        n, n0 = count_parameters(NewLLM(cfg)), count_parameters(NewLLM(base))
         lstm = count_parameters(LSTMLM(matched_config(base, "lstm")))
     assert cfg != base
     if path.stem in EQUAL_PARAMS:
@@ -264,7 +264,7 @@ def test_token_losses_do_not_depend_on_the_window():
 def test_perturbation_fade(arch):
     torch.manual_seed(0)
     cfg = small()
-    m = (ContextVectorLLM(cfg) if arch == "newllm" else LSTMLM(matched_config(cfg, "lstm"))).eval()
+    m = (NewLLM(cfg) if arch == "newllm" else LSTMLM(matched_config(cfg, "lstm"))).eval()
     tokens, resets = _stream()
     df = perturbation_fade(m, tokens, resets, warmup=8, horizon=20, samples=6)
     assert list(df.distance) == list(range(21))
@@ -276,10 +276,10 @@ def test_perturbation_fade(arch):
 @pytest.mark.parametrize("plus,base,recipe", [("newllm_plus", "best_wikitext", "opt_combo_read_chrono_gctx_v1000"),
                                               ("newllm_plus_10k", "best_wikitext_10k", "opt_combo_read_chrono_gctx")])
 def test_plus_presets_are_their_base_recipe_with_the_measured_cell_options(plus, base, recipe):
-    """The presets are the recipe files benchmarks/RESULTS.md measured, with the seed cell's parameter count."""
+    """The presets are the recipe files benchmarks/RESULTS.md measured, with the original cell's parameter count."""
     p, b = preset(plus), preset(base)
     doc = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "recipes" / f"{recipe}.json").read_text())
     assert doc["base"] == base and p == preset(base, **{f"model__{k}": v for k, v in doc["model"].items()})
-    assert (p.data, p.train) == (b.data, b.train) and not p.model.seed_cell and b.model.seed_cell
+    assert (p.data, p.train) == (b.data, b.train) and not p.model.original_cell and b.model.original_cell
     with torch.device("meta"):
-        assert count_parameters(ContextVectorLLM(p.model)) == count_parameters(ContextVectorLLM(b.model))
+        assert count_parameters(NewLLM(p.model)) == count_parameters(NewLLM(b.model))

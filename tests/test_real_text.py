@@ -5,7 +5,7 @@ from collections import Counter
 
 import torch
 
-from newllm_nb import ContextVectorLLM, preset
+from newllm_nb import NewLLM, preset
 from newllm_nb.config import PAD_ID, apply_overrides
 from newllm_nb.data import prepare
 from newllm_nb.train.trainer import Trainer
@@ -26,7 +26,7 @@ def test_small_model_beats_unigram_by_far_on_real_wikitext(real_wikitext):
     p = prepare(cfg.data, 1000)
     cfg = apply_overrides(cfg, model__vocab_size=p.tokenizer.vocab_size)
     torch.manual_seed(0)
-    t = Trainer(ContextVectorLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer)
+    t = Trainer(NewLLM(cfg.model), p.train, p.valid, cfg, p.tokenizer)
     hist = t.fit()
     base = unigram_ppl(p.train.targets, p.valid.targets, p.tokenizer.vocab_size)
     best = min(r["val_ppl"] for r in hist)

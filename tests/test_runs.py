@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.cli import main
 from newllm_nb.data import prepare
 from newllm_nb.data.sources import DataError, read_jsonl
@@ -176,7 +176,7 @@ def test_cli_turns_training_stops_into_one_line(tmp_path, monkeypatch, capsys):
 def small_model():
     tok = WordTokenizer.train(["the cat sat on the mat", "a dog ran far away"], 20)
     torch.manual_seed(0)
-    return ContextVectorLLM(ModelConfig(vocab_size=tok.vocab_size, embed_dim=8, context_dim=8, hidden_dim=16)), tok
+    return NewLLM(ModelConfig(vocab_size=tok.vocab_size, embed_dim=8, context_dim=8, hidden_dim=16)), tok
 
 
 @pytest.mark.parametrize("kw,expected", [(dict(temperature=float("inf")), "temperature=inf"),

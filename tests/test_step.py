@@ -8,7 +8,7 @@ path's losses and weights match the eager path within AMP tolerance.
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM, ModelConfig
+from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import DataConfig, RunConfig, TrainConfig
 from newllm_nb.data.batching import Batch
 from newllm_nb.train.step import GraphedStep, make_step
@@ -21,7 +21,7 @@ def _trainer(device, precision, fast_path, dropout=0.0, layers=2, lr=1e-2, tie=F
                                 dropout=dropout, tie_embeddings=tie, **model_kw),
                     DataConfig(max_seq_length=9), TrainConfig(batch_size=8, lr=lr, precision=precision,
                                                               fast_path=fast_path, device=device, ema_decay=ema))
-    return Trainer(ContextVectorLLM(cfg.model), None, None, cfg)
+    return Trainer(NewLLM(cfg.model), None, None, cfg)
 
 
 def _small_scale(t):

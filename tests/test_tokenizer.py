@@ -5,7 +5,7 @@ from newllm_nb.data.tokenizer import BPETokenizer, WordTokenizer, load_tokenizer
 TEXTS = ["The cat sat on the mat .", "the dog sat on the log .", "A cat and a dog ."]
 
 
-def test_word_tokenizer_seed_rules(tmp_path):
+def test_word_tokenizer_original_rules(tmp_path):
     tok = WordTokenizer.train(TEXTS, vocab_size=8)
     assert tok.vocab_size == 8
     assert tok.itos[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from newllm_nb import ContextVectorLLM
+from newllm_nb import NewLLM
 from newllm_nb.data import prepare
 from newllm_nb.data.batching import WindowData
 from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint
@@ -165,7 +165,7 @@ def test_nonfinite_step_leaves_weights_untouched(prepared):
     assert t.state.nonfinite_epoch == t.train_data.num_batches(16)
 
 
-def test_metrics_token_weighted_vs_seed_per_batch():
+def test_metrics_token_weighted_vs_original_per_batch():
     m, s = Metrics(False), Metrics(True)
     for ls, n, c in [(10.0, 10, 5), (1.0, 1, 0)]:
         m.add(torch.tensor(ls), torch.tensor(n), torch.tensor(c))
@@ -174,7 +174,7 @@ def test_metrics_token_weighted_vs_seed_per_batch():
     assert s.result()["acc"] == pytest.approx((0.5 + 0.0) / 2)
     x = torch.tensor([[2, 5, 6, 0], [2, 7, 0, 0]])
     data = WindowData(x)
-    model = ContextVectorLLM(tiny().model)
+    model = NewLLM(tiny().model)
     r = evaluate(model, data)
     assert r["tokens"] == 3  # PAD targets not counted
 

@@ -69,7 +69,7 @@ def wikitext_stream(lines: Sequence[str], tokenizer, reset_at_articles: bool = T
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """All non-empty lines as one token stream (BOS ... EOS per line) and a reset flag per token
     (True at the very start, at each article when ``reset_at_articles``, at every line when
-    ``reset_every_line``: the seed's conditioning, each paragraph from a zero context)."""
+    ``reset_every_line``: the original's conditioning, each paragraph from a zero context)."""
     ids: list[int] = []
     resets: list[bool] = []
     for line in lines:
@@ -127,7 +127,7 @@ class Batch(NamedTuple):
 
 
 class WindowData:
-    """Independent sequences (seed): rows of [N, S] tokens -> inputs [:, :-1], targets [:, 1:]."""
+    """Independent sequences (original): rows of [N, S] tokens -> inputs [:, :-1], targets [:, 1:]."""
 
     stateful = False
 

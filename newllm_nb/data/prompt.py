@@ -1,4 +1,4 @@
-"""The instruction prompt format, one for every instruction dataset (the seed's Dolly format):
+"""The instruction prompt format, one for every instruction dataset (the original's Dolly format):
 
     Instruction: {instruction} Context: {context} Response: {response}
 

@@ -31,7 +31,7 @@ DATA_DIR = _find_data_dir()
 WIKITEXT_SAMPLE = DATA_DIR / "wikitext-sample"
 DOLLY_SAMPLE = DATA_DIR / "dolly-sample.jsonl"
 INSTRUCTION_FIELDS = ("instruction", "context", "response", "category")
-MIN_WORDS = 5  # the seed skipped WikiText lines with fewer words
+MIN_WORDS = 5  # the original skipped WikiText lines with fewer words
 
 
 class DataError(ValueError):
@@ -221,7 +221,7 @@ def read_jsonl(path: Union[str, Path], field_map: Optional[dict] = None) -> tupl
 
 
 def split_records(records: list, valid_frac: float = 0.1, seed: int = 42) -> tuple[list, list]:
-    """The seed's 90/10 split: a shuffle with ``random.Random(seed)``, last 10% for validation."""
+    """The original's 90/10 split: a shuffle with ``random.Random(seed)``, last 10% for validation."""
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
     n_valid = max(1, int(len(records) * valid_frac)) if len(records) > 1 else 0

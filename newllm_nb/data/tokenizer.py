@@ -1,4 +1,4 @@
-"""Tokenizers with one interface: the seed's word tokenizer and a byte-level BPE option.
+"""Tokenizers with one interface: the original's word tokenizer and a byte-level BPE option.
 
 Both reserve PAD/UNK/BOS/EOS = 0/1/2/3, ``encode`` adds BOS and EOS by default, and both
 round-trip through JSON (``to_json`` / ``tokenizer_from_json``) so a checkpoint carries its tokenizer.
@@ -50,7 +50,7 @@ class Tokenizer(Protocol):
 
 
 class WordTokenizer:
-    """Lowercase, whitespace split, the top ``vocab_size - 4`` words by frequency (the seed's)."""
+    """Lowercase, whitespace split, the top ``vocab_size - 4`` words by frequency (the original's)."""
 
     kind = "word"
 

@@ -22,7 +22,7 @@ def probe_throughput(model_cfg: ModelConfig, batch_size: int, seq_len: int, step
                      precision: str = "auto", fast_path: str = "auto", device: str = "auto",
                      warmup: int = 2, model: Optional[torch.nn.Module] = None) -> dict:
     """Median time of whole training steps (forward, backward, clip, Adam) on random tokens.
-    ``model`` (optional) replaces the model ``model_cfg`` describes, e.g. a benchmark's seed-loop variant."""
+    ``model`` (optional) replaces the model ``model_cfg`` describes, e.g. a benchmark's original-loop variant."""
     cfg = RunConfig(model_cfg, DataConfig(max_seq_length=seq_len + 1),
                     TrainConfig(batch_size=batch_size, precision=precision, fast_path=fast_path, device=device,
                                 show_progress=False))

@@ -87,7 +87,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     elif trainer.ema is not None:  # no checkpoints written: use the averaged weights, which validation measured
         trainer.ema.copy_to_model()
     metrics = evaluate(trainer.model, prepared.valid, min(cfg.train.batch_size, 1024), trainer.device,
-                       trainer.precision, cfg.train.seed_compatible)
+                       trainer.precision, cfg.train.original_metrics)
     model.tokenizer_sha256 = tokenizer_hash(prepared.tokenizer)  # generation refuses another tokenizer
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,
                      Path(run_dir) if run_dir else None, count_parameters(model), time.perf_counter() - t0,

@@ -1,4 +1,4 @@
-"""Context expansion (the seed's growth experiment): grow a trained model's context vector, e.g. 256 -> 512,
+"""Context expansion (the original's growth experiment): grow a trained model's context vector, e.g. 256 -> 512,
 and keep training either everything ("fine-tune all") or only the new dimensions ("freeze base").
 
 Every base parameter is copied exactly. The new context entries feed nothing at first: their columns in
@@ -36,7 +36,7 @@ import torch
 
 from ..config import ModelConfig, RunConfig, apply_overrides
 from ..data.batching import Dataset
-from ..models.newllm import ContextVectorLLM
+from ..models.newllm import NewLLM
 from ..train.metrics import evaluate
 from ..train.trainer import Trainer
 
@@ -49,7 +49,7 @@ def channel_positions(config: ModelConfig, old_dim: int) -> torch.Tensor:
     return torch.arange(old_dim)
 
 
-def _base_index(model: ContextVectorLLM, old_dim: int) -> dict[str, tuple[torch.Tensor, ...]]:
+def _base_index(model: NewLLM, old_dim: int) -> dict[str, tuple[torch.Tensor, ...]]:
     """Parameter name -> one index per axis selecting the entries that hold the base model's parameters
     (``t[torch.meshgrid(*index)]``); parameters not named here do not depend on the context size."""
     cfg = model.config
@@ -70,19 +70,19 @@ def _base_index(model: ContextVectorLLM, old_dim: int) -> dict[str, tuple[torch.
 
 
 @torch.no_grad()
-def expand_context(model: ContextVectorLLM, new_dim: int) -> ContextVectorLLM:
+def expand_context(model: NewLLM, new_dim: int) -> NewLLM:
     """A copy of ``model`` with context_dim ``new_dim``: every base parameter kept exactly, new weight-matrix
     entries zero except the new candidate rows of W_u, new biases and norm gains as a fresh model starts
     them (the module docstring gives the layout per cell option). ``config.grown_from`` records the size
     before the first growth."""
-    if not isinstance(model, ContextVectorLLM):
+    if not isinstance(model, NewLLM):
         raise ValueError(f"expand_context grows a New-LLM (arch='newllm'), not a {type(model).__name__}")
     cfg = model.config
     C = cfg.context_dim
     if not isinstance(new_dim, int) or isinstance(new_dim, bool) or new_dim <= C:
         raise ValueError(f"invalid new_dim={new_dim!r}: must be an integer larger than context_dim={C}")
     new_cfg = dataclasses.replace(cfg, context_dim=new_dim, grown_from=cfg.grown_from or C)  # validates new_dim
-    big = ContextVectorLLM(new_cfg).to(model.embed.weight.device)
+    big = NewLLM(new_cfg).to(model.embed.weight.device)
     index = _base_index(big, C)
     old_sd, sd = model.state_dict(), big.state_dict()
     for name, fresh in sd.items():
@@ -100,7 +100,7 @@ def expand_context(model: ContextVectorLLM, new_dim: int) -> ContextVectorLLM:
     return big
 
 
-def trainable_masks(model: ContextVectorLLM) -> dict:
+def trainable_masks(model: NewLLM) -> dict:
     """For a grown model: name -> bool mask of the entries that belong to the *new* dimensions."""
     cfg = model.config
     if not cfg.grown_from:
@@ -124,7 +124,7 @@ class BaseFreeze:
     Parameters with no new entry at all stop requiring gradients, so make it before the optimizer.
     """
 
-    def __init__(self, model: ContextVectorLLM) -> None:
+    def __init__(self, model: NewLLM) -> None:
         self.items = []
         masks = trainable_masks(model)
         for name, p in model.named_parameters():
@@ -151,7 +151,7 @@ def freeze_hooks(model: torch.nn.Module, cfg: RunConfig) -> list:
     return [BaseFreeze(model)] if cfg.train.freeze_base else []
 
 
-def growth_gap(model: ContextVectorLLM, grown: ContextVectorLLM, data: Dataset) -> dict:
+def growth_gap(model: NewLLM, grown: NewLLM, data: Dataset) -> dict:
     """Validation loss of the base model and of the grown model right after growth (same data)."""
     before = evaluate(model, data, 256, next(model.parameters()).device)["loss"]
     after = evaluate(grown, data, 256, next(grown.parameters()).device)["loss"]
@@ -183,7 +183,7 @@ def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[s
     scratch_cfg = apply_overrides(base_cfg, model__context_dim=new_dim, train__epochs=base_epochs + extra_epochs,
                                   train__patience=base_epochs + extra_epochs)
     torch.manual_seed(scratch_cfg.train.seed)
-    runs[f"context {new_dim} from scratch"] = (ContextVectorLLM(scratch_cfg.model), scratch_cfg)
+    runs[f"context {new_dim} from scratch"] = (NewLLM(scratch_cfg.model), scratch_cfg)
     rows = [{"variant": v, "epoch": r["epoch"], "val_ppl": r["val_ppl"]}
             for v in list(runs)[:3] for r in result.history]
     for i, (name, (model, cfg)) in enumerate(runs.items()):

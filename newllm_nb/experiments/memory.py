@@ -7,7 +7,7 @@
   context c_t; an LSTM's (h, c)) and the next-token distribution move over the following tokens.
 
 Both work for any model with the package's recurrent interface ``model(ids, state, reset) -> (logits, state)``
-(``ContextVectorLLM`` and ``baselines.LSTMLM``) and return pandas DataFrames; plotting is left to the caller
+(``NewLLM`` and ``baselines.LSTMLM``) and return pandas DataFrames; plotting is left to the caller
 (``benchmarks/context_memory.py``, the notebooks).
 """
 

@@ -1,4 +1,4 @@
-"""The seed's layer sweep, resumable: each finished run's result is saved, re-running skips it.
+"""The original's layer sweep, resumable: each finished run's result is saved, re-running skips it.
 
 Runs are independent, so ``jobs`` > 1 trains several at once, one worker process per visible GPU
 (``distributed.spread``); a run that fails is reported in its row and the others go on.

@@ -1,6 +1,6 @@
 """Generation with O(1) state: prime the context on the prompt once, then one ``step`` per token.
 
-The seed's chat re-encoded its whole window for every new token (O(n^2) work, context cut at
+The original's chat re-encoded its whole window for every new token (O(n^2) work, context cut at
 max_seq_length). Here the prompt is read once (in chunks, so a 100k-character prompt costs bounded
 memory) and every new token costs one cell update, however long the text or conversation.
 """
@@ -192,7 +192,7 @@ class GraphDecoder:
 
 def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0):
     """The fastest captured decoder for ``model`` here: ``fused.FusedDecoder`` on a GPU where the Triton kernels
-    run (the seed cell), else ``GraphDecoder``, with one printed line saying why. ``chunk``: tokens per graph
+    run (the original cell), else ``GraphDecoder``, with one printed line saying why. ``chunk``: tokens per graph
     replay (default: each decoder's own)."""
     device = next(model.parameters()).device
     try:
@@ -200,8 +200,8 @@ def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, tempe
         ok, why = fused_available(device)
     except ImportError as e:
         ok, why = False, f"Triton is not importable ({e})"
-    if ok and not model.config.seed_cell:
-        ok, why = False, "the fused decode step implements the seed cell; this model uses cell options"
+    if ok and not model.config.original_cell:
+        ok, why = False, "the fused decode step implements the original cell; this model uses cell options"
     if ok:
         return FusedDecoder(model, batch_size, chunk, temperature)
     print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")

@@ -4,7 +4,7 @@ Autograd differentiates the time loop step by step: for every token it runs a sm
 matmul per weight and adds it into the gradient. Here the backward loop computes only what must be
 sequential (gradients w.r.t. activations and the carried context) and stores the per-step
 pre-activation gradients; each weight gradient is then **one** large matmul over all B·T positions.
-Same function as ``ContextVectorLLM.forward`` (tests compare outputs and gradients with autograd).
+Same function as ``NewLLM.forward`` (tests compare outputs and gradients with autograd).
 
 Per step (FNN layers j = 1..N, dropout p in training, context dropout mask M_c):
     a_1 = x_proj_t + W_c (M_c ⊙ c_{t-1})        h_j = D_j ⊙ a_j,  D_j = 1[a_j > 0] ⊙ dropout mask / (1 - p)

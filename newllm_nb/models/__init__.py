@@ -2,6 +2,6 @@
 Exports the model class and ``build_model``, which builds any of them from a ModelConfig."""
 
 from .baselines import LSTMLM, TransformerLM, build_model, matched_config
-from .newllm import ContextVectorLLM, count_parameters
+from .newllm import NewLLM, count_parameters
 
-__all__ = ["ContextVectorLLM", "LSTMLM", "TransformerLM", "build_model", "count_parameters", "matched_config"]
+__all__ = ["NewLLM", "LSTMLM", "TransformerLM", "build_model", "count_parameters", "matched_config"]

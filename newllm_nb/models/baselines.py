@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .newllm import ContextVectorLLM, TiedHead, count_parameters, embed_lookup, init_weights
+from .newllm import NewLLM, TiedHead, count_parameters, embed_lookup, init_weights
 
 
 class LSTMLM(nn.Module):
@@ -123,7 +123,7 @@ class TransformerLM(nn.Module):
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    return {"newllm": ContextVectorLLM, "lstm": LSTMLM, "transformer": TransformerLM}[config.arch](config)
+    return {"newllm": NewLLM, "lstm": LSTMLM, "transformer": TransformerLM}[config.arch](config)
 
 
 def config_parameters(config: ModelConfig) -> int:

@@ -67,7 +67,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """The seed's init, for New-LLM and the baselines alike: every Linear / Embedding weight N(0, std),
+    """The original's init, for New-LLM and the baselines alike: every Linear / Embedding weight N(0, std),
     every bias (a tied head's included) zero."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -78,7 +78,7 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ContextVectorLLM(nn.Module):
+class NewLLM(nn.Module):
     """The New-LLM cell. ``forward(ids, context)`` returns ``(logits, final_context)``."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -139,7 +139,7 @@ class ContextVectorLLM(nn.Module):
 
     def _cell(self, x_proj: torch.Tensor, c: torch.Tensor, W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step given layer 1's hoisted embedding projection ``x_proj`` = W_e e_t + b."""
-        if not self.config.seed_cell:
+        if not self.config.original_cell:
             return self._option_cell(x_proj, c, W_c)
         c_in = self.ctx_drop(c) if self.config.context_dropout > 0 else c  # skip a no-op kernel per step
         h = self.drop(F.relu(x_proj + F.linear(c_in.to(W_c.dtype), W_c)))
@@ -161,7 +161,7 @@ class ContextVectorLLM(nn.Module):
 
     def _option_cell(self, x_proj: torch.Tensor, c: torch.Tensor,
                      W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cell with the ModelConfig cell options (the seed cell when all are off, up to op order)."""
+        """The cell with the ModelConfig cell options (the original cell when all are off, up to op order)."""
         cfg = self.config
         r = self._state_norm(c) if cfg.state_norm == "read" else c  # what the FNN and the gates read
         r_in = self.ctx_drop(r) if cfg.context_dropout > 0 else r
@@ -211,14 +211,14 @@ class ContextVectorLLM(nn.Module):
         ``recurrence`` runs the whole time loop at once instead of the per-token ``_cell`` loop, with
         ``recurrence.NewLLMRecurrence.apply``'s signature: the same function with a hand-written
         backward (the training steps pass it; see step.py). Not with ``return_trajectory`` or ``context_tanh``.
-        It implements only the seed cell: with a cell option on, it is ignored and the autograd loop
+        It implements only the original cell: with a cell option on, it is ignored and the autograd loop
         below runs instead (the same result, slower).
         """
         B, T = ids.shape
         c = self.init_context(B) if context is None else context
         x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
         keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
-        if recurrence is not None and (self.config.seed_cell or self.config.context_tanh):
+        if recurrence is not None and (self.config.original_cell or self.config.context_tanh):
             if return_trajectory or self.config.context_tanh:
                 raise ValueError("a whole-loop recurrence returns no trajectory and has no context_tanh")
             layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
@@ -245,10 +245,10 @@ def gate_rank_for(config: ModelConfig, context_dim: int) -> int:
     """The ``gate_rank`` that gives ``config`` widened to ``context_dim`` the parameter count closest to
     ``config``'s own (a wider context at equal parameters: the low-rank gates pay for the wider state)."""
     with torch.device("meta"):
-        target = count_parameters(ContextVectorLLM(config))
+        target = count_parameters(NewLLM(config))
 
         def size(r: int) -> int:
-            return count_parameters(ContextVectorLLM(dataclasses.replace(config, context_dim=context_dim,
+            return count_parameters(NewLLM(dataclasses.replace(config, context_dim=context_dim,
                                                                          gate_rank=r)))
         lo, hi = 1, 4 * max(config.hidden_dim, context_dim)
         while lo < hi:  # parameters grow with the rank: the first rank at or above the target, or the one before

@@ -161,7 +161,7 @@ def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("n
                          progress=LabelledBar)
 
 
-# The cell options a notebook can sweep, each with the values it offers (the first is the seed's).
+# The cell options a notebook can sweep, each with the values it offers (the first is the original's).
 CELL_OPTIONS = {"state_norm": ["layernorm", "noaffine", "none", "read"], "chrono_init": [0.0, 16.0, 64.0, 256.0],
                 "gate_context": [False, True], "fnn_residual": ["none", "residual", "prenorm"],
                 "gate_rank": [0, 64, 128], "slow_forget_bias": [0.0, 2.0, 4.0]}

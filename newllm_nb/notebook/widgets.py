@@ -28,12 +28,12 @@ def _w():
 class TrainingPanel:
     """Widgets for model / data / training settings, pre-filled from a preset and this machine.
 
-    The *recipe* dropdown lists the presets for the same dataset (e.g. the seed's WikiText recipe and the
+    The *recipe* dropdown lists the presets for the same dataset (e.g. the original's WikiText recipe and the
     package's measured one); choosing one re-fills every widget from it (it only sets values: the work
     still runs in a plain cell that calls ``config()``).
     """
 
-    def __init__(self, preset_name: str = "seed_wikitext", base: Optional[RunConfig] = None,
+    def __init__(self, preset_name: str = "original_wikitext", base: Optional[RunConfig] = None,
                  hide: Sequence[str] = ()) -> None:
         """``hide`` names settings another control decides (e.g. ``("layers",)`` under a layer sweep's
         checkboxes): they keep the recipe's value and are left out of the panel."""
@@ -75,7 +75,7 @@ class TrainingPanel:
         self.batch = w.Dropdown(options=sorted(batches), description="batch size", style=STYLE, layout=lay)
         self.lr = w.FloatLogSlider(base=10, min=-5, max=-1.5, step=0.05, readout_format=".1e",
                                    description="learning rate", style=STYLE, layout=lay)
-        self.seed_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (seed rule)", style=STYLE, layout=wide)
+        self.original_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (original rule)", style=STYLE, layout=wide)
         self.epochs = w.IntSlider(min=1, max=300, description="max epochs", style=STYLE, layout=lay)
         self.patience = w.IntSlider(min=1, max=100, description="patience", style=STYLE, layout=lay)
         self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], description="precision", style=STYLE,
@@ -87,7 +87,7 @@ class TrainingPanel:
                                  style=STYLE, layout=lay)
         self.path = w.Text(value="", placeholder="file or folder (local path only)", description="path",
                            style=STYLE, layout=lay)
-        self.tokenizer = w.Dropdown(options=[("words (seed)", "word"), ("byte-level BPE", "bpe")],
+        self.tokenizer = w.Dropdown(options=[("words (original)", "word"), ("byte-level BPE", "bpe")],
                                     description="tokenizer", style=STYLE, layout=lay)
         self._fill(cfg)
         data_rows = [self.source, self.path, self.tokenizer]
@@ -98,13 +98,13 @@ class TrainingPanel:
             self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
                                     description="field mapping", style=STYLE, layout=lay)
             data_rows += [self.hub_name, self.field_map]
-        # The cell options (ModelConfig; off = the seed's cell). A chosen one trains through the autograd loop.
-        self.state_norm = w.Dropdown(options=[("LayerNorm (seed)", "layernorm"), ("no affine", "noaffine"),
+        # The cell options (ModelConfig; off = the original's cell). A chosen one trains through the autograd loop.
+        self.state_norm = w.Dropdown(options=[("LayerNorm (original)", "layernorm"), ("no affine", "noaffine"),
                                               ("none", "none"), ("only what the FNN reads", "read")],
                                      description="state norm", style=STYLE, layout=lay)
         self.chrono = w.IntSlider(min=0, max=512, step=8, description="chrono init (0=off)", style=STYLE, layout=lay)
         self.gate_context = w.Checkbox(description="gates also read c_{t-1}", style=STYLE, layout=wide)
-        self.fnn_residual = w.Dropdown(options=[("plain (seed)", "none"), ("residual", "residual"),
+        self.fnn_residual = w.Dropdown(options=[("plain (original)", "none"), ("residual", "residual"),
                                                 ("pre-norm", "prenorm")], description="FNN layers 2..N",
                                        style=STYLE, layout=lay)
         self.gate_rank = w.IntSlider(min=0, max=512, step=8, description="gate rank (0=full)", style=STYLE,
@@ -126,16 +126,16 @@ class TrainingPanel:
             w.HTML("<b>Model</b>"), _columns(shown(self.layers, self.embed, self.context, self.tie),
                                              shown(self.hidden, self.vocab, self.dropout, self.context_dropout,
                                                    self.input_dropout, self.output_dropout)),
-            w.HTML("<b>Cell options</b> (off = the seed's cell)"),
+            w.HTML("<b>Cell options</b> (off = the original's cell)"),
             _columns(shown(self.state_norm, self.chrono, self.gate_context),
                      shown(self.fnn_residual, self.gate_rank, self.slow_forget)),
             w.HTML("<b>Data</b>"), _columns(shown(*data_rows), shown(self.seq, self.mode)),
-            w.HTML("<b>Training</b>"), _columns(shown(self.batch, self.lr, self.seed_lr, self.ema),
+            w.HTML("<b>Training</b>"), _columns(shown(self.batch, self.lr, self.original_lr, self.ema),
                                                 shown(self.epochs, self.patience, self.precision)),
         ])
 
     def _batch_for(self, cfg: RunConfig) -> int:
-        # Seed recipes (lr by the seed rule) take this machine's batch; measured recipes keep their own.
+        # Original recipes (lr by the original rule) take this machine's batch; measured recipes keep their own.
         return self.rec.batch_size if cfg.train.lr is None else cfg.train.batch_size
 
     def _fill(self, cfg: RunConfig) -> None:
@@ -149,7 +149,7 @@ class TrainingPanel:
                               (self.output_dropout, m.output_dropout or 0.0),
                               (self.seq, d.max_seq_length), (self.mode, d.mode), (self.tokenizer, d.tokenizer),
                               (self.batch, self._batch_for(cfg)), (self.lr, t.lr or self.rec.lr),
-                              (self.seed_lr, t.lr is None), (self.ema, t.ema_decay), (self.epochs, t.epochs),
+                              (self.original_lr, t.lr is None), (self.ema, t.ema_decay), (self.epochs, t.epochs),
                               (self.patience, t.patience), (self.precision, t.precision)):
             widget.value = value
         if hasattr(self, "state_norm"):  # the recipe dropdown's callback; at construction _fill_options follows
@@ -193,7 +193,7 @@ class TrainingPanel:
             data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
                                      tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
             train=dataclasses.replace(b.train, batch_size=self.batch.value,
-                                      lr=None if self.seed_lr.value else float(self.lr.value),
+                                      lr=None if self.original_lr.value else float(self.lr.value),
                                       epochs=self.epochs.value, patience=self.patience.value,
                                       precision=self.precision.value, ema_decay=float(self.ema.value)))
 

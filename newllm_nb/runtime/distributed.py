@@ -9,7 +9,7 @@ so single-process training runs exactly the code it ran before.
 Data parallelism, as this package does it:
 
 * every rank holds the whole model (identical weights: rank 0's are broadcast at start) and takes its
-  share of each *global* batch (``batch_size`` is the global batch, so the seed's lr rule
+  share of each *global* batch (``batch_size`` is the global batch, so the original's lr rule
   ``1e-4 * sqrt(batch / 32)`` reads the same on 1 or N GPUs);
 * after each rank's forward + backward (after the CUDA graph's replay) one flat all-reduce sums the
   token-weighted gradients together with the loss, token and hit counts, so every rank then unscales,

@@ -1,4 +1,4 @@
-"""What machine is this, and what batch / LR / precision suit it (the seed's GPU table)."""
+"""What machine is this, and what batch / LR / precision suit it (the original's GPU table)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 
-from ..config import seed_lr
+from ..config import original_lr
 
-# The seed's table: GPU -> batch size (lr follows from lr = 1e-4 * sqrt(batch / 32)).
-SEED_GPU_TABLE = {"T4": 512, "L4": 2048, "A100": 4096, "H100": 4096}
+# The original's table: GPU -> batch size (lr follows from lr = 1e-4 * sqrt(batch / 32)).
+ORIGINAL_GPU_TABLE = {"T4": 512, "L4": 2048, "A100": 4096, "H100": 4096}
 
 
 @dataclass
@@ -60,17 +60,17 @@ def detect(device: Optional[str] = None) -> HardwareInfo:
 
 
 def recommend(info: Optional[HardwareInfo] = None) -> Recommendation:
-    """Batch by the seed's table (H100/H200 at least 4096; unknown GPUs by memory; CPU 256), lr by its rule."""
+    """Batch by the original's table (H100/H200 at least 4096; unknown GPUs by memory; CPU 256), lr by its rule."""
     info = info or detect()
     if info.kind == "CPU":
         batch = 64  # small batches: more updates per epoch where every step is slow
-    elif info.kind in SEED_GPU_TABLE:
-        batch = SEED_GPU_TABLE[info.kind]
+    elif info.kind in ORIGINAL_GPU_TABLE:
+        batch = ORIGINAL_GPU_TABLE[info.kind]
     elif info.kind == "H200":
         batch = 4096
     else:
         batch = 512 if info.memory_gb < 20 else 2048 if info.memory_gb < 40 else 4096
-    return Recommendation(batch, seed_lr(batch), pick_precision(info))
+    return Recommendation(batch, original_lr(batch), pick_precision(info))
 
 
 def pick_precision(info: HardwareInfo) -> str:
@@ -80,9 +80,9 @@ def pick_precision(info: HardwareInfo) -> str:
     return "bf16" if info.bf16 else "fp16"
 
 
-def seed_table() -> list[dict]:
-    """The seed's published GPU table, for display beside this machine's recommendation."""
-    return [{"gpu": g, "batch_size": b, "lr": round(seed_lr(b), 6)} for g, b in SEED_GPU_TABLE.items()
+def original_table() -> list[dict]:
+    """The original's published GPU table, for display beside this machine's recommendation."""
+    return [{"gpu": g, "batch_size": b, "lr": round(original_lr(b), 6)} for g, b in ORIGINAL_GPU_TABLE.items()
             if g != "H100"]
 
 

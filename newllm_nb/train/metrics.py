@@ -1,9 +1,9 @@
 """What training and evaluation count.
 
-Unless ``seed_compatible``, loss / PPL / accuracy are *token-weighted over all non-PAD targets* (UNK
+Unless ``original_metrics``, loss / PPL / accuracy are *token-weighted over all non-PAD targets* (UNK
 targets included, BOS never a target): loss = sum of per-token cross-entropy / number of such tokens,
-PPL = exp(loss), accuracy = share of those tokens predicted exactly. ``seed_compatible=True``
-reproduces the seed's figures: the mean over batches of each batch's mean loss / accuracy (PPL = exp
+PPL = exp(loss), accuracy = share of those tokens predicted exactly. ``original_metrics=True``
+reproduces the original's figures: the mean over batches of each batch's mean loss / accuracy (PPL = exp
 of that), which weights short batches more.
 """
 
@@ -32,11 +32,11 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Metrics:
-    """Token-weighted (default) or per-batch-averaged (seed) loss / accuracy, accumulated as Python floats
+    """Token-weighted (default) or per-batch-averaged (original) loss / accuracy, accumulated as Python floats
     (one host sync per batch, which the non-finite check needs anyway)."""
 
-    def __init__(self, seed_compatible: bool = False) -> None:
-        self.seed_compatible = seed_compatible
+    def __init__(self, original_metrics: bool = False) -> None:
+        self.original_metrics = original_metrics
         self.loss = self.n = self.correct = 0.0
         self.batch_loss = self.batch_acc = 0.0
         self.batches = 0
@@ -61,7 +61,7 @@ class Metrics:
     def result(self) -> dict:
         if self.batches == 0:
             return {"loss": float("nan"), "ppl": float("nan"), "acc": float("nan"), "tokens": 0}
-        if self.seed_compatible:
+        if self.original_metrics:
             loss, acc = self.batch_loss / self.batches, self.batch_acc / self.batches
         else:
             loss, acc = self.loss / self.n, self.correct / self.n
@@ -70,18 +70,18 @@ class Metrics:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-             precision: str = "fp32", seed_compatible: bool = False) -> dict:
+             precision: str = "fp32", original_metrics: bool = False) -> dict:
     """Loss, PPL, accuracy over ``data`` (see the module docstring for what is counted).
 
     Under torchrun every rank evaluates its share of each batch (as in training) and the batch's sums are
     all-reduced before they count, so every rank gets the figures one process gets for the whole set:
-    the same per-batch sums, in the same order, in both the token-weighted and the seed's per-batch mode.
+    the same per-batch sums, in the same order, in both the token-weighted and the original's per-batch mode.
     Sharding rather than every rank evaluating everything keeps validation as fast as training scales.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    m = Metrics(seed_compatible)
+    m = Metrics(original_metrics)
     state = None
     world = world_size()
     for b in data.batches(batch_size, rank=rank(), world=world):

@@ -11,7 +11,7 @@ from ..config import TrainConfig
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Constant (seed), or linear warm-up then cosine decay to ``min_lr_ratio`` of the peak."""
+    """Constant (original), or linear warm-up then cosine decay to ``min_lr_ratio`` of the peak."""
     base = cfg.effective_lr
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
@@ -22,7 +22,7 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam (seed) or AdamW over the parameters that train; one fused kernel for the update on CUDA."""
+    """Adam (original) or AdamW over the parameters that train; one fused kernel for the update on CUDA."""
     kw = {"lr": cfg.effective_lr}
     params = [p for p in model.parameters() if p.requires_grad]
     if device.type == "cuda":

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from ..config import RunConfig
+from ..config import RENAMED_CLIP, RENAMED_TRAIN_FIELDS, RunConfig
 from ..data.batching import Dataset
 from ..data.tokenizer import tokenizer_hash
 
@@ -33,13 +33,21 @@ def _short(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Renamed settings keep the key and value the fingerprint was first computed with, so a run folder keeps its
+# name and a run started under the former names still resumes.
+FINGERPRINT_KEYS = {f"train.{new}": f"train.{old}" for old, new in RENAMED_TRAIN_FIELDS.items()}
+FINGERPRINT_VALUES = {"train.clip": {new: old for old, new in RENAMED_CLIP.items()}}
+
+
 def settings_fingerprint(cfg: RunConfig) -> dict:
     """The result-changing settings, flattened to ``section.field`` keys."""
     out = {}
     for section, fields in cfg.to_dict().items():
         for name, value in fields.items():
             if name not in NOT_IN_FINGERPRINT.get(section, ()):
-                out[f"{section}.{name}"] = value
+                key = f"{section}.{name}"
+                value = FINGERPRINT_VALUES.get(key, {}).get(value, value) if isinstance(value, str) else value
+                out[FINGERPRINT_KEYS.get(key, key)] = value
     return out
 
 

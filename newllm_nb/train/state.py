@@ -40,7 +40,7 @@ class TrainState:
         """Reset what counts within one epoch (after the epoch's record is written)."""
         self.epoch += 1
         self.step_in_epoch = 0
-        self.metrics = Metrics(self.metrics.seed_compatible)
+        self.metrics = Metrics(self.metrics.original_metrics)
         self.epoch_seconds = 0.0
         self.nonfinite_epoch = 0
         self.context = None

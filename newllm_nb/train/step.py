@@ -39,7 +39,7 @@ from ..config import PAD_ID
 from ..data.batching import Batch
 from ..kernels.recurrence import NewLLMRecurrence
 from ..models.baselines import detach_state
-from ..models.newllm import ContextVectorLLM
+from ..models.newllm import NewLLM
 from ..runtime.distributed import active, all_reduce_step, is_main
 from ..runtime.hardware import autocast
 from .metrics import token_loss
@@ -128,9 +128,9 @@ class GraphedStep(EagerStep):
         super().__init__(model, optimizer, scaler, device, precision)
         self.use_graph = use_graph
         self.mode = mode if use_graph else "static-eager"
-        self.failed = not isinstance(model, ContextVectorLLM)
-        if not self.failed and recurrence is not None and not model.config.seed_cell:
-            # The whole-loop recurrences implement the seed's cell; other cells run their autograd loop in the graph.
+        self.failed = not isinstance(model, NewLLM)
+        if not self.failed and recurrence is not None and not model.config.original_cell:
+            # The whole-loop recurrences implement the original cell; other cells run their autograd loop in the graph.
             recurrence, self.mode = None, "cuda-graph" if use_graph else self.mode
         self.recurrence = recurrence
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -250,13 +250,13 @@ def _fused_recurrence(device: torch.device, precision: str) -> tuple[Optional[Ca
 def make_step(fast_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, device: torch.device, precision: str) -> EagerStep:
     """The step for ``TrainConfig.fast_path``: eager on CPU, for other models and for "off". On CUDA, "auto"
-    takes the fused Triton kernels where they run (the seed cell on a GPU Triton supports at this precision),
+    takes the fused Triton kernels where they run (the original cell on a GPU Triton supports at this precision),
     else, with one printed line saying why, what "graph" captures: the hand-written BPTT in a CUDA graph.
     "fused" asks for the kernels, "graph-autograd" captures the autograd loop, "compile" a compiled cell."""
-    if device.type != "cuda" or fast_path == "off" or not isinstance(model, ContextVectorLLM):
+    if device.type != "cuda" or fast_path == "off" or not isinstance(model, NewLLM):
         return EagerStep(model, optimizer, scaler, device, precision)
     args = (model, optimizer, scaler, device, precision)
-    if fast_path in ("auto", "fused") and model.config.seed_cell:
+    if fast_path in ("auto", "fused") and model.config.original_cell:
         recurrence, why = _fused_recurrence(device, precision)
         if recurrence is not None:
             return GraphedStep(*args, recurrence=recurrence, mode="cuda-graph+fused")

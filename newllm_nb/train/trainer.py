@@ -28,7 +28,7 @@ from typing import Callable, Optional, Protocol, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, seed_lr
+from ..config import RunConfig, original_lr
 from ..data.batching import Dataset
 from ..runtime.distributed import (
     agreed,
@@ -105,7 +105,7 @@ class Trainer:
         self.callbacks, self.step_callbacks, self.hooks = list(callbacks), list(step_callbacks), list(hooks)
         self.optimizer = make_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.state = TrainState(metrics=Metrics(tc.seed_compatible),
+        self.state = TrainState(metrics=Metrics(tc.original_metrics),
                                 ema=WeightAverage(self.model, tc.ema_decay) if tc.ema_decay > 0 else None)
         self.rank_rng: dict = {}  # ranks > 0's RNG streams, for rank 0's next full checkpoint
         self.step = make_step(tc.fast_path, self.model, self.optimizer, self.scaler, self.device, self.precision)
@@ -250,7 +250,7 @@ class Trainer:
             torch.manual_seed(tc.seed + self.rank)
         B = tc.batch_size
         if self.world > 1:
-            rule = "given" if tc.lr is not None else f"seed rule 1e-4*sqrt({B}/32) = {seed_lr(B):.2e}"
+            rule = "given" if tc.lr is not None else f"original rule 1e-4*sqrt({B}/32) = {original_lr(B):.2e}"
             self._print(f"data parallel: {self.world} processes | global batch {B} (about {-(-B // self.world)} "
                         f"per process) | lr {tc.effective_lr:.2e} ({rule}, from the global batch)")
         show = tc.show_progress and self.main
@@ -312,7 +312,7 @@ class Trainer:
                 train = st.metrics.result()
                 with self._averaged():
                     val = evaluate(self.model, self.valid_data, min(B, 1024), self.device, self.precision,
-                                   tc.seed_compatible)
+                                   tc.original_metrics)
                 if not (math.isfinite(val["loss"]) and math.isfinite(train["loss"])):
                     raise NonFiniteLossError(
                         f"the run diverged: {'validation' if math.isfinite(train['loss']) else 'training'} loss is "
@@ -347,7 +347,7 @@ class Trainer:
                     break
         except torch.cuda.OutOfMemoryError as e:
             raise OutOfMemory(
-                f"CUDA out of memory at batch_size={B}: try batch_size={max(1, B // 2)} (and lr by the seed rule). "
+                f"CUDA out of memory at batch_size={B}: try batch_size={max(1, B // 2)} (and lr by the original rule). "
                 f"Last checkpoint kept: {self._last_good()}") from e
         finally:
             bar.close()

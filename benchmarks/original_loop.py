@@ -1,4 +1,4 @@
-"""The seed's training-loop shape, for the throughput comparison only: every matmul inside the per-token
+"""The original's training-loop shape, for the throughput comparison only: every matmul inside the per-token
 loop, [embed ; context] concatenated per step, W_f / W_i / W_u as three matmuls, the head per token."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from newllm_nb.config import CONTEXT_CLAMP
 
 
-class SeedLoop(nn.Module):
+class OriginalLoop(nn.Module):
     def __init__(self, model) -> None:
         super().__init__()
         self.m = model

@@ -96,7 +96,7 @@ def load_recipe(spec: str, sets: Optional[list] = None) -> RunConfig:
 
 
 def original_recipe(batch: int, max_epochs: int) -> TrainConfig:
-    """The seed: Adam, constant lr = 1e-4 * sqrt(batch/32), clip 0.5/1.0/2.0 schedule, patience 30."""
+    """The original recipe: Adam, constant lr = 1e-4 * sqrt(batch/32), clip 0.5/1.0/2.0 schedule, patience 30."""
     return dataclasses.replace(preset("original_wikitext").train, epochs=max_epochs, batch_size=batch,
                                show_progress=False)
 

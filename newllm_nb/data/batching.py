@@ -37,7 +37,7 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
 
 
 def make_windows(ids: Sequence[int], max_seq_length: int) -> list[list[int]]:
-    """Seed windows over one encoded paragraph: length ``max_seq_length``, stride half of it, PAD-padded.
+    """The original's windows over one encoded paragraph: length ``max_seq_length``, stride half of it, PAD-padded.
 
     A paragraph no longer than a window is one padded window. A longer one gives windows starting at
     0, S/2, S, ...; where the last full window stops short of the end, one more window starting a
@@ -87,7 +87,7 @@ def wikitext_stream(lines: Sequence[str], tokenizer, reset_at_articles: bool = T
 
 def instruction_sequences(records: Sequence[dict], tokenizer, max_seq_length: int, response_only: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed processing: one row per example, truncated / padded to ``max_seq_length``.
+    """The original's processing: one row per example, truncated / padded to ``max_seq_length``.
     Returns (tokens, target_tokens); target_tokens has PAD outside the Response when ``response_only``."""
     rows, tgt_rows = [], []
     for rec in records:

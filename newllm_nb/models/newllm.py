@@ -99,14 +99,15 @@ class NewLLM(nn.Module):
         self.norm = nn.LayerNorm(C, eps=LN_EPS, elementwise_affine=config.state_norm not in ("noaffine", "none"))
         self.fnn_norms = (nn.ModuleList([nn.LayerNorm(H, eps=LN_EPS) for _ in range(config.num_layers - 1)])
                           if config.fnn_residual == "prenorm" else None)
-        # Off the recurrent path (None = the seed: none): on embedding vectors in, on features to the head.
+        # Off the recurrent path (None = the original: none): on embedding vectors in, on features to the head.
         self.in_drop = nn.Dropout(config.input_dropout or 0.0)
         self.out_drop = nn.Dropout(config.output_dropout or 0.0)
         self.head = TiedHead(self.embed, H) if config.tie_embeddings else nn.Linear(H, config.vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Seed init: weights N(0, init_std), biases zero (the forget gate's: ``forget_bias``), LayerNorm identity."""
+        """The original's init: weights N(0, init_std), biases zero (the forget gate's: ``forget_bias``),
+        LayerNorm identity."""
         cfg = self.config
         init_weights(self, cfg.init_std)
         self.norm.reset_parameters()

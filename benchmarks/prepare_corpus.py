@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from newllm_nb.corpus import open_corpus  # noqa: E402
-from newllm_nb.token_cache import cache_root, default_workers, prepare_tokens  # noqa: E402
+from newllm_nb.data.corpus import open_corpus  # noqa: E402
+from newllm_nb.data.token_cache import cache_root, default_workers, prepare_tokens  # noqa: E402
 
 
 def peak_rss_mb(who: int) -> float:
@@ -54,13 +54,13 @@ def epoch_times(args: argparse.Namespace, res) -> list:
     import torch
 
     from newllm_nb import preset
-    from newllm_nb.baselines import build_model
-    from newllm_nb.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
     from newllm_nb.config import apply_overrides
-    from newllm_nb.hardware import detect
-    from newllm_nb.sources import load_wikitext
-    from newllm_nb.token_data import TokenStream, TokenWindows
-    from newllm_nb.trainer import Trainer
+    from newllm_nb.data.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
+    from newllm_nb.data.sources import load_wikitext
+    from newllm_nb.data.token_data import TokenStream, TokenWindows
+    from newllm_nb.models.baselines import build_model
+    from newllm_nb.runtime.hardware import detect
+    from newllm_nb.train.trainer import Trainer
 
     tok = res.tokenizer
     cfg = preset(args.epoch_preset)
@@ -131,7 +131,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--epoch", action="store_true", help="also time a training epoch: lists vs memory map")
-    p.add_argument("--epoch-preset", default="seed_wikitext")
+    p.add_argument("--epoch-preset", default="original_wikitext")
     p.add_argument("--mode", choices=["windows", "stream"], default="windows")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")

@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from newllm_nb import tokenizer as tokmod
-from newllm_nb.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
-from newllm_nb.corpus import hub_corpus, local_corpus, open_corpus
-from newllm_nb.sources import WIKITEXT_SAMPLE, DataError, load_wikitext
-from newllm_nb.token_cache import (
+from newllm_nb.data.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
+from newllm_nb.data.corpus import hub_corpus, local_corpus, open_corpus
+from newllm_nb.data.sources import WIKITEXT_SAMPLE, DataError, load_wikitext
+from newllm_nb.data.token_cache import (
     EntryWriter,
     open_entry,
     prepare_tokens,
     token_dtype,
     tokenize_corpus,
 )
-from newllm_nb.token_data import TokenStream, TokenWindows
-from newllm_nb.tokenizer import BPETokenizer, WordTokenizer, tokenizer_hash, train_tokenizer
+from newllm_nb.data.token_data import TokenStream, TokenWindows
+from newllm_nb.data.tokenizer import BPETokenizer, WordTokenizer, tokenizer_hash, train_tokenizer
 
 SAMPLE_TRAIN = WIKITEXT_SAMPLE / "wiki.train.raw"
 

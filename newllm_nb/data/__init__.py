@@ -1,5 +1,6 @@
-"""Text in, batches out: sources (local, hub, bundled sample), tokenizers, the instruction prompt format, batching,
-and ``prepare`` (pipeline), the one call from a DataConfig to train / valid datasets and a tokenizer."""
+"""Text in, batches out: sources (local, hub, bundled sample), any corpus read as a stream (corpus), tokenizers,
+the token cache on disk (token_cache, token_data), the instruction prompt format, batching, and ``prepare``
+(pipeline), the one call from a DataConfig to train / valid datasets and a tokenizer."""
 
 from .batching import Batch, StreamData, WindowData
 from .pipeline import Prepared, prepare

@@ -34,6 +34,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..runtime.files import atomic_write_text
 from .corpus import Corpus, DocBatch
 from .sources import MIN_WORDS, DataError, is_article_heading
 from .tokenizer import (
@@ -373,8 +374,6 @@ def train_corpus_tokenizer(corpus: Corpus, kind: str, vocab_size: int, root: Pat
                 tok = train_tokenizer(kind, (d for docs in texts_batches() for d in docs), vocab_size)
         finally:
             bar.close()
-        from .files import atomic_write_text
-
         atomic_write_text(path, tok.to_json())
         return tok
 

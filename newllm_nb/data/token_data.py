@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..config import BOS_ID, PAD_ID
+from ..runtime.distributed import stream_rows, window_rows
 from .batching import Batch
-from .config import BOS_ID, PAD_ID
-from .distributed import stream_rows, window_rows
 from .sources import MIN_WORDS, DataError
 from .token_cache import HEADING, LONG, TokenFile
 

@@ -1,11 +1,12 @@
-"""The fused Triton recurrence (newllm_nb/kernels/fused.py) computes the same function as the hand-written BPTT.
+"""The fused Triton kernels (newllm_nb/kernels/fused.py) compute the reference cell's function
+(newllm_nb/kernels/reference.py).
 
 CPU: the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be set before triton is
-first imported, so those checks run once in a subprocess) against ``NewLLMRecurrence``, the model's
-autograd loop, and a reference that applies the kernels' own dropout masks; the decode cell against
-``model.step``. GPU (where CUDA and Triton work): gradients after one step and after several Adam steps
-against an fp32 reference within the AMP tolerance of test_fastpath.py, bf16 and fp16, stateful or not,
-with resets, every dropout on; fresh dropout masks on every CUDA-graph replay; FusedDecoder against the
+first imported, so those checks run once in a subprocess) against the reference with the kernels' own dropout
+masks, the hand-written BPTT and the model's autograd loop (the reference, token by token); the decode cell
+against ``model.step`` (the reference cell). GPU (where CUDA and Triton work): gradients after one step and after
+several Adam steps against an fp32 reference within the AMP tolerance of test_fastpath.py, bf16 and fp16, stateful
+or not, with resets, every dropout on; fresh dropout masks on every CUDA-graph replay; FusedDecoder against the
 eager greedy decode.
 """
 
@@ -29,10 +30,27 @@ pytest.importorskip("triton", reason="triton is not installed: the fused kernels
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# -- a reference that uses the kernels' own dropout masks ---------------------------------------------------------
+# -- the reference cell, with the kernels' own dropout masks ------------------------------------------------------
+class _Reference(torch.nn.Module):
+    """``reference.sequence`` over a NewLLM whose weights ``functional_call`` supplies."""
+
+    def __init__(self, H: int, C: int, L: int) -> None:
+        super().__init__()
+        from newllm_nb import ModelConfig, NewLLM
+
+        self.m = NewLLM(ModelConfig(vocab_size=5, embed_dim=1, context_dim=C, hidden_dim=H, num_layers=L,
+                                    dropout=0.0))
+
+    def forward(self, x_proj, c0, keep, masks, cmask):
+        from newllm_nb.kernels import reference
+
+        return reference.sequence(self.m, x_proj, c0, keep, masks, cmask)
+
+
 def masked_reference(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training, *layers):
-    """``NewLLMRecurrence.apply``'s signature, plain autograd in fp32, with the dropout masks rebuilt from the
-    seed FusedRecurrence draws (same RNG call, so the model's other dropouts stay in step too)."""
+    """``NewLLMRecurrence.apply``'s signature through the reference cell (kernels/reference.py) in fp32, with the
+    dropout masks rebuilt from the seed FusedRecurrence draws (same RNG call, so the model's other dropouts stay
+    in step too)."""
     from newllm_nb.kernels.fused import kernel_uniforms
 
     B, T, H = x_proj.shape
@@ -43,33 +61,19 @@ def masked_reference(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, trai
         seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), device=x_proj.device, dtype=torch.int64)
     masks = [(kernel_uniforms(seed, j, (T, B, H)) >= p).float() / (1 - p) for j in range(L)] if drop else None
     cmask = (kernel_uniforms(seed, L, (T, B, C)) >= p_ctx).float() / (1 - p_ctx) if cdrop else None
+    weights = {"m.fnn.0.weight": torch.cat([W_c.new_zeros(H, 1), W_c], 1), "m.gates.weight": W_g,
+               "m.gates.bias": b_g, "m.norm.weight": ln_w, "m.norm.bias": ln_b}
+    for j in range(1, L):
+        weights[f"m.fnn.{j}.weight"], weights[f"m.fnn.{j}.bias"] = layers[2 * j - 2], layers[2 * j - 1]
+    with torch.random.fork_rng(devices=[]):  # building it draws no number the model's own dropouts would draw
+        ref = _Reference(H, C, L).to(x_proj.device)
     with torch.autocast(x_proj.device.type, enabled=False):  # an fp32 reference also under autocast
-        hs, c = _masked_loop(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, layers, masks, cmask)
-    return hs.to(x_proj.dtype), c
-
-
-def _masked_loop(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, layers, masks, cmask):
-    from newllm_nb.config import CONTEXT_CLAMP, LN_EPS
-
-    T, C, L = x_proj.shape[1], c0.shape[1], 1 + len(layers) // 2
-    drop, cdrop = masks is not None, cmask is not None
-    c, hs = c0.float(), []
-    for t in range(T):
-        if keep is not None:
-            c = c * keep[:, t].float()
-        cin = c * cmask[t] if cdrop else c
-        h = torch.relu(x_proj[:, t].float() + F.linear(cin, W_c.float()))
-        h = h * masks[0][t] if drop else h
-        for j in range(1, L):
-            h = torch.relu(F.linear(h, layers[2 * j - 2].float(), layers[2 * j - 1].float()))
-            h = h * masks[j][t] if drop else h
-        f, i, u = F.linear(h, W_g.float(), b_g.float()).chunk(3, -1)
-        x = torch.sigmoid(f) * c + torch.sigmoid(i) * u
-        c = F.layer_norm(x, (C,), ln_w.float(), ln_b.float(), LN_EPS).clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
-        hs.append(h)
+        hs, c = torch.func.functional_call(ref, {k: v.float() for k, v in weights.items()},
+                                           (x_proj.float(), c0.float(), None if keep is None else keep.float(),
+                                            masks, cmask))
     # [T, B, H] memory seen as [B, T, H], as both recurrences return it: the output dropout draws its mask in
     # memory order, so the same layout gives the same mask.
-    return torch.stack(hs, 0).transpose(0, 1), c
+    return hs.transpose(0, 1).contiguous().transpose(0, 1).to(x_proj.dtype), c
 
 
 def _raw_args(B, T, C, H, L, keep, device="cpu", seed=0):
@@ -111,23 +115,23 @@ _NAMES = ["hs", "c_T", "d x_proj", "d c0", "d W_c", "d W_g", "d b_g", "d ln_w", 
 
 
 # -- the interpreter checks (run in a subprocess with TRITON_INTERPRET=1) ------------------------------------------
-def _check_matches_bptt_with_resets():
+def _check_matches_reference_and_bptt_with_resets():
     from newllm_nb.kernels.fused import FusedRecurrence
     from newllm_nb.kernels.recurrence import NewLLMRecurrence
 
     args, layers = _raw_args(B=5, T=4, C=12, H=20, L=3, keep=True)  # odd sizes: every tile is masked
-    _close(_run(FusedRecurrence.apply, args, layers, 0.0, 0.0), _run(NewLLMRecurrence.apply, args, layers, 0.0, 0.0),
-           _NAMES)
+    fused = _run(FusedRecurrence.apply, args, layers, 0.0, 0.0)
+    _close(fused, _run(masked_reference, args, layers, 0.0, 0.0), _NAMES)
+    _close(fused, _run(NewLLMRecurrence.apply, args, layers, 0.0, 0.0), _NAMES)
 
 
-def _check_matches_bptt_one_layer_hs_only():
+def _check_matches_reference_one_layer_hs_only():
     from newllm_nb.kernels.fused import FusedRecurrence
-    from newllm_nb.kernels.recurrence import NewLLMRecurrence
 
     # More rows than one program holds (two programs), no resets, no gradient through c_T.
     args, layers = _raw_args(B=19, T=3, C=16, H=32, L=1, keep=False, seed=1)
     _close(_run(FusedRecurrence.apply, args, layers, 0.0, 0.0, use_c=False),
-           _run(NewLLMRecurrence.apply, args, layers, 0.0, 0.0, use_c=False), _NAMES)
+           _run(masked_reference, args, layers, 0.0, 0.0, use_c=False), _NAMES)
 
 
 def _check_dropout_matches_masked_reference():
@@ -239,7 +243,8 @@ def _check_greedy_decode_with_other_tiles():
 
 
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
-    _check_matches_bptt_with_resets, _check_matches_bptt_one_layer_hs_only, _check_dropout_matches_masked_reference,
+    _check_matches_reference_and_bptt_with_resets, _check_matches_reference_one_layer_hs_only,
+    _check_dropout_matches_masked_reference,
     _check_model_loop_with_every_dropout, _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager,
     _check_greedy_decode_with_other_tiles)}
 

@@ -25,9 +25,8 @@ def test_init_is_normal_002_with_zero_biases():
 
 
 def literal_loop(m: NewLLM, ids, c=None, reset=None):
-    """The test oracle: the cell's equations written token by token, literally and slowly, with W_f / W_i / W_u
-    as separate matrices. Every faster path (hoisted loop, hand-written BPTT, fused kernels) is checked against
-    it, directly or through one that is."""
+    """The original cell's equations once more, with nothing hoisted and W_f / W_i / W_u as separate matrices:
+    the check of the reference cell (kernels/reference.py) and of the model's hoisting around it."""
     cfg = m.config
     C = cfg.context_dim
     W_f, W_i, W_u = m.gates.weight[:C], m.gates.weight[C:2 * C], m.gates.weight[2 * C:]
@@ -153,7 +152,7 @@ def _assert_fused_matches_autograd(m, ids, c0=None, reset=None, mask_seed=None) 
 
 
 @pytest.mark.parametrize("layers,with_reset", [(1, False), (3, True)])
-def test_hand_written_bptt_equals_autograd(layers, with_reset):
+def test_hand_written_bptt_equals_the_reference_loop(layers, with_reset):
     torch.manual_seed(0)
     m = _away_from_init(NewLLM(small(num_layers=layers)))
     ids = torch.randint(0, 50, (3, 9))
@@ -176,7 +175,7 @@ def test_hand_written_bptt_dropout_is_active_only_in_training(ctx_drop):
     torch.testing.assert_close(a, b)
 
 
-def test_hand_written_bptt_with_context_dropout_matches_autograd_on_the_same_masks():
+def test_hand_written_bptt_with_context_dropout_matches_the_reference_on_the_same_masks():
     """Same masks for both: draw them from one seed (both paths consume bernoulli draws in the same
     order when dropout on h is off)."""
     torch.manual_seed(0)

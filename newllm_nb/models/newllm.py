@@ -15,8 +15,9 @@ all hidden states, and W_f / W_i / W_u are one fused matmul. ``step`` is the lit
 update, used by generation.
 
 Cell options (``ModelConfig`` fields, each off by default; their comments there give the equations):
-``state_norm``, ``chrono_init``, ``gate_context``, ``fnn_residual``, ``gate_rank``, ``slow_forget_bias``. With
-any of them on, ``_cell`` is the general cell below and ``forward`` always runs its own autograd loop.
+``state_norm``, ``chrono_init``, ``gate_context``, ``fnn_residual``, ``gate_rank``, ``slow_forget_bias``. The cell
+itself, with every option, is kernels/reference.py's ``cell``; with any option on, ``forward`` always runs
+that per-token loop.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CONTEXT_CLAMP, LN_EPS, ModelConfig
+from ..config import LN_EPS, ModelConfig
+from ..kernels import reference
 
 
 def embed_lookup(embed: nn.Embedding, ids: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -139,50 +141,9 @@ class NewLLM(nn.Module):
         return self.fnn[0].weight[:, self.config.embed_dim:].to(dtype)
 
     def _cell(self, x_proj: torch.Tensor, c: torch.Tensor, W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One time step given layer 1's hoisted embedding projection ``x_proj`` = W_e e_t + b."""
-        if not self.config.original_cell:
-            return self._option_cell(x_proj, c, W_c)
-        c_in = self.ctx_drop(c) if self.config.context_dropout > 0 else c  # skip a no-op kernel per step
-        h = self.drop(F.relu(x_proj + F.linear(c_in.to(W_c.dtype), W_c)))
-        for layer in self.fnn[1:]:
-            h = self.drop(F.relu(layer(h)))
-        f, i, u = self.gates(h).chunk(3, dim=-1)
-        if self.config.context_tanh:
-            u = torch.tanh(u)
-        c = self.norm(torch.sigmoid(f) * c + torch.sigmoid(i) * u).clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
-        return h, c
-
-    def _state_norm(self, s: torch.Tensor) -> torch.Tensor:
-        """The context's LayerNorm, over all C channels or (slow_forget_bias) over each half on its own."""
-        if not self.config.slow_forget_bias:
-            return self.norm(s)
-        C = s.shape[-1]
-        z = F.layer_norm(s.unflatten(-1, (2, C // 2)), (C // 2,), eps=LN_EPS).flatten(-2)
-        return z if self.norm.weight is None else z * self.norm.weight + self.norm.bias
-
-    def _option_cell(self, x_proj: torch.Tensor, c: torch.Tensor,
-                     W_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cell with the ModelConfig cell options (the original cell when all are off, up to op order)."""
-        cfg = self.config
-        r = self._state_norm(c) if cfg.state_norm == "read" else c  # what the FNN and the gates read
-        r_in = self.ctx_drop(r) if cfg.context_dropout > 0 else r
-        h = self.drop(F.relu(x_proj + F.linear(r_in.to(W_c.dtype), W_c)))
-        for k, layer in enumerate(self.fnn[1:]):
-            if cfg.fnn_residual == "none":
-                h = self.drop(F.relu(layer(h)))
-            else:
-                z = self.fnn_norms[k](h) if self.fnn_norms is not None else h
-                h = h + self.drop(F.relu(layer(z)))
-        g = torch.cat([h, r_in.to(h.dtype)], dim=-1) if cfg.gate_context else h
-        if self.gate_down is not None:
-            g = self.gate_down(g)
-        f, i, u = self.gates(g).chunk(3, dim=-1)
-        if cfg.context_tanh:
-            u = torch.tanh(u)
-        s = torch.sigmoid(f) * c + torch.sigmoid(i) * u
-        if cfg.state_norm in ("layernorm", "noaffine"):
-            s = self._state_norm(s)
-        return h, s.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+        """One time step given layer 1's hoisted embedding projection ``x_proj`` = W_e e_t + b: the reference
+        cell (kernels/reference.py), every cell option included."""
+        return reference.cell(self, x_proj, c, W_c)
 
     def _embed_proj(self, ids: torch.Tensor) -> torch.Tensor:
         W_e = self.fnn[0].weight[:, : self.config.embed_dim]

@@ -20,12 +20,12 @@ from .config import PRESETS, RENAMED_PRESETS, RunConfig, apply_overrides, is_smo
 from .data.pipeline import prepare
 from .experiments.experiment import keyed_run_dir, run_experiment
 from .experiments.sweep import run_sweep
-from .hub import push
 from .infer.generate import ChatSession, Sampling, stream
 from .models.baselines import matched_config
 from .runtime.distributed import init_from_env, launched, shutdown, world_size
 from .runtime.hardware import detect, recommend
 from .train.checkpoint import CheckpointError, load_model
+from .train.hub import push
 from .train.runs import check_writable
 from .train.trainer import TrainingStopped
 

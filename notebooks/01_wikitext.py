@@ -110,7 +110,7 @@ text_table({"prompt": prompts, "continuation": texts})
 # same folder without uploading (docs/sharing.md).
 
 # %%
-from newllm_nb.hub import share_on_hub
+from newllm_nb.train.hub import share_on_hub
 
 HUB_REPO = ""  # e.g. "your-name/newllm-wikitext"; empty: nothing is shared
 share_on_hub(result.best_path, HUB_REPO)

@@ -95,7 +95,7 @@ text_table([{"instruction": r["instruction"], "reference": r["response"],
 # same folder without uploading (docs/sharing.md).
 
 # %%
-from newllm_nb.hub import share_on_hub
+from newllm_nb.train.hub import share_on_hub
 
 HUB_REPO = ""  # e.g. "your-name/newllm-dolly"; empty: nothing is shared
 share_on_hub(result.best_path, HUB_REPO)

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "newllm_nb"
 GOLDEN = Path(__file__).with_name("golden_losses.json")
 # The layers, bottom to top: a module imports only from its own subpackage or from a lower layer. The package's
 # face (newllm_nb/__init__.py) re-exports from below and is not a layer.
-LAYERS = {"config": 0, "runtime": 1, "data": 2, "kernels": 2, "models": 3, "train": 4, "infer": 4,
+LAYERS = {"config": 0, "repository": 0, "runtime": 1, "data": 2, "kernels": 2, "models": 3, "train": 4, "infer": 4,
           "experiments": 5, "notebook": 6, "cli": 6, "__main__": 7}
 OPTIONAL_INSIDE = {"kernels.fused"}  # needs Triton: imported inside the functions that use it
 

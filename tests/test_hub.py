@@ -15,14 +15,20 @@ from hub_server import HubServer
 from huggingface_hub import ModelCard, constants
 from safetensors import safe_open
 
-from newllm_nb.checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, load_model, write_checkpoint
 from newllm_nb.cli import main
-from newllm_nb.generate import Sampling, generate
-from newllm_nb.hub import HubModel, best_record, push, share_on_hub
-from newllm_nb.hub_files import HubError, check_repo_id, parse_hub_id
-from newllm_nb.model import count_parameters
-from newllm_nb.runs import fingerprint_id
-from newllm_nb.tokenizer import WordTokenizer, tokenizer_hash
+from newllm_nb.data.tokenizer import WordTokenizer, tokenizer_hash
+from newllm_nb.infer.generate import Sampling, generate
+from newllm_nb.models.newllm import count_parameters
+from newllm_nb.train.checkpoint import (
+    CheckpointError,
+    DamagedCheckpointError,
+    load_checkpoint,
+    load_model,
+    write_checkpoint,
+)
+from newllm_nb.train.hub import HubModel, best_record, push, share_on_hub
+from newllm_nb.train.hub_files import HubError, check_repo_id, parse_hub_id
+from newllm_nb.train.runs import fingerprint_id
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ["README.md", "config.json", "model.safetensors", "tokenizer.json"]

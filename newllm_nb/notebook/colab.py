@@ -14,17 +14,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..repository import BRANCH, REPOSITORY, badge_url, clone_url
+
 # (pip requirement, import name): installed only when the import name is missing.
 REQUIREMENTS = [("torch>=2.4", "torch"), ("datasets>=2.14", "datasets"), ("ipywidgets>=7.7", "ipywidgets"),
                 ("matplotlib>=3.6", "matplotlib"), ("pandas>=1.5", "pandas"), ("tqdm>=4.64", "tqdm"),
                 ("safetensors>=0.4", "safetensors"), ("tokenizers>=0.15", "tokenizers")]
 DRIVE_ROOT = Path("/content/drive/MyDrive/newllm-nb")
 
-# The one place that names the repository the Colab badges open and the set-up cell clones. A fork sets its
-# own owner/name (and branch) here and runs `python -m newllm_nb.notebook.colab --relink` to rewrite the notebooks'
-# badges and clone lines and README's badges; tests/test_notebooks.py checks that they all match.
-REPOSITORY = "newllm-nb/newllm-nb"
-BRANCH = "main"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,15 +75,6 @@ def drive_checkbox():
 
     box.observe(on_change, names="value")
     return box
-
-
-def clone_url(repository: str = REPOSITORY) -> str:
-    return f"https://github.com/{repository}"
-
-
-def badge_url(notebook: str, repository: str = REPOSITORY, branch: str = BRANCH) -> str:
-    """The Colab address that opens ``notebooks/<notebook>.ipynb`` of this repository."""
-    return f"https://colab.research.google.com/github/{repository}/blob/{branch}/notebooks/{notebook}.ipynb"
 
 
 # What a badge / clone line looks like for any repository, so --relink can rewrite another repository's links.

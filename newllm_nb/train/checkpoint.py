@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from ..config import RunConfig
 from ..data.batching import tensor_sha256
 from ..data.tokenizer import tokenizer_from_hub_json, tokenizer_from_json, tokenizer_hash
-from ..hub_files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, locate
 from ..models.baselines import build_model
 from ..runtime.files import atomic_write
 from ..runtime.hardware import resolve_device
+from .hub_files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, locate
 
 FORMAT = "newllm_nb/1"
 

@@ -19,11 +19,13 @@ import torch.nn as nn
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, get_token
 from huggingface_hub.repocard_data import EvalResult
 
-from .baselines import build_model
+from ..config import ModelConfig, RunConfig
+from ..data.tokenizer import tokenizer_hash
+from ..models.baselines import build_model
+from ..models.newllm import count_parameters
+from ..repository import REPOSITORY, clone_url
+from ..runtime.files import atomic_write_text
 from .checkpoint import FORMAT, Checkpoint, CheckpointError, load_checkpoint, write_checkpoint
-from .colab import REPOSITORY, clone_url
-from .config import ModelConfig, RunConfig
-from .files import atomic_write_text
 from .hub_files import (
     CARD_FILE,
     CONFIG_FILE,
@@ -38,9 +40,7 @@ from .hub_files import (
     locate,
     parse_hub_id,
 )
-from .model import count_parameters
 from .runs import fingerprint_id
-from .tokenizer import tokenizer_hash
 
 TAGS = ["newllm", "attention-free", "recurrent", "context-vector", "text-generation"]
 # Metadata the weights file keeps for a shared model; resume-only state (optimizer, RNG, trainer) stays home.
@@ -302,7 +302,7 @@ def _results(ckpt: Checkpoint, rc: RunConfig) -> tuple[str, Optional[dict]]:
     rec = best_record(ckpt.history)
     if rec is None:
         return "No validation was recorded with these weights.", None
-    how = ("the mean over batches of each batch's mean (the original's way), UNK counted" if rc.train.seed_compatible
+    how = ("the mean over batches of each batch's mean (the original's way), UNK counted" if rc.train.original_metrics
            else "token-weighted over every non-PAD target, UNK counted, BOS never a target")
     tokens = rec.get("val_tokens")
     tok = f"{int(tokens):,}" if isinstance(tokens, (int, float)) else "not recorded"

@@ -103,8 +103,9 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
     """The RunConfig the flags describe: the preset, then every given flag, then baseline sizing and smoke mode."""
     if args.config and args.preset:
         raise ValueError("--config and --preset both given: a run starts from one of them")
-    name = args.preset or f"seed_{args.dataset or 'wikitext'}"
-    ov = {"data__dataset": args.dataset} if args.dataset or not args.config else {}
+    dataset = args.dataset or ("wikitext" if not args.config else None)  # --config: its own dataset
+    name = args.preset or f"seed_{dataset}"
+    ov = {"data__dataset": dataset} if dataset else {}
     # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
     if args.batch_size is not None:
         ov["train__batch_size"] = args.batch_size

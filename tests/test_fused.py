@@ -536,3 +536,26 @@ def test_decoder_tile_knobs_refuse_bad_values_in_one_line(monkeypatch, name, val
     monkeypatch.delenv("NEWLLM_DEC_" + name)
     with pytest.raises(ValueError, match="invalid chunk=0"):
         FusedDecoder(m, chunk=0, use_graph=False)
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("cell", range(len(_OPTION_CELLS)))
+def test_fused_option_cells_match_the_reference_cell_on_gpu(precision, cell):
+    """Each option cell through the compiled kernels against the model's autograd loop in fp32: loss, carried
+    context and every gradient, with resets and a carried context; and the trainer's step takes the kernels."""
+    from newllm_nb.fused import fused_recurrence
+    from newllm_nb.step import make_step
+
+    kw = dict(_OPTION_CELLS[cell])
+    m = _model(layers=kw.pop("num_layers", 2), **kw)
+    x, y, r = _batches(1, True)[0]
+    c = torch.randn(x.shape[0], m.config.context_dim, device="cuda")
+    lf, gf, cf = _loss_grads(m, (x, y, r), c, precision, fused_recurrence)
+    lr, gr, cr = _loss_grads(m, (x, y, r), c, "fp32", None)
+    tol = 2e-3 if precision == "fp32" else 5e-2
+    assert abs(lf - lr) <= tol * max(1.0, abs(lr)), (lf, lr)
+    assert _rel(cf, cr) <= tol and _rel(gf, gr) <= tol, (_rel(cf, cr), _rel(gf, gr))
+    opt = torch.optim.Adam(m.parameters())
+    step = make_step("auto", m, opt, torch.amp.GradScaler("cuda", enabled=False), torch.device("cuda"), precision)
+    assert step.mode == "cuda-graph+fused" and step.recurrence is fused_recurrence

@@ -26,6 +26,7 @@ from .generate import ChatSession, Sampling, stream
 from .hardware import detect, recommend
 from .hub import push
 from .runs import check_writable
+from .sources import source_tag
 from .sweep import run_sweep
 from .trainer import TrainingStopped
 
@@ -36,7 +37,8 @@ USER_ERRORS = (ValueError, CheckpointError, TrainingStopped, torch.cuda.OutOfMem
 FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "train__lr",
                "seq_len": "data__max_seq_length", "vocab_size": "model__vocab_size", "patience": "train__patience",
                "precision": "train__precision", "tokenizer": "data__tokenizer", "mode": "data__mode",
-               "data_path": "data__path", "device": "train__device"}
+               "data_path": "data__path", "data_source": "data__source", "hub_revision": "data__hub_revision",
+               "device": "train__device"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,8 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
         q.add_argument("--tokenizer", choices=["word", "bpe"])
         q.add_argument("--mode", choices=["windows", "stream", "packed"])
-        q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: hub, else bundled "
-                                           "sample)")
+        q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: the hub)")
+        q.add_argument("--data-source", choices=["auto", "hub", "sample"],
+                       help="without --data-path: auto (default) = the hub, or the bundled sample only when the hub "
+                            "cannot be asked (offline, unreachable); hub = the hub or an error; sample = the "
+                            "bundled sample")
+        q.add_argument("--hub-revision", help="a branch, tag or commit of the dataset's hub repository")
         q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
         q.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
         q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
@@ -169,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, recommend(info).batch_size)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
-    name = f"{cfg.data.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
+    name = f"{source_tag(cfg.data.dataset, prepared.source)}-{cfg.model.arch}-L{cfg.model.num_layers}"
     run_dir = args.run_dir or keyed_run_dir("runs", name, cfg, prepared)
     world = world_size()
     batch = (f"global batch {cfg.train.batch_size} ({world} processes, about {-(-cfg.train.batch_size // world)} "
@@ -182,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
     last = res.history[-1] if res.history else {}
     print(f"\nfinal ({'per-batch mean, seed-compatible' if cfg.train.seed_compatible else 'token-weighted, non-PAD'}"
           f" validation, best epoch): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | accuracy {100 * m['acc']:.1f}% | "
-          f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s")
+          f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s | data: {prepared.source}")
     print(f"checkpoint: {res.best_path}")
     return 0
 

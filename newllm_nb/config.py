@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+DATA_SOURCES = ("auto", "hub", "sample")  # DataConfig.source
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # The New-LLM cell's constants, named once: c_t = clamp(LayerNorm(...), -CONTEXT_CLAMP, CONTEXT_CLAMP).
 CONTEXT_CLAMP = 10.0
@@ -169,13 +170,18 @@ class DataConfig:
     response_only_loss: bool = False  # Dolly: loss only on the Response part
     max_examples: Optional[int] = None  # cap on paragraphs / records (smoke mode)
     field_map: Optional[dict] = None  # instruct: ours -> theirs, e.g. {"context": "input", "response": "output"}
-    hub_name: Optional[str] = None  # instruct: a Hugging Face dataset name (else ``path``)
+    hub_name: Optional[str] = None  # instruct: a Hugging Face dataset id, namespace/name (else ``path``)
+    # Without a path: "auto" = the hub, or the bundled sample (said, and marked in every result) only when the
+    # hub cannot be asked (offline mode, unreachable); "hub" = the hub or an error; "sample" = the bundled sample.
+    source: str = "auto"
+    hub_revision: Optional[str] = None  # a branch, tag or commit of the hub repository (None: its main branch)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         _choice(self, "dataset", ("wikitext", "dolly", "instruct"))
+        _choice(self, "source", DATA_SOURCES)
         _int(self, "max_seq_length", 4, 1 << 20)
         _choice(self, "tokenizer", ("word", "bpe"))
         _choice(self, "mode", ("windows", "stream", "packed"))

@@ -40,7 +40,7 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     max_examples = cfg.max_examples
     S = cfg.max_seq_length
     if cfg.dataset == "wikitext":
-        sp = load_wikitext(cfg.path, max_examples)
+        sp = load_wikitext(cfg.path, max_examples, cfg.source, cfg.hub_revision)
         if not any(len(x.split()) >= MIN_WORDS for x in sp.valid):
             raise DataError(f"the validation split from {sp.source} is empty: none of its {len(sp.valid)} line(s) has "
                             f">= {MIN_WORDS} words (a single file gives its last 10% of lines to validation): "
@@ -53,9 +53,10 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
                             for s in (sp.train, sp.valid))
         return Prepared(train, valid, tok, sp.source)
     if cfg.dataset == "dolly":
-        rs = load_dolly(cfg.path, max_examples)
+        rs = load_dolly(cfg.path, max_examples, cfg.source, cfg.hub_revision)
     else:
-        rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples)
+        rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples, source=cfg.source,
+                               revision=cfg.hub_revision)
     if not rs.valid:
         raise DataError(f"the validation split from {rs.source} is empty: {len(rs.train)} usable record(s) leave none "
                         f"for the 10% held out (need at least 2)")

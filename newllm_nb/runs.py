@@ -20,7 +20,7 @@ from .config import RunConfig
 from .tokenizer import tokenizer_hash
 
 # Settings that do not change what a run computes.
-NOT_IN_FINGERPRINT = {"data": {"path", "hub_name"},
+NOT_IN_FINGERPRINT = {"data": {"path", "hub_name", "source", "hub_revision"},
                       "train": {"show_progress", "checkpoint_every_minutes", "keep_every", "device", "fast_path",
                                 "max_nonfinite"}}
 

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 from .config import PRESETS, RunConfig, preset
 from .hardware import detect, recommend
-from .sources import DOLLY_SAMPLE, WIKITEXT_SAMPLE
 
 STYLE = {"description_width": "140px"}
 
@@ -82,8 +81,9 @@ class TrainingPanel:
                                     layout=lay)
         self.mode = w.Dropdown(options=["windows", "stream", "packed"], description="batching", style=STYLE,
                                layout=lay)
-        self.source = w.Dropdown(options=[("hub (else bundled sample)", "auto"), ("bundled sample", "sample"),
-                                          ("local path", "path")], value="auto", description="data source",
+        self.source = w.Dropdown(options=[("hub (sample only if offline)", "auto"), ("hub only", "hub"),
+                                          ("bundled sample", "sample"), ("local path", "path")],
+                                 value=d.source, description="data source",
                                  style=STYLE, layout=lay)
         self.path = w.Text(value="", placeholder="file or folder (local path only)", description="path",
                            style=STYLE, layout=lay)
@@ -93,7 +93,7 @@ class TrainingPanel:
         data_rows = [self.source, self.path, self.tokenizer]
         self.instruct = d.dataset in ("dolly", "instruct")
         if self.instruct:  # any instruction dataset: a hub name or a local jsonl, renamed field by field
-            self.hub_name = w.Text(value=d.hub_name or "", placeholder="empty = databricks-dolly-15k",
+            self.hub_name = w.Text(value=d.hub_name or "", placeholder="empty = databricks/databricks-dolly-15k",
                                    description="hub dataset", style=STYLE, layout=lay)
             self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
                                     description="field mapping", style=STYLE, layout=lay)
@@ -171,13 +171,11 @@ class TrainingPanel:
         """The RunConfig for the widgets' current values (validated: a bad value raises ValueError)."""
 
         b = self.base
-        path = None
-        if self.source.value == "sample":
-            path = str(WIKITEXT_SAMPLE if b.data.dataset == "wikitext" else DOLLY_SAMPLE)
-        elif self.source.value == "path":
+        path, source = None, self.source.value
+        if source == "path":
             if not self.path.value.strip():
                 raise ValueError("invalid config value path='': choose a file or folder, or another data source")
-            path = self.path.value.strip()
+            path, source = self.path.value.strip(), "auto"
         return RunConfig(
             model=dataclasses.replace(b.model, num_layers=self.layers.value, embed_dim=self.embed.value,
                                       context_dim=self.context.value, hidden_dim=self.hidden.value,
@@ -191,6 +189,7 @@ class TrainingPanel:
                                       fnn_residual=self.fnn_residual.value, gate_rank=int(self.gate_rank.value),
                                       slow_forget_bias=float(self.slow_forget.value)),
             data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
+                                     source=source,
                                      tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
             train=dataclasses.replace(b.train, batch_size=self.batch.value,
                                       lr=None if self.seed_lr.value else float(self.lr.value),

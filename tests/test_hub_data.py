@@ -208,3 +208,23 @@ def test_a_hub_that_answers_errors_stops_the_run_with_one_line_and_never_trains_
     assert last.startswith(f"error: could not load hub Salesforce/wikitext wikitext-2-raw-v1 from {endpoint} (")
     assert "--data-path" in last and "--data-source sample" in last and "Traceback" not in r.stderr
     assert "sample" not in r.stdout and "final" not in r.stdout and not (tmp_path / "runs").exists()
+
+
+def test_the_sample_is_asked_for_by_name_from_the_cli_and_the_panel():
+    from newllm_nb.cli import _parser, config_from_args
+
+    args = _parser().parse_args(["train", "--data-source", "sample", "--hub-revision", "abc123"])
+    data = config_from_args(args, recommended_batch=32).data
+    assert (data.source, data.hub_revision, data.path) == ("sample", "abc123", None)
+    assert config_from_args(_parser().parse_args(["train"]), recommended_batch=32).data.source == "auto"
+    with pytest.raises(ValueError, match="source"):
+        DataConfig(source="samples")
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.widgets import TrainingPanel
+
+    panel = TrainingPanel("seed_dolly")
+    assert panel.source.value == "auto"
+    for choice in ("sample", "hub"):
+        panel.source.value = choice
+        assert (panel.config().data.source, panel.config().data.path) == (choice, None)
+

@@ -10,7 +10,7 @@ def test_main_command_trains_on_the_bundled_sample_offline_and_every_result_says
 
     env = dict(os.environ, NEWLLM_SMOKE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "newllm_nb", "train", "--dataset", "wikitext", "--quiet"],
-                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     sample = "bundled sample data/wikitext-sample (not WikiText-2)"
     assert f"offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): training on the {sample}" in r.stdout

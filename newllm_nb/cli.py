@@ -228,7 +228,7 @@ def _chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model, tokenizer, ckpt = load_model(args.checkpoint, args.device, args.revision)
     session = ChatSession(model, tokenizer, sampling)
-    print(f"chatting with {ckpt.path} (one context vector for the whole talk); an empty line or EOF ends")
+    print(f"chatting with {args.checkpoint} (one context vector for the whole talk); an empty line or EOF ends")
     while True:
         try:
             message = input("you: ")

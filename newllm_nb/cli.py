@@ -38,7 +38,9 @@ FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "
                "seq_len": "data__max_seq_length", "vocab_size": "model__vocab_size", "patience": "train__patience",
                "precision": "train__precision", "tokenizer": "data__tokenizer", "mode": "data__mode",
                "data_path": "data__path", "data_source": "data__source", "hub_revision": "data__hub_revision",
-               "device": "train__device"}
+               "device": "train__device", "hub_dataset": "data__hub_name", "hub_config": "data__hub_config",
+               "hub_split": "data__hub_split", "text_field": "data__text_field",
+               "tokenizer_sample_mb": "data__tokenizer_sample_mb", "cache_dir": "data__cache_dir"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out-dir", default="runs/sweep", help="one run folder per run; finished runs are skipped")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
     for q in (t, w):
-        q.add_argument("--dataset", choices=["wikitext", "dolly"], help="default: wikitext (or --config's)")
+        q.add_argument("--dataset", choices=["wikitext", "dolly", "text"],
+                       help="default: wikitext (or --config's); text: any corpus, --data-path files / folder / glob "
+                            "or --hub-dataset (docs/corpus.md)")
         q.add_argument("--preset", choices=sorted(PRESETS), help="default: seed_wikitext or seed_dolly")
         q.add_argument("--config", help="a config.json (a shared model's, or RunConfig.to_dict() as JSON) instead of "
                                         "a preset; the other flags still apply")
@@ -73,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                             "cannot be asked (offline, unreachable); hub = the hub or an error; sample = the "
                             "bundled sample")
         q.add_argument("--hub-revision", help="a branch, tag or commit of the dataset's hub repository")
+        q.add_argument("--hub-dataset", help="--dataset text: a hub dataset id, e.g. Salesforce/wikitext")
+        q.add_argument("--hub-config", help="--dataset text: its config, e.g. wikitext-103-raw-v1")
+        q.add_argument("--hub-split", help="--dataset text: the split to train on (default train)")
+        q.add_argument("--text-field", help="--dataset text: the field / column holding the text (default text)")
+        q.add_argument("--tokenizer-sample-mb", type=float,
+                       help="--dataset text: train the tokenizer on the first N MB")
+        q.add_argument("--cache-dir", help="--dataset text: token cache folder (default $NEWLLM_CACHE_DIR or "
+                                           "~/.cache/newllm_nb)")
         q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
         q.add_argument("--seed-compatible", action="store_true", help="average metrics per batch, as the seed did")
         q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
@@ -110,7 +122,7 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
     if args.config and args.preset:
         raise ValueError("--config and --preset both given: a run starts from one of them")
     dataset = args.dataset or ("wikitext" if not args.config else None)  # --config: its own dataset
-    name = args.preset or f"seed_{dataset}"
+    name = args.preset or f"seed_{'wikitext' if dataset == 'text' else dataset}"
     ov = {"data__dataset": dataset} if dataset else {}
     # The seed's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
     if args.batch_size is not None:

@@ -170,17 +170,22 @@ class DataConfig:
     response_only_loss: bool = False  # Dolly: loss only on the Response part
     max_examples: Optional[int] = None  # cap on paragraphs / records (smoke mode)
     field_map: Optional[dict] = None  # instruct: ours -> theirs, e.g. {"context": "input", "response": "output"}
-    hub_name: Optional[str] = None  # instruct: a Hugging Face dataset id, namespace/name (else ``path``)
+    hub_name: Optional[str] = None  # instruct / text: a Hugging Face dataset id, namespace/name (else ``path``)
     # Without a path: "auto" = the hub, or the bundled sample (said, and marked in every result) only when the
     # hub cannot be asked (offline mode, unreachable); "hub" = the hub or an error; "sample" = the bundled sample.
     source: str = "auto"
     hub_revision: Optional[str] = None  # a branch, tag or commit of the hub repository (None: its main branch)
+    hub_config: Optional[str] = None  # text: the hub dataset's config, e.g. wikitext-103-raw-v1
+    hub_split: str = "train"  # text: the split to train on (the dataset's own validation / test beside it)
+    text_field: str = "text"  # text: the field (jsonl, hub) or column (parquet) holding the text
+    tokenizer_sample_mb: Optional[float] = None  # text: train the tokenizer on the first N MB (None: all of it)
+    cache_dir: Optional[str] = None  # text: token cache folder (else $NEWLLM_CACHE_DIR, else ~/.cache/newllm_nb)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        _choice(self, "dataset", ("wikitext", "dolly", "instruct"))
+        _choice(self, "dataset", ("wikitext", "dolly", "instruct", "text"))
         _choice(self, "source", DATA_SOURCES)
         _int(self, "max_seq_length", 4, 1 << 20)
         _choice(self, "tokenizer", ("word", "bpe"))
@@ -190,6 +195,16 @@ class DataConfig:
         if self.path is not None:
             _check("path", isinstance(self.path, (str, os.PathLike)) and str(self.path).strip() != "",
                    "must be a non-empty path", self.path)
+        if self.dataset == "text":
+            _check("path", self.path is not None or bool(self.hub_name),
+                   "or hub_name is needed for dataset='text' (local files, a folder or a glob; or a hub id)", self.path)
+            _check("mode", self.mode != "packed", "packed is for instruction data; text trains on windows or stream",
+                   self.mode)
+        _check("text_field", isinstance(self.text_field, str) and self.text_field.strip() != "",
+               "must name a field", self.text_field)
+        if self.tokenizer_sample_mb is not None:
+            _check("tokenizer_sample_mb", self.tokenizer_sample_mb > 0, "must be > 0 (None: the whole split)",
+                   self.tokenizer_sample_mb)
 
 
 @dataclass

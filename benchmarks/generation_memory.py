@@ -10,6 +10,7 @@ run (memory is real, tokens/s comes from those steps; the CSV says so in ``measu
     python benchmarks/generation_memory.py                       # 1k, 10k, 100k (+1M on GPU)
     python benchmarks/generation_memory.py --lengths 1000,10000  # a quick CPU look
     python benchmarks/generation_memory.py --models newllm,fused,fused64   # graph vs fused Triton decode
+    python benchmarks/generation_memory.py --preset newllm_plus_10k --models fused,fused64   # a preset's model
 
 Fused rows (CUDA with Triton): ``fused.FusedDecoder``, the same graphed loop with the cell as Triton kernels
 and layer 1's embedding half read from a vocab x hidden table; at batch 1 and at batch 64 (``fused64``,
@@ -25,9 +26,9 @@ import time
 import pandas as pd
 import torch
 
-from newllm_nb import ModelConfig, NewLLM
+from newllm_nb import ModelConfig, NewLLM, preset
 from newllm_nb.experiments.bench import device_name
-from newllm_nb.infer.generate import GraphDecoder, decode_ids
+from newllm_nb.infer.generate import GraphDecoder, decode_ids, graph_decoder
 from newllm_nb.models.baselines import TransformerLM, matched_config
 
 
@@ -85,6 +86,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     ap.add_argument("--lengths", default="1000,10000,100000" + (",1000000" if cuda else ""))
     ap.add_argument("--layers", type=int, default=1, help="New-LLM FNN layers (original defaults otherwise)")
+    ap.add_argument("--preset", help="decode this preset's model instead (its cell, sizes and vocabulary); the fused "
+                                     "rows then take generate.graph_decoder's choice for it")
     ap.add_argument("--tf-full-max", type=int, default=100_000, help="longest Transformer run done in full")
     ap.add_argument("--tf-tail", type=int, default=2000, help="steps timed at the end of longer Transformer runs")
     ap.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"])
@@ -96,7 +99,7 @@ def main() -> None:
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=args.layers, dropout=0.0)
+    cfg = ModelConfig(num_layers=args.layers, dropout=0.0) if not args.preset else preset(args.preset).model
     newllm = NewLLM(cfg).to(dev, dtype).eval()
     tf = TransformerLM(matched_config(cfg, "transformer")).to(dev, dtype).eval()
     decoder = GraphDecoder(newllm) if cuda else None  # one captured single-token step for every length
@@ -111,7 +114,9 @@ def main() -> None:
             ok, why = False, f"Triton is not importable ({e})"
         if ok:
             t0 = time.perf_counter()
-            fused = {"New-LLM fused": (FusedDecoder(newllm, 1), 1), "New-LLM fused x64": (FusedDecoder(newllm, 64), 64)}
+            make = FusedDecoder if not args.preset else graph_decoder
+            fused = {"New-LLM fused": (make(newllm, 1), 1), "New-LLM fused x64": (make(newllm, 64), 64)}
+            print("fused rows decode with " + ", ".join(f"{type(d).__name__} (batch {b})" for d, b in fused.values()))
             fused["New-LLM fused"][0].run(torch.tensor([[2]]), 64)  # first use: Triton compile + graph capture
             print(f"fused decoder first use (compile + capture): {time.perf_counter() - t0:.1f}s", flush=True)
         else:
@@ -143,9 +148,10 @@ def main() -> None:
                   f"(steps timed {r['measured_steps']:,})", flush=True)
     df = pd.DataFrame(rows)
     os.makedirs(args.out_dir, exist_ok=True)
-    csv = os.path.join(args.out_dir, "generation_memory.csv")
+    stem = "generation_memory" + (f"_{args.preset}" if args.preset else "")
+    csv = os.path.join(args.out_dir, stem + ".csv")
     df.to_csv(csv, index=False)
-    print(f"\ndevice: {device_name(dev)} | dtype {args.dtype}")
+    print(f"\ndevice: {device_name(dev)} | dtype {args.dtype}" + (f" | preset {args.preset}" if args.preset else ""))
     print(df.drop(columns=["device"]).round(2).to_string(index=False))
     for name in [m for m in df.model.unique() if m.startswith("New-LLM")]:
         nl = df[df.model == name].sort_values("tokens")
@@ -170,7 +176,7 @@ def main() -> None:
     a.set_yscale("log")
     fig.suptitle(f"Generation vs length on {device_name(dev)}")
     fig.tight_layout()
-    png = os.path.join(args.out_dir, "generation_memory.png")
+    png = os.path.join(args.out_dir, stem + ".png")
     fig.savefig(png, dpi=110)
     print(f"wrote {csv} and {png}")
 

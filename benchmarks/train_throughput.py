@@ -3,7 +3,12 @@ and a causal Transformer of about equal parameters. Whole training steps (forwar
 Adam), random tokens, median of --steps steps after warm-up.
 
     python benchmarks/train_throughput.py                 # B=2048, both configs, on the GPU if present
-    python benchmarks/train_throughput.py --batch 64 --steps 3   # a quick CPU look
+    python benchmarks/train_throughput.py --batch 64 --steps 5 --rounds 3   # CPU: variants interleaved 3 times
+
+Off CUDA the package's eager step runs the hand-written BPTT (``package eager + BPTT``); ``package eager
+(hoisted)`` is the same step with autograd through the time loop (``fast_path="off"``). ``--rounds N`` times
+every variant N times in turn (A B C, A B C, ...) and reports the median of its rounds: on a shared machine the
+load then falls on all variants alike.
 """
 
 from __future__ import annotations
@@ -14,13 +19,66 @@ import time
 import pandas as pd
 import torch
 
-from newllm_nb import ModelConfig
+from newllm_nb import ModelConfig, preset
+from newllm_nb.config import apply_overrides
+from newllm_nb.data.batching import StreamData
 from newllm_nb.experiments.bench import probe_throughput
 from newllm_nb.models.baselines import build_model, matched_config
+from newllm_nb.train.trainer import Trainer
 
 from original_loop import OriginalLoop
 
 CONFIGS = {"L1-T127": (1, 127), "L4-T63": (4, 63)}  # Dolly and WikiText configs
+WIKITEXT2_TRAIN_TOKENS = 2_088_628  # WikiText-2's train split, word level: the epoch of --epoch-presets
+
+
+def preset_rows(names: list[str], steps: int, rounds: int) -> list[dict]:
+    """Each preset at its own batch and window length: its step on this device's default path, the autograd
+    CUDA graph (the path the cell options took before the fused kernels covered them) and the equal-parameter
+    LSTM on the same batch, window and precision."""
+    rows = []
+    for name in names:
+        cfg = preset(name)
+        B, T = cfg.train.batch_size, cfg.data.max_seq_length
+        variants = [("New-LLM, fast_path auto", cfg.model, "auto")]
+        if torch.cuda.is_available():
+            variants.append(("New-LLM, CUDA graph of the autograd loop", cfg.model, "graph-autograd"))
+        variants.append(("LSTM, equal params", matched_config(cfg.model, "lstm"), "off"))
+        runs: dict = {}
+        for _ in range(rounds):
+            for label, mcfg, fp in variants:
+                runs.setdefault(label, []).append(probe_throughput(mcfg, B, T, steps=steps, fast_path=fp))
+        for label, _, _ in variants:
+            r = sorted(runs[label], key=lambda r: r["step_ms"])[len(runs[label]) // 2]
+            rows.append({"preset": name, "batch": B, "seq_len": T, "variant": label, "path": r["path"],
+                         "params": r["params"], "step_ms": round(r["step_ms"], 3), "warmup_s": round(r["warmup_s"], 2),
+                         "precision": r["precision"], "device": r["device"]})
+            print(f"{name:18s} B{B:<5d} T{T:<4d} {label:42s} {r['step_ms']:8.3f} ms  path {r['path']}", flush=True)
+    return rows
+
+
+def epoch_rows(names: list[str]) -> list[dict]:
+    """One real training epoch (Trainer.fit, its loop and data included) of each preset and its equal-parameter
+    LSTM on a random token stream of WikiText-2's train size, articles of about 3.6k tokens (reset between
+    them), a 20k-token validation stream."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in names:
+        base = apply_overrides(preset(name), train__epochs=1, train__show_progress=False, train__ema_decay=0.0)
+        V, T = base.model.vocab_size, base.data.max_seq_length
+
+        train, valid = (StreamData(torch.randint(4, V, (n,), generator=gen), torch.rand(n, generator=gen) < 1 / 3600, T)
+                        for n in (WIKITEXT2_TRAIN_TOKENS, 20_000))
+        for label, mcfg in (("New-LLM", base.model), ("LSTM, equal params", matched_config(base.model, "lstm"))):
+            cfg = apply_overrides(base, **{f"model__{k}": v for k, v in vars(mcfg).items()})
+            torch.manual_seed(0)
+            trainer = Trainer(build_model(cfg.model), train, valid, cfg)
+            rec = trainer.fit(resume=False)[-1]
+            rows.append({"preset": name, "model": label, "batch": cfg.train.batch_size, "seq_len": T,
+                         "path": trainer.step.used, "epoch_s": round(rec["seconds"], 2),
+                         "tokens_per_s": round(rec["tokens_per_s"]), "device": _device()})
+            print(f"epoch {name:18s} {label:20s} {rec['seconds']:8.2f} s  path {trainer.step.used}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -31,15 +89,33 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the fast path with a torch.compile'd cell")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--only", help="comma-separated substrings: time only the variants whose label contains one")
+    ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, interleaved")
+    ap.add_argument("--presets", help="comma-separated presets: a row each at its own batch and window, beside the "
+                                      "LSTM of equal parameters on the same recipe (then the configs are skipped)")
+    ap.add_argument("--epoch-presets", help="comma-separated presets: one epoch each on WikiText-2-sized random "
+                                            "tokens, beside the LSTM")
     ap.add_argument("--csv", help="write the table here too")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
+    if args.presets or args.epoch_presets:
+        for part, fn in ((args.presets, lambda n: preset_rows(n, args.steps, args.rounds)), (args.epoch_presets,
+                                                                                               epoch_rows)):
+            if part:
+                df = pd.DataFrame(fn(part.split(",")))
+                print(f"\ndevice: {df.device[0] if 'device' in df else _device()}")
+                print(df.drop(columns=["device"], errors="ignore").to_string(index=False))
+                if args.csv:
+                    df.to_csv(args.csv.replace(".csv", "_presets.csv" if fn is not epoch_rows else "_epochs.csv"),
+                              index=False)
+        return
     rows = []
     for name in args.configs.split(","):
         layers, T = CONFIGS[name]
         cfg = ModelConfig(num_layers=layers)
         variants = [("original per-token loop", cfg, dict(fast_path="off", model=OriginalLoop(build_model(cfg)))),
                     ("package eager (hoisted)", cfg, dict(fast_path="off"))]
+        if not cuda:
+            variants.append(("package eager + BPTT", cfg, dict(fast_path="auto", device="cpu")))
         if cuda:
             variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))
             variants.append(("package fast path (graph + BPTT)", cfg, dict(fast_path="graph")))
@@ -51,9 +127,17 @@ def main() -> None:
         if args.only:
             variants = [v for v in variants if any(s.strip() in v[0] for s in args.only.split(","))]
         base_ms = None
-        for label, mcfg, kw in variants:
-            t0 = time.perf_counter()
-            r = probe_throughput(mcfg, args.batch, T, steps=args.steps, precision=args.precision, **kw)
+        runs: dict = {}
+        for rnd in range(args.rounds):
+            for label, mcfg, kw in variants:
+                t0 = time.perf_counter()
+                r = probe_throughput(mcfg, args.batch, T, steps=args.steps, precision=args.precision, **kw)
+                runs.setdefault(label, []).append(r)
+                print(f"{name:8s} round {rnd + 1}/{args.rounds} {label:34s} {r['step_ms']:9.2f} ms  "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        for label, _, _ in variants:
+            rs = sorted(runs[label], key=lambda r: r["step_ms"])
+            r = rs[len(rs) // 2]  # the median round
             if label == "original per-token loop":  # the speed-up column needs the original row (absent with --only)
                 base_ms = r["step_ms"]
             rows.append({"config": name, "variant": label, "params": r["params"], "path": r["path"],
@@ -63,11 +147,10 @@ def main() -> None:
                          "speedup_vs_original": round(base_ms / r["step_ms"], 2) if base_ms else None,
                          "precision": r["precision"],
                          "device": r["device"]})
-            print(f"{name:22s} {label:34s} {r['step_ms']:9.2f} ms  ({time.perf_counter() - t0:.0f}s)", flush=True)
     df = pd.DataFrame(rows)
     print()
     print(f"device: {rows[0]['device']} | batch {args.batch} | precision {rows[0]['precision']} | "
-          f"median of {args.steps} steps")
+          f"median of {args.steps} steps" + (f", median of {args.rounds} interleaved rounds" * (args.rounds > 1)))
     shown = df.drop(columns=["device"])
     print(shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False))
     fast = df[df.variant.str.startswith("package fast path") & df.speedup_vs_original.notna()]
@@ -77,11 +160,17 @@ def main() -> None:
         print(f"\nsummary: fast path vs original loop = {ratios} -> >= 3x in {met} of {len(fast)} config(s)")
     for name in df.config.unique():  # the target: the fused step at or below cuDNN's LSTM
         ms = dict(zip(df[df.config == name].variant, df[df.config == name].step_ms))
-        fused, lstm = ms.get("fused Triton recurrence (graph)"), ms.get("cuDNN LSTM, equal params")
-        if fused and lstm:
-            print(f"summary: {name} fused {fused} ms vs cuDNN LSTM {lstm} ms -> LSTM/fused = {lstm / fused:.2f}x")
+        lstm = ms.get("cuDNN LSTM, equal params")
+        for label in ("fused Triton recurrence (graph)", "package eager + BPTT"):
+            if ms.get(label) and lstm:
+                print(f"summary: {name} {label} {ms[label]} ms vs LSTM {lstm} ms -> LSTM/New-LLM = "
+                      f"{lstm / ms[label]:.2f}x")
     if args.csv:
         df.to_csv(args.csv, index=False)
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 def _has_tabulate() -> bool:

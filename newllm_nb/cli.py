@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .config import PRESETS, RENAMED_PRESETS, RunConfig, apply_overrides, is_smoke, preset, renamed, shrink_for_smoke
-from .data.pipeline import prepare
+from .data import prepare
+from .data.sources import source_tag
 from .experiments.experiment import keyed_run_dir, run_experiment
 from .experiments.sweep import run_sweep
 from .infer.generate import ChatSession, Sampling, stream
@@ -36,7 +37,10 @@ USER_ERRORS = (ValueError, CheckpointError, TrainingStopped, torch.cuda.OutOfMem
 FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "train__lr",
                "seq_len": "data__max_seq_length", "vocab_size": "model__vocab_size", "patience": "train__patience",
                "precision": "train__precision", "tokenizer": "data__tokenizer", "mode": "data__mode",
-               "data_path": "data__path", "device": "train__device"}
+               "data_path": "data__path", "data_source": "data__source", "hub_revision": "data__hub_revision",
+               "device": "train__device", "hub_dataset": "data__hub_name", "hub_config": "data__hub_config",
+               "hub_split": "data__hub_split", "text_field": "data__text_field",
+               "tokenizer_sample_mb": "data__tokenizer_sample_mb", "cache_dir": "data__cache_dir"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out-dir", default="runs/sweep", help="one run folder per run; finished runs are skipped")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
     for q in (t, w):
-        q.add_argument("--dataset", choices=["wikitext", "dolly"], help="default: wikitext (or --config's)")
+        q.add_argument("--dataset", choices=["wikitext", "dolly", "text"],
+                       help="default: wikitext (or --config's); text: any corpus, --data-path files / folder / glob "
+                            "or --hub-dataset (docs/corpus.md)")
         q.add_argument("--preset", choices=sorted(PRESETS), help="default: original_wikitext or original_dolly")
         q.add_argument("--config", help="a config.json (a shared model's, or RunConfig.to_dict() as JSON) instead of "
                                         "a preset; the other flags still apply")
@@ -65,8 +71,20 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
         q.add_argument("--tokenizer", choices=["word", "bpe"])
         q.add_argument("--mode", choices=["windows", "stream", "packed"])
-        q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: hub, else bundled "
-                                           "sample)")
+        q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: the hub)")
+        q.add_argument("--data-source", choices=["auto", "hub", "sample"],
+                       help="without --data-path: auto (default) = the hub, or the bundled sample only when the hub "
+                            "cannot be asked (offline, unreachable); hub = the hub or an error; sample = the "
+                            "bundled sample")
+        q.add_argument("--hub-revision", help="a branch, tag or commit of the dataset's hub repository")
+        q.add_argument("--hub-dataset", help="--dataset text: a hub dataset id, e.g. Salesforce/wikitext")
+        q.add_argument("--hub-config", help="--dataset text: its config, e.g. wikitext-103-raw-v1")
+        q.add_argument("--hub-split", help="--dataset text: the split to train on (default train)")
+        q.add_argument("--text-field", help="--dataset text: the field / column holding the text (default text)")
+        q.add_argument("--tokenizer-sample-mb", type=float,
+                       help="--dataset text: train the tokenizer on the first N MB")
+        q.add_argument("--cache-dir", help="--dataset text: token cache folder (default $NEWLLM_CACHE_DIR or "
+                                           "~/.cache/newllm_nb)")
         q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
         q.add_argument("--original-metrics", action="store_true", help="average metrics per batch, as the original did")
         q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
@@ -103,8 +121,9 @@ def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunCon
     """The RunConfig the flags describe: the preset, then every given flag, then baseline sizing and smoke mode."""
     if args.config and args.preset:
         raise ValueError("--config and --preset both given: a run starts from one of them")
-    name = args.preset or f"original_{args.dataset or 'wikitext'}"
-    ov = {"data__dataset": args.dataset} if args.dataset or not args.config else {}
+    dataset = args.dataset or ("wikitext" if not args.config else None)  # --config: its own dataset
+    name = args.preset or f"original_{'wikitext' if dataset == 'text' else dataset}"
+    ov = {"data__dataset": dataset} if dataset else {}
     # The original's presets tie batch to the GPU (its table); other presets keep the batch they were measured with.
     if args.batch_size is not None:
         ov["train__batch_size"] = args.batch_size
@@ -186,7 +205,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, recommend(info).batch_size)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
-    name = f"{cfg.data.dataset}-{cfg.model.arch}-L{cfg.model.num_layers}"
+    name = f"{source_tag(cfg.data.dataset, prepared.source)}-{cfg.model.arch}-L{cfg.model.num_layers}"
     run_dir = args.run_dir or keyed_run_dir("runs", name, cfg, prepared)
     world = world_size()
     batch = (f"global batch {cfg.train.batch_size} ({world} processes, about {-(-cfg.train.batch_size // world)} "
@@ -199,7 +218,7 @@ def _train(args: argparse.Namespace) -> int:
     last = res.history[-1] if res.history else {}
     print(f"\nfinal ({'per-batch mean, original-metrics' if cfg.train.original_metrics else 'token-weighted, non-PAD'}"
           f" validation, best epoch): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | accuracy {100 * m['acc']:.1f}% | "
-          f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s")
+          f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s | data: {prepared.source}")
     print(f"checkpoint: {res.best_path}")
     return 0
 
@@ -239,7 +258,7 @@ def _chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model, tokenizer, ckpt = load_model(args.checkpoint, args.device, args.revision)
     session = ChatSession(model, tokenizer, sampling)
-    print(f"chatting with {ckpt.path} (one context vector for the whole talk); an empty line or EOF ends")
+    print(f"chatting with {args.checkpoint} (one context vector for the whole talk); an empty line or EOF ends")
     while True:
         try:
             message = input("you: ")

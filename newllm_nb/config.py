@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+DATA_SOURCES = ("auto", "hub", "sample")  # DataConfig.source
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # The New-LLM cell's constants, named once: c_t = clamp(LayerNorm(...), -CONTEXT_CLAMP, CONTEXT_CLAMP).
 CONTEXT_CLAMP = 10.0
@@ -83,7 +84,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # output layer shares the input embedding (model.TiedHead); original: separate
     embed_dropout: float = 0.0  # word-type dropout on the embedding (model.embed_lookup); 0 = original
     # Dropout off the recurrent path, on the embedding vectors going in and on the features going to the
-    # output layer. None = each family's own placement: New-LLM has none there (the seed), the LSTM puts
+    # output layer. None = each family's own placement: New-LLM has none there (the original), the LSTM puts
     # ``dropout`` there (its only dropout). The Transformer ignores both.
     input_dropout: Optional[float] = None
     output_dropout: Optional[float] = None
@@ -186,13 +187,23 @@ class DataConfig:
     response_only_loss: bool = False  # Dolly: loss only on the Response part
     max_examples: Optional[int] = None  # cap on paragraphs / records (smoke mode)
     field_map: Optional[dict] = None  # instruct: ours -> theirs, e.g. {"context": "input", "response": "output"}
-    hub_name: Optional[str] = None  # instruct: a Hugging Face dataset name (else ``path``)
+    hub_name: Optional[str] = None  # instruct / text: a Hugging Face dataset id, namespace/name (else ``path``)
+    # Without a path: "auto" = the hub, or the bundled sample (said, and marked in every result) only when the
+    # hub cannot be asked (offline mode, unreachable); "hub" = the hub or an error; "sample" = the bundled sample.
+    source: str = "auto"
+    hub_revision: Optional[str] = None  # a branch, tag or commit of the hub repository (None: its main branch)
+    hub_config: Optional[str] = None  # text: the hub dataset's config, e.g. wikitext-103-raw-v1
+    hub_split: str = "train"  # text: the split to train on (the dataset's own validation / test beside it)
+    text_field: str = "text"  # text: the field (jsonl, hub) or column (parquet) holding the text
+    tokenizer_sample_mb: Optional[float] = None  # text: train the tokenizer on the first N MB (None: all of it)
+    cache_dir: Optional[str] = None  # text: token cache folder (else $NEWLLM_CACHE_DIR, else ~/.cache/newllm_nb)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        _choice(self, "dataset", ("wikitext", "dolly", "instruct"))
+        _choice(self, "dataset", ("wikitext", "dolly", "instruct", "text"))
+        _choice(self, "source", DATA_SOURCES)
         _int(self, "max_seq_length", 4, 1 << 20)
         _choice(self, "tokenizer", ("word", "bpe"))
         _choice(self, "mode", ("windows", "stream", "packed"))
@@ -201,6 +212,16 @@ class DataConfig:
         if self.path is not None:
             _check("path", isinstance(self.path, (str, os.PathLike)) and str(self.path).strip() != "",
                    "must be a non-empty path", self.path)
+        if self.dataset == "text":
+            _check("path", self.path is not None or bool(self.hub_name),
+                   "or hub_name is needed for dataset='text' (local files, a folder or a glob; or a hub id)", self.path)
+            _check("mode", self.mode != "packed", "packed is for instruction data; text trains on windows or stream",
+                   self.mode)
+        _check("text_field", isinstance(self.text_field, str) and self.text_field.strip() != "",
+               "must name a field", self.text_field)
+        if self.tokenizer_sample_mb is not None:
+            _check("tokenizer_sample_mb", self.tokenizer_sample_mb > 0, "must be > 0 (None: the whole split)",
+                   self.tokenizer_sample_mb)
 
 
 @dataclass

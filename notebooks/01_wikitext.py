@@ -119,9 +119,11 @@ share_on_hub(result.best_path, HUB_REPO)
 # ## Grow the context vector
 # The original's growth experiment: take the trained model, widen its context vector (256 → 512 by
 # default), and keep training either **only the new dimensions** (freeze base) or **everything**
-# (fine-tune all). New weights start at zero; LayerNorm now averages over the wider vector, so the
-# grown model is close to, not identical with, the original: the gap is measured below. For
-# reference, a wide model is trained from scratch for the same total number of epochs.
+# (fine-tune all). The new context entries feed nothing at first (their weights into the FNN and the
+# gates start at zero), while the new candidate rows of W_u start random, as a fresh model's, so the
+# new channels do not all start as copies of one another. LayerNorm now averages over the wider
+# vector, so the grown model is close to, not identical with, the original: the gap is measured
+# below. For reference, a wide model is trained from scratch for the same total number of epochs.
 
 # %%
 import ipywidgets as w

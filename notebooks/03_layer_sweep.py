@@ -91,4 +91,4 @@ from newllm_nb.notebook.live import option_sweep_live
 
 values = CELL_OPTIONS[option.value][:2] if SMOKE else CELL_OPTIONS[option.value]
 by_option = option_sweep_live(panel.config(), option.value, values, layers=option_layers.value)
-by_option[["option", "value", "params", "best_val_ppl", "val_acc_%", "epochs"]]
+by_option[["option", "value", "params", "best_val_ppl", "val_acc_%", "epochs", "data"]]

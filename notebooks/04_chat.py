@@ -60,7 +60,8 @@ from newllm_nb.notebook.live import train_live
 
 if path_box.value.strip():
     model, tokenizer, ckpt = load_model(path_box.value.strip())
-    print("loaded", path_box.value.strip(), "| trained epochs:", len(ckpt.history))
+    print("loaded", path_box.value.strip(), "| trained epochs:", len(ckpt.history), "| data:",
+          ckpt.data_source or "not recorded")
 else:
     print("No checkpoint from notebook 02 yet: training a small Dolly model so this notebook still works.")
     demo = train_live(preset("original_dolly", train__epochs=3, train__batch_size=32), "chat-demo")

@@ -5,14 +5,20 @@ import sys
 from newllm_nb.cli import main
 
 
-def test_main_command_trains_on_the_bundled_sample_offline(tmp_path):
+def test_main_command_trains_on_the_bundled_sample_offline_and_every_result_says_so(tmp_path):
+    from newllm_nb.train.checkpoint import load_checkpoint
+
     env = dict(os.environ, NEWLLM_SMOKE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "newllm_nb", "train", "--dataset", "wikitext", "--run-dir",
-                        str(tmp_path / "run"), "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "newllm_nb", "train", "--dataset", "wikitext", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "using the bundled sample" in r.stdout
-    assert "PPL" in r.stdout and "accuracy" in r.stdout
-    assert (tmp_path / "run" / "best.safetensors").exists()
+    sample = "bundled sample data/wikitext-sample (not WikiText-2)"
+    assert f"offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): training on the {sample}" in r.stdout
+    final = [line for line in r.stdout.splitlines() if line.startswith("final")]
+    assert final and "PPL" in final[0] and final[0].endswith(f"| data: {sample}")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("wikitext-sample-newllm-L4-")  # the folder's name marks the sample too
+    assert load_checkpoint(run / "best.safetensors").data_source == sample
 
 
 def test_bad_flag_value_is_a_clear_error(tmp_path, capsys):

@@ -201,7 +201,7 @@ def test_hub_layout_repo_streams_its_own_splits_into_the_same_tokens(tmp_path):
     sp = load_wikitext(WIKITEXT_SAMPLE)
     repo = _hub_layout_repo(tmp_path / "repo", {"train": sp.train, "validation": sp.valid, "test": sp.test})
     hub = hub_corpus(str(repo), "wikitext-2-raw-v1")
-    assert hub.splits == ["train", "valid", "test"] and hub.name.endswith("/wikitext-2-raw-v1")
+    assert hub.splits == ["train", "valid", "test"] and hub.name.endswith(" wikitext-2-raw-v1")
     res = prepare_tokens(hub, "word", 300, tmp_path / "cache", show_progress=False)
     local = prepare_tokens(open_corpus(str(WIKITEXT_SAMPLE)), "word", 300, tmp_path / "cache2", show_progress=False)
     assert tokenizer_hash(res.tokenizer) == tokenizer_hash(local.tokenizer)
@@ -265,3 +265,45 @@ def test_bpe_encode_flat_equals_the_library_on_text_and_random_unicode():
     ids, lengths = tok.encode_flat(texts)
     assert ids.tolist() == [i for t in texts for i in tok.encode(t)]
     assert lengths.tolist() == [len(tok.encode(t)) for t in texts]
+
+
+def test_text_dataset_from_the_cli_flags_to_a_trained_epoch(tmp_path, monkeypatch, tiny, make):
+    from newllm_nb.cli import _parser, config_from_args
+    from newllm_nb.config import DataConfig, apply_overrides
+    from newllm_nb.data import prepare
+
+    monkeypatch.setenv("NEWLLM_CACHE_DIR", str(tmp_path / "cache"))
+    args = _parser().parse_args(["train", "--dataset", "text", "--hub-dataset", "Salesforce/wikitext", "--hub-config",
+                                 "wikitext-103-raw-v1", "--text-field", "page", "--tokenizer-sample-mb", "50"])
+    d = config_from_args(args, 64).data
+    assert (d.dataset, d.hub_name, d.hub_config, d.text_field, d.tokenizer_sample_mb, d.path) == \
+        ("text", "Salesforce/wikitext", "wikitext-103-raw-v1", "page", 50.0, None)
+    with pytest.raises(ValueError, match="hub_name is needed"):
+        DataConfig(dataset="text")
+    cfg = apply_overrides(tiny(), data__dataset="text", data__path=str(WIKITEXT_SAMPLE / "wiki.*.raw"))
+    prepared = prepare(cfg.data, 200)
+    assert isinstance(prepared.train, TokenWindows) and prepared.source.startswith("local ")
+    assert "wiki.*.raw" in prepared.summary() and prepared.info["tokenized"]
+    history = make(apply_overrides(cfg, train__epochs=1), prepared).fit(resume=False)
+    assert len(history) == 1 and np.isfinite(history[-1]["val_loss"])
+    again = prepare(apply_overrides(cfg, data__mode="stream").data, 200)
+    assert isinstance(again.train, TokenStream) and again.info["tokenized"] == []  # the cache, not tokenized again
+
+
+def test_training_panel_names_a_text_corpus(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from newllm_nb.notebook.widgets import TrainingPanel
+
+    p = TrainingPanel("original_wikitext")
+    p.source.value = "text"
+    with pytest.raises(ValueError, match="text corpus"):
+        p.config()
+    p.corpus.value, p.hub_config.value = "roneneldan/TinyStories", ""
+    d = p.config().data
+    assert (d.dataset, d.hub_name, d.path, d.hub_config, d.text_field) == ("text", "roneneldan/TinyStories", None,
+                                                                            None, "text")
+    p.corpus.value, p.text_field.value = str(tmp_path / "*.jsonl"), "body"
+    d = p.config().data
+    assert (d.dataset, d.path, d.hub_name, d.text_field) == ("text", str(tmp_path / "*.jsonl"), None, "body")
+    p.source.value = "auto"
+    assert p.config().data.dataset == "wikitext"

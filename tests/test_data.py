@@ -105,7 +105,7 @@ def test_hub_check_respects_offline_env_fast(monkeypatch):
 
 def test_bundled_samples_load_offline_with_a_message(capsys):
     wt = load_wikitext()
-    assert wt.source.startswith("sample:") and "using the bundled sample" in capsys.readouterr().out
+    assert wt.source.startswith("bundled sample") and "training on the bundled sample" in capsys.readouterr().out
     assert sum(len(x.split()) >= 5 for x in wt.train + wt.valid + wt.test) >= 50
     d = load_dolly()
     assert len(d.train) + len(d.valid) >= 200

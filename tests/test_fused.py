@@ -179,6 +179,92 @@ def _check_model_loop_with_every_dropout():
     _close(out["fused"], out["masked"], ["logits", "c_T"] + [n for n, _ in m.named_parameters()])
 
 
+# Cell options the kernels implement (tiny dims: every tile masked); the plus presets' cell first.
+_OPTION_CELLS = [dict(state_norm="read", chrono_init=8.0, gate_context=True, gate_rank=6),
+                 dict(state_norm="noaffine", gate_context=True),
+                 dict(state_norm="none", gate_rank=5),
+                 dict(state_norm="layernorm", gate_context=True, gate_rank=7, num_layers=1),
+                 dict(state_norm="read")]
+
+
+def _option_model(**kw):
+    from newllm_nb import ModelConfig, NewLLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2, dropout=0.0, init_std=0.3)
+    return NewLLM(ModelConfig(**{**cfg, **kw}))
+
+
+def _model_outputs(m, ids, c0, reset, rec, torch_seed=5):
+    m.zero_grad()
+    torch.manual_seed(torch_seed)
+    logits, c = m(ids, c0, reset, recurrence=rec)
+    (F.cross_entropy(logits.reshape(-1, m.config.vocab_size), ids.reshape(-1)) + c.pow(2).mean()).backward()
+    return [logits.detach(), c.detach(), *[p.grad.clone() for p in m.parameters()]]
+
+
+def _check_option_cells_match_the_reference_cell():
+    """Each option cell through the kernels against the model's own autograd loop (the reference cell), with
+    resets and a carried context: logits, c_T and every parameter's gradient."""
+    from newllm_nb.kernels.fused import fused_recurrence
+
+    ids = torch.randint(4, 40, (5, 6))
+    reset = torch.rand(5, 6) < 0.2
+    c0 = torch.randn(5, 12)
+    for kw in _OPTION_CELLS:
+        m = _option_model(**kw)
+        assert fused_recurrence.implements(m.config)
+        names = ["logits", "c_T"] + [n for n, _ in m.named_parameters()]
+        try:
+            _close(_model_outputs(m, ids, c0, reset, fused_recurrence), _model_outputs(m, ids, c0, reset, None), names)
+        except AssertionError as e:
+            raise AssertionError(f"{kw}: {e}") from None
+
+
+class _KernelMasks(torch.nn.Module):
+    """Stands in for the model's FNN and context dropout in its reference loop: the masks the kernels draw, in the
+    order the loop asks for them (per step: the context, then FNN layers 1..L). The seed is drawn at the first call,
+    where the fused forward draws it, so the model's other dropouts stay in step."""
+
+    def __init__(self, T, B, C, H, L, p, p_ctx):
+        super().__init__()
+        self.shape, self.p, self.p_ctx, self.queue = (T, B, C, H, L), p, p_ctx, None
+
+    def forward(self, x):
+        from newllm_nb.kernels.fused import kernel_uniforms
+
+        T, B, C, H, L = self.shape
+        if self.queue is None:
+            seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), dtype=torch.int64)
+            fnn = [(kernel_uniforms(seed, j, (T, B, H)) >= self.p).float() / (1 - self.p) for j in range(L)]
+            ctx = (kernel_uniforms(seed, L, (T, B, C)) >= self.p_ctx).float() / (1 - self.p_ctx)
+            self.queue = [m for t in range(T) for m in [ctx[t]] + [fnn[j][t] for j in range(L)]]
+        return x * self.queue.pop(0)
+
+
+def _check_option_cells_with_every_dropout():
+    """The plus cell with every dropout on (embedding, input, FNN, context, output) and resets: the kernels against
+    the reference cell given the kernels' masks."""
+    from newllm_nb.kernels.fused import fused_recurrence
+
+    B, T = 5, 6
+    ids = torch.randint(4, 40, (B, T))
+    reset = torch.rand(B, T) < 0.2
+    c0 = torch.randn(B, 12)
+    for kw in _OPTION_CELLS[:2]:
+        m = _option_model(**kw, dropout=0.3, context_dropout=0.2, embed_dropout=0.1, input_dropout=0.2,
+                          output_dropout=0.2).train()
+        fused = _model_outputs(m, ids, c0, reset, fused_recurrence)
+        masks = _KernelMasks(T, B, 12, 20, m.config.num_layers, 0.3, 0.2)
+        m.drop, m.ctx_drop = masks, masks
+        ref = _model_outputs(m, ids, c0, reset, None)
+        assert not masks.queue, "the reference loop must use every mask the kernels drew"
+        try:
+            _close(fused, ref, ["logits", "c_T"] + [n for n, _ in m.named_parameters()])
+        except AssertionError as e:
+            raise AssertionError(f"{kw}: {e}") from None
+
+
 def _check_decode_cell_matches_model_step():
     from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.kernels.fused import FusedCell
@@ -244,8 +330,9 @@ def _check_greedy_decode_with_other_tiles():
 
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_matches_reference_and_bptt_with_resets, _check_matches_reference_one_layer_hs_only,
-    _check_dropout_matches_masked_reference,
-    _check_model_loop_with_every_dropout, _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager,
+    _check_dropout_matches_masked_reference, _check_model_loop_with_every_dropout,
+    _check_option_cells_match_the_reference_cell, _check_option_cells_with_every_dropout,
+    _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager,
     _check_greedy_decode_with_other_tiles)}
 
 
@@ -454,3 +541,26 @@ def test_decoder_tile_knobs_refuse_bad_values_in_one_line(monkeypatch, name, val
     monkeypatch.delenv("NEWLLM_DEC_" + name)
     with pytest.raises(ValueError, match="invalid chunk=0"):
         FusedDecoder(m, chunk=0, use_graph=False)
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("cell", range(len(_OPTION_CELLS)))
+def test_fused_option_cells_match_the_reference_cell_on_gpu(precision, cell):
+    """Each option cell through the compiled kernels against the model's autograd loop in fp32: loss, carried
+    context and every gradient, with resets and a carried context; and the trainer's step takes the kernels."""
+    from newllm_nb.kernels.fused import fused_recurrence
+    from newllm_nb.train.step import make_step
+
+    kw = dict(_OPTION_CELLS[cell])
+    m = _model(layers=kw.pop("num_layers", 2), **kw)
+    x, y, r = _batches(1, True)[0]
+    c = torch.randn(x.shape[0], m.config.context_dim, device="cuda")
+    lf, gf, cf = _loss_grads(m, (x, y, r), c, precision, fused_recurrence)
+    lr, gr, cr = _loss_grads(m, (x, y, r), c, "fp32", None)
+    tol = 2e-3 if precision == "fp32" else 5e-2
+    assert abs(lf - lr) <= tol * max(1.0, abs(lr)), (lf, lr)
+    assert _rel(cf, cr) <= tol and _rel(gf, gr) <= tol, (_rel(cf, cr), _rel(gf, gr))
+    opt = torch.optim.Adam(m.parameters())
+    step = make_step("auto", m, opt, torch.amp.GradScaler("cuda", enabled=False), torch.device("cuda"), precision)
+    assert step.mode == "cuda-graph+fused" and step.recurrence is fused_recurrence

@@ -297,6 +297,35 @@ def test_load_by_hub_id_and_revision_in_process(run, shared, tmp_path, online):
     assert any("/alice/tiny/resolve/v1/config.json" in r for r in server.requests)
 
 
+def test_an_unreachable_hub_is_one_line(online):
+    # huggingface_hub retries an unreachable hub for ~25 s before it says LocalEntryNotFoundError (what an
+    # uncached download raises then); the message is tested on that exception directly.
+    from huggingface_hub import errors
+
+    from newllm_nb.train.hub_files import hub_errors
+
+    online("http://127.0.0.1:9")
+    with pytest.raises(HubError, match=r"^alice/tiny: no such file or folder here, and not in the local Hugging Face "
+                                       r"cache, and the Hugging Face Hub at http://127.0.0.1:9 cannot be reached"):
+        with hub_errors("alice/tiny", not_local=True):
+            raise errors.LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+
+def test_chat_takes_a_hub_id(shared, online, monkeypatch, capsys):
+    import io
+
+    ref, ref_tok, _ = load_model(shared)
+    from newllm_nb.infer.generate import ChatSession
+
+    want = ChatSession(ref, ref_tok, Sampling(max_new_tokens=6, temperature=0)).send("hello there")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\n"))
+    with HubServer({"alice/tiny": {"main": shared}}) as server:
+        online(server.url)
+        assert main(["chat", "--checkpoint", "alice/tiny", "--temperature", "0", "--max-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert want.strip() and "chatting with alice/tiny" in out and want.strip() in out
+
+
 def test_cli_loads_a_hub_id_through_hf_endpoint(shared, tmp_path):
     """The real path end to end: a fresh process, HF_ENDPOINT in its environment, an empty cache; then the
     same id again with the server gone and HF_HUB_OFFLINE=1, from the cache."""

@@ -199,8 +199,8 @@ def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(mo
         def update(self, obj, raw=False):
             shown.append(("update", obj))
 
-    def fake_display(obj, display_id=False, **_):
-        shown.append(("display", obj))
+    def fake_display(obj, display_id=False, raw=False, **_):
+        shown.append(("display", obj, raw, display_id))
         return Handle() if display_id else None
 
     monkeypatch.setattr(IPython.display, "display", fake_display)
@@ -214,11 +214,39 @@ def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(mo
         inner = bar(total=3, desc="epoch 1", leave=False)
         assert outer.desc.startswith("grow, freeze base (2/4) · epochs") and runs == [1]  # only the outer bar
         inner.update(3)
+        inner_id = inner.container.model_id
         inner.close()
         outer.close()
     assert bar(total=1, desc="later").desc == "later"  # outside the block: no label
     assert shown[-1] == ("update", {"text/plain": ""})  # the closed transient bar's output is emptied
+    # The transient bar went out as its raw widget-view bundle under the display id (ipywidgets 7 drops an id
+    # given with the widget object itself, and the update would then name an output the page never got).
+    (sent,) = [s for s in shown if s[0] == "display" and s[3]]
+    assert sent[2] and sent[1]["application/vnd.jupyter.widget-view+json"]["model_id"] == inner_id
     assert inner.container.comm is None and outer.container.comm is not None  # closed vs kept widget
+
+
+def test_option_sweep_labels_each_run_with_its_option_value(monkeypatch):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from newllm_nb.config import preset
+    from newllm_nb.notebook import live as notebook
+
+    labels, options = [], []
+    monkeypatch.setattr(notebook, "LivePlot", lambda label: labels.append(label) or SimpleNamespace(
+        update=None, step=None))
+
+    def one_run(cfg, layers, out_dir, archs, on_run_start, progress):  # run_sweep, minus the training
+        on_run_start(archs[0], layers[0])
+        options.append(cfg.model.state_norm)
+        return pd.DataFrame([{"arch": archs[0], "layers": layers[0]}])
+
+    monkeypatch.setattr(notebook, "run_sweep", one_run)
+    df = notebook.option_sweep_live(preset("smoke"), "state_norm", ["layernorm", "read"])
+    assert labels == ["state_norm=layernorm (1/2) · newllm, 1 layer", "state_norm=read (2/2) · newllm, 1 layer"]
+    assert options == ["layernorm", "read"] and list(df["value"]) == ["layernorm", "read"]
 
 
 def test_live_plot_has_a_title_and_shows_training_loss_from_the_first_steps():

@@ -255,7 +255,7 @@ def local_corpus(spec: str, text_field: str = "text", valid_frac: float = 0.1,
     if named:
         passes = {s: (lambda f=f, s=s: _capped(_batched(_file_batches(f, text_field), s), max_docs))
                   for s, f in named.items()}
-        return Corpus(f"local:{spec}", _h(fp, "named", max_docs), total, passes)
+        return Corpus(f"local {spec}", _h(fp, "named", max_docs), total, passes)
     counts = [_count_docs(f, text_field) for f in files]
     n = sum(counts)
     if n == 0:
@@ -279,9 +279,9 @@ def local_corpus(spec: str, text_field: str = "text", valid_frac: float = 0.1,
     if max_docs is not None:
         passes = {"train": lambda: _capped(only("train"), max_docs),
                   "valid": lambda: _capped(only("valid"), max(2, max_docs // 4))}
-        return Corpus(f"local:{spec}", _h(fp, valid_frac, max_docs), total, passes)
+        return Corpus(f"local {spec}", _h(fp, valid_frac, max_docs), total, passes)
     passes = {"train": lambda: only("train"), "valid": lambda: only("valid")}
-    return Corpus(f"local:{spec}", _h(fp, valid_frac), total, passes, _single_pass=routed)
+    return Corpus(f"local {spec}", _h(fp, valid_frac), total, passes, _single_pass=routed)
 
 
 def _capped(batches: Iterator[DocBatch], max_docs: Optional[int], min_words: int = 5) -> Iterator[DocBatch]:
@@ -342,7 +342,7 @@ def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "te
         own["valid"] = v
     if "test" in names and split != "test":
         own["test"] = "test"
-    name = f"hub:{repo_id}" + (f"/{config}" if config else "")
+    name = f"hub {repo_id}" + (f" {config}" if config else "") + (f"@{revision}" if revision else "")
     fp = _h(_hub_version(repo_id, revision, local), config, text_field, split, v or valid_frac, max_docs)
 
     def rows(hub_split: str, keep=None) -> Iterator[tuple[list, int]]:

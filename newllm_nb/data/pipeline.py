@@ -14,8 +14,11 @@ from .batching import (
     wikitext_sequences,
     wikitext_stream,
 )
+from .corpus import open_corpus
 from .prompt import instruction_text
 from .sources import MIN_WORDS, DataError, load_dolly, load_instructions, load_wikitext
+from .token_cache import prepare_tokens
+from .token_data import TokenStream, TokenWindows
 from .tokenizer import train_tokenizer
 
 
@@ -35,12 +38,31 @@ class Prepared:
                 f"vocab {self.tokenizer.vocab_size:,}")
 
 
+def prepare_text(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
+    """Any text corpus (``cfg.path``: files, a folder or a glob; else the hub dataset ``cfg.hub_name``),
+    tokenized once into the token cache; windows or streams are cut from its memory map."""
+    corpus = open_corpus(cfg.path, cfg.hub_name, cfg.hub_config, cfg.text_field, cfg.hub_split, cfg.hub_revision,
+                         max_docs=cfg.max_examples)
+    sample = None if cfg.tokenizer_sample_mb is None else int(cfg.tokenizer_sample_mb * 1e6)
+    tk = prepare_tokens(corpus, cfg.tokenizer, vocab_size, cfg.cache_dir, tokenizer=tokenizer, sample_bytes=sample)
+    S = cfg.max_seq_length
+    if cfg.mode == "windows":
+        train, valid = (TokenWindows(tk.splits[s], S) for s in ("train", "valid"))
+    else:
+        train, valid = (TokenStream(tk.splits[s], S - 1, cfg.reset_at_articles) for s in ("train", "valid"))
+    return Prepared(train, valid, tk.tokenizer, corpus.name,
+                    info={"token_files": {s: str(t.path) for s, t in tk.splits.items()}, "tokenized": tk.built,
+                          "test": tk.splits.get("test")})
+
+
 def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     """Load ``cfg.dataset``, train (or reuse) a tokenizer on its training split, build datasets."""
+    if cfg.dataset == "text":
+        return prepare_text(cfg, vocab_size, tokenizer)
     max_examples = cfg.max_examples
     S = cfg.max_seq_length
     if cfg.dataset == "wikitext":
-        sp = load_wikitext(cfg.path, max_examples)
+        sp = load_wikitext(cfg.path, max_examples, cfg.source, cfg.hub_revision)
         if not any(len(x.split()) >= MIN_WORDS for x in sp.valid):
             raise DataError(f"the validation split from {sp.source} is empty: none of its {len(sp.valid)} line(s) has "
                             f">= {MIN_WORDS} words (a single file gives its last 10% of lines to validation): "
@@ -53,9 +75,10 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
                             for s in (sp.train, sp.valid))
         return Prepared(train, valid, tok, sp.source)
     if cfg.dataset == "dolly":
-        rs = load_dolly(cfg.path, max_examples)
+        rs = load_dolly(cfg.path, max_examples, cfg.source, cfg.hub_revision)
     else:
-        rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples)
+        rs = load_instructions(cfg.path, cfg.hub_name, cfg.field_map, max_examples, source=cfg.source,
+                               revision=cfg.hub_revision)
     if not rs.valid:
         raise DataError(f"the validation split from {rs.source} is empty: {len(rs.train)} usable record(s) leave none "
                         f"for the 10% held out (need at least 2)")

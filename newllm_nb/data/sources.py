@@ -1,12 +1,15 @@
 """Where text comes from, and parsing it: local path -> Hugging Face hub -> bundled sample.
 
-Source order for every loader: an explicit local ``path``; else ``datasets.load_dataset`` from the
-hub; else, after one printed line saying why, the samples bundled in ``data/`` (our own writing in
-the same layout / schema, for offline runs and CI).
+Source order for every loader: an explicit local ``path``; else the hub repository ``HUB_DATASETS`` names,
+through ``load_hub`` (``datasets.load_dataset``). The samples bundled in ``data/`` (our own writing in the
+same layout / schema) are read only when asked for by name, or when the hub cannot be asked at all (offline
+mode, unreachable, no ``datasets``), which one printed line says; their source string marks them
+(``is_sample``). A hub that answers but fails to load stops the run with one line: no sample stands in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -15,6 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
+from urllib.parse import urlsplit
+
+from ..config import DATA_SOURCES
 
 
 def _find_data_dir() -> Path:
@@ -39,41 +45,125 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Hub reachability: answer in about a second instead of letting load_dataset retry for ~26 s.
+# The Hugging Face hub: which repository each dataset name loads, and the one loader they all go through.
 # ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset repository on the hub. Ids carry their namespace: huggingface_hub >= 1.0 refuses bare names
+    such as ``wikitext``."""
+
+    repo_id: str
+    config: Optional[str] = None  # the dataset's configuration (subset), e.g. wikitext-2-raw-v1
+    revision: Optional[str] = None  # a branch, tag or commit to pin; None = the repository's main branch
+    title: str = ""  # what results call the data
+
+    def with_revision(self, revision: Optional[str]) -> HubDataset:
+        return self if not revision else dataclasses.replace(self, revision=revision)
+
+    def describe(self) -> str:
+        """'hub Salesforce/wikitext wikitext-2-raw-v1@rev': what a source line says."""
+        return f"hub {self.repo_id}{f' {self.config}' if self.config else ''}" \
+               f"{f'@{self.revision}' if self.revision else ''}"
+
+
+HUB_DATASETS = {
+    "wikitext": HubDataset("Salesforce/wikitext", "wikitext-2-raw-v1", title="WikiText-2"),
+    "dolly": HubDataset("databricks/databricks-dolly-15k", title="Dolly-15k"),
+}
+SAMPLE_PREFIX = "bundled sample"  # every source string of the bundled samples starts with it (``is_sample``)
+
+
+def hub_endpoint() -> str:
+    """The hub's address: ``HF_ENDPOINT`` (a mirror) when set, as huggingface_hub reads it, else huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
 def hub_offline_requested() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def hub_reachable(timeout: float = 1.5, host: str = "huggingface.co") -> bool:
-    """False when offline mode is requested or huggingface.co:443 does not answer within ``timeout``."""
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """False when offline mode is requested or the hub's host (``hub_endpoint``) does not accept a connection
+    within ``timeout`` seconds: about a second instead of load_dataset's ~26 s of retries."""
     if hub_offline_requested():
         return False
+    url = urlsplit(hub_endpoint())
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:
+        return False
+    if not url.hostname:
+        return False
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
 
 
-def _load_from_hub(*args, **kwargs):
-    """``datasets.load_dataset`` or None (printing why) when the hub or the library is unavailable."""
+class HubUnavailable(Exception):
+    """The hub cannot be asked (offline mode, unreachable, or no ``datasets``): the one case for a fallback."""
+
+
+def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDER"):
+    """``datasets.load_dataset`` of ``spec`` (a ``DatasetDict``).
+
+    Raises ``HubUnavailable`` (with the reason) when the hub cannot be asked; a hub that answers but whose
+    dataset does not load raises ``DataError``: one line naming the dataset, the endpoint, the cause and
+    ``what_to_do``. Nothing falls back here: callers decide what an unavailable hub means."""
     try:
         import datasets  # noqa: F401  (lazy: the GPU box and minimal installs lack it)
     except ImportError:
-        print("`datasets` is not installed (pip install datasets): using the bundled sample in data/")
-        return None
+        raise HubUnavailable("`datasets` is not installed (pip install datasets)") from None
+    if hub_offline_requested():
+        raise HubUnavailable("offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
     if not hub_reachable():
-        print("Hugging Face hub unreachable (or HF_HUB_OFFLINE set): using the bundled sample in data/")
-        return None
+        raise HubUnavailable(f"the Hugging Face hub ({hub_endpoint()}) is unreachable")
     from datasets import load_dataset
 
     try:
-        return load_dataset(*args, **kwargs)
-    except Exception as e:  # network hiccups, auth, renamed datasets: fall back, say why
-        print(f"load_dataset{args} failed ({type(e).__name__}: {e}): using the bundled sample in data/")
-        return None
+        return load_dataset(spec.repo_id, spec.config, revision=spec.revision)
+    except Exception as e:  # the hub answered: an error there is the user's to see, never a reason to swap data
+        cause = " ".join(f"{type(e).__name__}: {e}".split())
+        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        raise DataError(f"could not load {spec.describe()} from {hub_endpoint()} ({cause}): {what_to_do}") from e
+
+
+def is_sample(source: str) -> bool:
+    """True for the source string of a bundled sample."""
+    return str(source).startswith(SAMPLE_PREFIX)
+
+
+def source_tag(dataset: str, source: str) -> str:
+    """The data part of a run folder's name: ``wikitext`` (hub), ``wikitext-sample``, ``wikitext-local``."""
+    if is_sample(source):
+        return f"{dataset}-sample"
+    return f"{dataset}-local" if str(source).startswith("local ") else dataset
+
+
+def _sample_source(name: str, sample: Path) -> str:
+    title = HUB_DATASETS[name].title if name in HUB_DATASETS else name
+    return f"{SAMPLE_PREFIX} data/{sample.name} (not {title})"
+
+
+def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str] = None):
+    """(DatasetDict, source string) from the hub, or (None, the sample's source string) where the sample is
+    to be read: asked for by name (``source="sample"``), or ``source="auto"`` and the hub cannot be asked,
+    which one printed line says. ``source="hub"`` never falls back."""
+    if source not in DATA_SOURCES:
+        raise DataError(f"invalid data source {source!r}: choose one of {DATA_SOURCES}")
+    if source == "sample":
+        return None, _sample_source(name, sample)
+    spec = HUB_DATASETS[name].with_revision(revision)
+    todo = "pass --data-path FILE_OR_FOLDER with the data, or ask for the bundled sample (--data-source sample)"
+    try:
+        return load_hub(spec, todo), spec.describe()
+    except HubUnavailable as why:
+        if source == "hub":
+            raise DataError(f"{why}, and {spec.describe()} was asked for: connect, or {todo}") from None
+        print(f"{why}: training on the {_sample_source(name, sample)}; results say so")
+        return None, _sample_source(name, sample)
 
 
 def read_text(path: Union[str, Path]) -> str:
@@ -120,39 +210,53 @@ def split_lines(lines: Sequence[str], frac: float = 0.9) -> tuple[list, list]:
     return list(lines[:k]), list(lines[k:])
 
 
-def load_wikitext(path: Optional[Union[str, Path]] = None, max_examples: Optional[int] = None) -> TextSplits:
+def load_wikitext(path: Optional[Union[str, Path]] = None, max_examples: Optional[int] = None,
+                  source: str = "auto", revision: Optional[str] = None) -> TextSplits:
     """WikiText lines (a paragraph a line, raw or tokenized variant).
 
     ``path`` may be a folder with ``wiki.{train,valid,test}.{raw,tokens}`` (or ``train/valid/test.txt``)
-    or a single file, whose first 90% of lines train and last 10% validate.
+    or a single file, whose first 90% of lines train and last 10% validate. Without a path, ``source``
+    decides (``config.DATA_SOURCES``): WikiText-2 from the hub (``HUB_DATASETS["wikitext"]``, at ``revision`` if given)
+    or the bundled sample.
     """
     if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            files = _wikitext_files(p)
-            if "train" not in files:
-                raise DataError(f"no wiki.train.raw / wiki.train.tokens / train.txt in {p}")
-            parts = {k: read_text(v).splitlines() for k, v in files.items()}
-            if "valid" not in parts:
-                parts["train"], parts["valid"] = split_lines(parts["train"])
-            splits = TextSplits(parts["train"], parts["valid"], parts.get("test", []), source=f"local:{p}")
-        else:
-            train, valid = split_lines(read_text(p).splitlines())
-            splits = TextSplits(train, valid, [], source=f"local:{p}")
+        splits = _wikitext_local(Path(path))
     else:
-        ds = _load_from_hub("wikitext", "wikitext-2-raw-v1")
+        ds, where = _hub_or_sample("wikitext", source, WIKITEXT_SAMPLE, revision)
         if ds is not None:
-            splits = TextSplits(list(ds["train"]["text"]), list(ds["validation"]["text"]),
-                                list(ds["test"]["text"]), source="hub:wikitext-2-raw-v1")
+            splits = TextSplits(*(_column(ds, split, "text", where) for split in ("train", "validation", "test")),
+                                source=where)
         else:
-            splits = load_wikitext(WIKITEXT_SAMPLE)
-            splits.source = "sample:data/wikitext-sample"
+            splits = _wikitext_local(WIKITEXT_SAMPLE)
+            splits.source = where
     if max_examples is not None:
         splits.train = _cap_paragraphs(splits.train, max_examples)
         splits.valid = _cap_paragraphs(splits.valid, max(2, max_examples // 4))
     if not any(len(x.split()) >= MIN_WORDS for x in splits.train):
         raise DataError(f"WikiText training split from {splits.source} has no line with >= {MIN_WORDS} words")
     return splits
+
+
+def _wikitext_local(p: Path) -> TextSplits:
+    if p.is_dir():
+        files = _wikitext_files(p)
+        if "train" not in files:
+            raise DataError(f"no wiki.train.raw / wiki.train.tokens / train.txt in {p}")
+        parts = {k: read_text(v).splitlines() for k, v in files.items()}
+        if "valid" not in parts:
+            parts["train"], parts["valid"] = split_lines(parts["train"])
+        return TextSplits(parts["train"], parts["valid"], parts.get("test", []), source=f"local {p}")
+    train, valid = split_lines(read_text(p).splitlines())
+    return TextSplits(train, valid, [], source=f"local {p}")
+
+
+def _column(ds, split: str, column: str, where: str) -> list:
+    """One column of one split of a loaded DatasetDict, as a list (a missing one is a DataError naming it)."""
+    if split not in ds:
+        raise DataError(f"{where} has no {split!r} split (it has {sorted(ds)})")
+    if column not in ds[split].column_names:
+        raise DataError(f"{where} split {split!r} has no {column!r} column (it has {ds[split].column_names})")
+    return list(ds[split][column])
 
 
 def _cap_paragraphs(lines: list, n: int) -> list:
@@ -230,34 +334,53 @@ def split_records(records: list, valid_frac: float = 0.1, seed: int = 42) -> tup
 
 def load_instructions(path: Optional[Union[str, Path]] = None, hub_name: Optional[str] = None,
                       field_map: Optional[dict] = None, max_examples: Optional[int] = None,
-                      hub_split: str = "train") -> RecordSplits:
+                      hub_split: str = "train", source: str = "auto", revision: Optional[str] = None) -> RecordSplits:
     """Any instruction dataset: a local jsonl or a hub dataset, fields renamed by ``field_map``
-    (e.g. ``{"context": "input", "response": "output"}`` for Alpaca-style sets)."""
+    (e.g. ``{"context": "input", "response": "output"}`` for Alpaca-style sets). ``hub_name`` is a key of
+    ``HUB_DATASETS`` or a hub id ``namespace/name``; only Dolly has a bundled sample to fall back on."""
     skipped = 0
     if path is not None:
         records, skipped = read_jsonl(path, field_map)
-        source = f"local:{path}"
+        where = f"local {path}"
     else:
-        ds = _load_from_hub(hub_name) if hub_name else None
+        if hub_name is None:
+            raise DataError("an instruction dataset needs a local path or a hub dataset id")
+        if hub_name in HUB_DATASETS:
+            ds, where = _hub_or_sample(hub_name, source, DOLLY_SAMPLE, revision)
+        else:
+            if "/" not in hub_name.strip("/"):
+                raise DataError(f"hub dataset id {hub_name!r} needs its namespace, as 'namespace/name' "
+                                f"(e.g. databricks/databricks-dolly-15k)")
+            spec = HubDataset(hub_name.strip("/"), revision=revision)
+            try:
+                ds, where = load_hub(spec), spec.describe()
+            except HubUnavailable as why:
+                raise DataError(f"{why}, and {spec.describe()} has no bundled sample: connect, or pass "
+                                f"--data-path FILE") from None
         if ds is not None:
             fmap = {k: k for k in INSTRUCTION_FIELDS}
             fmap.update(field_map or {})
+            if hub_split not in ds:
+                raise DataError(f"{where} has no {hub_split!r} split (it has {sorted(ds)})")
+            missing = [v for k, v in fmap.items() if k in ("instruction", "response")
+                       and v not in ds[hub_split].column_names]
+            if missing:
+                raise DataError(f"{where} has no column {missing} (it has {ds[hub_split].column_names}): "
+                                f"map the fields, e.g. response=output")
             records = [{k: (row.get(v) or ("unknown" if k == "category" else "")) for k, v in fmap.items()}
                        for row in ds[hub_split]]
             records = [r for r in records if str(r["instruction"]).strip() and str(r["response"]).strip()]
-            source = f"hub:{hub_name}"
         else:
             records, skipped = read_jsonl(DOLLY_SAMPLE)
-            source = "sample:data/dolly-sample.jsonl"
     if max_examples is not None:
         records = records[:max_examples]
     if not records:
-        raise DataError(f"instruction dataset from {source} is empty")
+        raise DataError(f"instruction dataset from {where} is empty")
     train, valid = split_records(records)
-    return RecordSplits(train, valid, source, skipped)
+    return RecordSplits(train, valid, where, skipped)
 
 
-def load_dolly(path: Optional[Union[str, Path]] = None, max_examples: Optional[int] = None) -> RecordSplits:
+def load_dolly(path: Optional[Union[str, Path]] = None, max_examples: Optional[int] = None,
+               source: str = "auto", revision: Optional[str] = None) -> RecordSplits:
     """Dolly-15k records (instruction / context / response / category), split 90/10 with seed 42."""
-    return load_instructions(path, "databricks/databricks-dolly-15k", None, max_examples)
-
+    return load_instructions(path, "dolly", None, max_examples, source=source, revision=revision)

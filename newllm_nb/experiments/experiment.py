@@ -80,7 +80,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,
-                      step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress)
+                      step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress, data_source=prepared.source)
     history = trainer.fit(resume=resume)
     if trainer.best_path is not None and trainer.best_path.exists():
         load_checkpoint(trainer.best_path).load_into(trainer.model)

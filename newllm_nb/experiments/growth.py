@@ -188,7 +188,7 @@ def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[s
             for v in list(runs)[:3] for r in result.history]
     for i, (name, (model, cfg)) in enumerate(runs.items()):
         t = Trainer(model, prep.train, prep.valid, cfg, prep.tokenizer, run_root / f"variant{i}", callbacks,
-                    step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress)
+                    step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress, data_source=prep.source)
         offset = 0 if "scratch" in name else base_epochs
         rows += [{"variant": name, "epoch": r["epoch"] + offset, "val_ppl": r["val_ppl"]} for r in t.fit()]
     return pd.DataFrame(rows), gap

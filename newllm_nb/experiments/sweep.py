@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..config import RunConfig
 from ..data.pipeline import Prepared, prepare
+from ..data.sources import is_sample
 from ..models.baselines import matched_config
 from ..runtime.distributed import spread
 from ..runtime.files import atomic_write_text
@@ -51,10 +52,10 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
     prepared = prepared if prepared is not None else prepare(base.data, base.model.vocab_size)
     rows, todo = [], []
     for arch, n, cfg in sweep_configs(base, layers, archs):
-        rd = keyed_run_dir(out_dir, f"{arch}-L{n}", cfg, prepared)
+        rd = keyed_run_dir(out_dir, f"{arch}-L{n}{'-sample' if is_sample(prepared.source) else ''}", cfg, prepared)
         done = rd / "result.json"
         if done.exists():
-            rows.append(json.loads(done.read_text()))
+            rows.append({"data": prepared.source, **json.loads(done.read_text())})  # same data: same source
             print(f"{arch} L{n}: finished earlier, skipped")
             continue
         if jobs > 1:
@@ -71,7 +72,7 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
 
         results = spread(train_one, [call for _, call in todo], jobs, on_done=done_one)
         for (i, (arch, n, *_)), got in zip(todo, results):
-            rows[i] = ({"arch": arch, "layers": n, "error": f"{type(got).__name__}: {got}"}
+            rows[i] = ({"arch": arch, "layers": n, "error": f"{type(got).__name__}: {got}", "data": prepared.source}
                        if isinstance(got, BaseException) else got)
     return pd.DataFrame(rows)
 
@@ -84,7 +85,8 @@ def train_one(arch: str, n: int, cfg: RunConfig, rd: Path, prepared: Prepared, c
     best = min(res.history, key=lambda r: r["val_loss"]) if res.history else {}
     row = {"arch": arch, "layers": n, "params": res.params, "best_val_ppl": round(res.metrics["ppl"], 3),
            "val_acc_%": round(100 * res.metrics["acc"], 2), "best_epoch": best.get("epoch"),
-           "epochs": len(res.history), "seconds": round(sum(r["seconds"] for r in res.history), 1)}
+           "epochs": len(res.history), "seconds": round(sum(r["seconds"] for r in res.history), 1),
+           "data": prepared.source}
     atomic_write_text(rd / "result.json", json.dumps(row))
     return row
 

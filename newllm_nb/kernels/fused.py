@@ -91,16 +91,20 @@ def _mm(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
-                seed_ptr, hs_ptr, xin_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, xs_ptr,
-                B, T, C, H, p, p_ctx, clamp, eps,
+def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
+                seed_ptr, hs_ptr, xin_ptr, cin_ptr, vs_ptr, g_ptr, mu_ptr, rs_ptr, xs_ptr,
+                B, T, C, H, R, GIN, p, p_ctx, clamp, eps,
                 L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
+                NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr, RANK: tl.constexpr,
                 IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     """Forward over all T steps for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32 holds c_0 on entry
-    and c_T on exit. Saved for backward: layer outputs hs [L, T, B, H], layer-1 context input xin
-    [T, B, C] (after reset and context dropout, matmul dtype), cin [T, B, C] (after reset, fp32), raw
-    gates g [T, B, 3C] fp32, LayerNorm mean / rstd [T, B]. xs [B, C] is scratch for LayerNorm's input."""
+    and c_T on exit. Saved for backward: layer outputs hs [L, T, B, H], what layer 1 (and, GATE_CTX, the gates)
+    read xin [T, B, C] (after reset, the read norm and context dropout, matmul dtype), cin [T, B, C] (after
+    reset, fp32), the low-rank gate input vs [T, B, R] (RANK), raw gates g [T, B, 3C] fp32, and the LayerNorm's
+    mean / rstd [T, B] (of c_{t-1} with NORM_READ, of x_t with NORM_OUT). xs [B, C] is scratch for LayerNorm's
+    input. The gate input is [h_L ; xin] of width GIN (H, or H + C with GATE_CTX); W_g's rows are GIN wide, or
+    with RANK, V's are and W_g (U) reads the R-wide V [h_L ; xin]."""
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     rm = rows < B
@@ -110,10 +114,12 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr,
     scale = 1.0 / (1.0 - p)
     scale_ctx = 1.0 / (1.0 - p_ctx)
     LS = T * B  # layer stride of hs
+    WS = R if RANK else GIN  # row stride of the gate weight
     for t in range(T):
         tB = t * B
         srow = tB + r64  # this step's rows in the [T, B, ...] buffers
-        # -- c_{t-1} after the reset; the layer-1 operand after context dropout --------------------------
+        # -- c_{t-1} after the reset; the layer-1 operand after the read norm and context dropout -------------
+        s1 = tl.zeros([BB], tl.float32)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             m2 = rm[:, None] & (cols < C)[None, :]
@@ -121,10 +127,38 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr,
             if HAS_KEEP:
                 c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
             tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
-            if CTX_DROP:
-                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
-                c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
-            tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+            if NORM_READ:
+                s1 += tl.sum(c, 1)
+            else:
+                if CTX_DROP:
+                    r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                    c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
+                tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+        if NORM_READ:  # r = LayerNorm(c_{t-1}), two-pass variance as torch
+            mean = s1 / C
+            tl.debug_barrier()
+            s2 = tl.zeros([BB], tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                m2 = rm[:, None] & (cols < C)[None, :]
+                d = tl.where(m2, tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                             - mean[:, None], 0.0)
+                s2 += tl.sum(d * d, 1)
+            rstd = 1.0 / tl.sqrt(s2 / C + eps)
+            tl.store(mu_ptr + tB + r64, mean, mask=rm)
+            tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                cm = cols < C
+                m2 = rm[:, None] & cm[None, :]
+                c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+                lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+                c = (c - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+                if CTX_DROP:
+                    r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                    c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
+                tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
         tl.debug_barrier()
         # -- FNN layer 1: x_proj + W_c c, then layers 2..L ------------------------------------------------
         for j in tl.static_range(L):
@@ -159,7 +193,31 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr,
                 tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt),
                          mask=rm[:, None] & nm[None, :])
             tl.debug_barrier()
-        # -- gates, x = sigmoid(f) c + sigmoid(i) u (c: after reset, before context dropout) ----------------
+        # -- low-rank gates: vs = V [h_L ; xin] --------------------------------------------------------------
+        if RANK:
+            for n0 in range(0, R, BN):
+                ncol = n0 + tl.arange(0, BN)
+                nm = ncol < R
+                acc = tl.zeros([BB, BN], tl.float32)
+                for k0 in range(0, H, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < H
+                    a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
+                                mask=rm[:, None] & km[None, :], other=0.0)
+                    w = tl.load(wv_ptr + ncol[None, :] * GIN + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
+                if GATE_CTX:
+                    for k0 in range(0, C, BK):
+                        kc = k0 + tl.arange(0, BK)
+                        km = kc < C
+                        a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wv_ptr + ncol[None, :] * GIN + H + kc[:, None], mask=km[:, None] & nm[None, :],
+                                    other=0.0)
+                        acc = _mm(a, w, acc, IEEE)
+                tl.store(vs_ptr + srow[:, None] * R + ncol[None, :], acc.to(dt), mask=rm[:, None] & nm[None, :])
+            tl.debug_barrier()
+        # -- gates, x = sigmoid(f) c + sigmoid(i) u (c: after reset, before the read norm and dropout) -------
         s1 = tl.zeros([BB], tl.float32)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
@@ -169,50 +227,66 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr,
             i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
             u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm,
                                                          other=0.0).to(tl.float32)[None, :]
-            for k0 in range(0, H, BK):
+            K1 = R if RANK else H
+            for k0 in range(0, K1, BK):
                 kc = k0 + tl.arange(0, BK)
-                km = kc < H
-                a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
-                            mask=rm[:, None] & km[None, :], other=0.0)
+                km = kc < K1
+                if RANK:
+                    a = tl.load(vs_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                else:
+                    a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
+                                mask=rm[:, None] & km[None, :], other=0.0)
                 wm = km[:, None] & cm[None, :]
-                f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
-                i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
-                u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
+                f = _mm(a, tl.load(wg_ptr + cols[None, :] * WS + kc[:, None], mask=wm, other=0.0), f, IEEE)
+                i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), i, IEEE)
+                u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), u, IEEE)
+            if GATE_CTX and not RANK:
+                for k0 in range(0, C, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < C
+                    a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                    wm = km[:, None] & cm[None, :]
+                    wp = wg_ptr + H + kc[:, None]
+                    f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
+                    i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
+                    u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
             gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
             tl.store(gp, f, mask=m2)
             tl.store(gp + C, i, mask=m2)
             tl.store(gp + 2 * C, u, mask=m2)
-            c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            if HAS_KEEP:
-                c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
             x = tl.sigmoid(f) * c + tl.sigmoid(i) * u
             x = tl.where(m2, x, 0.0)
-            tl.store(xs_ptr + r64[:, None] * C + cols[None, :], x, mask=m2)
-            s1 += tl.sum(x, 1)
-        mean = s1 / C
+            if NORM_OUT:
+                tl.store(xs_ptr + r64[:, None] * C + cols[None, :], x, mask=m2)
+                s1 += tl.sum(x, 1)
+            else:  # no norm on the way out: c_t = clamp(x)
+                tl.store(c_ptr + r64[:, None] * C + cols[None, :], tl.minimum(tl.maximum(x, -clamp), clamp), mask=m2)
         tl.debug_barrier()
-        # -- LayerNorm (two-pass variance, as torch) and clamp -> c_t --------------------------------------
-        s2 = tl.zeros([BB], tl.float32)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            m2 = rm[:, None] & (cols < C)[None, :]
-            x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            d = tl.where(m2, x - mean[:, None], 0.0)
-            s2 += tl.sum(d * d, 1)
-        rstd = 1.0 / tl.sqrt(s2 / C + eps)
-        tl.store(mu_ptr + tB + r64, mean, mask=rm)
-        tl.store(rs_ptr + tB + r64, rstd, mask=rm)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            cm = cols < C
-            m2 = rm[:, None] & cm[None, :]
-            x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
-            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-            y = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-            y = tl.minimum(tl.maximum(y, -clamp), clamp)
-            tl.store(c_ptr + r64[:, None] * C + cols[None, :], y, mask=m2)
-        tl.debug_barrier()
+        if NORM_OUT:
+            # -- LayerNorm (two-pass variance, as torch) and clamp -> c_t ----------------------------------
+            mean = s1 / C
+            s2 = tl.zeros([BB], tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                m2 = rm[:, None] & (cols < C)[None, :]
+                x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                d = tl.where(m2, x - mean[:, None], 0.0)
+                s2 += tl.sum(d * d, 1)
+            rstd = 1.0 / tl.sqrt(s2 / C + eps)
+            tl.store(mu_ptr + tB + r64, mean, mask=rm)
+            tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                cm = cols < C
+                m2 = rm[:, None] & cm[None, :]
+                x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+                lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+                y = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+                y = tl.minimum(tl.maximum(y, -clamp), clamp)
+                tl.store(c_ptr + r64[:, None] * C + cols[None, :], y, mask=m2)
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -239,16 +313,17 @@ def _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0, srow, r64, rm, mu, rs
 
 
 @triton.jit
-def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_ptr, seed_ptr,
-                hs_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, da_ptr, pw_ptr, pb_ptr,
-                B, T, C, H, p, p_ctx, clamp,
+def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_ptr, lnb_ptr, seed_ptr,
+                hs_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, dv_ptr, da_ptr, dr_ptr, pw_ptr, pb_ptr,
+                B, T, C, H, R, GIN, p, p_ctx, clamp,
                 L: tl.constexpr, HAS_DH: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr,
-                CTX_DROP: tl.constexpr, IEEE: tl.constexpr,
+                CTX_DROP: tl.constexpr, NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr,
+                RANK: tl.constexpr, IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     """Reverse loop for rows [pid*BB, pid*BB + BB). ``dc_ptr`` [B, C] fp32: dL/dc_T on entry, dL/dc_0 on
-    exit. Writes the per-step pre-activation gradients dG [T, B, 3C] and dA [L, T, B, H] (matmul dtype)
-    for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias gradients
-    (pw, pb [programs, C])."""
+    exit. Writes the per-step pre-activation gradients dG [T, B, 3C], dV [T, B, R] (RANK) and dA [L, T, B, H]
+    (matmul dtype) for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias gradients
+    (pw, pb [programs, C]). dr [B, C] is scratch for the read norm's input gradient."""
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     rm = rows < B
@@ -263,36 +338,68 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
         srow = tB + r64
         mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
         rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
-        # -- through clamp and LayerNorm: row sums of dxhat and dxhat * xhat ---------------------------------
-        s1 = tl.zeros([BB], tl.float32)
-        s2 = tl.zeros([BB], tl.float32)
-        for c0 in range(0, C, BC):
-            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
-                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
-            pwp = pw_ptr + pid * C + cols
-            tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
-            pbp = pb_ptr + pid * C + cols
-            tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dy, 0), mask=cm)
-            dxh = dy * lw[None, :]
-            s1 += tl.sum(dxh, 1)
-            s2 += tl.sum(dxh * xh, 1)
-        m1 = s1 / C
-        m2s = s2 / C
+        if NORM_OUT:
+            # -- through clamp and LayerNorm: row sums of dxhat and dxhat * xhat -----------------------------
+            s1 = tl.zeros([BB], tl.float32)
+            s2 = tl.zeros([BB], tl.float32)
+            for c0 in range(0, C, BC):
+                cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                      srow, r64, rm, mu, rs, C, clamp, BC)
+                pwp = pw_ptr + pid * C + cols
+                tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
+                pbp = pb_ptr + pid * C + cols
+                tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dy, 0), mask=cm)
+                dxh = dy * lw[None, :]
+                s1 += tl.sum(dxh, 1)
+                s2 += tl.sum(dxh * xh, 1)
+            m1 = s1 / C
+            m2s = s2 / C
         # -- dx, gate gradients dG, and the direct path dc = dx * sigmoid(f) --------------------------------
         for c0 in range(0, C, BC):
-            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
-                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
-            dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
+            if NORM_OUT:
+                cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                      srow, r64, rm, mu, rs, C, clamp, BC)
+                dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
+            else:
+                cols = c0 + tl.arange(0, BC)
+                m2 = rm[:, None] & (cols < C)[None, :]
+                gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+                sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
+                si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
+                u = tl.load(gp + 2 * C, mask=m2, other=0.0)
+                c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                x = sf * c + si * u
+                dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+                dx = tl.where(m2 & (x >= -clamp) & (x <= clamp), tl.load(dcp, mask=m2, other=0.0), 0.0)
             dgp = dg_ptr + srow[:, None] * (3 * C) + cols[None, :]
             tl.store(dgp, (dx * c * sf * (1.0 - sf)).to(dt), mask=m2)
             tl.store(dgp + C, (dx * u * si * (1.0 - si)).to(dt), mask=m2)
             tl.store(dgp + 2 * C, (dx * si).to(dt), mask=m2)
             tl.store(dcp, dx * sf, mask=m2)
         tl.debug_barrier()
-        # -- dh_L = dhs_t + dG W_g, then down the layers: da_j = dh_j * relu' * mask, dh_{j-1} = da_j W_j -------
+        # -- low-rank gates: dV = dG U ------------------------------------------------------------------------
+        if RANK:
+            for n0 in range(0, R, BN):
+                ncol = n0 + tl.arange(0, BN)
+                nm = ncol < R
+                acc = tl.zeros([BB, BN], tl.float32)
+                for k0 in range(0, 3 * C, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < 3 * C
+                    a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
+                                other=0.0)
+                    w = tl.load(wg_ptr + kc[:, None] * R + ncol[None, :], mask=km[:, None] & nm[None, :], other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
+                tl.store(dv_ptr + srow[:, None] * R + ncol[None, :], acc.to(dt), mask=rm[:, None] & nm[None, :])
+            tl.debug_barrier()
+        # -- dh_L = dhs_t + (gate input gradient)[:H], then down the layers: da_j = dh_j * relu' * mask,
+        # dh_{j-1} = da_j W_j ------------------------------------------------------------------------------------
         for jj in tl.static_range(L):
             j = L - 1 - jj
-            K = 3 * C if j == L - 1 else H
+            if j == L - 1:
+                K = R if RANK else 3 * C
+            else:
+                K = H
             for n0 in range(0, H, BN):
                 ncol = n0 + tl.arange(0, BN)
                 nm = ncol < H
@@ -306,10 +413,16 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
                     kc = k0 + tl.arange(0, BK)
                     km = kc < K
                     if j == L - 1:
-                        a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
-                                    other=0.0)
-                        w = tl.load(wg_ptr + kc[:, None] * H + ncol[None, :], mask=km[:, None] & nm[None, :],
-                                    other=0.0)
+                        if RANK:
+                            a = tl.load(dv_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :],
+                                        other=0.0)
+                            w = tl.load(wv_ptr + kc[:, None] * GIN + ncol[None, :], mask=km[:, None] & nm[None, :],
+                                        other=0.0)
+                        else:
+                            a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :],
+                                        mask=rm[:, None] & km[None, :], other=0.0)
+                            w = tl.load(wg_ptr + kc[:, None] * GIN + ncol[None, :], mask=km[:, None] & nm[None, :],
+                                        other=0.0)
                     else:
                         a = tl.load(da_ptr + ((j + 1) * T * B + srow)[:, None] * H + kc[None, :],
                                     mask=rm[:, None] & km[None, :], other=0.0)
@@ -322,7 +435,8 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
                 da = tl.where(h > 0, acc, 0.0)
                 tl.store(da_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], da.to(dt), mask=o2)
             tl.debug_barrier()
-        # -- dc_{t-1} = dx * sigmoid(f) + M_c (da_1 W_c), then the reset -----------------------------------
+        # -- d(what layer 1 and the gates read) = da_1 W_c (+ the gate input gradient's context half), through
+        # context dropout; then the read norm's backward or straight into dc_{t-1}, then the reset --------------
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < C
@@ -334,15 +448,67 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wg_ptr, lnw_ptr, lnb_
                 a = tl.load(da_ptr + srow[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
                 w = tl.load(wc_ptr + kc[:, None] * C + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
                 acc = _mm(a, w, acc, IEEE)
+            if GATE_CTX:
+                KG = R if RANK else 3 * C
+                for k0 in range(0, KG, BK):
+                    kc = k0 + tl.arange(0, BK)
+                    km = kc < KG
+                    if RANK:
+                        a = tl.load(dv_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wv_ptr + kc[:, None] * GIN + H + cols[None, :], mask=km[:, None] & cm[None, :],
+                                    other=0.0)
+                    else:
+                        a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
+                                    other=0.0)
+                        w = tl.load(wg_ptr + kc[:, None] * GIN + H + cols[None, :], mask=km[:, None] & cm[None, :],
+                                    other=0.0)
+                    acc = _mm(a, w, acc, IEEE)
             if CTX_DROP:
                 r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
                 acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
-            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
-            dc = tl.load(dcp, mask=m2, other=0.0) + acc
-            if HAS_KEEP:
-                dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
-            tl.store(dcp, dc, mask=m2)
+            if NORM_READ:
+                tl.store(dr_ptr + r64[:, None] * C + cols[None, :], acc, mask=m2)
+            else:
+                dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+                dc = tl.load(dcp, mask=m2, other=0.0) + acc
+                if HAS_KEEP:
+                    dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+                tl.store(dcp, dc, mask=m2)
         tl.debug_barrier()
+        if NORM_READ:  # through r = LayerNorm(c_{t-1}): dr -> dc_{t-1}
+            s1 = tl.zeros([BB], tl.float32)
+            s2 = tl.zeros([BB], tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                cm = cols < C
+                m2 = rm[:, None] & cm[None, :]
+                dr = tl.load(dr_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                xh = tl.where(m2, (tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                                   - mu[:, None]) * rs[:, None], 0.0)
+                pwp = pw_ptr + pid * C + cols
+                tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dr * xh, 0), mask=cm)
+                pbp = pb_ptr + pid * C + cols
+                tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dr, 0), mask=cm)
+                dxh = dr * tl.load(lnw_ptr + cols, mask=cm, other=0.0)[None, :]
+                s1 += tl.sum(dxh, 1)
+                s2 += tl.sum(dxh * xh, 1)
+            m1 = s1 / C
+            m2s = s2 / C
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                cm = cols < C
+                m2 = rm[:, None] & cm[None, :]
+                dr = tl.load(dr_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                xh = (c - mu[:, None]) * rs[:, None]
+                dxh = dr * tl.load(lnw_ptr + cols, mask=cm, other=0.0)[None, :]
+                dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+                dc = tl.load(dcp, mask=m2, other=0.0) + rs[:, None] * (dxh - m1[:, None] - xh * m2s[:, None])
+                if HAS_KEEP:
+                    dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+                tl.store(dcp, dc, mask=m2)
+            tl.debug_barrier()
 
 
 def _blocks(B: int, C: int, H: int, device: torch.device) -> dict:
@@ -369,81 +535,157 @@ def _kernel_kwargs(blocks: dict) -> dict:
     return {k: v for k, v in blocks.items() if k not in ("num_warps", "num_stages") or not _INTERPRET}
 
 
+def fused_cell_supported(cfg) -> tuple[bool, str]:
+    """Whether the training kernels implement ``cfg``'s cell (a ``ModelConfig``); the string names what they lack.
+    They cover every state_norm, gate_context, gate_rank and the init-only chrono_init; not fnn_residual,
+    slow_forget_bias (a LayerNorm per half) or context_tanh."""
+    lacking = [name for name, on in (("fnn_residual", cfg.fnn_residual != "none"),
+                                     ("slow_forget_bias", bool(cfg.slow_forget_bias)),
+                                     ("context_tanh", cfg.context_tanh)) if on]
+    return (not lacking), ("the fused kernels have no " + ", ".join(lacking)) if lacking else "ok"
+
+
+def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx, training, state_norm, gate_context,
+                 layers):
+    B, T, H = x_proj.shape
+    C = c0.shape[1]
+    dt, dev = x_proj.dtype, x_proj.device
+    if dt == torch.bfloat16 and not bf16_supported(dev):
+        raise RuntimeError("the fused kernels need sm_80+ for bf16 matmuls: train this GPU in fp16 or fp32")
+    L = 1 + len(layers) // 2
+    R = W_v.shape[0] if W_v is not None else 0
+    GIN = H + C if gate_context else H
+    norm_read, norm_out = state_norm == "read", state_norm in ("layernorm", "noaffine")
+    xp = x_proj.contiguous()
+    Wc = W_c.to(dt).contiguous()
+    Wg, bg = W_g.to(dt).contiguous(), b_g.to(dt).contiguous()
+    Wv = W_v.to(dt).contiguous() if W_v is not None else torch.zeros(1, dtype=dt, device=dev)
+    if L > 1:
+        Wl = torch.stack([layers[k].to(dt) for k in range(0, len(layers), 2)]).contiguous()
+        bl = torch.stack([layers[k + 1].to(dt) for k in range(0, len(layers), 2)]).contiguous()
+    else:
+        Wl = bl = torch.zeros(1, dtype=dt, device=dev)
+    # No affine ("noaffine", "none"): the kernels apply an identity gain and zero shift.
+    lnw = ln_w.float().contiguous() if ln_w is not None else torch.ones(C, device=dev)
+    lnb = ln_b.float().contiguous() if ln_b is not None else torch.zeros(C, device=dev)
+    drop, ctx_drop = bool(training and p > 0), bool(training and p_ctx > 0)
+    # A fresh seed per call, drawn on the device: graph-safe, so every replay gets new masks too.
+    seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), device=dev, dtype=torch.int64) if drop or ctx_drop \
+        else torch.zeros(1, dtype=torch.int64, device=dev)
+    kp = keep.reshape(B, T).float().contiguous() if keep is not None else torch.zeros(1, device=dev)
+    c = c0.float().clone().contiguous()
+    Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)
+    Xin = torch.empty(T, B, C, dtype=dt, device=dev)
+    Cin = torch.empty(T, B, C, dtype=torch.float32, device=dev)
+    VS = torch.empty(T, B, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
+    G = torch.empty(T, B, 3 * C, dtype=torch.float32, device=dev)
+    MU = torch.zeros(T, B, dtype=torch.float32, device=dev)
+    RS = torch.zeros(T, B, dtype=torch.float32, device=dev)
+    XS = torch.empty(B, C, dtype=torch.float32, device=dev)
+    blk = _blocks(B, C, H, dev)
+    grid = (triton.cdiv(B, blk["BB"]),)
+    _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
+                      B, T, C, H, R, GIN, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
+                      L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop, NORM_READ=norm_read,
+                      NORM_OUT=norm_out, GATE_CTX=bool(gate_context), RANK=R > 0,
+                      IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+    ctx.save_for_backward(kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS)
+    ctx.cfg = (L, R, GIN, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype, norm_read, norm_out,
+               bool(gate_context), ln_w is not None)
+    return Hs[L - 1].transpose(0, 1), c
+
+
+def _run_backward(ctx, d_hs, d_c):
+    """Gradients in the order (x_proj, c0, W_c, W_v, W_g, b_g, ln_w, ln_b, *layers); W_v's is None without a rank,
+    ln_w / ln_b's None without an affine."""
+    kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS = ctx.saved_tensors
+    L, R, GIN, p, p_ctx, drop, ctx_drop, has_keep, c_dtype, norm_read, norm_out, gate_ctx, affine = ctx.cfg
+    _, T, B, H = Hs.shape
+    C = Cin.shape[-1]
+    dt, dev = Hs.dtype, Hs.device
+    dhs = d_hs.to(dt).contiguous() if d_hs is not None else torch.zeros(1, dtype=dt, device=dev)
+    dc = d_c.float().clone().contiguous() if d_c is not None else torch.zeros(B, C, device=dev)
+    dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
+    dV = torch.empty(T, B, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
+    dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
+    DR = torch.empty(B, C, dtype=torch.float32, device=dev) if norm_read else torch.zeros(1, device=dev)
+    blk = _blocks(B, C, H, dev)
+    nprog = triton.cdiv(B, blk["BB"])
+    PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+    PB = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+    _bwd_kernel[(nprog,)](dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dV, dA, DR, PW, PB,
+                          B, T, C, H, R, GIN, p, p_ctx, CONTEXT_CLAMP,
+                          L=L, HAS_DH=d_hs is not None, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
+                          NORM_READ=norm_read, NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0,
+                          IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+    # Weight gradients: one matmul each over all T*B positions (as recurrence.py).
+    flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
+    h_last, x_in = Hs[L - 1].reshape(-1, H), Xin.reshape(-1, C)  # the gate input [h_L ; xin]
+
+    def d_gate_input(d_out):  # d_out^T [h_L ; xin]: the gradient of a weight that reads the gate input
+        d = d_out.t() @ h_last
+        return torch.cat([d, d_out.t() @ x_in], 1) if gate_ctx else d
+
+    d_bg = flatG.float().sum(0)
+    if R:
+        d_Wg = (flatG.t() @ VS.reshape(-1, R)).float()
+        d_Wv = d_gate_input(dV.reshape(-1, R)).float()
+    else:
+        d_Wg, d_Wv = d_gate_input(flatG).float(), None
+    d_Wc = (flatA[0].t() @ x_in).float()  # Xin: exactly what layer 1 read
+    layer_grads = []
+    for j in range(1, L):
+        layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
+    d_x = dA[0].transpose(0, 1)
+    d_lnw, d_lnb = (PW.sum(0), PB.sum(0)) if affine else (None, None)
+    return d_x, dc.to(c_dtype), d_Wc, d_Wv, d_Wg, d_bg, d_lnw, d_lnb, layer_grads
+
+
 class FusedRecurrence(torch.autograd.Function):
     """Drop-in for ``NewLLMRecurrence.apply(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training,
-    *layers)`` -> ``(hs [B, T, H], c_T [B, C])``: one persistent Triton kernel each way."""
+    *layers)`` -> ``(hs [B, T, H], c_T [B, C])`` for the original cell: one persistent Triton kernel each way."""
 
     @staticmethod
     def forward(ctx, x_proj: torch.Tensor, c0: torch.Tensor, keep: Optional[torch.Tensor], W_c: torch.Tensor,
                 W_g: torch.Tensor, b_g: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, p: float,
                 p_ctx: float, training: bool, *layers: torch.Tensor):
-        B, T, H = x_proj.shape
-        C = c0.shape[1]
-        dt, dev = x_proj.dtype, x_proj.device
-        if dt == torch.bfloat16 and not bf16_supported(dev):
-            raise RuntimeError("the fused kernels need sm_80+ for bf16 matmuls: train this GPU in fp16 or fp32")
-        L = 1 + len(layers) // 2
-        xp = x_proj.contiguous()
-        Wc = W_c.to(dt).contiguous()
-        Wg, bg = W_g.to(dt).contiguous(), b_g.to(dt).contiguous()
-        if L > 1:
-            Wl = torch.stack([layers[k].to(dt) for k in range(0, len(layers), 2)]).contiguous()
-            bl = torch.stack([layers[k + 1].to(dt) for k in range(0, len(layers), 2)]).contiguous()
-        else:
-            Wl = bl = torch.zeros(1, dtype=dt, device=dev)
-        lnw, lnb = ln_w.float().contiguous(), ln_b.float().contiguous()
-        drop, ctx_drop = bool(training and p > 0), bool(training and p_ctx > 0)
-        # A fresh seed per call, drawn on the device: graph-safe, so every replay gets new masks too.
-        seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), device=dev, dtype=torch.int64) if drop or ctx_drop \
-            else torch.zeros(1, dtype=torch.int64, device=dev)
-        kp = keep.reshape(B, T).float().contiguous() if keep is not None else torch.zeros(1, device=dev)
-        c = c0.float().clone().contiguous()
-        Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)
-        Xin = torch.empty(T, B, C, dtype=dt, device=dev)
-        Cin = torch.empty(T, B, C, dtype=torch.float32, device=dev)
-        G = torch.empty(T, B, 3 * C, dtype=torch.float32, device=dev)
-        MU = torch.empty(T, B, dtype=torch.float32, device=dev)
-        RS = torch.empty(T, B, dtype=torch.float32, device=dev)
-        XS = torch.empty(B, C, dtype=torch.float32, device=dev)
-        blk = _blocks(B, C, H, dev)
-        grid = (triton.cdiv(B, blk["BB"]),)
-        _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS, XS,
-                          B, T, C, H, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
-                          L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop,
-                          IEEE=dt == torch.float32, **_kernel_kwargs(blk))
-        ctx.save_for_backward(kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS)
-        ctx.cfg = (L, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype)
-        return Hs[L - 1].transpose(0, 1), c
+        return _run_forward(ctx, x_proj, c0, keep, W_c, None, W_g, b_g, ln_w, ln_b, p, p_ctx, training, "layernorm",
+                            False, layers)
 
     @staticmethod
     def backward(ctx, d_hs: Optional[torch.Tensor], d_c: Optional[torch.Tensor]):
-        kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Xin, Cin, G, MU, RS = ctx.saved_tensors
-        L, p, p_ctx, drop, ctx_drop, has_keep, c_dtype = ctx.cfg
-        _, T, B, H = Hs.shape
-        C = Cin.shape[-1]
-        dt, dev = Hs.dtype, Hs.device
-        dhs = d_hs.to(dt).contiguous() if d_hs is not None else torch.zeros(1, dtype=dt, device=dev)
-        dc = d_c.float().clone().contiguous() if d_c is not None else torch.zeros(B, C, device=dev)
-        dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
-        dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
-        blk = _blocks(B, C, H, dev)
-        nprog = triton.cdiv(B, blk["BB"])
-        PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
-        PB = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
-        _bwd_kernel[(nprog,)](dhs, dc, kp, Wc, Wl, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dA, PW, PB,
-                              B, T, C, H, p, p_ctx, CONTEXT_CLAMP,
-                              L=L, HAS_DH=d_hs is not None, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
-                              IEEE=dt == torch.float32, **_kernel_kwargs(blk))
-        # Weight gradients: one matmul each over all T*B positions (as recurrence.py).
-        flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
-        d_Wg = (flatG.t() @ Hs[L - 1].reshape(-1, H)).float()
-        d_bg = flatG.float().sum(0)
-        d_Wc = (flatA[0].t() @ Xin.reshape(-1, C)).float()  # Xin: exactly what layer 1 read
-        layer_grads = []
-        for j in range(1, L):
-            layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
-        d_x = dA[0].transpose(0, 1)
-        return (d_x, dc.to(c_dtype), None, d_Wc, d_Wg, d_bg, PW.sum(0), PB.sum(0), None, None, None, *layer_grads)
+        d_x, d_c0, d_Wc, _, d_Wg, d_bg, d_lnw, d_lnb, layer_grads = _run_backward(ctx, d_hs, d_c)
+        return (d_x, d_c0, None, d_Wc, d_Wg, d_bg, d_lnw, d_lnb, None, None, None, *layer_grads)
+
+
+class FusedOptionRecurrence(torch.autograd.Function):
+    """The cell with its options (``state_norm``, ``gate_context``, low-rank gates ``W_v``):
+    ``apply(x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx, training, state_norm, gate_context,
+    *layers)``. ``W_v`` None: full-rank gates; ``ln_w`` / ``ln_b`` None: a norm without affine (or none)."""
+
+    @staticmethod
+    def forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx, training, state_norm, gate_context,
+                *layers):
+        return _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx, training, state_norm,
+                            gate_context, layers)
+
+    @staticmethod
+    def backward(ctx, d_hs, d_c):
+        d_x, d_c0, d_Wc, d_Wv, d_Wg, d_bg, d_lnw, d_lnb, layer_grads = _run_backward(ctx, d_hs, d_c)
+        return (d_x, d_c0, None, d_Wc, d_Wv, d_Wg, d_bg, d_lnw, d_lnb, None, None, None, None, None, *layer_grads)
+
+
+def fused_recurrence(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training, *layers, W_v=None,
+                     state_norm="layernorm", gate_context=False):
+    """``NewLLMRecurrence.apply``'s signature with the cell options as keywords (what ``NewLLM.forward``
+    passes to a recurrence that has ``implements``)."""
+    if W_v is None and state_norm == "layernorm" and not gate_context:
+        return FusedRecurrence.apply(x_proj, c0, keep, W_c, W_g, b_g, ln_w, ln_b, p, p_ctx, training, *layers)
+    return FusedOptionRecurrence.apply(x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx, training,
+                                       state_norm, gate_context, *layers)
+
+
+fused_recurrence.implements = lambda cfg: fused_cell_supported(cfg)[0]
 
 
 # -- dropout masks, as the kernels draw them (tests rebuild the reference with these) ---------------------------

@@ -173,21 +173,30 @@ class NewLLM(nn.Module):
         ``recurrence`` runs the whole time loop at once instead of the per-token ``_cell`` loop, with
         ``recurrence.NewLLMRecurrence.apply``'s signature: the same function with a hand-written
         backward (the training steps pass it; see step.py). Not with ``return_trajectory`` or ``context_tanh``.
-        It implements only the original cell: with a cell option on, it is ignored and the autograd loop
-        below runs instead (the same result, slower).
+        Without an ``implements`` attribute it implements only the original cell; with one (a predicate on the
+        ModelConfig, e.g. ``fused.fused_recurrence``) it also takes the cell options as keywords (``W_v``,
+        ``state_norm``, ``gate_context``). A cell it does not implement runs the autograd loop below instead
+        (the same result, slower).
         """
         B, T = ids.shape
+        cfg = self.config
         c = self.init_context(B) if context is None else context
         x_proj = self._embed_proj(ids)  # hoisted: one matmul for all positions
         keep = None if reset is None else (~reset.bool()).unsqueeze(-1).to(c.dtype)
-        if recurrence is not None and (self.config.original_cell or self.config.context_tanh):
-            if return_trajectory or self.config.context_tanh:
+        implements = getattr(recurrence, "implements", None)  # a predicate on the config; absent: the original cell
+        if recurrence is not None and (cfg.context_tanh or (implements(cfg) if implements else cfg.original_cell)):
+            if return_trajectory or cfg.context_tanh:
                 raise ValueError("a whole-loop recurrence returns no trajectory and has no context_tanh")
             layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
-            hs, c = recurrence(x_proj, c, keep, self.fnn[0].weight[:, self.config.embed_dim:], self.gates.weight,
-                               self.gates.bias, self.norm.weight, self.norm.bias, self.config.dropout,
-                               self.config.context_dropout, self.training, *layers)
-            return self.head(self.out_drop(hs)), c
+            options = {} if implements is None else dict(
+                W_v=None if self.gate_down is None else self.gate_down.weight, state_norm=cfg.state_norm,
+                gate_context=cfg.gate_context)
+            hs, c = recurrence(x_proj, c, keep, self.fnn[0].weight[:, cfg.embed_dim:], self.gates.weight,
+                               self.gates.bias, self.norm.weight, self.norm.bias, cfg.dropout,
+                               cfg.context_dropout, self.training, *layers, **options)
+            # [B, T, H] in the autograd loop's memory order (the head's matmul would copy it anyway): output
+            # dropout draws its mask in memory order, so both loops drop the same units for the same seed.
+            return self.head(self.out_drop(hs.contiguous())), c
         W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []
         for t in range(T):

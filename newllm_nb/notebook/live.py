@@ -28,7 +28,7 @@ from ..config import RunConfig, apply_overrides, is_smoke, shrink_for_smoke
 from ..data.batching import WindowData, instruction_sequences, wikitext_stream
 from ..data.pipeline import prepare
 from ..data.prompt import instruction_prompt
-from ..data.sources import load_wikitext
+from ..data.sources import is_sample, load_wikitext, source_tag
 from ..experiments.experiment import RunResult, keyed_run_dir, run_experiment
 from ..experiments.growth import growth_experiment
 from ..experiments.memory import loss_by_position, perturbation_fade
@@ -79,9 +79,7 @@ def _bar_class(base: type) -> type:
                 kwargs["display"] = False
             super().__init__(*args, **kwargs)
             if transient and getattr(self, "container", None) is not None:
-                from IPython.display import display
-
-                self._slot = display(self.container, display_id=True)
+                self._slot = _display_replaceable(self.container)
                 self.displayed = True
             if getattr(self, "container", None) is not None:  # a long run label keeps to one line
                 self.container.children[0].layout.flex = "0 0 auto"
@@ -93,6 +91,23 @@ def _bar_class(base: type) -> type:
                 self._slot = None
 
     return LabelledBar
+
+
+def _display_replaceable(widget):
+    """Show ``widget`` under a display id and return the handle that can replace it.
+
+    ``display(widget, display_id=True)`` does not do this on ipywidgets 7 (Colab's): its widgets display
+    themselves through ``display(data, raw=True)``, which drops the id, so a later update names an output
+    the front end never received. The widget's view bundle is built here and sent raw with the id, which
+    both ipywidgets 7 and 8 front ends render."""
+    from IPython.display import display
+
+    bundle = widget._repr_mimebundle_() if hasattr(widget, "_repr_mimebundle_") else None  # ipywidgets 8
+    if not bundle:  # ipywidgets 7 builds the same bundle inside _ipython_display_
+        bundle = {"text/plain": repr(widget),
+                  "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                               "model_id": widget.model_id}}
+    return display(bundle, raw=True, display_id=True)
 
 
 LabelledBar = _bar_class(auto_tqdm)
@@ -120,7 +135,12 @@ def _summary(res: RunResult) -> str:
     m = res.metrics
     return (f"final (best epoch, token-weighted non-PAD validation): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | "
             f"accuracy {100 * m['acc']:.1f}% | params {res.params:,} | epochs {len(res.history)} | "
-            f"{res.seconds:.0f}s")
+            f"{res.seconds:.0f}s | data: {res.prepared.source}")
+
+
+def _on_sample(title: str, prepared) -> str:
+    """A plot title that says when the run reads the bundled sample instead of the dataset it names."""
+    return f"{title} · {prepared.source}" if is_sample(prepared.source) else title
 
 
 def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
@@ -131,9 +151,10 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     cfg = sized_for_session(cfg)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
-    folder = keyed_run_dir(runs_root(), name, cfg, prepared)
-    live = LivePlot(title or name)
-    with labelled_progress(title or name):
+    folder = keyed_run_dir(runs_root(), source_tag(name, prepared.source), cfg, prepared)
+    title = _on_sample(title or name, prepared)
+    live = LivePlot(title)
+    with labelled_progress(title):
         res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step], prepared=prepared,
                              progress=LabelledBar)
     if len(res.history) != len(live.history):  # a resumed run: show the epochs from before the restart too
@@ -145,16 +166,17 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
 
 
 def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",),
-               name: str = "sweep") -> pd.DataFrame:
+               name: str = "sweep", label: str = "") -> pd.DataFrame:
     """The layer sweep (``sweep.run_sweep``, which keys each run's folder by its settings) with one labelled
-    live plot and labelled progress bars per run."""
+    live plot and labelled progress bars per run; ``label`` goes before each run's own (what the sweep varies)."""
     cfg = sized_for_session(cfg)
     runs = [(a, n) for a in archs for n in layers]
     with labelled_progress() as set_label:
         def on_run_start(arch: str, n: int):
-            label = f"{arch}, {n} layer{'s' if n > 1 else ''} (run {runs.index((arch, n)) + 1}/{len(runs)})"
-            set_label(label)
-            live = LivePlot(label)
+            count = f" (run {runs.index((arch, n)) + 1}/{len(runs)})" if len(runs) > 1 else ""
+            label_ = f"{label}{arch}, {n} layer{'s' if n > 1 else ''}{count}"
+            set_label(label_)
+            live = LivePlot(label_)
             return [live.update], [live.step]
 
         return run_sweep(cfg, layers, runs_root() / name, archs=list(archs), on_run_start=on_run_start,
@@ -174,9 +196,10 @@ def option_sweep_live(cfg: RunConfig, option: str, values: Sequence, layers: int
     if option not in CELL_OPTIONS:
         raise ValueError(f"unknown cell option {option!r}: choose one of {sorted(CELL_OPTIONS)}")
     frames = []
-    for value in values:
+    for k, value in enumerate(values, 1):
         run_cfg = apply_overrides(cfg, **{f"model__{option}": value})
-        df = sweep_live(run_cfg, [layers], ["newllm"], name=f"{name}-{option}")
+        df = sweep_live(run_cfg, [layers], ["newllm"], name=f"{name}-{option}",
+                        label=f"{option}={value} ({k}/{len(values)}) · ")
         frames.append(df.assign(option=option, value=str(value)))
     return pd.concat(frames, ignore_index=True)
 
@@ -192,7 +215,8 @@ def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig
     start a new experiment. ``cfg`` is kept for callers; the base run's own config decides."""
     extra_epochs = smoke_epochs(extra_epochs)
     names = [v.format(new_dim=new_dim) for v in GROWTH_VARIANTS]
-    root = keyed_run_dir(runs_root(), f"{name}-{new_dim}-x{extra_epochs}", result.config, result.prepared)
+    tagged = source_tag(name, result.prepared.source)
+    root = keyed_run_dir(runs_root(), f"{tagged}-{new_dim}-x{extra_epochs}", result.config, result.prepared)
     # One set of callbacks serves every variant, which train one after another; each opens its epochs bar
     # first, which is when the next label and live plot take over. (A variant that finished in an earlier
     # session opens no bar: on such a resume the labels of the later ones run one behind.)
@@ -221,7 +245,8 @@ def context_memory(result: RunResult, samples: int = 64) -> tuple[pd.DataFrame, 
     """What the trained model's context vector remembers, on the run's validation text read as articles:
     loss by position (carried vs reset every 64 tokens) and how a changed token fades (``memory.py``)."""
     data = result.config.data
-    lines = load_wikitext(data.path, data.max_examples).valid
+    source = "sample" if is_sample(result.prepared.source) else "hub"  # the run's own text, never another
+    lines = load_wikitext(data.path, data.max_examples, source, data.hub_revision).valid
     tokens, resets = wikitext_stream(lines, result.tokenizer, reset_at_articles=True)
     model = result.model.eval()
     horizon = max(8, min(128, len(tokens) // 4))

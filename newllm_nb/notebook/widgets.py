@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import PRESETS, RunConfig, preset
-from ..data.sources import DOLLY_SAMPLE, WIKITEXT_SAMPLE
 from ..runtime.hardware import detect, recommend
 
 STYLE = {"description_width": "140px"}
@@ -82,8 +82,12 @@ class TrainingPanel:
                                     layout=lay)
         self.mode = w.Dropdown(options=["windows", "stream", "packed"], description="batching", style=STYLE,
                                layout=lay)
-        self.source = w.Dropdown(options=[("hub (else bundled sample)", "auto"), ("bundled sample", "sample"),
-                                          ("local path", "path")], value="auto", description="data source",
+        sources = [("hub (sample only if offline)", "auto"), ("hub only", "hub"), ("bundled sample", "sample"),
+                   ("local path", "path")]
+        if d.dataset not in ("dolly", "instruct"):
+            sources.append(("text corpus (hub id or files)", "text"))
+        self.source = w.Dropdown(options=sources,
+                                 value="text" if d.dataset == "text" else d.source, description="data source",
                                  style=STYLE, layout=lay)
         self.path = w.Text(value="", placeholder="file or folder (local path only)", description="path",
                            style=STYLE, layout=lay)
@@ -92,8 +96,16 @@ class TrainingPanel:
         self._fill(cfg)
         data_rows = [self.source, self.path, self.tokenizer]
         self.instruct = d.dataset in ("dolly", "instruct")
+        if not self.instruct:  # any text corpus (docs/corpus.md): a hub dataset id, or local files / a glob
+            self.corpus = w.Text(value=d.hub_name or (d.path if d.dataset == "text" else "") or "",
+                                 placeholder="Salesforce/wikitext or books/*.txt", description="text corpus",
+                                 style=STYLE, layout=lay)
+            self.hub_config = w.Text(value=d.hub_config or "", placeholder="e.g. wikitext-103-raw-v1",
+                                     description="hub config", style=STYLE, layout=lay)
+            self.text_field = w.Text(value=d.text_field, description="text field", style=STYLE, layout=lay)
+            data_rows += [self.corpus, self.hub_config, self.text_field]
         if self.instruct:  # any instruction dataset: a hub name or a local jsonl, renamed field by field
-            self.hub_name = w.Text(value=d.hub_name or "", placeholder="empty = databricks-dolly-15k",
+            self.hub_name = w.Text(value=d.hub_name or "", placeholder="empty = databricks/databricks-dolly-15k",
                                    description="hub dataset", style=STYLE, layout=lay)
             self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
                                     description="field mapping", style=STYLE, layout=lay)
@@ -171,13 +183,14 @@ class TrainingPanel:
         """The RunConfig for the widgets' current values (validated: a bad value raises ValueError)."""
 
         b = self.base
-        path = None
-        if self.source.value == "sample":
-            path = str(WIKITEXT_SAMPLE if b.data.dataset == "wikitext" else DOLLY_SAMPLE)
-        elif self.source.value == "path":
+        path, source = None, self.source.value
+        if source == "path":
             if not self.path.value.strip():
                 raise ValueError("invalid config value path='': choose a file or folder, or another data source")
-            path = self.path.value.strip()
+            path, source = self.path.value.strip(), "auto"
+        text = self._text_fields()  # {} unless the data source is a text corpus
+        if text:
+            path, source = text.pop("path"), "auto"
         return RunConfig(
             model=dataclasses.replace(b.model, num_layers=self.layers.value, embed_dim=self.embed.value,
                                       context_dim=self.context.value, hidden_dim=self.hidden.value,
@@ -191,12 +204,27 @@ class TrainingPanel:
                                       fnn_residual=self.fnn_residual.value, gate_rank=int(self.gate_rank.value),
                                       slow_forget_bias=float(self.slow_forget.value)),
             data=dataclasses.replace(b.data, max_seq_length=self.seq.value, mode=self.mode.value, path=path,
-                                     tokenizer=self.tokenizer.value, **self._instruct_fields(path)),
+                                     source=source,
+                                     tokenizer=self.tokenizer.value, **self._instruct_fields(path), **text),
             train=dataclasses.replace(b.train, batch_size=self.batch.value,
                                       lr=None if self.original_lr.value else float(self.lr.value),
                                       epochs=self.epochs.value, patience=self.patience.value,
                                       precision=self.precision.value, ema_decay=float(self.ema.value)))
 
+
+    def _text_fields(self) -> dict:
+        """The data settings of the "text corpus" source: local files when the name is a path that exists or
+        a glob, else a hub dataset id."""
+        if self.instruct or self.source.value != "text":
+            return {}
+        name = self.corpus.value.strip()
+        if not name:
+            raise ValueError("invalid config value text corpus='': name a hub dataset (Salesforce/wikitext) or local "
+                             "files (a file, folder or glob)")
+        local = any(ch in name for ch in "*?[") or Path(name).expanduser().exists()
+        return {"dataset": "text", "path": name if local else None, "hub_name": None if local else name,
+                "hub_config": self.hub_config.value.strip() or None,
+                "text_field": self.text_field.value.strip() or "text"}
 
     def _instruct_fields(self, path) -> dict:
         if not self.instruct:

@@ -71,9 +71,10 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: dict, tokenizer=None,
                     history: Optional[list] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                     scaler=None, trainer_state: Optional[dict] = None, extra_tensors: Optional[dict] = None,
-                    fingerprint: Optional[dict] = None) -> Path:
+                    fingerprint: Optional[dict] = None, data_source: str = "") -> Path:
     """Write one checkpoint atomically, with a SHA-256 of its contents. Everything needed to chat or resume
-    travels in this file; ``fingerprint`` (runs.run_fingerprint) says which configuration wrote it."""
+    travels in this file; ``fingerprint`` (runs.run_fingerprint) says which configuration wrote it and
+    ``data_source`` where its text came from (a bundled sample says so)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"format": FORMAT, "config": config, "history": history or [],
                             "trainer_state": trainer_state or {}}
@@ -81,6 +82,8 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: d
         meta["tokenizer"] = tokenizer.to_json()
     if fingerprint is not None:
         meta["fingerprint"] = fingerprint
+    if data_source:
+        meta["data_source"] = data_source
     if optimizer is not None:
         opt_t, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_t)
@@ -119,6 +122,11 @@ class Checkpoint:
     def fingerprint(self) -> Optional[dict]:
         """The configuration that wrote it (runs.run_fingerprint), where recorded."""
         return self.meta.get("fingerprint")
+
+    @property
+    def data_source(self) -> str:
+        """Where the training text came from (sources.py's source string), or '' where not recorded."""
+        return self.meta.get("data_source", "")
 
     @property
     def history(self) -> list:

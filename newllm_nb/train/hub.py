@@ -270,8 +270,9 @@ def data_source(ckpt: Checkpoint) -> tuple[str, bool, Optional[str]]:
     if s.startswith(("bundled sample", "sample:")):
         return (f"**the bundled sample** ({s}), a few pages of text written for the package's tests, not "
                 f"{title}: the figures below show the pipeline works, not what New-LLM reaches on {title}"), True, None
-    if s.startswith(("hub", "hub:")):
-        return f"{title} from the Hugging Face Hub ({s})", False, hub_id
+    if s.startswith("hub"):
+        named = s.split()[1].split("@")[0] if s.startswith("hub ") and len(s.split()) > 1 else None
+        return f"{title} from the Hugging Face Hub ({s})", False, named if named and "/" in named else hub_id
     return f"{title}, read from a local copy ({s})", False, None
 
 
@@ -376,8 +377,8 @@ A language model trained with [newllm-nb]({clone_url(REPOSITORY)}){' on the bund
 ## Use
 
 ```python
-from newllm_nb.checkpoint import load_model
-from newllm_nb.generate import generate
+from newllm_nb.train import load_model
+from newllm_nb.infer import generate
 model, tokenizer, _ = load_model("{name}")  # "{name}@REVISION" for a branch, tag or commit
 print(generate(model, tokenizer, "the history of"))
 ```

@@ -20,7 +20,9 @@ from ..data.batching import Dataset
 from ..data.tokenizer import tokenizer_hash
 
 # Settings that do not change what a run computes.
-NOT_IN_FINGERPRINT = {"data": {"path", "hub_name"},
+# Where the data came from is not a setting: its content (and the tokenizer's) is hashed instead.
+NOT_IN_FINGERPRINT = {"data": {"path", "hub_name", "source", "hub_revision", "hub_config", "hub_split", "text_field",
+                               "tokenizer_sample_mb", "cache_dir"},
                       "train": {"show_progress", "checkpoint_every_minutes", "keep_every", "device", "fast_path",
                                 "max_nonfinite"}}
 

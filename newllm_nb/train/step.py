@@ -2,7 +2,10 @@
 
 Three variants compute the same function and share ``loss_and_backward`` and ``apply_update``:
 
-* ``EagerStep``: plain PyTorch, any device and any model.
+* ``EagerStep``: plain PyTorch, any device and any model. Off CUDA (the CPU) a New-LLM cell that
+  ``recurrence.NewLLMRecurrence`` implements runs its time loop through that hand-written BPTT: autograd
+  through the loop spends most of a CPU step recording and replaying T small ops per weight, the BPTT
+  only the sequential part plus one weight-gradient matmul per weight over all B·T positions.
 * ``GraphedStep``: forward + loss + backward captured in one CUDA graph and replayed. A New-LLM step is
   T sequential tiny kernels per layer, so eager PyTorch is bound by kernel launches, not FLOPs;
   replaying a graph launches the whole forward + backward at once. Inside the graph the time loop runs
@@ -91,11 +94,13 @@ class EagerStep:
     mode = "eager"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 device: torch.device, precision: str) -> None:
+                 device: torch.device, precision: str, recurrence: Optional[Callable] = None) -> None:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.device, self.precision = device, precision
         self.loss_hook: Optional[LossHook] = None
-        self.used = "eager"  # the path the latest step took
+        self.eager_recurrence = recurrence  # the whole-loop recurrence the eager step runs (None: autograd loop)
+        self.eager_mode = "eager+bptt" if recurrence is not None else "eager"
+        self.used = self.eager_mode  # the path the latest step took
         self.all_reduce = active()  # more than one process: average gradients across ranks each step
         self.all_params = list(model.parameters())
 
@@ -105,7 +110,7 @@ class EagerStep:
         r = None if b.reset is None else b.reset.to(dev, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_and_backward(self.model, x, y, r, context if b.carry else None, dev, self.precision,
-                                 self.scaler, loss_hook=self.loss_hook)
+                                 self.scaler, recurrence=self.eager_recurrence, loss_hook=self.loss_hook)
 
     def __call__(self, b: Batch, context, clip: float) -> StepResult:
         loss_sum, n, correct, new_context = self.forward_backward(b, context)
@@ -129,8 +134,9 @@ class GraphedStep(EagerStep):
         self.use_graph = use_graph
         self.mode = mode if use_graph else "static-eager"
         self.failed = not isinstance(model, NewLLM)
-        if not self.failed and recurrence is not None and not model.config.original_cell:
-            # The whole-loop recurrences implement the original cell; other cells run their autograd loop in the graph.
+        implements = getattr(recurrence, "implements", lambda cfg: cfg.original_cell)
+        if not self.failed and recurrence is not None and not implements(model.config):
+            # A cell the whole-loop recurrence does not implement runs its autograd loop in the graph.
             recurrence, self.mode = None, "cuda-graph" if use_graph else self.mode
         self.recurrence = recurrence
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -231,36 +237,48 @@ class GraphedStep(EagerStep):
         return b.reset is None and not self.sig[2] and not b.carry and b.x.shape[1] == self.sig[1]
 
     def _eager(self, b: Batch, context) -> tuple:
-        self.used = "eager"
+        self.used = self.eager_mode
         return super().forward_backward(b, context)
 
 
-def _fused_recurrence(device: torch.device, precision: str) -> tuple[Optional[Callable], str]:
-    """The Triton recurrence where it runs on ``device`` at ``precision``, else (None, why)."""
+def _fused_recurrence(device: torch.device, precision: str, cfg) -> tuple[Optional[Callable], str]:
+    """The Triton recurrence where it runs ``cfg``'s cell on ``device`` at ``precision``, else (None, why)."""
     try:
-        from ..kernels.fused import FusedRecurrence, bf16_supported, fused_available  # optional: needs triton
+        from ..kernels.fused import (  # needs triton
+            bf16_supported,
+            fused_available,
+            fused_cell_supported,
+            fused_recurrence,
+        )
     except ImportError as e:
         return None, f"Triton is not importable ({e})"
-    ok, why = fused_available(device)
+    ok, why = fused_cell_supported(cfg)
+    if ok:
+        ok, why = fused_available(device)
     if ok and precision == "bf16" and not bf16_supported(device):
         ok, why = False, "this GPU's Triton kernels have no bf16 (use fp16)"
-    return (FusedRecurrence.apply if ok else None), why
+    return (fused_recurrence if ok else None), why
 
 
 def make_step(fast_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, device: torch.device, precision: str) -> EagerStep:
-    """The step for ``TrainConfig.fast_path``: eager on CPU, for other models and for "off". On CUDA, "auto"
-    takes the fused Triton kernels where they run (the original cell on a GPU Triton supports at this precision),
+    """The step for ``TrainConfig.fast_path``: eager off CUDA, for other models and for "off" (off CUDA, unless
+    "off", through the hand-written BPTT where it implements the cell). On CUDA, "auto"
+    takes the fused Triton kernels where they run (the cells ``fused.fused_cell_supported`` accepts, on a GPU
+    Triton supports at this precision),
     else, with one printed line saying why, what "graph" captures: the hand-written BPTT in a CUDA graph.
     "fused" asks for the kernels, "graph-autograd" captures the autograd loop, "compile" a compiled cell."""
     if device.type != "cuda" or fast_path == "off" or not isinstance(model, NewLLM):
-        return EagerStep(model, optimizer, scaler, device, precision)
+        bptt = fast_path != "off" and isinstance(model, NewLLM) and model.config.original_cell
+        return EagerStep(model, optimizer, scaler, device, precision,
+                         recurrence=NewLLMRecurrence.apply if bptt else None)
     args = (model, optimizer, scaler, device, precision)
-    if fast_path in ("auto", "fused") and model.config.original_cell:
-        recurrence, why = _fused_recurrence(device, precision)
+    if fast_path in ("auto", "fused"):
+        recurrence, why = _fused_recurrence(device, precision, model.config)
         if recurrence is not None:
             return GraphedStep(*args, recurrence=recurrence, mode="cuda-graph+fused")
-        print(f"fused kernels unavailable ({why}); using the CUDA graph + hand-written BPTT step")
+        fallback = "hand-written BPTT" if model.config.original_cell else "autograd loop"
+        print(f"fused kernels unavailable ({why}); using the CUDA graph + {fallback} step")
     if fast_path == "graph-autograd":
         return GraphedStep(*args, recurrence=None, mode="cuda-graph")
     if fast_path == "compile":

@@ -83,8 +83,9 @@ class Trainer:
                  config: RunConfig, tokenizer=None, run_dir: Optional[Union[str, Path]] = None,
                  callbacks: Sequence[Callable[[dict], None]] = (),
                  step_callbacks: Sequence[Callable[[dict], None]] = (), hooks: Sequence[TrainHook] = (),
-                 progress: Optional[Callable] = None) -> None:
+                 progress: Optional[Callable] = None, data_source: str = "") -> None:
         self.cfg = config
+        self.data_source = data_source  # where the text came from (sources.py's source string), kept in checkpoints
         self.progress = progress or tqdm  # a tqdm-like class for the bars (notebooks label theirs per run)
         tc = config.train
         if tc.freeze_base and not hooks:
@@ -141,7 +142,7 @@ class Trainer:
                                history=self.state.history, optimizer=self.optimizer if full else None,
                                scaler=self.scaler if full else None, trainer_state=meta,
                                extra_tensors={**tensors, **self.rank_rng} if full else {},
-                               fingerprint=self.fingerprint)
+                               fingerprint=self.fingerprint, data_source=self.data_source)
 
     def _resumable(self):
         """The newest good full checkpoint of this run folder, or None for a fresh one. A damaged ``last``

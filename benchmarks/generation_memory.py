@@ -29,6 +29,7 @@ import torch
 from newllm_nb import ModelConfig, NewLLM, preset
 from newllm_nb.experiments.bench import device_name
 from newllm_nb.infer.generate import GraphDecoder, decode_ids, graph_decoder
+from newllm_nb.kernels.available import fused_kernels
 from newllm_nb.models.baselines import TransformerLM, matched_config
 
 
@@ -106,15 +107,10 @@ def main() -> None:
     models = args.models.split(",")
     fused = {}
     if cuda and {"fused", "fused64"} & set(models):
-        try:
-            from newllm_nb.kernels.fused import FusedDecoder, fused_available
-
-            ok, why = fused_available(dev)
-        except ImportError as e:
-            ok, why = False, f"Triton is not importable ({e})"
-        if ok:
+        kernels, why = fused_kernels(dev)
+        if kernels:
             t0 = time.perf_counter()
-            make = FusedDecoder if not args.preset else graph_decoder
+            make = kernels.FusedDecoder if not args.preset else graph_decoder
             fused = {"New-LLM fused": (make(newllm, 1), 1), "New-LLM fused x64": (make(newllm, 64), 64)}
             print("fused rows decode with " + ", ".join(f"{type(d).__name__} (batch {b})" for d, b in fused.values()))
             fused["New-LLM fused"][0].run(torch.tensor([[2]]), 64)  # first use: Triton compile + graph capture

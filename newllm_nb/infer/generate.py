@@ -16,7 +16,8 @@ import torch
 from ..config import BOS_ID, EOS_ID, PAD_ID
 from ..data.prompt import instruction_prompt
 from ..data.tokenizer import tokenizer_hash
-from ..kernels.decoding import capture_graph, prime, sample_ids
+from ..kernels.available import fused_kernels
+from ..kernels.decoding import ChunkDecoder, capture_graph, prime, sample_ids
 
 
 @dataclass
@@ -144,13 +145,14 @@ def iter_tokens(model, prompt_ids: torch.Tensor, sampling: Optional[Sampling] = 
         yield tok, step_logits, ctx
 
 
-class GraphDecoder:
+class GraphDecoder(ChunkDecoder):
     """``chunk`` consecutive single-token steps (cell update + greedy / Gumbel-max sampling) captured in
     one CUDA graph, captured once and replayed for any number of tokens. Device memory is constant:
     ids leave the GPU chunk by chunk into pinned host memory."""
 
     def __init__(self, model, batch_size: int = 1, chunk: int = 32, temperature: float = 0.0) -> None:
         self.model, self.B, self.chunk, self.temperature = model.eval(), batch_size, chunk, temperature
+        self.use_graph = True
         dev = next(model.parameters()).device
         self.tok = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.ctx = model.init_context(batch_size)
@@ -173,21 +175,8 @@ class GraphDecoder:
         self.tok.copy_(saved[0])
         self.ctx.copy_(saved[1])
 
-    @torch.no_grad()
-    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
-        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
-        torch.cuda.manual_seed(seed)  # the graph draws from the default CUDA generator (philox offsets)
-        self.tok.copy_(sample_ids(logits, self.temperature, None))
-        self.ctx.copy_(ctx)
-        if self.graph is None:
-            self._capture()
-        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=True)
-        for i in range(0, max_new_tokens, self.chunk):
-            self.graph.replay()
-            n = min(self.chunk, max_new_tokens - i)
-            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=True)
-        torch.cuda.synchronize()
-        return out
+    def _start(self, context: torch.Tensor) -> None:
+        self.ctx.copy_(context)
 
 
 def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0):
@@ -195,15 +184,11 @@ def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, tempe
     run (the original cell), else ``GraphDecoder``, with one printed line saying why. ``chunk``: tokens per graph
     replay (default: each decoder's own)."""
     device = next(model.parameters()).device
-    try:
-        from ..kernels.fused import FusedDecoder, fused_available  # optional: needs triton
-        ok, why = fused_available(device)
-    except ImportError as e:
-        ok, why = False, f"Triton is not importable ({e})"
-    if ok and not model.config.original_cell:
-        ok, why = False, "the fused decode step implements the original cell; this model uses cell options"
-    if ok:
-        return FusedDecoder(model, batch_size, chunk, temperature)
+    fused, why = fused_kernels(device)
+    if fused and not model.config.original_cell:
+        fused, why = None, "the fused decode step implements the original cell; this model uses cell options"
+    if fused:
+        return fused.FusedDecoder(model, batch_size, chunk, temperature)
     print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")
     return GraphDecoder(model, batch_size, chunk or 32, temperature)
 

@@ -40,3 +40,38 @@ def capture_graph(body: Callable[[], None]) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         body()
     return graph
+
+
+class ChunkDecoder:
+    """What the captured decoders share (``generate.GraphDecoder``, ``fused.FusedDecoder``): prime the context
+    on the prompt, then run ``chunk`` single-token steps at a time (one CUDA-graph replay, or the same steps
+    uncaptured with ``use_graph=False``) until ``max_new_tokens`` ids have left for host memory.
+
+    A subclass sets ``model, B, chunk, temperature, use_graph``, the device tensors ``tok`` [B] (the next input)
+    and ``out`` [B, chunk] (the ids of one chunk), ``graph = None``, and defines ``_start(context)`` (load the
+    primed context), ``_body()`` (one chunk of steps) and ``_capture()`` (capture ``_body`` into ``graph``)."""
+
+    @torch.no_grad()
+    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+        """Token ids [B, max_new_tokens] on the CPU after ``prompt_ids`` [B, T] (T >= 1)."""
+        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
+        cuda = self.tok.device.type == "cuda"
+        if cuda:
+            torch.cuda.manual_seed(seed)  # sampling draws from the default CUDA generator (philox offsets)
+        else:
+            torch.manual_seed(seed)
+        self.tok.copy_(sample_ids(logits, self.temperature))
+        self._start(ctx)
+        if self.use_graph and self.graph is None:
+            self._capture()
+        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=cuda)
+        for i in range(0, max_new_tokens, self.chunk):
+            if self.use_graph:
+                self.graph.replay()
+            else:
+                self._body()
+            n = min(self.chunk, max_new_tokens - i)
+            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        return out

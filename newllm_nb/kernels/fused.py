@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..config import CONTEXT_CLAMP, LN_EPS
-from .decoding import capture_graph, prime, sample_ids
+from .decoding import ChunkDecoder, capture_graph, sample_ids
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -967,7 +967,7 @@ class FusedCell:
         return self.pidx.gather(0, best[None]).squeeze(0)
 
 
-class FusedDecoder:
+class FusedDecoder(ChunkDecoder):
     """``generate.GraphDecoder`` with the fused cell: ``chunk`` single-token steps captured in one CUDA graph and
     replayed for any number of tokens; device memory is constant (ids leave chunk by chunk into host memory).
     Greedy decoding (temperature 0, linear head) is all Triton: 2 + (L - 1) launches a token (the gates and
@@ -1007,28 +1007,5 @@ class FusedDecoder:
         self.tok.copy_(saved[0])
         self.cell.set_context(saved[2], saved[1])
 
-    @torch.no_grad()
-    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
-        if prompt_ids.shape[1] == 0:
-            raise ValueError("cannot prime on an empty prompt")
-        logits, ctx = prime(self.model, prompt_ids.to(self.tok.device))
-        cuda = self.tok.device.type == "cuda"
-        if cuda:
-            torch.cuda.manual_seed(seed)  # sampling draws from the default CUDA generator (philox offsets)
-        else:
-            torch.manual_seed(seed)
-        self.tok.copy_(sample_ids(logits, self.temperature))
-        self.cell.set_context(ctx, self.tok)
-        if self.use_graph and self.graph is None:
-            self._capture()
-        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=cuda)
-        for i in range(0, max_new_tokens, self.chunk):
-            if self.use_graph:
-                self.graph.replay()
-            else:
-                self._body()
-            n = min(self.chunk, max_new_tokens - i)
-            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=cuda)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
+    def _start(self, context: torch.Tensor) -> None:
+        self.cell.set_context(context, self.tok)

@@ -40,6 +40,7 @@ import torch
 
 from ..config import PAD_ID
 from ..data.batching import Batch
+from ..kernels.available import fused_kernels
 from ..kernels.recurrence import NewLLMRecurrence
 from ..models.baselines import detach_state
 from ..models.newllm import NewLLM
@@ -243,21 +244,11 @@ class GraphedStep(EagerStep):
 
 def _fused_recurrence(device: torch.device, precision: str, cfg) -> tuple[Optional[Callable], str]:
     """The Triton recurrence where it runs ``cfg``'s cell on ``device`` at ``precision``, else (None, why)."""
-    try:
-        from ..kernels.fused import (  # needs triton
-            bf16_supported,
-            fused_available,
-            fused_cell_supported,
-            fused_recurrence,
-        )
-    except ImportError as e:
-        return None, f"Triton is not importable ({e})"
-    ok, why = fused_cell_supported(cfg)
-    if ok:
-        ok, why = fused_available(device)
-    if ok and precision == "bf16" and not bf16_supported(device):
-        ok, why = False, "this GPU's Triton kernels have no bf16 (use fp16)"
-    return (fused_recurrence if ok else None), why
+    fused, why = fused_kernels(device, precision)
+    if fused is None:
+        return None, why
+    ok, cell_why = fused.fused_cell_supported(cfg)
+    return (fused.fused_recurrence, why) if ok else (None, cell_why)
 
 
 def make_step(fast_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -16,7 +16,17 @@ from typing import Optional
 
 import torch
 
-from .config import PRESETS, RENAMED_PRESETS, RunConfig, apply_overrides, is_smoke, preset, renamed, shrink_for_smoke
+from .config import (
+    ARCHS,
+    PRESETS,
+    RENAMED_PRESETS,
+    RunConfig,
+    apply_overrides,
+    is_smoke,
+    preset,
+    renamed,
+    shrink_for_smoke,
+)
 from .data import prepare
 from .data.sources import source_tag
 from .experiments.experiment import keyed_run_dir, run_experiment
@@ -48,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train New-LLM (or a baseline) and print validation loss / PPL / accuracy")
     t.add_argument("--layers", type=int, help="FNN layers")
-    t.add_argument("--arch", choices=["newllm", "lstm", "transformer"], help="baselines are sized to match")
+    t.add_argument("--arch", choices=ARCHS, help="baselines are sized to match")
     w = sub.add_parser("sweep", help="train one run per layer count (and architecture), several at once with --jobs")
     w.add_argument("--layers", required=True, help="comma-separated layer counts, e.g. 1,4,5,6,7")
-    w.add_argument("--archs", default="newllm", help="comma-separated: newllm, lstm, transformer")
+    w.add_argument("--archs", default="newllm", help=f"comma-separated: {', '.join(ARCHS)}")
     w.add_argument("--out-dir", default="runs/sweep", help="one run folder per run; finished runs are skipped")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
     for q in (t, w):
@@ -214,11 +224,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"device: {info.name} ({info.kind}){f' x {world}' if world > 1 else ''} | {batch} | "
           f"lr {cfg.train.effective_lr:.2e}{rule} | layers {cfg.model.num_layers} | run dir {run_dir}")
     res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared)
-    m = res.metrics
-    last = res.history[-1] if res.history else {}
-    print(f"\nfinal ({'per-batch mean, original-metrics' if cfg.train.original_metrics else 'token-weighted, non-PAD'}"
-          f" validation, best epoch): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | accuracy {100 * m['acc']:.1f}% | "
-          f"params {res.params:,} | epochs {last.get('epoch', 0)} | {res.seconds:.0f}s | data: {prepared.source}")
+    print(f"\n{res.summary()}")
     print(f"checkpoint: {res.best_path}")
     return 0
 
@@ -231,9 +237,9 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--layers {args.layers!r}: give comma-separated whole numbers, e.g. 1,4,5,6,7") from None
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-    bad = [a for a in archs if a not in ("newllm", "lstm", "transformer")]
+    bad = [a for a in archs if a not in ARCHS]
     if bad or not layers or args.jobs < 1:
-        raise ValueError(f"sweep needs layer counts, --jobs >= 1 and archs among newllm, lstm, transformer "
+        raise ValueError(f"sweep needs layer counts, --jobs >= 1 and archs among {', '.join(ARCHS)} "
                          f"(got --layers {args.layers}, --archs {args.archs}, --jobs {args.jobs})")
     df = run_sweep(cfg, layers, args.out_dir, archs=archs, jobs=args.jobs)
     print(df.to_string(index=False))

@@ -18,6 +18,9 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # The New-LLM cell's constants, named once: c_t = clamp(LayerNorm(...), -CONTEXT_CLAMP, CONTEXT_CLAMP).
 CONTEXT_CLAMP = 10.0
 LN_EPS = 1e-5
+# The choices a ModelConfig field takes, named once for validation, the CLI and the widgets.
+ARCHS = ("newllm", "lstm", "transformer")  # New-LLM and its equal-parameter baselines
+STATE_NORMS = ("layernorm", "noaffine", "none", "read")
 
 
 # Names that said "seed" for the original New-LLM code (rato-tokyo/new-llm). Still accepted, with one line naming
@@ -152,14 +155,14 @@ class ModelConfig:
                 _float(self, name, 0.0, 1.0, hi_open=True)
         _float(self, "forget_bias", -20.0, 20.0)
         _float(self, "init_std", 0.0, lo_open=True)
-        _choice(self, "arch", ("newllm", "lstm", "transformer"))
+        _choice(self, "arch", ARCHS)
         _int(self, "lstm_hidden", 0)
         _int(self, "lstm_layers", 1, 16)
         _int(self, "tf_dim", 0)
         _int(self, "tf_layers", 1, 64)
         _int(self, "tf_heads", 1, 64)
         _int(self, "max_len", 1)
-        _choice(self, "state_norm", ("layernorm", "noaffine", "none", "read"))
+        _choice(self, "state_norm", STATE_NORMS)
         _float(self, "chrono_init", 0.0, 1e6)
         _check("chrono_init", self.chrono_init == 0 or self.chrono_init > 2, "must be 0 (off) or > 2 tokens",
                self.chrono_init)

@@ -37,6 +37,11 @@ DATA_DIR = _find_data_dir()
 WIKITEXT_SAMPLE = DATA_DIR / "wikitext-sample"
 DOLLY_SAMPLE = DATA_DIR / "dolly-sample.jsonl"
 INSTRUCTION_FIELDS = ("instruction", "context", "response", "category")
+
+
+def field_names(field_map: Optional[dict] = None) -> dict:
+    """Our instruction field -> the dataset's name for it: the same name unless ``field_map`` says otherwise."""
+    return {k: k for k in INSTRUCTION_FIELDS} | (field_map or {})
 MIN_WORDS = 5  # the original skipped WikiText lines with fewer words
 
 
@@ -294,8 +299,7 @@ def read_jsonl(path: Union[str, Path], field_map: Optional[dict] = None) -> tupl
     is skipped and counted; one printed line gives the count and the first line numbers. A file with
     no usable record raises DataError.
     """
-    fmap = {k: k for k in INSTRUCTION_FIELDS}
-    fmap.update(field_map or {})
+    fmap = field_names(field_map)
     text = read_text(path)
     records, bad = [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -358,8 +362,7 @@ def load_instructions(path: Optional[Union[str, Path]] = None, hub_name: Optiona
                 raise DataError(f"{why}, and {spec.describe()} has no bundled sample: connect, or pass "
                                 f"--data-path FILE") from None
         if ds is not None:
-            fmap = {k: k for k in INSTRUCTION_FIELDS}
-            fmap.update(field_map or {})
+            fmap = field_names(field_map)
             if hub_split not in ds:
                 raise DataError(f"{where} has no {hub_split!r} split (it has {sorted(ds)})")
             missing = [v for k, v in fmap.items() if k in ("instruction", "response")

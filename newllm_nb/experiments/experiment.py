@@ -21,7 +21,7 @@ from ..data.tokenizer import tokenizer_hash
 from ..models.baselines import build_model
 from ..models.newllm import count_parameters
 from ..train.checkpoint import load_checkpoint
-from ..train.metrics import evaluate
+from ..train.metrics import eval_batch_size, evaluate
 from ..train.runs import fingerprint_id, run_fingerprint
 from ..train.trainer import Trainer
 from .growth import freeze_hooks
@@ -45,6 +45,14 @@ class RunResult:
         """The best checkpoint, where one was written."""
         path = self.trainer.best_path if self.trainer else None
         return path if path is not None and path.exists() else None
+
+    def summary(self) -> str:
+        """The one final line the CLI and the notebooks print: the best weights' validation metrics."""
+        m, last = self.metrics, (self.history[-1] if self.history else {})
+        how = "per-batch mean, original-metrics" if self.config.train.original_metrics else "token-weighted, non-PAD"
+        return (f"final ({how} validation, best epoch): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | "
+                f"accuracy {100 * m['acc']:.1f}% | params {self.params:,} | epochs {last.get('epoch', 0)} | "
+                f"{self.seconds:.0f}s | data: {self.prepared.source}")
 
 
 def fit_vocab(cfg: RunConfig, tokenizer) -> RunConfig:
@@ -86,7 +94,7 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
         load_checkpoint(trainer.best_path).load_into(trainer.model)
     elif trainer.ema is not None:  # no checkpoints written: use the averaged weights, which validation measured
         trainer.ema.copy_to_model()
-    metrics = evaluate(trainer.model, prepared.valid, min(cfg.train.batch_size, 1024), trainer.device,
+    metrics = evaluate(trainer.model, prepared.valid, eval_batch_size(cfg.train.batch_size), trainer.device,
                        trainer.precision, cfg.train.original_metrics)
     model.tokenizer_sha256 = tokenizer_hash(prepared.tokenizer)  # generation refuses another tokenizer
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ARCHS, ModelConfig
 from .newllm import NewLLM, TiedHead, count_parameters, embed_lookup, init_weights
 
 
@@ -143,7 +143,7 @@ def matched_config(config: ModelConfig, arch: str, target: Optional[int] = None)
         step = 2 * config.tf_heads
         sizes, field = range(step, 4097, step), "tf_dim"
     else:
-        raise ValueError(f"unknown arch {arch!r}: newllm, lstm or transformer")
+        raise ValueError(f"unknown arch {arch!r}: one of {ARCHS}")
 
     def make(size: int) -> ModelConfig:
         return dataclasses.replace(config, arch=arch, **{field: size})

@@ -6,6 +6,7 @@ broken widget display (googlecolab/colabtools#3020).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -16,10 +17,6 @@ from typing import Optional
 
 from ..repository import BRANCH, REPOSITORY, badge_url, clone_url
 
-# (pip requirement, import name): installed only when the import name is missing.
-REQUIREMENTS = [("torch>=2.4", "torch"), ("datasets>=2.14", "datasets"), ("ipywidgets>=7.7", "ipywidgets"),
-                ("matplotlib>=3.6", "matplotlib"), ("pandas>=1.5", "pandas"), ("tqdm>=4.64", "tqdm"),
-                ("safetensors>=0.4", "safetensors"), ("tokenizers>=0.15", "tokenizers")]
 DRIVE_ROOT = Path("/content/drive/MyDrive/newllm-nb")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +26,23 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG") is not None
 
 
+def requirements() -> list[tuple[str, str]]:
+    """(pip requirement, import name) for what the package and its notebooks need: pyproject.toml's dependencies
+    and its notebooks extra, read from the installed package's metadata (the set-up cell installs the package
+    first, without its dependencies)."""
+    out = []
+    for req in importlib.metadata.requires("newllm-nb") or []:
+        spec, _, marker = (part.strip() for part in req.partition(";"))
+        if marker and marker.replace("'", '"') != 'extra == "notebooks"':
+            continue
+        name = re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0]
+        out.append((spec, name.replace("-", "_")))
+    return out
+
+
 def missing_requirements() -> list[str]:
-    return [req for req, mod in REQUIREMENTS if importlib.util.find_spec(mod) is None]
+    """The requirements whose module is absent: installed only those, so Colab keeps what it ships."""
+    return [req for req, mod in requirements() if importlib.util.find_spec(mod) is None]
 
 
 def ensure_requirements() -> list[str]:

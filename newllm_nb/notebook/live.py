@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from ..config import RunConfig, apply_overrides, is_smoke, shrink_for_smoke
+from ..config import STATE_NORMS, RunConfig, apply_overrides, is_smoke, shrink_for_smoke
 from ..data.batching import WindowData, instruction_sequences, wikitext_stream
 from ..data.pipeline import prepare
 from ..data.prompt import instruction_prompt
@@ -131,13 +131,6 @@ def labelled_progress(label: Optional[str] = None,
 
 
 # -- training ---------------------------------------------------------------------------------------------------
-def _summary(res: RunResult) -> str:
-    m = res.metrics
-    return (f"final (best epoch, token-weighted non-PAD validation): loss {m['loss']:.4f} | PPL {m['ppl']:.2f} | "
-            f"accuracy {100 * m['acc']:.1f}% | params {res.params:,} | epochs {len(res.history)} | "
-            f"{res.seconds:.0f}s | data: {res.prepared.source}")
-
-
 def _on_sample(title: str, prepared) -> str:
     """A plot title that says when the run reads the bundled sample instead of the dataset it names."""
     return f"{title} · {prepared.source}" if is_sample(prepared.source) else title
@@ -160,7 +153,7 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     if len(res.history) != len(live.history):  # a resumed run: show the epochs from before the restart too
         live.history = list(res.history)
     live.draw()
-    print(_summary(res))
+    print(res.summary())
     print("checkpoint:", res.best_path)
     return res
 
@@ -184,7 +177,7 @@ def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("n
 
 
 # The cell options a notebook can sweep, each with the values it offers (the first is the original's).
-CELL_OPTIONS = {"state_norm": ["layernorm", "noaffine", "none", "read"], "chrono_init": [0.0, 16.0, 64.0, 256.0],
+CELL_OPTIONS = {"state_norm": list(STATE_NORMS), "chrono_init": [0.0, 16.0, 64.0, 256.0],
                 "gate_context": [False, True], "fnn_residual": ["none", "residual", "prenorm"],
                 "gate_rank": [0, 64, 128], "slow_forget_bias": [0.0, 2.0, 4.0]}
 

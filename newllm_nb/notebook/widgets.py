@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import PRESETS, RunConfig, preset
+from ..config import PRESETS, STATE_NORMS, RunConfig, preset
 from ..runtime.hardware import detect, recommend
 
 STYLE = {"description_width": "140px"}
+STATE_NORM_LABELS = {"layernorm": "LayerNorm (original)", "noaffine": "no affine", "none": "none",
+                     "read": "only what the FNN reads"}
 
 
 def _w():
@@ -111,8 +113,7 @@ class TrainingPanel:
                                     description="field mapping", style=STYLE, layout=lay)
             data_rows += [self.hub_name, self.field_map]
         # The cell options (ModelConfig; off = the original's cell). A chosen one trains through the autograd loop.
-        self.state_norm = w.Dropdown(options=[("LayerNorm (original)", "layernorm"), ("no affine", "noaffine"),
-                                              ("none", "none"), ("only what the FNN reads", "read")],
+        self.state_norm = w.Dropdown(options=[(STATE_NORM_LABELS[n], n) for n in STATE_NORMS],
                                      description="state norm", style=STYLE, layout=lay)
         self.chrono = w.IntSlider(min=0, max=512, step=8, description="chrono init (0=off)", style=STYLE, layout=lay)
         self.gate_context = w.Checkbox(description="gates also read c_{t-1}", style=STYLE, layout=wide)

@@ -68,6 +68,11 @@ class Metrics:
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": acc, "tokens": int(self.n)}
 
 
+def eval_batch_size(batch_size: int) -> int:
+    """The batch evaluation runs at: the training batch, at most 1024 rows (no gradients, so memory allows it)."""
+    return min(batch_size, 1024)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
              precision: str = "fp32", original_metrics: bool = False) -> dict:

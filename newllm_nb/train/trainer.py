@@ -44,7 +44,7 @@ from ..runtime.distributed import (
 )
 from ..runtime.hardware import resolve_device, resolve_precision
 from .checkpoint import CheckpointError, DamagedCheckpointError, load_checkpoint, save_checkpoint
-from .metrics import Metrics, evaluate
+from .metrics import Metrics, eval_batch_size, evaluate
 from .optim import WeightAverage, lr_at, make_optimizer
 from .runs import RunFolderError, RunLock, check_writable, differences, run_fingerprint
 from .state import TrainState
@@ -312,7 +312,7 @@ class Trainer:
                 # End of epoch: evaluate, record, checkpoint, decide whether to stop.
                 train = st.metrics.result()
                 with self._averaged():
-                    val = evaluate(self.model, self.valid_data, min(B, 1024), self.device, self.precision,
+                    val = evaluate(self.model, self.valid_data, eval_batch_size(B), self.device, self.precision,
                                    tc.original_metrics)
                 if not (math.isfinite(val["loss"]) and math.isfinite(train["loss"])):
                     raise NonFiniteLossError(

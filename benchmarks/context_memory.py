@@ -31,8 +31,8 @@ from quality import DEFAULT_FILE, load_recipe, load_splits, run_one  # noqa: E40
 from newllm_nb.data.batching import wikitext_stream  # noqa: E402
 from newllm_nb.data.tokenizer import WordTokenizer  # noqa: E402
 from newllm_nb.experiments.memory import loss_by_position, perturbation_fade  # noqa: E402
-from newllm_nb.models.baselines import matched_config  # noqa: E402
-from newllm_nb.runtime.distributed import spread  # noqa: E402
+from newllm_nb.experiments.parallel import spread  # noqa: E402
+from newllm_nb.models.build import matched_config  # noqa: E402
 from newllm_nb.train.checkpoint import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ import torch
 from newllm_nb import preset
 from newllm_nb.data import prepare
 from newllm_nb.experiments.bench import device_name
-from newllm_nb.models.baselines import build_model
+from newllm_nb.models.build import build_model
 from newllm_nb.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,8 @@ from newllm_nb import ModelConfig, NewLLM, preset
 from newllm_nb.experiments.bench import device_name
 from newllm_nb.infer.generate import GraphDecoder, decode_ids, graph_decoder
 from newllm_nb.kernels.available import fused_kernels
-from newllm_nb.models.baselines import TransformerLM, matched_config
+from newllm_nb.models.baselines import TransformerLM
+from newllm_nb.models.build import matched_config
 
 
 def _mem_reset(dev):

@@ -58,7 +58,7 @@ def epoch_times(args: argparse.Namespace, res) -> list:
     from newllm_nb.data.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
     from newllm_nb.data.sources import load_wikitext
     from newllm_nb.data.token_data import TokenStream, TokenWindows
-    from newllm_nb.models.baselines import build_model
+    from newllm_nb.models.build import build_model
     from newllm_nb.runtime.hardware import detect
     from newllm_nb.train.trainer import Trainer
 

@@ -43,9 +43,9 @@ from newllm_nb.data.batching import StreamData, WindowData, wikitext_sequences, 
 from newllm_nb.data.sources import load_wikitext, read_text, split_lines
 from newllm_nb.data.tokenizer import WordTokenizer
 from newllm_nb.experiments.bench import device_name
-from newllm_nb.models.baselines import build_model, matched_config
+from newllm_nb.experiments.parallel import spread
+from newllm_nb.models.build import build_model, matched_config
 from newllm_nb.models.newllm import count_parameters
-from newllm_nb.runtime.distributed import spread
 from newllm_nb.train.checkpoint import load_checkpoint
 from newllm_nb.train.metrics import evaluate
 from newllm_nb.train.trainer import Trainer

@@ -17,7 +17,7 @@ import pandas as pd
 from newllm_nb import ModelConfig
 from newllm_nb.config import PLUS_CELL
 from newllm_nb.experiments.bench import probe_throughput
-from newllm_nb.models.baselines import matched_config
+from newllm_nb.models.build import matched_config
 
 
 def models(layers: int) -> list[tuple[str, ModelConfig]]:

@@ -23,7 +23,7 @@ from newllm_nb import ModelConfig, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data.batching import StreamData
 from newllm_nb.experiments.bench import probe_throughput
-from newllm_nb.models.baselines import build_model, matched_config
+from newllm_nb.models.build import build_model, matched_config
 from newllm_nb.train.trainer import Trainer
 
 from original_loop import OriginalLoop

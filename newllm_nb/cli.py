@@ -32,7 +32,7 @@ from .data.sources import source_tag
 from .experiments.experiment import keyed_run_dir, run_experiment
 from .experiments.sweep import run_sweep
 from .infer.generate import ChatSession, Sampling, stream
-from .models.baselines import matched_config
+from .models.build import matched_config
 from .runtime.distributed import init_from_env, launched, shutdown, world_size
 from .runtime.hardware import detect, recommend
 from .train.checkpoint import CheckpointError, load_model

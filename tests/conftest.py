@@ -14,7 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from newllm_nb import preset  # noqa: E402
 from newllm_nb.config import RunConfig, apply_overrides  # noqa: E402
 from newllm_nb.data import Prepared, prepare  # noqa: E402
-from newllm_nb.models.baselines import build_model  # noqa: E402
+from newllm_nb.models.build import build_model  # noqa: E402
 from newllm_nb.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

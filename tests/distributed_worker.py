@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from newllm_nb import preset  # noqa: E402
 from newllm_nb.config import apply_overrides  # noqa: E402
 from newllm_nb.data import prepare  # noqa: E402
-from newllm_nb.models.baselines import build_model  # noqa: E402
+from newllm_nb.models.build import build_model  # noqa: E402
 from newllm_nb.runtime.distributed import init_from_env, is_main, shutdown  # noqa: E402
 from newllm_nb.train.trainer import Trainer  # noqa: E402
 

@@ -11,7 +11,7 @@ from newllm_nb import preset
 from newllm_nb.config import ModelConfig
 from newllm_nb.data import prepare
 from newllm_nb.data.batching import WindowData
-from newllm_nb.models.baselines import build_model, matched_config
+from newllm_nb.models.build import build_model, matched_config
 from newllm_nb.train.metrics import evaluate
 from newllm_nb.train.step import EagerStep, apply_update
 

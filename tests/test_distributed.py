@@ -16,7 +16,8 @@ import torch
 
 from newllm_nb.config import PAD_ID
 from newllm_nb.data.batching import StreamData, WindowData
-from newllm_nb.runtime.distributed import gather_state, shard_state, spread, stream_rows
+from newllm_nb.experiments.parallel import spread
+from newllm_nb.runtime.distributed import gather_state, shard_state, stream_rows
 from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint
 
 WORKER = Path(__file__).with_name("distributed_worker.py")

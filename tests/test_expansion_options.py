@@ -9,7 +9,7 @@ from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import apply_overrides
 from newllm_nb.experiments.experiment import run_experiment
 from newllm_nb.experiments.growth import expand_context, freeze_hooks, growth_experiment, growth_gap
-from newllm_nb.models.baselines import build_model
+from newllm_nb.models.build import build_model
 from newllm_nb.train.trainer import Trainer
 
 from conftest import make_trainer, tiny_config

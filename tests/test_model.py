@@ -232,7 +232,7 @@ def test_embed_dropout_drops_whole_word_types_in_training_only():
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 def test_baselines_take_tying_and_embedding_dropout(arch):
-    from newllm_nb.models.baselines import build_model, matched_config
+    from newllm_nb.models.build import build_model, matched_config
 
     base = ModelConfig(vocab_size=1000)
     plain = build_model(matched_config(base, arch))
@@ -285,7 +285,7 @@ def test_lstm_dropout_placement_defaults_to_dropout_at_input_and_output():
 
 @pytest.mark.parametrize("arch", ["newllm", "lstm"])
 def test_forget_bias_sets_only_the_forget_gate(arch):
-    from newllm_nb.models.baselines import build_model
+    from newllm_nb.models.build import build_model
 
     m = build_model(small(arch=arch, lstm_hidden=24, forget_bias=1.5))
     if arch == "newllm":  # [forget | input | candidate]

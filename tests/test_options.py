@@ -13,7 +13,8 @@ from newllm_nb.data.tokenizer import WordTokenizer
 from newllm_nb.experiments.memory import article_spans, loss_by_position, perturbation_fade, token_losses
 from newllm_nb.kernels import reference
 from newllm_nb.kernels.recurrence import NewLLMRecurrence
-from newllm_nb.models.baselines import LSTMLM, matched_config
+from newllm_nb.models.baselines import LSTMLM
+from newllm_nb.models.build import matched_config
 from newllm_nb.models.newllm import count_parameters, gate_rank_for
 from newllm_nb.train.checkpoint import load_model, save_checkpoint
 

@@ -14,7 +14,6 @@ In every mode inputs are tokens[:-1] and targets tokens[1:]; a target of PAD is 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -22,18 +21,9 @@ import torch
 
 from ..config import BOS_ID, PAD_ID
 from ..runtime.distributed import stream_rows, window_rows
+from ..runtime.hashing import tensor_sha256
 from .prompt import encode_example
 from .sources import MIN_WORDS, DataError, is_article_heading
-
-
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    """SHA-256 of the tensors' shapes, dtypes and bytes (the data a run trained on, for its fingerprint)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def make_windows(ids: Sequence[int], max_seq_length: int) -> list[list[int]]:

@@ -9,7 +9,7 @@ import torch
 
 from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ..data.batching import Batch
-from ..models.baselines import build_model
+from ..models.build import build_model
 from ..models.newllm import count_parameters
 from ..train.trainer import Trainer
 

@@ -18,7 +18,7 @@ import torch
 from ..config import RunConfig
 from ..data.pipeline import Prepared, prepare
 from ..data.tokenizer import tokenizer_hash
-from ..models.baselines import build_model
+from ..models.build import build_model
 from ..models.newllm import count_parameters
 from ..train.checkpoint import load_checkpoint
 from ..train.metrics import eval_batch_size, evaluate

@@ -1,7 +1,7 @@
 """The original's layer sweep, resumable: each finished run's result is saved, re-running skips it.
 
 Runs are independent, so ``jobs`` > 1 trains several at once, one worker process per visible GPU
-(``distributed.spread``); a run that fails is reported in its row and the others go on.
+(``parallel.spread``); a run that fails is reported in its row and the others go on.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pandas as pd
 from ..config import RunConfig
 from ..data.pipeline import Prepared, prepare
 from ..data.sources import is_sample
-from ..models.baselines import matched_config
-from ..runtime.distributed import spread
+from ..models.build import matched_config
 from ..runtime.files import atomic_write_text
 from .experiment import keyed_run_dir, run_experiment
+from .parallel import spread
 
 
 def sweep_configs(base: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",)):

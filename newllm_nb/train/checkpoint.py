@@ -21,11 +21,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
-from ..data.batching import tensor_sha256
 from ..data.tokenizer import tokenizer_from_hub_json, tokenizer_from_json, tokenizer_hash
-from ..models.baselines import build_model
+from ..models.build import build_model
 from ..runtime.files import atomic_write
 from ..runtime.hardware import resolve_device
+from ..runtime.hashing import tensor_sha256
 from .hub_files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, locate
 
 FORMAT = "newllm_nb/1"

@@ -21,7 +21,7 @@ from huggingface_hub.repocard_data import EvalResult
 
 from ..config import ModelConfig, RunConfig
 from ..data.tokenizer import tokenizer_hash
-from ..models.baselines import build_model
+from ..models.build import build_model
 from ..models.newllm import count_parameters
 from ..repository import REPOSITORY, clone_url
 from ..runtime.files import atomic_write_text

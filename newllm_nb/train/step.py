@@ -42,7 +42,7 @@ from ..config import PAD_ID
 from ..data.batching import Batch
 from ..kernels.available import fused_kernels
 from ..kernels.recurrence import NewLLMRecurrence
-from ..models.baselines import detach_state
+from ..models.build import detach_state
 from ..models.newllm import NewLLM
 from ..runtime.distributed import active, all_reduce_step, is_main
 from ..runtime.hardware import autocast

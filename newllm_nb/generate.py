@@ -192,18 +192,25 @@ class GraphDecoder:
 
 def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0):
     """The fastest captured decoder for ``model`` here: ``fused.FusedDecoder`` on a GPU where the Triton kernels
-    run (the seed cell), else ``GraphDecoder``, with one printed line saying why. ``chunk``: tokens per graph
-    replay (default: each decoder's own)."""
+    run (the cells ``fused.fused_cell_supported`` accepts), else ``GraphDecoder``, with one printed line saying
+    why. ``chunk``: tokens per graph replay (default: each decoder's own)."""
     device = next(model.parameters()).device
     try:
-        from .fused import FusedDecoder, fused_available  # optional: needs triton
+        from .fused import FusedDecoder, fused_available, fused_cell_supported  # optional: needs triton
         ok, why = fused_available(device)
     except ImportError as e:
         ok, why = False, f"Triton is not importable ({e})"
-    if ok and not model.config.seed_cell:
-        ok, why = False, "the fused decode step implements the seed cell; this model uses cell options"
     if ok:
-        return FusedDecoder(model, batch_size, chunk, temperature)
+        ok, why = fused_cell_supported(model.config)
+    if ok:
+        dec = FusedDecoder(model, batch_size, chunk, temperature)
+        if model.config.seed_cell:
+            return dec
+        try:  # the option kernels' first use (compile + capture) here, so that a failure falls back in one line
+            dec.run(torch.full((batch_size, 1), BOS_ID), 1)
+            return dec
+        except Exception as e:
+            why = f"the fused decode kernels failed for this cell ({type(e).__name__}: {str(e)[:100]})"
     print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")
     return GraphDecoder(model, batch_size, chunk or 32, temperature)
 

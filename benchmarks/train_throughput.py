@@ -49,7 +49,7 @@ def preset_rows(names: list[str], steps: int, rounds: int) -> list[dict]:
             for label, mcfg, fp in variants:
                 runs.setdefault(label, []).append(probe_throughput(mcfg, B, T, steps=steps, fast_path=fp))
         for label, _, _ in variants:
-            r = sorted(runs[label], key=lambda r: r["step_ms"])[len(runs[label]) // 2]
+            r = sorted(runs[label], key=lambda r: r["step_ms"])[(len(runs[label]) - 1) // 2]
             rows.append({"preset": name, "batch": B, "seq_len": T, "variant": label, "path": r["path"],
                          "params": r["params"], "step_ms": round(r["step_ms"], 3), "warmup_s": round(r["warmup_s"], 2),
                          "precision": r["precision"], "device": r["device"]})
@@ -137,7 +137,7 @@ def main() -> None:
                       f"({time.perf_counter() - t0:.0f}s)", flush=True)
         for label, _, _ in variants:
             rs = sorted(runs[label], key=lambda r: r["step_ms"])
-            r = rs[len(rs) // 2]  # the median round
+            r = rs[(len(rs) - 1) // 2]  # the median round (the lower of two)
             if label == "original per-token loop":  # the speed-up column needs the original row (absent with --only)
                 base_ms = r["step_ms"]
             rows.append({"config": name, "variant": label, "params": r["params"], "path": r["path"],

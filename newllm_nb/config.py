@@ -102,8 +102,9 @@ class ModelConfig:
     tf_heads: int = 4
     max_len: int = 1024  # Transformer position table
     grown_from: Optional[int] = None  # context_dim before expand_context(), if grown
-    # -- New-LLM cell options. Each is off by default (the original cell); every one that is on makes
-    # ``NewLLM.forward`` run its own autograd loop (the whole-loop recurrences implement the original cell).
+    # -- New-LLM cell options. Each is off by default (the original cell). The hand-written BPTT (recurrence.py)
+    # implements the original cell only; the fused kernels (fused.py) also these options except fnn_residual and
+    # slow_forget_bias; a cell neither implements runs ``NewLLM.forward``'s own autograd loop.
     # state_norm: where the LayerNorm of  c_t = clamp(LN(s_t))  with  s_t = f * c_{t-1} + i * u  sits.
     #   "layernorm" (original); "noaffine": LN without its weight and bias (2C fewer parameters);
     #   "none": c_t = clamp(s_t), no norm at all (2C fewer parameters); "read": the state is kept un-normalised,
@@ -133,8 +134,8 @@ class ModelConfig:
 
     @property
     def original_cell(self) -> bool:
-        """True when the cell is the original's equations (no cell option on, no tanh): the whole-loop
-        recurrences (recurrence.py, fused.py) implement exactly this cell."""
+        """True when the cell is the original's equations (no cell option on, no tanh): the hand-written BPTT
+        (recurrence.py) implements exactly this cell (the fused kernels more: ``fused.fused_cell_supported``)."""
         return (self.state_norm == "layernorm" and not self.chrono_init and not self.gate_context
                 and self.fnn_residual == "none" and not self.gate_rank and not self.slow_forget_bias
                 and not self.context_tanh)

@@ -283,6 +283,34 @@ def _check_decode_cell_matches_model_step():
             _close([logits, cell.context()], [ref_logits, c], ["logits", "context"])
 
 
+def _check_option_decode_matches_model_step():
+    """The decode cell of each option cell against ``model.step`` (contexts and logits over three tokens), and
+    greedy decoding of the plus cell against the eager model's tokens."""
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.fused import FusedCell, FusedDecoder
+
+    for kw in _OPTION_CELLS:
+        m = _option_model(**kw).eval()
+        cell = FusedCell(m, batch_size=3)
+        c = torch.randn(3, 12)
+        cell.set_context(c)
+        with torch.no_grad():
+            for _ in range(3):
+                tok = torch.randint(4, 40, (3,))
+                ref_logits, c = m.step(tok, c)
+                logits = m.head(cell(tok))
+                try:
+                    _close([logits, cell.context()], [ref_logits, c], ["logits", "context"])
+                except AssertionError as e:
+                    raise AssertionError(f"{kw}: {e}") from None
+    torch.manual_seed(1)
+    m = _option_model(**_OPTION_CELLS[0], init_std=0.5).eval()
+    prompt = torch.randint(4, 40, (3, 4))
+    dec = FusedDecoder(m, batch_size=3, chunk=5, use_graph=False)
+    assert dec.fused_head
+    assert torch.equal(dec.run(prompt, 12), decode_ids(m, prompt, 12, use_graph=False))
+
+
 def _check_greedy_decode_matches_eager():
     from newllm_nb import ModelConfig, NewLLM
     from newllm_nb.infer.generate import decode_ids
@@ -332,7 +360,8 @@ _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_matches_reference_and_bptt_with_resets, _check_matches_reference_one_layer_hs_only,
     _check_dropout_matches_masked_reference, _check_model_loop_with_every_dropout,
     _check_option_cells_match_the_reference_cell, _check_option_cells_with_every_dropout,
-    _check_decode_cell_matches_model_step, _check_greedy_decode_matches_eager,
+    _check_decode_cell_matches_model_step, _check_option_decode_matches_model_step,
+    _check_greedy_decode_matches_eager,
     _check_greedy_decode_with_other_tiles)}
 
 
@@ -355,7 +384,7 @@ def interpreter_results():
         # loop bounds (checked: 3.6 fails, 3.7 / 3.8 / 3.9 pass).
         pytest.skip(f"the Triton interpreter needs triton >= 3.7 for these kernels (found {triton.__version__})")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert lines, f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULTS "):])
@@ -509,11 +538,12 @@ def test_fused_dropout_masks_are_fresh_on_every_graph_replay():
 
 @gpu
 @pytest.mark.parametrize("batch", [1, 5])
-def test_fused_decoder_matches_eager_greedy_decode(batch):
+@pytest.mark.parametrize("cell", ["original", "plus"])
+def test_fused_decoder_matches_eager_greedy_decode(batch, cell):
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.fused import FusedDecoder
 
-    m = _model(layers=2).eval()
+    m = _model(layers=2, **(_OPTION_CELLS[0] if cell == "plus" else {})).eval()
     with torch.no_grad():  # weights away from init, so greedy tokens are not near-ties
         for p in m.parameters():
             p.add_(torch.randn_like(p), alpha=0.2)

@@ -186,6 +186,10 @@ def test_hub_ids():
             check_repo_id(bad)
     with pytest.raises(HubError, match="malformed repo id"):
         check_repo_id("alice/m@main")  # push takes no revision
+    with pytest.raises(HubError, match="alice/x--y: no such file or folder here, and not a valid hub id"):
+        load_model("alice/x--y")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model("runs/a/best.safetensors")  # a path, not an id
 
 
 # ---------------------------------------------------------------------------------------------------

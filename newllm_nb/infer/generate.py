@@ -181,14 +181,22 @@ class GraphDecoder(ChunkDecoder):
 
 def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, temperature: float = 0.0):
     """The fastest captured decoder for ``model`` here: ``fused.FusedDecoder`` on a GPU where the Triton kernels
-    run (the original cell), else ``GraphDecoder``, with one printed line saying why. ``chunk``: tokens per graph
-    replay (default: each decoder's own)."""
+    run (the cells ``fused.fused_cell_supported`` accepts), else ``GraphDecoder``, with one printed line saying
+    why. ``chunk``: tokens per graph replay (default: each decoder's own)."""
     device = next(model.parameters()).device
     fused, why = fused_kernels(device)
-    if fused and not model.config.original_cell:
-        fused, why = None, "the fused decode step implements the original cell; this model uses cell options"
-    if fused:
-        return fused.FusedDecoder(model, batch_size, chunk, temperature)
+    ok = fused is not None
+    if ok:
+        ok, why = fused.fused_cell_supported(model.config)
+    if ok:
+        dec = fused.FusedDecoder(model, batch_size, chunk, temperature)
+        if model.config.original_cell:
+            return dec
+        try:  # the option kernels' first use (compile + capture) here, so that a failure falls back in one line
+            dec.run(torch.full((batch_size, 1), BOS_ID), 1)
+            return dec
+        except Exception as e:
+            why = f"the fused decode kernels failed for this cell ({type(e).__name__}: {str(e)[:100]})"
     print(f"fused decoder unavailable ({why}); decoding with the CUDA-graph step")
     return GraphDecoder(model, batch_size, chunk or 32, temperature)
 

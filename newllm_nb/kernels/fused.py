@@ -710,14 +710,17 @@ def kernel_uniforms(seed: torch.Tensor, stream: int, shape: tuple) -> torch.Tens
 # -- generation: a greedy token is 2 + (L - 1) launches, each split over output columns so that the weights
 # stream into many SMs
 @triton.jit
-def _dec_in_kernel(table_ptr, tok_ptr, pmax_ptr, pidx_ptr, flag_ptr, xs_ptr, ctx_ptr, lnw_ptr, lnb_ptr, wc_ptr,
-                   out_ptr, h_ptr, B, C, H, NV, out_stride, clamp, eps,
-                   FROM_HEAD: tl.constexpr, WRITE_OUT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
+def _dec_in_kernel(table_ptr, tok_ptr, pmax_ptr, pidx_ptr, flag_ptr, xs_ptr, ctx_ptr, rd_ptr, lnw_ptr, lnb_ptr,
+                   wc_ptr, out_ptr, h_ptr, B, C, H, NV, out_stride, clamp, eps,
+                   FROM_HEAD: tl.constexpr, WRITE_OUT: tl.constexpr, NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr,
+                   STORE_READ: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
                    BN: tl.constexpr, BCF: tl.constexpr, BNV: tl.constexpr):
     """Start of a token: its id (FROM_HEAD: the argmax over the previous head launch's per-tile maxima), the
-    context c_{t-1} = clamp(LayerNorm(x_{t-1})) (or the given context while ``flag`` says it is fresh), then
-    layer 1's column tile: relu(table[tok] + W_c c). Every program recomputes the (cheap) LayerNorm of its rows,
-    so no program waits for another; the first column tile also stores c_{t-1} and the token."""
+    context c_{t-1} = clamp(LayerNorm(x_{t-1})) (NORM_OUT; else clamp(x_{t-1})), or the given context while
+    ``flag`` says it is fresh, what the cell reads r = LayerNorm(c_{t-1}) (NORM_READ; else c_{t-1}), then layer
+    1's column tile: relu(table[tok] + W_c r). Every program recomputes the (cheap) norms of its rows, so no
+    program waits for another; the first column tile also stores c_{t-1}, r (STORE_READ: the gates read it) and
+    the token."""
     pid_n = tl.program_id(0)
     ncol = pid_n * BN + tl.arange(0, BN)
     rows = tl.program_id(1) * BB + tl.arange(0, BB)
@@ -735,23 +738,58 @@ def _dec_in_kernel(table_ptr, tok_ptr, pmax_ptr, pidx_ptr, flag_ptr, xs_ptr, ctx
     cm = cols < C
     m2 = rm[:, None] & cm[None, :]
     x = tl.load(xs_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
-    mean = tl.sum(x, 1) / C
-    d = tl.where(m2, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
     lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
     lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-    y = tl.minimum(tl.maximum(d * rstd[:, None] * lw[None, :] + lb[None, :], -clamp), clamp)
+    if NORM_OUT:
+        mean = tl.sum(x, 1) / C
+        d = tl.where(m2, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+        x = d * rstd[:, None] * lw[None, :] + lb[None, :]
+    y = tl.minimum(tl.maximum(x, -clamp), clamp)
     c = tl.where(fresh, tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0), y)
+    r = c
+    if NORM_READ:
+        mean = tl.sum(tl.where(m2, c, 0.0), 1) / C
+        d = tl.where(m2, c - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+        r = d * rstd[:, None] * lw[None, :] + lb[None, :]
     if pid_n == 0:
         tl.store(ctx_ptr + rows[:, None] * C + cols[None, :], c, mask=m2)
         tl.store(tok_ptr + rows, tok, mask=rm)
+        if STORE_READ:
+            tl.store(rd_ptr + rows[:, None] * C + cols[None, :], r.to(rd_ptr.dtype.element_ty), mask=m2)
         if WRITE_OUT:
             tl.store(out_ptr + rows * out_stride, tok, mask=rm)
     o2 = rm[:, None] & nm[None, :]
     acc = tl.load(table_ptr + tok[:, None] * H + ncol[None, :], mask=o2, other=0.0).to(tl.float32)
     w = tl.load(wc_ptr + ncol[None, :] * C + cols[:, None], mask=cm[:, None] & nm[None, :], other=0.0)
-    acc = _mm(c.to(w.dtype), w, acc, IEEE)
+    acc = _mm(r.to(w.dtype), w, acc, IEEE)
     tl.store(h_ptr + rows[:, None] * H + ncol[None, :], tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty), mask=o2)
+
+
+@triton.jit
+def _dec_proj_kernel(h_ptr, rd_ptr, wv_ptr, out_ptr, B, H, C, R, GIN, GATE_CTX: tl.constexpr, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Low-rank gates: out[:, n-tile] = V [h_L ; r] (GATE_CTX; else V h_L), no bias."""
+    ncol = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    rm, nm = rows < B, ncol < R
+    acc = tl.zeros([BB, BN], tl.float32)
+    for k0 in range(0, H, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < H
+        a = tl.load(h_ptr + rows[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(wv_ptr + ncol[None, :] * GIN + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        acc = _mm(a, w, acc, IEEE)
+    if GATE_CTX:
+        for k0 in range(0, C, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < C
+            a = tl.load(rd_ptr + rows[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(wv_ptr + ncol[None, :] * GIN + H + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+            acc = _mm(a, w, acc, IEEE)
+    tl.store(out_ptr + rows[:, None] * R + ncol[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
@@ -773,9 +811,11 @@ def _dec_layer_kernel(a_ptr, w_ptr, b_ptr, out_ptr, B, K, H, IEEE: tl.constexpr,
 
 
 @triton.jit
-def _gate_tile(pid_c, pid_b, h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
-               BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """x[:, c-tile] = sigmoid(f) c_{t-1} + sigmoid(i) u; the LayerNorm runs at the start of the next token."""
+def _gate_tile(pid_c, pid_b, a_ptr, rd_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, K, WS,
+               READ_CTX: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """x[:, c-tile] = sigmoid(f) c_{t-1} + sigmoid(i) u from the gate input a [B, K] (h_L, or V [h_L ; r] with
+    low-rank gates) and, READ_CTX, r [B, C] (full-rank gates reading the context); W_g's rows are WS wide. The
+    LayerNorm (if any) and the clamp run at the start of the next token."""
     cols = pid_c * BC + tl.arange(0, BC)
     rows = pid_b * BB + tl.arange(0, BB)
     rm, cm = rows < B, cols < C
@@ -783,18 +823,28 @@ def _gate_tile(pid_c, pid_b, h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B
     f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    for k0 in range(0, H, BK):
+    for k0 in range(0, K, BK):
         kc = k0 + tl.arange(0, BK)
-        km = kc < H
-        a = tl.load(h_ptr + rows[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        km = kc < K
+        a = tl.load(a_ptr + rows[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
         wm = km[:, None] & cm[None, :]
-        f = _mm(a, tl.load(wg_ptr + cols[None, :] * H + kc[:, None], mask=wm, other=0.0), f, IEEE)
-        i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), i, IEEE)
-        u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * H + kc[:, None], mask=wm, other=0.0), u, IEEE)
+        f = _mm(a, tl.load(wg_ptr + cols[None, :] * WS + kc[:, None], mask=wm, other=0.0), f, IEEE)
+        i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), i, IEEE)
+        u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), u, IEEE)
+    if READ_CTX:
+        for k0 in range(0, C, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < C
+            a = tl.load(rd_ptr + rows[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            wm = km[:, None] & cm[None, :]
+            wp = wg_ptr + K + kc[:, None]
+            f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
+            i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
+            u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
     c = tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
     tl.store(xs_ptr + rows[:, None] * C + cols[None, :], tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=m2)
     if pid_c + pid_b == 0:
-        tl.store(flag_ptr, 0)  # from now on the context is LayerNorm(x)
+        tl.store(flag_ptr, 0)  # from now on the context is derived from x
 
 
 @triton.jit
@@ -818,23 +868,23 @@ def _head_tile(pid_v, pid_b, h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, I
 
 
 @triton.jit
-def _dec_gate_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE: tl.constexpr,
-                     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def _dec_gate_kernel(a_ptr, rd_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, K, WS, READ_CTX: tl.constexpr,
+                     IEEE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """The gates alone (sampling, or a head that is not one linear map: the head runs in torch)."""
-    _gate_tile(tl.program_id(0), tl.program_id(1), h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H,
-               IEEE, BB, BC, BK)
+    _gate_tile(tl.program_id(0), tl.program_id(1), a_ptr, rd_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, K,
+               WS, READ_CTX, IEEE, BB, BC, BK)
 
 
 @triton.jit
-def _dec_gate_head_kernel(h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr,
-                          B, C, H, V, NGATE, IEEE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr,
-                          BV: tl.constexpr, BK: tl.constexpr):
-    """Greedy decoding: the gates and the head both read only h_N, so one launch runs both, the first NGATE
-    programs a gate tile each and the rest a vocab tile each (a launch fewer per token)."""
+def _dec_gate_head_kernel(a_ptr, rd_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, h_ptr, w_ptr, b_ptr, pmax_ptr,
+                          pidx_ptr, B, C, K, WS, H, V, NGATE, READ_CTX: tl.constexpr, IEEE: tl.constexpr,
+                          BB: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Greedy decoding: the gates and the head both read only this token's layer outputs, so one launch runs both,
+    the first NGATE programs a gate tile each and the rest a vocab tile each (a launch fewer per token)."""
     pid = tl.program_id(0)
     if pid < NGATE:
-        _gate_tile(pid, tl.program_id(1), h_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, H, IEEE, BB, BC,
-                   BK)
+        _gate_tile(pid, tl.program_id(1), a_ptr, rd_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, flag_ptr, B, C, K, WS,
+                   READ_CTX, IEEE, BB, BC, BK)
     else:
         _head_tile(pid - NGATE, tl.program_id(1), h_ptr, w_ptr, b_ptr, pmax_ptr, pidx_ptr, B, H, V, IEEE, BB, BV,
                    BK)
@@ -876,8 +926,9 @@ class FusedCell:
 
     def __init__(self, model, batch_size: int) -> None:
         cfg = model.config
-        if cfg.context_tanh:
-            raise ValueError("the fused cell has no context_tanh")
+        ok, why = fused_cell_supported(cfg)
+        if not ok:
+            raise ValueError(why)
         E, C, H = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim
         W1 = model.fnn[0].weight.detach()
         dt, dev = W1.dtype, W1.device
@@ -887,8 +938,17 @@ class FusedCell:
         self.Wc = W1[:, E:].contiguous()
         self.layers = [(m.weight.detach().contiguous(), m.bias.detach().contiguous()) for m in model.fnn[1:]]
         self.Wg, self.bg = model.gates.weight.detach().contiguous(), model.gates.bias.detach().contiguous()
-        self.lnw = model.norm.weight.detach().float().contiguous()
-        self.lnb = model.norm.bias.detach().float().contiguous()
+        affine = model.norm.weight is not None
+        self.lnw = model.norm.weight.detach().float().contiguous() if affine else torch.ones(C, device=dev)
+        self.lnb = model.norm.bias.detach().float().contiguous() if affine else torch.zeros(C, device=dev)
+        # The cell options: where the norm sits, whether the gates read the context, low-rank gates (V).
+        self.norm_out, self.norm_read = cfg.state_norm in ("layernorm", "noaffine"), cfg.state_norm == "read"
+        self.gate_ctx = cfg.gate_context
+        self.Wv = model.gate_down.weight.detach().contiguous() if model.gate_down is not None else None
+        self.R = self.Wv.shape[0] if self.Wv is not None else 0
+        self.gin = H + C if cfg.gate_context else H  # width of the gate input [h_L ; r]
+        self.rd = torch.zeros(batch_size, C, dtype=dt, device=dev)  # r: what the cell read this token
+        self.vs = torch.zeros(batch_size, max(self.R, 1), dtype=dt, device=dev)  # V [h_L ; r]
         hw = _head_weights(model)
         self.head_w, self.head_b = (hw[0].contiguous(), hw[1].contiguous()) if hw is not None else (None, None)
         self.B, self.C, self.H, self.dt = batch_size, C, H, dt
@@ -917,11 +977,23 @@ class FusedCell:
         self.flag.fill_(1)
 
     def context(self) -> torch.Tensor:
-        """c_t after the last token: clamp(LayerNorm(x_t)), or the context given to ``set_context``."""
+        """c_t after the last token: clamp(LayerNorm(x_t)) (clamp(x_t) without a norm on the way out), or the
+        context given to ``set_context``."""
         if int(self.flag) != 0:
             return self.ctx.clone()
-        y = torch.nn.functional.layer_norm(self.xs, (self.C,), self.lnw, self.lnb, LN_EPS)
+        y = torch.nn.functional.layer_norm(self.xs, (self.C,), self.lnw, self.lnb, LN_EPS) if self.norm_out \
+            else self.xs
         return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+
+    def _gate_args(self) -> tuple:
+        """The gate launch's input, its width and W_g's row stride (low-rank: V [h_L ; r] first, one launch)."""
+        if not self.R:
+            return self.hs[-1], self.H, self.gin
+        grid = (triton.cdiv(self.R, self.BN), triton.cdiv(self.B, self.BB))
+        _dec_proj_kernel[grid](self.hs[-1], self.rd, self.Wv, self.vs, self.B, self.H, self.C, self.R, self.gin,
+                               GATE_CTX=self.gate_ctx, IEEE=self.ieee, BB=self.BB, BN=self.BN, BK=self.BK,
+                               **self.launch)
+        return self.vs, self.R, self.R
 
     def _advance(self, tok: torch.Tensor, out_col: Optional[torch.Tensor], from_head: bool) -> torch.Tensor:
         """Layer 1..L of one token; with ``from_head`` the gates are left to ``greedy``'s combined launch."""
@@ -929,19 +1001,22 @@ class FusedCell:
         nb = triton.cdiv(B, self.BB)
         grid_h = (triton.cdiv(H, self.BN), nb)
         out = out_col if out_col is not None else self.tok
-        _dec_in_kernel[grid_h](self.table, tok, self.pmax, self.pidx, self.flag, self.xs, self.ctx, self.lnw,
+        _dec_in_kernel[grid_h](self.table, tok, self.pmax, self.pidx, self.flag, self.xs, self.ctx, self.rd, self.lnw,
                                self.lnb, self.Wc, out, self.hs[0], B, C, H, self.NV,
                                out.stride(0) if out.dim() else 1, CONTEXT_CLAMP, LN_EPS,
-                               FROM_HEAD=from_head, WRITE_OUT=out_col is not None, IEEE=self.ieee, BB=self.BB,
+                               FROM_HEAD=from_head, WRITE_OUT=out_col is not None, NORM_OUT=self.norm_out,
+                               NORM_READ=self.norm_read, STORE_READ=self.gate_ctx, IEEE=self.ieee, BB=self.BB,
                                BN=self.BN, BCF=max(16, triton.next_power_of_2(C)),
                                BNV=max(2, triton.next_power_of_2(self.NV)), **self.launch)
         for j, (w, b) in enumerate(self.layers):
             _dec_layer_kernel[grid_h](self.hs[j], w, b, self.hs[j + 1], B, H, H, IEEE=self.ieee, BB=self.BB,
                                       BN=self.BN, BK=self.BK, **self.launch)
         if not from_head:
-            _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](self.hs[-1], self.Wg, self.bg, self.ctx, self.xs,
-                                                            self.flag, B, C, H, IEEE=self.ieee, BB=self.BB,
-                                                            BC=self.BN, BK=self.BK, **self.launch)
+            a, K, WS = self._gate_args()
+            _dec_gate_kernel[(triton.cdiv(C, self.BN), nb)](a, self.rd, self.Wg, self.bg, self.ctx, self.xs,
+                                                            self.flag, B, C, K, WS,
+                                                            READ_CTX=self.gate_ctx and not self.R, IEEE=self.ieee,
+                                                            BB=self.BB, BC=self.BN, BK=self.BK, **self.launch)
         return self.hs[-1]
 
     def __call__(self, tok: torch.Tensor, out_col: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -955,11 +1030,12 @@ class FusedCell:
         if self.head_w is None:
             raise ValueError("greedy() needs a head that is one linear map (no tied projection)")
         h = self._advance(self.tok, out_col, from_head=True)
+        a, K, WS = self._gate_args()
         ngate = triton.cdiv(self.C, self.BN)
         _dec_gate_head_kernel[(ngate + self.NV, triton.cdiv(self.B, self.BB))](
-            h, self.Wg, self.bg, self.ctx, self.xs, self.flag, self.head_w, self.head_b, self.pmax, self.pidx,
-            self.B, self.C, self.H, self.V, ngate, IEEE=self.ieee, BB=self.BB, BC=self.BN, BV=self.BV, BK=self.BK,
-            **self.launch)
+            a, self.rd, self.Wg, self.bg, self.ctx, self.xs, self.flag, h, self.head_w, self.head_b, self.pmax,
+            self.pidx, self.B, self.C, K, WS, self.H, self.V, ngate, READ_CTX=self.gate_ctx and not self.R,
+            IEEE=self.ieee, BB=self.BB, BC=self.BN, BV=self.BV, BK=self.BK, **self.launch)
 
     def next_tokens(self) -> torch.Tensor:
         """The argmax of the last ``greedy`` head (what the next ``greedy`` reads), for checks."""

@@ -22,6 +22,11 @@ from ..config import CONTEXT_CLAMP, LN_EPS
 
 
 class NewLLMRecurrence(torch.autograd.Function):
+    """Few ops per step (a CPU step is bound by them as much as by the matmuls): results written into their
+    saved buffers (``out=``, in place), LayerNorm forward and backward one op each, and whatever does not depend
+    on the carried gradient (x-hat, the clamp mask, relu' x dropout scale, the gate derivatives) computed for all
+    steps at once outside the loops. The kept FNN units are exactly those with a stored output > 0."""
+
     @staticmethod
     def forward(ctx, x_proj: torch.Tensor, c0: torch.Tensor, keep: Optional[torch.Tensor], W_c: torch.Tensor,
                 W_g: torch.Tensor, b_g: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, p: float,
@@ -29,84 +34,99 @@ class NewLLMRecurrence(torch.autograd.Function):
         B, T, H = x_proj.shape
         C = c0.shape[1]
         dt = x_proj.dtype  # matmul dtype: bf16 / fp16 under autocast, else fp32
-        Wc, Wg, bg = W_c.to(dt), W_g.to(dt), b_g.to(dt)
+        f32 = torch.float32
+        WcT, WgT, bg = W_c.to(dt).t(), W_g.to(dt).t(), b_g.to(dt)
         Ws = [(layers[k].to(dt), layers[k + 1].to(dt)) for k in range(0, len(layers), 2)]
         L = 1 + len(Ws)
         dev = x_proj.device
-        Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)  # layer outputs
-        Ds = torch.empty(L, T, B, H, dtype=dt, device=dev)  # relu' x dropout scale
-        Cin = torch.empty(T, B, C, dtype=torch.float32, device=dev)  # c_{t-1} after resets
-        SF, SI, U, XH = (torch.empty(T, B, C, dtype=torch.float32, device=dev) for _ in range(4))
-        RS = torch.empty(T, B, 1, dtype=torch.float32, device=dev)
-        YM = torch.empty(T, B, C, dtype=torch.bool, device=dev)
+        XP = x_proj.transpose(0, 1)  # [T, B, H] view: step t's rows
+        Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)  # layer outputs (after ReLU and dropout)
+        Cin = torch.empty(T, B, C, dtype=f32, device=dev)  # c_{t-1} after resets
+        G = torch.empty(T, B, 3 * C, dtype=f32, device=dev)  # [sigmoid(f) | sigmoid(i) | u]
+        X = torch.empty(T, B, C, dtype=f32, device=dev)  # LayerNorm's input
+        MU = torch.empty(T, B, 1, dtype=f32, device=dev)
+        RS = torch.empty(T, B, 1, dtype=f32, device=dev)
         c = c0.float()
         drop = training and p > 0
         ctx_drop = training and p_ctx > 0  # dropout on the context path into layer 1 (not on the gate product)
-        MC = torch.empty(T, B, C, dtype=torch.float32, device=dev) if ctx_drop else None
+        MC = torch.empty(T, B, C, dtype=f32, device=dev) if ctx_drop else None
+        M = torch.empty(B, H, dtype=dt, device=dev) if drop else None
         for t in range(T):
             if keep is not None:
-                c = c * keep[:, t]
-            Cin[t] = c
+                c = torch.mul(c, keep[:, t], out=Cin[t])
+            else:
+                c = Cin[t].copy_(c)
             if ctx_drop:
-                MC[t] = torch.empty_like(c).bernoulli_(1 - p_ctx) / (1 - p_ctx)
-                h = (c * MC[t]).to(dt)
+                h = (c * MC[t].bernoulli_(1 - p_ctx).div_(1 - p_ctx)).to(dt)
             else:
                 h = c.to(dt)
             for j in range(L):
-                a = torch.addmm(x_proj[:, t], h, Wc.t()) if j == 0 else torch.addmm(Ws[j - 1][1], h, Ws[j - 1][0].t())
-                D = (a > 0).to(dt)
+                a = Hs[j, t]
+                if j == 0:
+                    torch.addmm(XP[t], h, WcT, out=a)
+                else:
+                    torch.addmm(Ws[j - 1][1], h, Ws[j - 1][0].t(), out=a)
+                a.relu_()
                 if drop:
-                    D = D * torch.empty_like(a).bernoulli_(1 - p) / (1 - p)
-                Ds[j, t] = D
-                h = a * D
-                Hs[j, t] = h
-            g = torch.addmm(bg, h, Wg.t()).float()
-            sf, si, u = torch.sigmoid(g[:, :C]), torch.sigmoid(g[:, C:2 * C]), g[:, 2 * C:]
-            x = sf * c + si * u
-            mu = x.mean(-1, keepdim=True)
-            rstd = (x.var(-1, unbiased=False, keepdim=True) + LN_EPS).rsqrt()
-            xhat = (x - mu) * rstd
-            y = xhat * ln_w + ln_b
-            SF[t], SI[t], U[t], XH[t], RS[t] = sf, si, u, xhat, rstd
-            YM[t] = (y >= -CONTEXT_CLAMP) & (y <= CONTEXT_CLAMP)
-            c = y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+                    a.mul_(M.bernoulli_(1 - p)).div_(1 - p)
+                h = a
+            g = G[t]
+            if dt == f32:
+                torch.addmm(bg, h, WgT, out=g)
+            else:
+                g.copy_(torch.addmm(bg, h, WgT))
+            g[:, :2 * C].sigmoid_()
+            x = torch.mul(g[:, :C], c, out=X[t]).addcmul_(g[:, C:2 * C], g[:, 2 * C:])
+            y, mu, rs = torch.native_layer_norm(x, (C,), ln_w, ln_b, LN_EPS)
+            MU[t], RS[t] = mu, rs
+            c = y.clamp_(-CONTEXT_CLAMP, CONTEXT_CLAMP)
         ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
-                              MC if ctx_drop else torch.empty(0, device=dev), Wc, Wg, ln_w, Hs, Ds,
-                              Cin, SF, SI, U, XH, RS, YM, *[w for w, _ in Ws])
-        ctx.ctx_drop = ctx_drop
+                              MC if ctx_drop else torch.empty(0, device=dev), W_c.to(dt), W_g.to(dt), ln_w, ln_b,
+                              Hs, Cin, G, X, MU, RS, *[w for w, _ in Ws])
+        ctx.ctx_drop, ctx.scale = ctx_drop, 1 / (1 - p) if drop else 1.0
         ctx.has_keep, ctx.dtypes = keep is not None, (c0.dtype, W_c.dtype)
         return Hs[L - 1].transpose(0, 1), c
 
     @staticmethod
     def backward(ctx, d_hs: torch.Tensor, d_c: Optional[torch.Tensor]):
-        keep, MC, Wc, Wg, ln_w, Hs, Ds, Cin, SF, SI, U, XH, RS, YM, *Ws = ctx.saved_tensors
+        keep, MC, Wc, Wg, ln_w, ln_b, Hs, Cin, G, X, MU, RS, *Ws = ctx.saved_tensors
         L, T, B, H = Hs.shape
         C = Cin.shape[-1]
-        dt = Hs.dtype
-        dHL = d_hs.transpose(0, 1).to(dt) if d_hs is not None else torch.zeros(T, B, H, dtype=dt, device=Hs.device)
-        dc = d_c.float() if d_c is not None else torch.zeros(B, C, device=Hs.device)
-        dG = torch.empty(T, B, 3 * C, dtype=dt, device=Hs.device)
-        dA = torch.empty(L, T, B, H, dtype=dt, device=Hs.device)
-        DY = torch.empty(T, B, C, dtype=torch.float32, device=Hs.device)
+        dt, dev = Hs.dtype, Hs.device
+        dHL = d_hs.transpose(0, 1).to(dt) if d_hs is not None else None
+        dc = d_c.float() if d_c is not None else torch.zeros(B, C, device=dev)
+        # Everything that does not depend on the carried gradient, for all steps at once.
+        SF, SI, U = G[..., :C], G[..., C:2 * C], G[..., 2 * C:]
+        XH = (X - MU) * RS
+        YM = ((XH * ln_w + ln_b).abs() <= CONTEXT_CLAMP).float()  # where the clamp let y through
+        GF, GI = Cin * SF * (1 - SF), U * SI * (1 - SI)
+        DM = (Hs > 0).to(dt).mul_(ctx.scale)  # relu' x dropout scale: kept units are those with output > 0
+        dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
+        dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
+        DY = torch.empty(T, B, C, dtype=torch.float32, device=dev)
+        no_affine_grads = [True, False, False]
         for t in range(T - 1, -1, -1):
-            dy = dc * YM[t]
-            DY[t] = dy
-            dxh = dy * ln_w
-            xh = XH[t]
-            dx = RS[t] * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))
-            sf, si = SF[t], SI[t]
-            dg = torch.cat([dx * Cin[t] * sf * (1 - sf), dx * U[t] * si * (1 - si), dx * si], -1).to(dt)
-            dG[t] = dg
-            dh = dHL[t] + dg @ Wg
+            dy = torch.mul(dc, YM[t], out=DY[t])
+            dx = torch.ops.aten.native_layer_norm_backward(dy, X[t], [C], MU[t], RS[t], ln_w, ln_b,
+                                                           no_affine_grads)[0]
+            dg = dG[t]
+            if dt == torch.float32:
+                torch.mul(dx, GF[t], out=dg[:, :C])
+                torch.mul(dx, GI[t], out=dg[:, C:2 * C])
+                torch.mul(dx, SI[t], out=dg[:, 2 * C:])
+            else:
+                dg.copy_(torch.cat([dx * GF[t], dx * GI[t], dx * SI[t]], -1))
+            dh = torch.addmm(dHL[t], dg, Wg) if dHL is not None else dg @ Wg
             for j in range(L - 1, -1, -1):
-                da = dh * Ds[j, t]
-                dA[j, t] = da
+                da = torch.mul(dh, DM[j, t], out=dA[j, t])
                 if j:
                     dh = da @ Ws[j - 1]
             d_in = (da @ Wc).float()
-            dc = dx * sf + (d_in * MC[t] if ctx.ctx_drop else d_in)
+            if ctx.ctx_drop:
+                d_in = d_in.mul_(MC[t])
+            dc = d_in.addcmul_(dx, SF[t])
             if ctx.has_keep:
-                dc = dc * keep[:, t]
+                dc = dc.mul_(keep[:, t])
         # Weight gradients: one matmul each over all T*B positions.
         flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
         d_Wg = (flatG.t() @ Hs[L - 1].reshape(-1, H)).float()

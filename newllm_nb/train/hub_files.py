@@ -62,6 +62,9 @@ def locate(source: Union[str, Path], revision: Optional[str] = None, cache_dir: 
         return p
     parsed = parse_hub_id(str(source)) if isinstance(source, str) else None
     if parsed is None:
+        if isinstance(source, str) and re.fullmatch(r"[^/\s.~][^/\s]*/[^/\s]+", source.strip()):
+            raise HubError(f"{source}: no such file or folder here, and not a valid hub id (OWNER/NAME[@REVISION]: "
+                           "letters, digits, '-', '_' and '.'; no '--' or '..')")
         return p
     repo, rev = parsed
     if rev and revision and rev != revision:

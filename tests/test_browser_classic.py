@@ -209,7 +209,8 @@ def _assert_bars_drawn(driver, name: str, label: str) -> None:
     bars = driver.execute_script("""
         return [...document.querySelectorAll('#notebook .widget-hprogress')].map(p => {
             const row = p.closest('.widget-hbox'), fill = p.querySelector('.progress-bar');
-            return {text: row ? row.innerText : '', fill: fill ? fill.getBoundingClientRect().width : 0,
+            return {text: row ? row.innerText.replace(/[\u2007\u00a0]/g, ' ') : '',
+                    fill: fill ? fill.getBoundingClientRect().width : 0,
                     width: p.getBoundingClientRect().width};
         });""")
     labelled = [b for b in bars if label in b["text"]]
@@ -295,7 +296,7 @@ def test_wikitext_notebook_in_classic_notebook(server, browser):
     _watch_plot(browser, train_cell)
     browser.execute_script(NB + "nb.execute_all_cells();")
     time.sleep(1.0)
-    _idle(browser, 900, "01_wikitext to run all cells")
+    _idle(browser, 1500, "01_wikitext to run all cells")
     _assert_clean(browser, "01_wikitext")
     plots = browser.execute_script("return window.__plots;")
     assert sum(p["running"] for p in plots) >= 2, f"the live plot was not redrawn while training ran: {plots}"
@@ -316,7 +317,7 @@ def test_wikitext_notebook_in_classic_notebook(server, browser):
 
 def test_dolly_notebook_in_classic_notebook(server, browser):
     url, token, work, shots = server
-    _run_all(browser, url, token, "02_dolly", 420)
+    _run_all(browser, url, token, "02_dolly", 900)
     assert "| data: " in _outputs(browser, "result = train_live(")  # the summary names its data
     _assert_bars_drawn(browser, "02_dolly", "New-LLM on Dolly-15k")
     _save_reload_check(browser, "02_dolly")
@@ -325,7 +326,7 @@ def test_dolly_notebook_in_classic_notebook(server, browser):
 
 def test_layer_sweep_notebook_in_classic_notebook(server, browser):
     url, token, work, shots = server
-    _run_all(browser, url, token, "03_layer_sweep", 480)
+    _run_all(browser, url, token, "03_layer_sweep", 1500)
     by_option = _outputs(browser, "by_option = option_sweep_live(")
     for label in ("state_norm=layernorm (1/2) · newllm, 1 layer", "state_norm=noaffine (2/2) · newllm, 1 layer"):
         assert label in by_option, f"the option sweep's bars do not name {label!r}"
@@ -339,7 +340,7 @@ def test_chat_notebook_in_classic_notebook(server, browser):
     from selenium.webdriver.common.keys import Keys
 
     url, token, work, shots = server
-    _run_all(browser, url, token, "04_chat", 300)
+    _run_all(browser, url, token, "04_chat", 600)
     assert "runs" in _outputs(browser, "model, tokenizer, ckpt = load_model("), "02_dolly's checkpoint was not loaded"
 
     box = browser.find_element(By.CSS_SELECTOR, "input[placeholder='Ask something, then press Enter']")

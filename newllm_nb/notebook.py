@@ -81,8 +81,12 @@ def _bar_class(base: type) -> type:
             if transient and getattr(self, "container", None) is not None:
                 self._slot = _display_replaceable(self.container)
                 self.displayed = True
-            if getattr(self, "container", None) is not None:  # a long run label keeps to one line
+            if getattr(self, "container", None) is not None:
+                # A long run label keeps to one line, and the bar keeps a bar's width: where both do not fit,
+                # the bar wraps below the label (ipywidgets 7 would otherwise squeeze it to a few pixels).
                 self.container.children[0].layout.flex = "0 0 auto"
+                self.container.children[1].layout.min_width = "160px"
+                self.container.layout.flex_flow = "row wrap"
 
         def close(self):
             super().close()
@@ -140,7 +144,7 @@ def _summary(res: RunResult) -> str:
 
 def _on_sample(title: str, prepared) -> str:
     """A plot title that says when the run reads the bundled sample instead of the dataset it names."""
-    return f"{title} · {prepared.source}" if is_sample(prepared.source) else title
+    return f"{title} · bundled sample" if is_sample(prepared.source) else title
 
 
 def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:

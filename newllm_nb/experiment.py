@@ -23,6 +23,7 @@ from .expansion import freeze_hooks
 from .metrics import evaluate
 from .model import count_parameters
 from .runs import fingerprint_id, run_fingerprint
+from .stopping import Interrupted
 from .tokenizer import tokenizer_hash
 from .trainer import Trainer
 
@@ -39,6 +40,12 @@ class RunResult:
     seconds: float
     config: RunConfig = field(repr=False, default=None)  # as trained (vocab size from the tokenizer)
     trainer: Trainer = field(repr=False, default=None)
+    stopped: Optional[Interrupted] = None  # set when a stop signal ended training early (a partial result)
+
+    @property
+    def checkpoint(self) -> Optional[Path]:
+        """The checkpoint to resume a stopped run from (its ``last``), else None."""
+        return self.stopped.checkpoint if self.stopped is not None else None
 
     @property
     def best_path(self) -> Optional[Path]:
@@ -81,7 +88,11 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     model = build_model(cfg.model)
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,
                       step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress, data_source=prepared.source)
-    history = trainer.fit(resume=resume)
+    try:
+        history = trainer.fit(resume=resume)
+    except Interrupted as e:
+        e.result = _partial(cfg, trainer, prepared, run_dir, time.perf_counter() - t0, e)
+        raise
     if trainer.best_path is not None and trainer.best_path.exists():
         load_checkpoint(trainer.best_path).load_into(trainer.model)
     elif trainer.ema is not None:  # no checkpoints written: use the averaged weights, which validation measured
@@ -92,3 +103,17 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,
                      Path(run_dir) if run_dir else None, count_parameters(model), time.perf_counter() - t0,
                      cfg, trainer)
+
+
+def _partial(cfg: RunConfig, trainer: Trainer, prepared: Prepared, run_dir, seconds: float,
+             stop: Interrupted) -> RunResult:
+    """What a stopped run has: the model as it stands, the epochs so far, and as ``metrics`` the best epoch's
+    validation as recorded (NaN before the first epoch ends; nothing is evaluated while stopping)."""
+    best = min((r for r in trainer.history if r.get("best")), key=lambda r: r["val_loss"], default=None)
+    nan = float("nan")
+    metrics = ({"loss": best["val_loss"], "ppl": best["val_ppl"], "acc": best["val_acc"]} if best
+               else {"loss": nan, "ppl": nan, "acc": nan})
+    trainer.model.tokenizer_sha256 = tokenizer_hash(prepared.tokenizer)
+    return RunResult(trainer.model, prepared.tokenizer, trainer.history, metrics, prepared,
+                     Path(run_dir) if run_dir else None, count_parameters(trainer.model), seconds, cfg, trainer,
+                     stopped=stop)

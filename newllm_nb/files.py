@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then move the finished file onto ``path`` in one step."""
+def atomic_write(path: Union[str, Path], write: Callable[[str], None],
+                 before_replace: Optional[Callable[[], None]] = None) -> None:
+    """Call ``write(tmp_path)``, then move the finished file onto ``path`` in one step. ``before_replace`` runs
+    once the new file is complete (e.g. keeping the old one under another name): a failed write leaves
+    ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,6 +25,8 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -35,6 +35,7 @@ from .metrics import evaluate
 from .plots import LivePlot
 from .prompt import instruction_prompt
 from .sources import is_sample, load_wikitext, source_tag
+from .stopping import Interrupted
 from .sweep import run_sweep
 
 __all__ = ["sized_for_session", "train_live", "sweep_live", "option_sweep_live", "CELL_OPTIONS",
@@ -52,6 +53,8 @@ def smoke_epochs(epochs: int, cap: int = 1) -> int:
     """An epoch count from a slider, capped at ``cap`` under ``NEWLLM_SMOKE=1``."""
     return min(epochs, cap) if is_smoke() else epochs
 
+
+RESUME_HINT = "run this cell again to resume"
 
 # -- progress bars --------------------------------------------------------------------------------------------
 _runs: list[dict] = []  # the innermost labelled_progress block's label and new-run hook (blocks may nest)
@@ -151,7 +154,8 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     """Train ``cfg`` with a live plot (per-step training loss from the first steps, validation per
     epoch) in the runs folder for these settings and data (``experiment.keyed_run_dir``, the CLI's rule):
     re-running with the same settings resumes, or reports a finished run; other settings start a new run.
-    Prints one summary line at the end."""
+    Prints one summary line at the end. Stopped (the Stop button, SIGTERM), it saves the current step and
+    returns the partial result (``result.stopped``, ``result.checkpoint``) instead of raising."""
     cfg = sized_for_session(cfg)
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
@@ -159,8 +163,12 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     title = _on_sample(title or name, prepared)
     live = LivePlot(title)
     with labelled_progress(title):
-        res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step], prepared=prepared,
-                             progress=LabelledBar)
+        try:
+            res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step],
+                                 prepared=prepared, progress=LabelledBar)
+        except Interrupted as e:  # Stop button / SIGTERM: the work is saved; hand back what there is
+            print(e.message(RESUME_HINT))
+            return e.result
     if len(res.history) != len(live.history):  # a resumed run: show the epochs from before the restart too
         live.history = list(res.history)
     live.draw()
@@ -172,7 +180,21 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
 def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",),
                name: str = "sweep", label: str = "") -> pd.DataFrame:
     """The layer sweep (``sweep.run_sweep``, which keys each run's folder by its settings) with one labelled
-    live plot and labelled progress bars per run; ``label`` goes before each run's own (what the sweep varies)."""
+    live plot and labelled progress bars per run; ``label`` goes before each run's own (what the sweep varies).
+    Stopped, it returns the rows so far (the stopped run's row names its checkpoint)."""
+    return _kept(lambda: _sweep(cfg, layers, archs, name, label))
+
+
+def _kept(work: Callable):
+    """``work()``; stopped by a signal, print the one stop line and return the partial result it carries."""
+    try:
+        return work()
+    except Interrupted as e:
+        print(e.message(RESUME_HINT))
+        return e.result
+
+
+def _sweep(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str], name: str, label: str = "") -> pd.DataFrame:
     cfg = sized_for_session(cfg)
     runs = [(a, n) for a in archs for n in layers]
     with labelled_progress() as set_label:
@@ -199,13 +221,22 @@ def option_sweep_live(cfg: RunConfig, option: str, values: Sequence, layers: int
     each in its own keyed folder (a finished one is read back), one row per value with an ``option`` column."""
     if option not in CELL_OPTIONS:
         raise ValueError(f"unknown cell option {option!r}: choose one of {sorted(CELL_OPTIONS)}")
-    frames = []
-    for k, value in enumerate(values, 1):
-        run_cfg = apply_overrides(cfg, **{f"model__{option}": value})
-        df = sweep_live(run_cfg, [layers], ["newllm"], name=f"{name}-{option}",
-                        label=f"{option}={value} ({k}/{len(values)}) · ")
-        frames.append(df.assign(option=option, value=str(value)))
-    return pd.concat(frames, ignore_index=True)
+
+    def sweep_values() -> pd.DataFrame:
+        frames = []
+        for k, value in enumerate(values, 1):
+            run_cfg = apply_overrides(cfg, **{f"model__{option}": value})
+            try:
+                df = _sweep(run_cfg, [layers], ["newllm"], f"{name}-{option}",
+                            f"{option}={value} ({k}/{len(values)}) · ")
+            except Interrupted as e:  # stop the whole sweep, keeping the rows so far
+                frames.append(e.result.assign(option=option, value=str(value)))
+                e.result = pd.concat(frames, ignore_index=True)
+                raise
+            frames.append(df.assign(option=option, value=str(value)))
+        return pd.concat(frames, ignore_index=True)
+
+    return _kept(sweep_values)
 
 
 GROWTH_VARIANTS = ("no growth", "grow, freeze base", "grow, fine-tune all", "context {new_dim} from scratch")
@@ -241,8 +272,8 @@ def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig
             state["live"].update(rec)
 
     with labelled_progress(on_run=next_run) as set_label:
-        return growth_experiment(result, new_dim, extra_epochs, root, callbacks=[on_epoch],
-                                 step_callbacks=[on_step], progress=LabelledBar)
+        return _kept(lambda: growth_experiment(result, new_dim, extra_epochs, root, callbacks=[on_epoch],
+                                               step_callbacks=[on_step], progress=LabelledBar))
 
 
 def context_memory(result: RunResult, samples: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:

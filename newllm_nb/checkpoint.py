@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .baselines import build_model
 from .batching import tensor_sha256
 from .config import RunConfig
-from .files import atomic_write
+from .files import atomic_write, check_regular_file
 from .hardware import resolve_device
 from .hub_files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, locate
 from .tokenizer import tokenizer_from_hub_json, tokenizer_from_json, tokenizer_hash
@@ -204,8 +204,7 @@ def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
                 break
         else:
             raise CheckpointError(f"no best.safetensors or last.safetensors in {p}")
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
+    check_regular_file(p, "checkpoint", None, CheckpointError)  # a pipe or device is refused before reading
     if p.stat().st_size < 16:
         raise DamagedCheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
     try:

@@ -23,6 +23,7 @@ from .config import PRESETS, RunConfig, apply_overrides, is_smoke, preset, shrin
 from .data import prepare
 from .distributed import init_from_env, launched, shutdown, world_size
 from .experiment import keyed_run_dir, run_experiment
+from .files import shown_path
 from .generate import ChatSession, Sampling, stream
 from .hardware import detect, recommend, resolve_device
 from .hub import push
@@ -203,9 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def one_line(e: BaseException) -> str:
     """The error as one line; an OS error says what failed and on which file (a very long name is shortened)."""
     if isinstance(e, OSError) and e.strerror:
-        names = [n for n in (e.filename, e.filename2) if n is not None]
-        shown = [f"{str(n)[:80]}... ({len(str(n))} characters)" if len(str(n)) > 120 else str(n) for n in names]
-        return f"{e.strerror}" + (f": {' -> '.join(shown)}" if shown else "")
+        names = [shown_path(n) for n in (e.filename, e.filename2) if n is not None]
+        return f"{e.strerror}" + (f": {' -> '.join(names)}" if names else "")
     return " ".join(str(e).splitlines()) or type(e).__name__
 
 

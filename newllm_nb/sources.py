@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 from .config import DATA_SOURCES
 
+from .files import check_regular_file, text_size_limit
+
 
 def _find_data_dir() -> Path:
     """$NEWLLM_DATA_DIR, else the repo's data/ (editable install), else a Colab clone's data/."""
@@ -167,12 +169,9 @@ def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str]
 
 
 def read_text(path: Union[str, Path]) -> str:
-    """Read a UTF-8 text file with clear errors for missing, empty or non-UTF-8 files."""
+    """Read a UTF-8 text file with clear errors for missing, empty, non-UTF-8, too large or irregular files."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"dataset file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"expected a file, got a directory: {p}")
+    check_regular_file(p, "dataset file", text_size_limit(), DataError)  # before a byte is read
     try:
         text = p.read_bytes().decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:

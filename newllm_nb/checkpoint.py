@@ -192,18 +192,29 @@ class Checkpoint:
         model.load_state_dict(state)
 
 
+def peek_checkpoint(path: Union[str, Path]) -> Optional[dict]:
+    """A checkpoint's metadata (config, fingerprint, trainer state, history) read from its header alone, without
+    its tensors or checksum; None for a file that is not a readable newllm_nb checkpoint."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["newllm_nb"])
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; CheckpointError names the file and the problem."""
     p = Path(path)
     if p.is_dir() and (p / WEIGHTS_FILE).exists():
         return _load_shared(p)
-    if p.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (p / name).exists():
-                p = p / name
-                break
-        else:
-            raise CheckpointError(f"no best.safetensors or last.safetensors in {p}")
+    if p.is_dir():  # a run folder means its best weights; never another file in their place
+        if not (p / "best.safetensors").exists():
+            last = p / "last.safetensors"
+            there = (f": {last} is there, holding the last epoch's weights, not the best; pass that file to use them"
+                     if last.exists() else "")
+            raise CheckpointError(f"no best.safetensors in {p}{there}")
+        p = p / "best.safetensors"
     check_regular_file(p, "checkpoint", None, CheckpointError)  # a pipe or device is refused before reading
     if p.stat().st_size < 16:
         raise DamagedCheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")

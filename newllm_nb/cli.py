@@ -97,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--checkpoint-every", type=float, metavar="MINUTES",
                        help="also save `last` every MINUTES within an epoch (default 10); Ctrl-C and SIGTERM save too")
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
-    t.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a run")
+    t.add_argument("--no-resume", action="store_true", help="start this configuration's run over (its checkpoints "
+                                                              "are discarded)")
+    t.add_argument("--overwrite", action="store_true", help="also replace another configuration's run in --run-dir "
+                                                            "(refused without it)")
     where = "a .safetensors checkpoint, a run folder, a shared model's folder, or a hub id OWNER/NAME[@REVISION]"
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     g.add_argument("--checkpoint", required=True, help=where)
@@ -226,7 +229,7 @@ def _train(args: argparse.Namespace) -> int:
     rule = "" if world == 1 else " (given)" if cfg.train.lr is not None else " (1e-4*sqrt(global batch/32))"
     print(f"device: {info.name} ({info.kind}){f' x {world}' if world > 1 else ''} | {batch} | "
           f"lr {cfg.train.effective_lr:.2e}{rule} | layers {cfg.model.num_layers} | run dir {run_dir}")
-    res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared)
+    res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared, overwrite=args.overwrite)
     m = res.metrics
     last = res.history[-1] if res.history else {}
     print(f"\nfinal ({'per-batch mean, seed-compatible' if cfg.train.seed_compatible else 'token-weighted, non-PAD'}"

@@ -22,7 +22,7 @@ from .data import Prepared, prepare
 from .expansion import freeze_hooks
 from .metrics import evaluate
 from .model import count_parameters
-from .runs import fingerprint_id, run_fingerprint
+from .runs import RunFolderError, fingerprint_id, run_fingerprint
 from .stopping import Interrupted
 from .tokenizer import tokenizer_hash
 from .trainer import Trainer
@@ -72,10 +72,11 @@ def keyed_run_dir(root: Union[str, Path], name: str, cfg: RunConfig, prepared: P
 def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
                    callbacks: Sequence[Callable[[dict], None]] = (), prepared: Optional[Prepared] = None,
                    resume: bool = True, step_callbacks: Sequence[Callable[[dict], None]] = (),
-                   progress: Optional[Callable] = None) -> RunResult:
+                   progress: Optional[Callable] = None, overwrite: bool = False) -> RunResult:
     """Prepare data, build the model, train (resuming ``run_dir`` if it holds a run), reload the best
     weights and evaluate them. ``callbacks`` get each epoch's record, ``step_callbacks`` each step's loss,
-    ``progress`` is the trainer's progress-bar class."""
+    ``progress`` is the trainer's progress-bar class. ``resume=False`` starts this configuration's run over;
+    ``overwrite`` also replaces another configuration's run in ``run_dir`` (else that is refused)."""
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(cfg.data, cfg.model.vocab_size)
@@ -89,12 +90,16 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,
                       step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress, data_source=prepared.source)
     try:
-        history = trainer.fit(resume=resume)
+        history = trainer.fit(resume=resume, overwrite=overwrite)
     except Interrupted as e:
         e.result = _partial(cfg, trainer, prepared, run_dir, time.perf_counter() - t0, e)
         raise
     if trainer.best_path is not None and trainer.best_path.exists():
         load_checkpoint(trainer.best_path).load_into(trainer.model)
+    elif trainer.best_path is not None and history:  # every run that validates once writes one: it was deleted
+        raise RunFolderError(f"the run in {run_dir} finished earlier but its best.safetensors is missing, so its best "
+                             f"epoch cannot be reported: train it again with --overwrite (overwrite=True), or use "
+                             f"{trainer.last_path} (the last epoch's weights) with generate --checkpoint")
     elif trainer.ema is not None:  # no checkpoints written: use the averaged weights, which validation measured
         trainer.ema.copy_to_model()
     metrics = evaluate(trainer.model, prepared.valid, min(cfg.train.batch_size, 1024), trainer.device,

@@ -21,7 +21,6 @@ from typing import Optional, Union
 from urllib.parse import urlsplit
 
 from .config import DATA_SOURCES
-
 from .files import check_regular_file, text_size_limit
 
 

@@ -35,6 +35,7 @@ from .checkpoint import (
     CheckpointWriteError,
     DamagedCheckpointError,
     load_checkpoint,
+    peek_checkpoint,
     save_checkpoint,
 )
 from .config import RunConfig, seed_lr
@@ -184,23 +185,45 @@ class Trainer:
 
     def _resumable(self):
         """The newest good full checkpoint of this run folder, or None for a fresh one. A damaged ``last``
-        falls back to ``last.prev`` (saying so); another configuration's run is refused."""
+        falls back to ``last.prev`` (saying so). With neither, a ``best`` that ended the run stands for it."""
         found = [p for p in (self.last_path, self.previous_path) if p.exists()]
         for i, path in enumerate(found):
             try:
-                ckpt = load_checkpoint(path)
+                return load_checkpoint(path)
             except DamagedCheckpointError as e:
                 if i + 1 == len(found):
                     raise
                 print(f"{e}; resuming from the previous checkpoint {found[i + 1]}")
-                continue
-            stored = ckpt.fingerprint
-            if stored != self.fingerprint:
-                why = differences(stored, self.fingerprint) if stored else "it records no configuration"
-                raise RunFolderError(f"run folder {self.run_dir} holds another configuration's run ({why}): "
-                                     f"choose another run folder, or the same settings to resume it")
-            return ckpt
+        if self.best_path.exists():
+            best = load_checkpoint(self.best_path)
+            if not best.trainer_state.get("finished"):
+                raise RunFolderError(
+                    f"run folder {self.run_dir} holds this configuration's {self.best_path.name} (epoch "
+                    f"{len(best.history)}) but no last checkpoint to resume from: use it as it is (generate "
+                    f"--checkpoint {self.best_path}), or train again from scratch with --overwrite (overwrite=True)")
+            return best
         return None
+
+    def _check_folder(self, resume: bool, overwrite: bool) -> None:
+        """Every checkpoint in the folder must be this configuration's, unless ``overwrite``; starting over
+        (``resume=False`` or ``overwrite``) discards them, saying what."""
+        found = {p: peek_checkpoint(p) for p in sorted(self.run_dir.glob("*.safetensors"))}
+        found = {p: meta for p, meta in found.items() if meta is not None}  # a damaged one: _resumable decides
+        foreign = {p: meta.get("fingerprint") for p, meta in found.items()
+                   if meta.get("fingerprint") != self.fingerprint}
+        if foreign and not overwrite:
+            path, stored = next(iter(foreign.items()))
+            why = differences(stored, self.fingerprint) if stored else "it records no configuration"
+            raise RunFolderError(f"run folder {self.run_dir} holds another configuration's run ({why}) in {path.name}: "
+                                 f"choose another run folder, the same settings to resume it, or --overwrite "
+                                 f"(overwrite=True) to replace it")
+        if found and (overwrite or not resume):
+            last = found.get(self.last_path, {}).get("trainer_state", {})
+            at = f", last saved at epoch {last.get('epoch', 0) + 1} step {last.get('step_in_epoch', 0)}" if last else ""
+            whose = "another configuration's run" if foreign else "this configuration's earlier run"
+            self._print(f"starting over in {self.run_dir}: discarding {whose} ({', '.join(p.name for p in found)}{at})")
+            for p in found:
+                p.unlink()
 
     def resume(self, path) -> None:
         """Continue a run from a full checkpoint (a path, or a loaded one): weights, optimizer, scaler, state, RNG."""
@@ -224,23 +247,27 @@ class Trainer:
         return self.state.ema.applied() if self.state.ema is not None else contextlib.nullcontext()
 
     # -- the loop -------------------------------------------------------------------------------------
-    def fit(self, resume: bool = True) -> list[dict]:
-        """Train until ``epochs`` run out or validation stops improving; returns the history."""
+    def fit(self, resume: bool = True, overwrite: bool = False) -> list[dict]:
+        """Train until ``epochs`` run out or validation stops improving; returns the history. ``resume=False``
+        starts this configuration's run over; ``overwrite`` also replaces another configuration's run."""
         with contextlib.ExitStack() as held:  # holds the run folder's lock (rank 0) until training ends
-            ckpt = agreed(lambda: self._claim(held, resume), share=lambda c: None if c is None else str(c.path),
+            ckpt = agreed(lambda: self._claim(held, resume, overwrite),
+                          share=lambda c: None if c is None else str(c.path),
                           receive=lambda path: None if path is None else load_checkpoint(path))
             history = self._fit(ckpt)
             barrier()  # no rank reads best / last before rank 0 has written them
             return history
 
-    def _claim(self, held: contextlib.ExitStack, resume: bool):
-        """Lock the run folder, clear a killed write's leftovers and find the checkpoint to resume (rank 0)."""
+    def _claim(self, held: contextlib.ExitStack, resume: bool, overwrite: bool):
+        """Lock the run folder, clear a killed write's leftovers, check whose run it holds and find the
+        checkpoint to resume (rank 0)."""
         if self.run_dir is None:
             return None
         held.enter_context(RunLock(self.run_dir))
         for stale in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write; never a checkpoint
             stale.unlink()
-        return self._resumable() if resume else None
+        self._check_folder(resume, overwrite)
+        return self._resumable() if resume and not overwrite else None
 
     def _print(self, *args) -> None:
         if self.main:
@@ -308,6 +335,12 @@ class Trainer:
     def _start(self, ckpt) -> bool:
         """Resume ``ckpt`` (or seed a fresh run) and say so; False when the run finished earlier."""
         tc, st = self.cfg.train, self.state
+        if ckpt is not None and ckpt.optimizer_state() is None:  # a finished run of which only `best` is left
+            ckpt.load_into(self.model)
+            st.history, st.finished = list(ckpt.history), True
+            self._print(f"run in {self.run_dir} finished earlier ({len(st.history)} epochs; its last checkpoint is "
+                        f"gone, {ckpt.path.name} is kept): not trained again")
+            return False
         if ckpt is not None:
             self.resume(ckpt)
             st.context = shard_state(st.context, self.rank, self.world)  # saved whole; each rank takes its streams

@@ -27,6 +27,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since validation last improved (early stopping)
     finished: bool = False
     nonfinite_epoch: int = 0  # non-finite steps skipped in this epoch
+    epochs_above_uniform: int = 0  # epochs in a row whose validation loss was far above log V (divergence)
     epoch_seconds: float = 0.0  # training time of this epoch so far
     history: list = field(default_factory=list)  # one record per finished epoch
     metrics: Metrics = field(default_factory=Metrics)  # this epoch's training loss / accuracy so far

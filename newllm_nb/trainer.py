@@ -68,6 +68,21 @@ class NonFiniteLossError(TrainingStopped):
     """The loss diverged: too many consecutive non-finite losses, or a non-finite validation loss."""
 
 
+class DivergedError(TrainingStopped):
+    """Validation loss finite but absurd: worse than a uniform guess, or far above its own best."""
+
+
+# When a run counts as diverged. A fresh model (weights N(0, 0.02)) predicts almost uniformly, so its loss
+# starts at about log V, the loss of a uniform guess over the V tokens; anything it learns takes it below.
+# A slow but healthy start (a small learning rate) stays near log V, so the bar is one nat above it
+# (perplexity e times a uniform guess's), and it must stay there for two epochs: one bad epoch can be a
+# spike the run recovers from. Separately, a validation loss more than log 10 above the run's best (ten
+# times its best perplexity) is a blow-up: overfitting, which early stopping handles, moves it by tenths.
+UNIFORM_MARGIN = 1.0
+UNIFORM_EPOCHS = 2
+BLOW_UP = math.log(10)
+
+
 class OutOfMemory(TrainingStopped):
     """CUDA ran out of memory at this batch size."""
 
@@ -461,6 +476,7 @@ class Trainer:
                 f"the run diverged: {'validation' if math.isfinite(train['loss']) else 'training'} loss is "
                 f"not finite at epoch {st.epoch + 1} (lr={self.lr:.3g}, precision={self.precision}); try lr/10, "
                 f"a smaller clip or bf16/fp32. Last good checkpoint: {self._last_good()}")
+        self._check_diverged(val["loss"])
         improved = val["loss"] < st.best_val - tc.min_delta
         st.best_val = val["loss"] if improved else st.best_val
         st.bad_epochs = 0 if improved else st.bad_epochs + 1
@@ -477,6 +493,25 @@ class Trainer:
         for cb in self.callbacks:
             cb(rec)
         return rec
+
+    def _check_diverged(self, val_loss: float) -> None:
+        """Stop a run whose validation loss stays above a uniform guess's or jumps far above its best (the
+        rule and its reasons: ``UNIFORM_MARGIN``); the message names the likely cause, the learning rate."""
+        st, vocab = self.state, self.cfg.model.vocab_size
+        uniform = math.log(vocab)
+        st.epochs_above_uniform = st.epochs_above_uniform + 1 if val_loss > uniform + UNIFORM_MARGIN else 0
+        if st.epochs_above_uniform >= UNIFORM_EPOCHS:
+            why = (f"validation loss {val_loss:.2f} has been more than {UNIFORM_MARGIN:g} above {uniform:.2f}, the "
+                   f"loss of a uniform guess over {vocab:,} tokens (log V), for {st.epochs_above_uniform} epochs")
+        elif math.isfinite(st.best_val) and val_loss > st.best_val + BLOW_UP:
+            why = (f"validation loss {val_loss:.2f} is {val_loss - st.best_val:.2f} above its best {st.best_val:.2f} "
+                   f"(perplexity x{math.exp(val_loss - st.best_val):,.0f})")
+        else:
+            return
+        best = self.best_path if self.best_path is not None and self.best_path.exists() else "none"
+        raise DivergedError(f"the run diverged at epoch {st.epoch + 1}: {why}: the learning rate (lr={self.lr:.3g}) "
+                            f"is probably too high; try lr={self.lr / 10:.3g} (or a smaller clip). Nothing is reported "
+                            f"as a result; best checkpoint so far: {best}")
 
     def _save_epoch(self, improved: bool) -> None:
         """At an epoch's end: ``best`` when validation improved, ``epoch_K`` every ``keep_every``, and ``last``."""

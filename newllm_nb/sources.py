@@ -242,10 +242,20 @@ def _wikitext_local(p: Path) -> TextSplits:
             raise DataError(f"no wiki.train.raw / wiki.train.tokens / train.txt in {p}")
         parts = {k: read_text(v).splitlines() for k, v in files.items()}
         if "valid" not in parts:
-            parts["train"], parts["valid"] = split_lines(parts["train"])
+            parts["train"], parts["valid"] = _split_file(files["train"], parts["train"])
         return TextSplits(parts["train"], parts["valid"], parts.get("test", []), source=f"local {p}")
-    train, valid = split_lines(read_text(p).splitlines())
+    train, valid = _split_file(p, read_text(p).splitlines())
     return TextSplits(train, valid, [], source=f"local {p}")
+
+
+def _split_file(p: Path, lines: list) -> tuple[list, list]:
+    """``split_lines`` of one file's lines, saying so when the split, not the file, leaves training no text."""
+    train, valid = split_lines(lines)
+    if not any(x.strip() for x in train):
+        raise DataError(f"{p} has {len(lines)} line(s): one file gives its first 90% of lines to training and the "
+                        f"last 10% to validation, which leaves training no text; add lines (a paragraph a line, "
+                        f"10 or more), or pass a folder with wiki.train and wiki.valid files")
+    return train, valid
 
 
 def _column(ds, split: str, column: str, where: str) -> list:

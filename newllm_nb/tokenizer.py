@@ -141,7 +141,7 @@ class WordTokenizer:
     def to_hub_json(self) -> str:
         """The same vocabulary as a ``tokenizers`` WordLevel model: lowercase, whitespace split, BOS/EOS added."""
         tok = HFTokenizer(models.WordLevel(vocab=self.stoi, unk_token=SPECIAL_TOKENS[UNK_ID]))
-        tok.normalizer = normalizers.Lowercase()
+        tok.normalizer = _hub_normalizer(self.normalization, normalizers.Lowercase())
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         return _with_bos_eos(tok)
 
@@ -240,7 +240,24 @@ class BPETokenizer:
         return json.dumps({**d, "normalization": self.normalization} if self.normalization else d)
 
     def to_hub_json(self) -> str:
-        return _with_bos_eos(HFTokenizer.from_str(self._tok.to_str()))
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        if self.normalization:
+            tok.normalizer = _hub_normalizer(self.normalization)
+        return _with_bos_eos(tok)
+
+
+def _hub_normalizer(form: Optional[str], then=None):
+    """The ``tokenizers`` normalizer doing what ours do: ``form`` (None: nothing), then ``then``."""
+    steps = ([getattr(normalizers, form)()] if form else []) + ([then] if then is not None else [])
+    return None if not steps else steps[0] if len(steps) == 1 else normalizers.Sequence(steps)
+
+
+def _hub_form(d: dict) -> Optional[str]:
+    """The Unicode normalisation a hub ``tokenizer.json``'s normalizer applies (what ``_hub_normalizer`` wrote)."""
+    norm = d.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    forms = [s.get("type") for s in steps if s.get("type") in ("NFC", "NFKC", "NFD", "NFKD")]
+    return forms[0] if forms else None
 
 
 def _with_bos_eos(tok) -> str:
@@ -341,10 +358,13 @@ def tokenizer_from_hub_json(s: str) -> WordTokenizer | BPETokenizer:
             words = sorted(vocab, key=vocab.get)
             if [vocab[w] for w in words] != list(range(len(words))) or tuple(words[:4]) != SPECIAL_TOKENS:
                 raise ValueError("ids are not 0..n-1 with <pad> <unk> <bos> <eos> first")
-            return WordTokenizer(words[len(SPECIAL_TOKENS):])
+            return WordTokenizer(words[len(SPECIAL_TOKENS):], _hub_form(d))
         if kind == "BPE":
             d["post_processor"] = None  # ours adds BOS/EOS itself
-            return BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+            form = _hub_form(d)
+            if form:
+                d["normalizer"] = None  # ours normalises before the library sees the text
+            return BPETokenizer(HFTokenizer.from_str(json.dumps(d)), form)
     except Exception as e:  # json, a missing key, or tokenizers rejecting the JSON (a plain Exception)
         raise ValueError(f"not a newllm_nb tokenizer.json: {e}") from e
     raise ValueError(f"not a newllm_nb tokenizer.json: a {kind} model (expected WordLevel or BPE)")

@@ -6,7 +6,13 @@ import unicodedata
 
 import pytest
 
-from newllm_nb.tokenizer import BPETokenizer, WordTokenizer, tokenizer_from_json, tokenizer_hash
+from newllm_nb.tokenizer import (
+    BPETokenizer,
+    WordTokenizer,
+    tokenizer_from_hub_json,
+    tokenizer_from_json,
+    tokenizer_hash,
+)
 
 NFC = "le café est ouvert, la crème brûlée aussi"
 NFD = unicodedata.normalize("NFD", NFC)  # what macOS pastes
@@ -31,8 +37,9 @@ def test_text_typed_in_nfd_reads_as_the_nfc_text_it_was_trained_on(cls):
 def test_the_normalisation_is_recorded_and_travels_with_the_tokenizer(cls):
     tok = cls.train(TEXTS, 300)
     assert json.loads(tok.to_json())["normalization"] == "NFC"
-    back = tokenizer_from_json(tok.to_json())
-    assert back.normalization == "NFC" and back.encode(NFD) == tok.encode(NFC)
+    for back in (tokenizer_from_json(tok.to_json()), tokenizer_from_hub_json(tok.to_hub_json())):
+        assert back.normalization == "NFC" and back.encode(NFD) == tok.encode(NFC)
+        assert tokenizer_hash(back) == tokenizer_hash(tok)
     plain = cls.train(TEXTS, 300, normalization=None)
     assert "normalization" not in json.loads(plain.to_json())
     assert tokenizer_hash(plain) != tokenizer_hash(tok)  # the fingerprint says which one a run used

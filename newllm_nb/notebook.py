@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import shutil
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm as auto_tqdm
 from .batching import WindowData, instruction_sequences, wikitext_stream
 from .colab import runs_root
 from .config import RunConfig, apply_overrides, is_smoke, shrink_for_smoke
+from .corpus import expand_paths
 from .data import prepare
 from .expansion import growth_experiment
 from .experiment import RunResult, keyed_run_dir, run_experiment
@@ -37,8 +39,10 @@ from .prompt import instruction_prompt
 from .sources import is_sample, load_wikitext, source_tag
 from .stopping import Interrupted
 from .sweep import run_sweep
+from .token_cache import cache_root
 
-__all__ = ["sized_for_session", "train_live", "sweep_live", "option_sweep_live", "CELL_OPTIONS",
+__all__ = ["sized_for_session", "corpus_budget", "train_live", "sweep_live", "option_sweep_live",
+           "CELL_OPTIONS",
            "grow_live", "category_table", "latest_checkpoint",
            "text_table", "instruction_prompt", "labelled_progress"]
 
@@ -47,6 +51,57 @@ def sized_for_session(cfg: RunConfig) -> RunConfig:
     """``cfg`` as this session runs it: shrunk (at most 2 epochs, a capped data sample) under
     ``NEWLLM_SMOKE=1``, unchanged otherwise."""
     return shrink_for_smoke(cfg) if is_smoke() else cfg
+
+
+# Corpora whose size is known before reading them: MB of text (the hub's parquet, decompressed).
+KNOWN_CORPORA = {("Salesforce/wikitext", "wikitext-2-raw-v1"): 13, ("Salesforce/wikitext", "wikitext-103-raw-v1"): 540,
+                 ("roneneldan/TinyStories", None): 2000}
+# Measured on WikiText text (benchmarks/RESULTS.md, "Preparing a corpus"): tokens per MB and MB/s on 2 cores.
+TOKENS_PER_MB = {"word": 195_000, "bpe": 371_000}
+TOKENIZE_MB_S = {"word": 17.5, "bpe": 2.2}
+SESSION_HOURS = 12  # a Colab session's limit without Pro
+
+
+def corpus_budget(cfg: RunConfig) -> str:
+    """One line, before anything is read: a text corpus's size, its token cache on disk, the index in memory
+    and the time to tokenize it, against this runtime's free disk and memory; "exceeds" where one would not
+    fit (an estimate from measured rates, so it is said before the work starts, not after it crashes)."""
+    d = cfg.data
+    if d.dataset != "text":
+        return ""
+    name = d.path or " ".join(x for x in (d.hub_name, d.hub_config) if x)
+    if d.path:
+        mb = sum(f.stat().st_size for f in expand_paths(d.path)) / 1e6
+    else:
+        mb = KNOWN_CORPORA.get((d.hub_name, d.hub_config))
+    if mb is None:
+        return f"text corpus {name}: size not known before reading it (the progress bar shows MB/s as it goes)"
+    tokens = mb * TOKENS_PER_MB[d.tokenizer]
+    disk = tokens * (2 if cfg.model.vocab_size <= 1 << 16 else 4) / 1e9
+    ram = tokens / max(1, d.max_seq_length // 2) * 16 / 1e9 if d.mode == "windows" else tokens * 1e-9
+    hours = mb / TOKENIZE_MB_S[d.tokenizer] / 3600
+    root = cache_root(d.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free / 1e9
+    avail = _available_ram_gb()
+    over = [what for what, bad in (("disk", disk > free), ("memory", avail is not None and ram > avail),
+                                   ("time", hours > SESSION_HOURS)) if bad]
+    line = (f"text corpus {name}: about {mb:,.0f} MB of text -> ~{tokens / 1e6:,.0f}M {d.tokenizer} tokens, a "
+            f"~{disk:.1f} GB token cache in {root} ({free:.0f} GB free), ~{ram:.2f} GB of index in memory"
+            f"{f' ({avail:.0f} GB available)' if avail is not None else ''}, ~{hours * 60:.0f} min to tokenize "
+            f"once on 2 cores")
+    if over:
+        line += (f". EXCEEDS this runtime's {' and '.join(over)}: use --tokenizer-sample-mb, fewer files, or a "
+                 f"cache folder with more room (cache_dir)")
+    return line
+
+
+def _available_ram_gb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("MemAvailable")) / 1e6
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def smoke_epochs(epochs: int, cap: int = 1) -> int:
@@ -157,6 +212,8 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     Prints one summary line at the end. Stopped (the Stop button, SIGTERM), it saves the current step and
     returns the partial result (``result.stopped``, ``result.checkpoint``) instead of raising."""
     cfg = sized_for_session(cfg)
+    if cfg.data.dataset == "text":
+        print(corpus_budget(cfg))
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
     folder = keyed_run_dir(runs_root(), source_tag(name, prepared.source), cfg, prepared)

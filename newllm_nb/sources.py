@@ -107,12 +107,8 @@ class HubUnavailable(Exception):
     """The hub cannot be asked (offline mode, unreachable, or no ``datasets``): the one case for a fallback."""
 
 
-def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDER"):
-    """``datasets.load_dataset`` of ``spec`` (a ``DatasetDict``).
-
-    Raises ``HubUnavailable`` (with the reason) when the hub cannot be asked; a hub that answers but whose
-    dataset does not load raises ``DataError``: one line naming the dataset, the endpoint, the cause and
-    ``what_to_do``. Nothing falls back here: callers decide what an unavailable hub means."""
+def require_hub() -> None:
+    """Raise ``HubUnavailable`` (with the reason) when the hub cannot be asked."""
     try:
         import datasets  # noqa: F401  (lazy: the GPU box and minimal installs lack it)
     except ImportError:
@@ -121,14 +117,28 @@ def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDE
         raise HubUnavailable("offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
     if not hub_reachable():
         raise HubUnavailable(f"the Hugging Face hub ({hub_endpoint()}) is unreachable")
+
+
+def hub_cause(e: Exception) -> str:
+    """An exception from the hub or ``datasets`` as one short line."""
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    return cause if len(cause) <= 300 else cause[:297] + "..."
+
+
+def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDER"):
+    """``datasets.load_dataset`` of ``spec`` (a ``DatasetDict``).
+
+    Raises ``HubUnavailable`` (with the reason) when the hub cannot be asked; a hub that answers but whose
+    dataset does not load raises ``DataError``: one line naming the dataset, the endpoint, the cause and
+    ``what_to_do``. Nothing falls back here: callers decide what an unavailable hub means."""
+    require_hub()
     from datasets import load_dataset
 
     try:
         return load_dataset(spec.repo_id, spec.config, revision=spec.revision)
     except Exception as e:  # the hub answered: an error there is the user's to see, never a reason to swap data
-        cause = " ".join(f"{type(e).__name__}: {e}".split())
-        cause = cause if len(cause) <= 300 else cause[:297] + "..."
-        raise DataError(f"could not load {spec.describe()} from {hub_endpoint()} ({cause}): {what_to_do}") from e
+        raise DataError(f"could not load {spec.describe()} from {hub_endpoint()} ({hub_cause(e)}): "
+                        f"{what_to_do}") from e
 
 
 def is_sample(source: str) -> bool:
@@ -148,6 +158,26 @@ def _sample_source(name: str, sample: Path) -> str:
     return f"{SAMPLE_PREFIX} data/{sample.name} (not {title})"
 
 
+HUB_TODO = "pass --data-path FILE_OR_FOLDER with the data, or ask for the bundled sample (--data-source sample)"
+
+
+def hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str] = None) -> Optional[HubDataset]:
+    """The hub dataset to stream for ``name``, or None where the bundled sample is to be read (the rule of
+    ``_hub_or_sample``, without loading anything)."""
+    if source not in DATA_SOURCES:
+        raise DataError(f"invalid data source {source!r}: choose one of {DATA_SOURCES}")
+    if source == "sample":
+        return None
+    spec = HUB_DATASETS[name].with_revision(revision)
+    try:
+        require_hub()
+    except HubUnavailable as why:
+        if source == "hub":
+            raise DataError(f"{why}, and {spec.describe()} was asked for: connect, or {HUB_TODO}") from None
+        return None  # load_wikitext says so, and reads the sample
+    return spec
+
+
 def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str] = None):
     """(DatasetDict, source string) from the hub, or (None, the sample's source string) where the sample is
     to be read: asked for by name (``source="sample"``), or ``source="auto"`` and the hub cannot be asked,
@@ -157,7 +187,7 @@ def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str]
     if source == "sample":
         return None, _sample_source(name, sample)
     spec = HUB_DATASETS[name].with_revision(revision)
-    todo = "pass --data-path FILE_OR_FOLDER with the data, or ask for the bundled sample (--data-source sample)"
+    todo = HUB_TODO
     try:
         return load_hub(spec, todo), spec.describe()
     except HubUnavailable as why:

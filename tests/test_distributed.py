@@ -158,7 +158,7 @@ def test_sigterm_to_one_rank_stops_all_at_one_step_which_rank_0_saves(tmp_path):
     assert ckpt.extra("state.0").shape[0] == 8  # both ranks' streams, gathered into rank 0's file
     line = f"stopped by SIGTERM at epoch 2, step {ts['step_in_epoch']}: saved {run_dir / 'last.safetensors'}"
     assert out.count(line) == 1, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
+    assert 'distributed_worker.py", line' not in out, out[-3000:]  # no rank's traceback (torchrun reports its own)
     assert not list(run_dir.glob(".*.tmp")) and not (tmp_path / "stopped.json").exists()
 
     resumed = _torchrun("stream", run_dir, 0, tmp_path / "resumed.json")

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -34,14 +35,17 @@ from .experiments.sweep import run_sweep
 from .infer.generate import ChatSession, Sampling, stream
 from .models.build import matched_config
 from .runtime.distributed import init_from_env, launched, shutdown, world_size
-from .runtime.hardware import detect, recommend
+from .runtime.files import shown_path
+from .runtime.hardware import detect, recommend, resolve_device
+from .runtime.stopping import Interrupted, terminate_as_interrupt
 from .train.checkpoint import CheckpointError, load_model
 from .train.hub import push
 from .train.runs import check_writable
 from .train.trainer import TrainingStopped
 
-# The package's own errors, and CUDA running out of memory: one line and exit code 2 (--debug: traceback).
-USER_ERRORS = (ValueError, CheckpointError, TrainingStopped, torch.cuda.OutOfMemoryError)
+# What a user can cause or fix (bad values, files, folders, a full disk, CUDA out of memory, a run that
+# cannot go on): one line naming it and exit code 2 (--debug: the traceback). Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, CheckpointError, TrainingStopped, torch.cuda.OutOfMemoryError, OSError)
 
 # flag -> config field it sets (None: not given, so the preset's value stands)
 FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "train__lr",
@@ -50,7 +54,8 @@ FLAG_FIELDS = {"layers": "model__num_layers", "epochs": "train__epochs", "lr": "
                "data_path": "data__path", "data_source": "data__source", "hub_revision": "data__hub_revision",
                "device": "train__device", "hub_dataset": "data__hub_name", "hub_config": "data__hub_config",
                "hub_split": "data__hub_split", "text_field": "data__text_field",
-               "tokenizer_sample_mb": "data__tokenizer_sample_mb", "cache_dir": "data__cache_dir"}
+               "tokenizer_sample_mb": "data__tokenizer_sample_mb", "cache_dir": "data__cache_dir",
+               "checkpoint_every": "train__checkpoint_every_minutes"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,13 +104,18 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--original-metrics", action="store_true", help="average metrics per batch, as the original did")
         q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
+        q.add_argument("--checkpoint-every", type=float, metavar="MINUTES",
+                       help="also save `last` every MINUTES within an epoch (default 10); Ctrl-C and SIGTERM save too")
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
-    t.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a run")
+    t.add_argument("--no-resume", action="store_true", help="start this configuration's run over (its checkpoints "
+                                                              "are discarded)")
+    t.add_argument("--overwrite", action="store_true", help="also replace another configuration's run in --run-dir "
+                                                            "(refused without it)")
     where = "a .safetensors checkpoint, a run folder, a shared model's folder, or a hub id OWNER/NAME[@REVISION]"
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     g.add_argument("--checkpoint", required=True, help=where)
     g.add_argument("--prompt", required=True)
-    c = sub.add_parser("chat", help="chat in the terminal with a trained checkpoint (an empty line or EOF ends)")
+    c = sub.add_parser("chat", help="chat in the terminal with a trained checkpoint (EOF or Ctrl-C ends)")
     c.add_argument("--checkpoint", required=True, help=where)
     s = sub.add_parser("push", help="share a checkpoint on the Hugging Face Hub, with its tokenizer and model card")
     s.add_argument("--checkpoint", required=True, help=where)
@@ -194,21 +204,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if distributed:
             args.device = init_from_env(args.device)
         # Under torchrun only rank 0 prints; the others' errors still reach stderr.
-        with contextlib.redirect_stdout(open(os.devnull, "w")) if not main_rank else contextlib.nullcontext():
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if not main_rank else contextlib.nullcontext(), \
+                terminate_as_interrupt():
             code = command(args)
         if distributed:
             shutdown()
         return code
+    except Interrupted as e:  # training stopped by a signal, its work saved
+        if main_rank:
+            print(e.message("run the same command again to resume"), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # a signal outside the training loop: nothing of a run to save
+        signum = getattr(e, "signum", signal.SIGINT)
+        training = " before training started: nothing to save" if args.command in ("train", "sweep") else ""
+        print(f"\nstopped by {signal.Signals(signum).name}{training}", file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop writing to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        print("error: the output was closed before the command finished (e.g. by `| head`)", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         if args.debug:
             raise
         if main_rank or not getattr(e, "agreed", False):  # an error all ranks agreed on is printed once
             where = "" if main_rank or not distributed else f" (rank {os.environ.get('RANK')})"
-            print(f"error{where}: {e}", file=sys.stderr)
+            print(f"error{where}: {one_line(e)}", file=sys.stderr)
         return 2
 
 
+def one_line(e: BaseException) -> str:
+    """The error as one line; an OS error says what failed and on which file (a very long name is shortened)."""
+    if isinstance(e, OSError) and e.strerror:
+        names = [shown_path(n) for n in (e.filename, e.filename2) if n is not None]
+        return f"{e.strerror}" + (f": {' -> '.join(names)}" if names else "")
+    return " ".join(str(e).splitlines()) or type(e).__name__
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.device not in (None, "auto"):
+        resolve_device(args.device)  # a device that is not there: one line, before the data is read
     if args.run_dir:
         check_writable(args.run_dir)  # before the data is read and anything trains
     info = detect(args.device if args.device not in (None, "auto") else None)
@@ -223,13 +257,15 @@ def _train(args: argparse.Namespace) -> int:
     rule = "" if world == 1 else " (given)" if cfg.train.lr is not None else " (1e-4*sqrt(global batch/32))"
     print(f"device: {info.name} ({info.kind}){f' x {world}' if world > 1 else ''} | {batch} | "
           f"lr {cfg.train.effective_lr:.2e}{rule} | layers {cfg.model.num_layers} | run dir {run_dir}")
-    res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared)
+    res = run_experiment(cfg, run_dir, resume=not args.no_resume, prepared=prepared, overwrite=args.overwrite)
     print(f"\n{res.summary()}")
     print(f"checkpoint: {res.best_path}")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.device not in (None, "auto"):
+        resolve_device(args.device)
     info = detect(args.device if args.device not in (None, "auto") else None)
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "layers": None}), recommend(info).batch_size)
     try:
@@ -241,7 +277,12 @@ def _sweep(args: argparse.Namespace) -> int:
     if bad or not layers or args.jobs < 1:
         raise ValueError(f"sweep needs layer counts, --jobs >= 1 and archs among {', '.join(ARCHS)} "
                          f"(got --layers {args.layers}, --archs {args.archs}, --jobs {args.jobs})")
-    df = run_sweep(cfg, layers, args.out_dir, archs=archs, jobs=args.jobs)
+    try:
+        df = run_sweep(cfg, layers, args.out_dir, archs=archs, jobs=args.jobs)
+    except Interrupted as e:  # the runs finished so far, then the stop line
+        if e.result is not None:
+            print(e.result.to_string(index=False))
+        raise
     print(df.to_string(index=False))
     return 1 if "error" in df.columns and df["error"].notna().any() else 0
 
@@ -264,19 +305,19 @@ def _chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model, tokenizer, ckpt = load_model(args.checkpoint, args.device, args.revision)
     session = ChatSession(model, tokenizer, sampling)
-    print(f"chatting with {args.checkpoint} (one context vector for the whole talk); an empty line or EOF ends")
+    print(f"chatting with {args.checkpoint} (one context vector for the whole talk); EOF (Ctrl-D) or Ctrl-C ends")
     while True:
         try:
             message = input("you: ")
-        except EOFError:
-            break
-        if not message.strip():
-            break
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not message.strip():  # nothing to say yet: ask again
+            continue
         print("model:", end="", flush=True)
         for piece in session.stream(message):
             print(piece, end="", flush=True)
         print()
-    return 0
 
 
 def _push(args: argparse.Namespace) -> int:

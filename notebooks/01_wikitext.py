@@ -58,6 +58,22 @@ panel = TrainingPanel("original_wikitext")
 panel
 
 # %% [markdown]
+# **Bigger corpora, one line each.** WikiText-103 and TinyStories (where 1-30M-parameter models write coherent
+# stories, worth chatting with in 04) are read as a stream and tokenized once into a memory-mapped token cache
+# (`docs/corpus.md`). In the panel: *data source* -> *text corpus*; or in code, one of the two lines below in
+# place of `cfg = panel.config()`. The next cell says, before anything is read, what each would cost this
+# runtime in disk, memory and time, and whether that exceeds it.
+
+# %%
+from newllm_nb.config import apply_overrides
+from newllm_nb.notebook.live import corpus_budget
+
+wikitext103 = apply_overrides(panel.config(), data__dataset="text", data__hub_name="Salesforce/wikitext", data__hub_config="wikitext-103-raw-v1")  # noqa: E501
+tinystories = apply_overrides(panel.config(), data__dataset="text", data__hub_name="roneneldan/TinyStories", data__tokenizer="bpe", model__vocab_size=4096)  # noqa: E501
+for c in (wikitext103, tinystories):
+    print(corpus_budget(c))
+
+# %% [markdown]
 # ## Train
 # This cell reads the widgets' current values. Re-running it with the same settings resumes the run
 # from its last checkpoint (a Colab disconnect loses minutes, not the run).
@@ -67,7 +83,7 @@ from newllm_nb.notebook.live import train_live
 from newllm_nb.notebook.plots import history_frame
 
 cfg = panel.config()
-result = train_live(cfg, "wikitext", "New-LLM on WikiText-2")
+result = train_live(cfg, cfg.data.dataset, "New-LLM on " + ("WikiText-2" if cfg.data.dataset == "wikitext" else "a text corpus"))  # noqa: E501
 
 # %%
 history_frame(result.history).tail(10)

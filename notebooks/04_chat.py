@@ -41,13 +41,15 @@ print("smoke mode" if SMOKE else "full run", "| runs folder:", colab.runs_root()
 # A checkpoint file or run folder (pre-filled with the latest from notebook 02), a shared model's folder, or
 # anyone's model on the Hugging Face Hub by name: `owner/name`, or `owner/name@revision` for a branch, tag
 # or commit. A hub model is downloaded once into the Hugging Face cache and checked like a local file.
+# A model trained on WikiText-103 or TinyStories (01's *text corpus*, or `--dataset text`) chats the same way:
+# its checkpoint carries its tokenizer; paste its run folder (`runs/text-...`).
 
 # %%
 import ipywidgets as w
 
 from newllm_nb.notebook.live import latest_checkpoint
 
-default = latest_checkpoint("dolly")
+default = latest_checkpoint("dolly")  # latest_checkpoint("text"): the newest model trained on a text corpus
 path_box = w.Text(value=str(default or ""), placeholder="path/to/best.safetensors or owner/name",
                   description="checkpoint",
                   layout=w.Layout(width="640px"))

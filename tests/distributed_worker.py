@@ -19,6 +19,7 @@ from newllm_nb.config import apply_overrides  # noqa: E402
 from newllm_nb.data import prepare  # noqa: E402
 from newllm_nb.models.build import build_model  # noqa: E402
 from newllm_nb.runtime.distributed import init_from_env, is_main, shutdown  # noqa: E402
+from newllm_nb.runtime.stopping import Interrupted  # noqa: E402
 from newllm_nb.train.trainer import Trainer  # noqa: E402
 
 # Global batch 16 windows (8 per rank) / 8 parallel streams (4 per rank); no dropout, so one process
@@ -33,7 +34,8 @@ def config(mode: str, run_dir: str, device: str = "cpu"):
     return preset("smoke", model__vocab_size=200, model__embed_dim=16, model__context_dim=16, model__hidden_dim=32,
                   model__dropout=0.0, data__max_seq_length=16, data__max_examples=60, train__lr=5e-3,
                   train__epochs=3, train__patience=10, train__device=device, train__precision="fp32",
-                  train__checkpoint_every_minutes=0.002 if run_dir else 30.0, **CONFIGS[mode])
+                  train__checkpoint_every_minutes=float(os.environ.get("NEWLLM_TEST_CHECKPOINT_MINUTES", 0.002))
+                  if run_dir else 30.0, **CONFIGS[mode])
 
 
 def train(mode: str, run_dir: str = "", sleep: float = 0.0) -> tuple[list, dict]:
@@ -53,7 +55,13 @@ def train(mode: str, run_dir: str = "", sleep: float = 0.0) -> tuple[list, dict]
 
 
 def main(mode: str, run_dir: str, sleep: float, out: str) -> None:
-    history, weights = train(mode, run_dir, sleep)
+    try:
+        history, weights = train(mode, run_dir, sleep)
+    except Interrupted as e:  # every rank stops at the same step; rank 0 saved it and says so
+        if is_main():
+            print(e.message(), flush=True)
+        shutdown()
+        sys.exit(e.exit_code)
     if is_main():
         torch.save(weights, out + ".pt")
         with open(out, "w") as f:

@@ -307,3 +307,22 @@ def test_training_panel_names_a_text_corpus(tmp_path):
     assert (d.dataset, d.path, d.hub_name, d.text_field) == ("text", str(tmp_path / "*.jsonl"), None, "body")
     p.source.value = "auto"
     assert p.config().data.dataset == "wikitext"
+
+
+def test_corpus_budget_says_before_reading_when_a_corpus_exceeds_the_runtime(tmp_path, monkeypatch, tiny):
+    import shutil as sh
+    from collections import namedtuple
+
+    from newllm_nb.config import apply_overrides
+    from newllm_nb.notebook import live as notebook
+
+    cfg = apply_overrides(tiny(), data__dataset="text", data__hub_name="roneneldan/TinyStories", data__tokenizer="bpe",
+                          data__cache_dir=str(tmp_path))
+    line = notebook.corpus_budget(cfg)
+    assert "2,000 MB" in line and "bpe tokens" in line and "EXCEEDS" not in line
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 10**8, 10**8))
+    assert "EXCEEDS this runtime's disk" in notebook.corpus_budget(cfg)
+    local = apply_overrides(cfg, data__hub_name=None, data__path=str(SAMPLE_TRAIN))
+    assert "0 MB of text" in notebook.corpus_budget(local) or "MB of text" in notebook.corpus_budget(local)
+    assert notebook.corpus_budget(apply_overrides(cfg, data__hub_name="someone/unknown")).endswith("as it goes)")

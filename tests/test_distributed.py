@@ -123,6 +123,52 @@ def test_killed_ranks_resume_from_the_last_checkpoint(tmp_path):
     _assert_same_run(single, weights, tmp_path / "resumed.json")
 
 
+def _ranks(proc) -> list[int]:
+    """The pids of torchrun's ranks (its children), in start order."""
+    ranks = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:
+            ranks.append(int(stat.parent.name))
+    return sorted(ranks)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+def test_sigterm_to_one_rank_stops_all_at_one_step_which_rank_0_saves(tmp_path):
+    """The signal reaches rank 1 only: every rank stops after the same step, rank 0 alone writes it and says
+    so once, and the resumed run matches one uninterrupted process."""
+    run_dir = tmp_path / "run"
+    proc = _torchrun("stream", run_dir, 0.05, tmp_path / "stopped.json", NEWLLM_TEST_CHECKPOINT_MINUTES="600")
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "last.safetensors").exists():
+        time.sleep(0.02)  # the end of epoch 1 (no timed saves)
+    time.sleep(0.5)
+    ranks = _ranks(proc)
+    assert len(ranks) == 2 and proc.poll() is None, ranks
+    rank1 = [pid for pid in ranks if "LOCAL_RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(
+        errors="replace").replace("\0", "\n").splitlines()]
+    os.kill(rank1[0], signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    ts = ckpt.trainer_state
+    assert ts["epoch"] == 1 and ts["step_in_epoch"] > 0 and not ts["finished"]
+    assert ckpt.extra("state.0").shape[0] == 8  # both ranks' streams, gathered into rank 0's file
+    line = f"stopped by SIGTERM at epoch 2, step {ts['step_in_epoch']}: saved {run_dir / 'last.safetensors'}"
+    assert out.count(line) == 1, out[-3000:]
+    assert 'distributed_worker.py", line' not in out, out[-3000:]  # no rank's traceback (torchrun reports its own)
+    assert not list(run_dir.glob(".*.tmp")) and not (tmp_path / "stopped.json").exists()
+
+    resumed = _torchrun("stream", run_dir, 0, tmp_path / "resumed.json")
+    single, weights = distributed_worker.train("stream")
+    log = _finish(resumed)
+    assert f"at epoch 2, step {ts['step_in_epoch']}" in log
+    _assert_same_run(single, weights, tmp_path / "resumed.json")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_match_one_gpu_through_nccl_and_the_cuda_graph_step(tmp_path, monkeypatch):
     """The all-reduce after the graph replay: 2 GPUs (NCCL) against 1 GPU on the same global batch, fp32."""

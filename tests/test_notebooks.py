@@ -224,6 +224,7 @@ def test_progress_bars_are_labelled_and_transient_widget_bars_leave_no_output(mo
     (sent,) = [s for s in shown if s[0] == "display" and s[3]]
     assert sent[2] and sent[1]["application/vnd.jupyter.widget-view+json"]["model_id"] == inner_id
     assert inner.container.comm is None and outer.container.comm is not None  # closed vs kept widget
+    assert outer.container.children[1].layout.min_width == "160px"  # a long label cannot squeeze the bar away
 
 
 def test_option_sweep_labels_each_run_with_its_option_value(monkeypatch):

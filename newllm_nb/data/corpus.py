@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .sources import DataError, hub_reachable
+from .sources import DataError, HubUnavailable, hub_cause, hub_endpoint, require_hub
 
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text")
 BATCH_BYTES = 1 << 20  # documents are handed on in batches of about this much text
@@ -310,7 +310,8 @@ def _h(*parts) -> str:
 # Hub datasets (``datasets`` streaming)
 # ---------------------------------------------------------------------------------------------------
 def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "text", split: str = "train",
-               revision: Optional[str] = None, valid_frac: float = 0.1, max_docs: Optional[int] = None) -> Corpus:
+               revision: Optional[str] = None, valid_frac: float = 0.1, max_docs: Optional[int] = None,
+               what_to_do: str = "pass local files with --data-path") -> Corpus:
     """A hub dataset (or a local folder laid out like a hub repo), read with ``datasets`` streaming.
 
     Its own validation and test splits are used where it has them; otherwise every ``1/valid_frac``-th
@@ -320,14 +321,16 @@ def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "te
     except ImportError:
         raise DataError(f"reading {repo_id} from the hub needs `datasets` (pip install datasets)") from None
     local = Path(repo_id).expanduser().is_dir()
-    if not local and not hub_reachable():
-        raise DataError(f"{repo_id}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set): connect, or "
-                        f"pass local files")
+    described = f"hub {repo_id}" + (f" {config}" if config else "") + (f"@{revision}" if revision else "")
+    if not local:
+        try:
+            require_hub()
+        except HubUnavailable as why:
+            raise DataError(f"{why}, and {described} was asked for: connect, or {what_to_do}") from None
     try:
         dd = datasets.load_dataset(repo_id, config, streaming=True, revision=revision)
-    except Exception as e:  # the hub's and the library's own errors: one line naming the dataset
-        raise DataError(f"{repo_id}{f' ({config})' if config else ''} could not be opened: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # the hub answered: its error is the user's to see, in one line naming the dataset
+        raise DataError(f"could not load {described} from {hub_endpoint()} ({hub_cause(e)}): {what_to_do}") from None
     names = list(dd)
     if split not in names:
         raise DataError(f"{repo_id}{f' ({config})' if config else ''} has no split {split!r} (splits: "
@@ -342,7 +345,7 @@ def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "te
         own["valid"] = v
     if "test" in names and split != "test":
         own["test"] = "test"
-    name = f"hub {repo_id}" + (f" {config}" if config else "") + (f"@{revision}" if revision else "")
+    name = described
     fp = _h(_hub_version(repo_id, revision, local), config, text_field, split, v or valid_frac, max_docs)
 
     def rows(hub_split: str, keep=None) -> Iterator[tuple[list, int]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..config import DataConfig
 from .batching import (
@@ -14,9 +16,18 @@ from .batching import (
     wikitext_sequences,
     wikitext_stream,
 )
-from .corpus import open_corpus
+from .corpus import hub_corpus, open_corpus
 from .prompt import instruction_text
-from .sources import MIN_WORDS, DataError, load_dolly, load_instructions, load_wikitext
+from .sources import (
+    HUB_TODO,
+    MIN_WORDS,
+    WIKITEXT_SAMPLE,
+    DataError,
+    hub_or_sample,
+    load_dolly,
+    load_instructions,
+    load_wikitext,
+)
 from .token_cache import prepare_tokens
 from .token_data import TokenStream, TokenWindows
 from .tokenizer import train_tokenizer
@@ -38,11 +49,15 @@ class Prepared:
                 f"vocab {self.tokenizer.vocab_size:,}")
 
 
-def prepare_text(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
+def prepare_text(cfg: DataConfig, vocab_size: int, tokenizer=None, what_to_do: Optional[str] = None) -> Prepared:
     """Any text corpus (``cfg.path``: files, a folder or a glob; else the hub dataset ``cfg.hub_name``),
     tokenized once into the token cache; windows or streams are cut from its memory map."""
-    corpus = open_corpus(cfg.path, cfg.hub_name, cfg.hub_config, cfg.text_field, cfg.hub_split, cfg.hub_revision,
-                         max_docs=cfg.max_examples)
+    if cfg.path is None and what_to_do:
+        corpus = hub_corpus(cfg.hub_name, cfg.hub_config, cfg.text_field, cfg.hub_split, cfg.hub_revision,
+                            max_docs=cfg.max_examples, what_to_do=what_to_do)
+    else:
+        corpus = open_corpus(cfg.path, cfg.hub_name, cfg.hub_config, cfg.text_field, cfg.hub_split,
+                             cfg.hub_revision, max_docs=cfg.max_examples)
     sample = None if cfg.tokenizer_sample_mb is None else int(cfg.tokenizer_sample_mb * 1e6)
     tk = prepare_tokens(corpus, cfg.tokenizer, vocab_size, cfg.cache_dir, tokenizer=tokenizer, sample_bytes=sample)
     S = cfg.max_seq_length
@@ -59,6 +74,12 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Prepared:
     """Load ``cfg.dataset``, train (or reuse) a tokenizer on its training split, build datasets."""
     if cfg.dataset == "text":
         return prepare_text(cfg, vocab_size, tokenizer)
+    if cfg.dataset == "wikitext" and cfg.path is None:  # WikiText-2 from the hub: streamed, as any text corpus
+        spec = hub_or_sample("wikitext", cfg.source, WIKITEXT_SAMPLE, cfg.hub_revision)
+        if spec is not None:
+            text = dataclasses.replace(cfg, dataset="text", hub_name=spec.repo_id, hub_config=spec.config,
+                                       hub_revision=spec.revision, hub_split="train", text_field="text")
+            return prepare_text(text, vocab_size, tokenizer, what_to_do=HUB_TODO)
     max_examples = cfg.max_examples
     S = cfg.max_seq_length
     if cfg.dataset == "wikitext":

@@ -21,6 +21,7 @@ from typing import Optional, Union
 from urllib.parse import urlsplit
 
 from ..config import DATA_SOURCES
+from ..runtime.files import check_regular_file, text_size_limit
 
 
 def _find_data_dir() -> Path:
@@ -111,12 +112,8 @@ class HubUnavailable(Exception):
     """The hub cannot be asked (offline mode, unreachable, or no ``datasets``): the one case for a fallback."""
 
 
-def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDER"):
-    """``datasets.load_dataset`` of ``spec`` (a ``DatasetDict``).
-
-    Raises ``HubUnavailable`` (with the reason) when the hub cannot be asked; a hub that answers but whose
-    dataset does not load raises ``DataError``: one line naming the dataset, the endpoint, the cause and
-    ``what_to_do``. Nothing falls back here: callers decide what an unavailable hub means."""
+def require_hub() -> None:
+    """Raise ``HubUnavailable`` (with the reason) when the hub cannot be asked."""
     try:
         import datasets  # noqa: F401  (lazy: the GPU box and minimal installs lack it)
     except ImportError:
@@ -125,14 +122,28 @@ def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDE
         raise HubUnavailable("offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
     if not hub_reachable():
         raise HubUnavailable(f"the Hugging Face hub ({hub_endpoint()}) is unreachable")
+
+
+def hub_cause(e: Exception) -> str:
+    """An exception from the hub or ``datasets`` as one short line."""
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    return cause if len(cause) <= 300 else cause[:297] + "..."
+
+
+def load_hub(spec: HubDataset, what_to_do: str = "pass --data-path FILE_OR_FOLDER"):
+    """``datasets.load_dataset`` of ``spec`` (a ``DatasetDict``).
+
+    Raises ``HubUnavailable`` (with the reason) when the hub cannot be asked; a hub that answers but whose
+    dataset does not load raises ``DataError``: one line naming the dataset, the endpoint, the cause and
+    ``what_to_do``. Nothing falls back here: callers decide what an unavailable hub means."""
+    require_hub()
     from datasets import load_dataset
 
     try:
         return load_dataset(spec.repo_id, spec.config, revision=spec.revision)
     except Exception as e:  # the hub answered: an error there is the user's to see, never a reason to swap data
-        cause = " ".join(f"{type(e).__name__}: {e}".split())
-        cause = cause if len(cause) <= 300 else cause[:297] + "..."
-        raise DataError(f"could not load {spec.describe()} from {hub_endpoint()} ({cause}): {what_to_do}") from e
+        raise DataError(f"could not load {spec.describe()} from {hub_endpoint()} ({hub_cause(e)}): "
+                        f"{what_to_do}") from e
 
 
 def is_sample(source: str) -> bool:
@@ -152,6 +163,26 @@ def _sample_source(name: str, sample: Path) -> str:
     return f"{SAMPLE_PREFIX} data/{sample.name} (not {title})"
 
 
+HUB_TODO = "pass --data-path FILE_OR_FOLDER with the data, or ask for the bundled sample (--data-source sample)"
+
+
+def hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str] = None) -> Optional[HubDataset]:
+    """The hub dataset to stream for ``name``, or None where the bundled sample is to be read (the rule of
+    ``_hub_or_sample``, without loading anything)."""
+    if source not in DATA_SOURCES:
+        raise DataError(f"invalid data source {source!r}: choose one of {DATA_SOURCES}")
+    if source == "sample":
+        return None
+    spec = HUB_DATASETS[name].with_revision(revision)
+    try:
+        require_hub()
+    except HubUnavailable as why:
+        if source == "hub":
+            raise DataError(f"{why}, and {spec.describe()} was asked for: connect, or {HUB_TODO}") from None
+        return None  # load_wikitext says so, and reads the sample
+    return spec
+
+
 def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str] = None):
     """(DatasetDict, source string) from the hub, or (None, the sample's source string) where the sample is
     to be read: asked for by name (``source="sample"``), or ``source="auto"`` and the hub cannot be asked,
@@ -161,7 +192,7 @@ def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str]
     if source == "sample":
         return None, _sample_source(name, sample)
     spec = HUB_DATASETS[name].with_revision(revision)
-    todo = "pass --data-path FILE_OR_FOLDER with the data, or ask for the bundled sample (--data-source sample)"
+    todo = HUB_TODO
     try:
         return load_hub(spec, todo), spec.describe()
     except HubUnavailable as why:
@@ -172,12 +203,9 @@ def _hub_or_sample(name: str, source: str, sample: Path, revision: Optional[str]
 
 
 def read_text(path: Union[str, Path]) -> str:
-    """Read a UTF-8 text file with clear errors for missing, empty or non-UTF-8 files."""
+    """Read a UTF-8 text file with clear errors for missing, empty, non-UTF-8, too large or irregular files."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"dataset file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"expected a file, got a directory: {p}")
+    check_regular_file(p, "dataset file", text_size_limit(), DataError)  # before a byte is read
     try:
         text = p.read_bytes().decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
@@ -249,10 +277,20 @@ def _wikitext_local(p: Path) -> TextSplits:
             raise DataError(f"no wiki.train.raw / wiki.train.tokens / train.txt in {p}")
         parts = {k: read_text(v).splitlines() for k, v in files.items()}
         if "valid" not in parts:
-            parts["train"], parts["valid"] = split_lines(parts["train"])
+            parts["train"], parts["valid"] = _split_file(files["train"], parts["train"])
         return TextSplits(parts["train"], parts["valid"], parts.get("test", []), source=f"local {p}")
-    train, valid = split_lines(read_text(p).splitlines())
+    train, valid = _split_file(p, read_text(p).splitlines())
     return TextSplits(train, valid, [], source=f"local {p}")
+
+
+def _split_file(p: Path, lines: list) -> tuple[list, list]:
+    """``split_lines`` of one file's lines, saying so when the split, not the file, leaves training no text."""
+    train, valid = split_lines(lines)
+    if not any(x.strip() for x in train):
+        raise DataError(f"{p} has {len(lines)} line(s): one file gives its first 90% of lines to training and the "
+                        f"last 10% to validation, which leaves training no text; add lines (a paragraph a line, "
+                        f"10 or more), or pass a folder with wiki.train and wiki.valid files")
+    return train, valid
 
 
 def _column(ds, split: str, column: str, where: str) -> list:

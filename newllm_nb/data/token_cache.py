@@ -39,8 +39,10 @@ from .corpus import Corpus, DocBatch
 from .sources import MIN_WORDS, DataError, is_article_heading
 from .tokenizer import (
     MAX_COUNTED_WORDS,
+    NORMALIZATION,
     WordTokenizer,
     bpe_pieces,
+    normalized,
     prune_counts,
     tokenizer_from_json,
     tokenizer_hash,
@@ -223,7 +225,7 @@ def _encode_job(job: tuple) -> tuple:
 def _count_job(docs: list) -> Counter:
     c: Counter = Counter()
     for d in docs:
-        c.update(d.lower().split())
+        c.update(normalized(d, NORMALIZATION).lower().split())
     return c
 
 
@@ -369,7 +371,7 @@ def train_corpus_tokenizer(corpus: Corpus, kind: str, vocab_size: int, root: Pat
 
         try:
             if kind == "word":
-                tok = WordTokenizer.from_counts(count_words(texts_batches(), workers), vocab_size)
+                tok = WordTokenizer.from_counts(count_words(texts_batches(), workers), vocab_size, NORMALIZATION)
             else:
                 tok = train_tokenizer(kind, (d for docs in texts_batches() for d in docs), vocab_size)
         finally:

@@ -12,9 +12,10 @@ import hashlib
 import itertools
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -49,28 +50,46 @@ class Tokenizer(Protocol):
     def to_json(self) -> str: ...
 
 
+# Unicode normalisation: NFC. The same text typed or pasted differently (macOS pastes "café" as "cafe" + a
+# combining accent, NFD) must give the same tokens, and NFC makes canonically equivalent text identical
+# without changing what it says. NFKC would also fold compatibility characters ("x²" -> "x2", "ﬁ" -> "fi",
+# full-width letters, circled digits), which loses meaning and cannot be undone in what the model generates.
+# Both tokenizers apply it to every text they train on and encode, and record it in their JSON (so in their
+# hash, the tokenizer's fingerprint); a tokenizer that records none (older checkpoints) normalises nothing.
+NORMALIZATION = "NFC"
+
+
+def normalized(text: str, form: Optional[str]) -> str:
+    """``text`` as a tokenizer with normalisation ``form`` (None: none) reads it; lone surrogates become U+FFFD."""
+    text = clean_text(text)
+    return unicodedata.normalize(form, text) if form else text
+
+
 class WordTokenizer:
     """Lowercase, whitespace split, the top ``vocab_size - 4`` words by frequency (the original's)."""
 
     kind = "word"
 
-    def __init__(self, words: list[str]) -> None:
+    def __init__(self, words: list[str], normalization: Optional[str] = None) -> None:
         self.itos = list(SPECIAL_TOKENS) + [w for w in words if w not in SPECIAL_TOKENS]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.vocab_size = len(self.itos)
+        self.normalization = normalization
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 1000) -> WordTokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000,
+              normalization: Optional[str] = NORMALIZATION) -> WordTokenizer:
         """One pass over ``texts`` (any iterable, read once) in bounded memory: see ``count_words``."""
         counts: Counter = Counter()
         for text in texts:
-            counts.update(text.lower().split())
+            counts.update((normalized(text, normalization) if normalization else text).lower().split())
             if len(counts) > MAX_COUNTED_WORDS:
                 prune_counts(counts)
-        return cls.from_counts(counts, vocab_size)
+        return cls.from_counts(counts, vocab_size, normalization)
 
     @classmethod
-    def from_counts(cls, counts: Counter, vocab_size: int = 1000) -> WordTokenizer:
+    def from_counts(cls, counts: Counter, vocab_size: int = 1000,
+                    normalization: Optional[str] = None) -> WordTokenizer:
         """The ``vocab_size - 4`` most frequent words (ties: the word seen first)."""
         if vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
@@ -78,14 +97,14 @@ class WordTokenizer:
             counts.pop(tok, None)
         if not counts:
             raise ValueError("cannot build a vocabulary: the training texts contain no words")
-        return cls([w for w, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS))])
+        return cls([w for w, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS))], normalization)
 
     def encode_flat(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
         """``encode`` of each text, back to back in one int64 array, and the lengths: the batch is
         lowered and split once, with a marker word between texts that cannot occur in any of them."""
         if not texts:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        joined = _MARK + _MARK.join(clean_text(t) for t in texts)
+        joined = _MARK + _MARK.join(normalized(t, self.normalization) for t in texts)
         if joined.count(_MARK_CHAR) != len(texts):  # the marker occurs in the text: encode one by one
             encs = self.encode_batch(texts)
             lengths = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
@@ -97,13 +116,13 @@ class WordTokenizer:
         return _with_specials(np.delete(ids, marks), np.diff(marks) - 1)
 
     def encode_batch(self, texts: Iterable[str], add_special: bool = True) -> list[list[int]]:
-        get, unk = self.stoi.get, UNK_ID
+        get, unk, form = self.stoi.get, UNK_ID, self.normalization
         if add_special:
-            return [[BOS_ID, *[get(w, unk) for w in clean_text(t).lower().split()], EOS_ID] for t in texts]
-        return [[get(w, unk) for w in clean_text(t).lower().split()] for t in texts]
+            return [[BOS_ID, *[get(w, unk) for w in normalized(t, form).lower().split()], EOS_ID] for t in texts]
+        return [[get(w, unk) for w in normalized(t, form).lower().split()] for t in texts]
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        ids = [self.stoi.get(w, UNK_ID) for w in clean_text(text).lower().split()]
+        ids = [self.stoi.get(w, UNK_ID) for w in normalized(text, self.normalization).lower().split()]
         return [BOS_ID, *ids, EOS_ID] if add_special else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -116,12 +135,13 @@ class WordTokenizer:
         return "" if token_id in (PAD_ID, BOS_ID, EOS_ID) else " " + self.decode([token_id])
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "words": self.itos[len(SPECIAL_TOKENS):]})
+        d = {"kind": self.kind, "words": self.itos[len(SPECIAL_TOKENS):]}
+        return json.dumps({**d, "normalization": self.normalization} if self.normalization else d)
 
     def to_hub_json(self) -> str:
         """The same vocabulary as a ``tokenizers`` WordLevel model: lowercase, whitespace split, BOS/EOS added."""
         tok = HFTokenizer(models.WordLevel(vocab=self.stoi, unk_token=SPECIAL_TOKENS[UNK_ID]))
-        tok.normalizer = normalizers.Lowercase()
+        tok.normalizer = _hub_normalizer(self.normalization, normalizers.Lowercase())
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         return _with_bos_eos(tok)
 
@@ -132,12 +152,14 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tok) -> None:  # tok: tokenizers.Tokenizer
+    def __init__(self, tok, normalization: Optional[str] = None) -> None:  # tok: tokenizers.Tokenizer
         self._tok = tok
         self.vocab_size = tok.get_vocab_size()
+        self.normalization = normalization
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 1000) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000,
+              normalization: Optional[str] = NORMALIZATION) -> BPETokenizer:
         tok = HFTokenizer(models.BPE(unk_token=SPECIAL_TOKENS[UNK_ID]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -149,22 +171,22 @@ class BPETokenizer:
             for t in texts:
                 if t.strip():
                     seen[0] += 1
-                    yield t
+                    yield normalized(t, normalization) if normalization else t
 
         tok.train_from_iterator(nonempty(), trainer=trainer)
         if not seen[0]:
             raise ValueError("cannot train BPE: the training texts are empty")
-        return cls(tok)
+        return cls(tok, normalization)
 
     def encode_batch(self, texts: Iterable[str], add_special: bool = True) -> list[list[int]]:
         """Many texts at once, on all cores (the library's own threads)."""
-        encs = self._tok.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        encs = self._tok.encode_batch([normalized(t, self.normalization) for t in texts], add_special_tokens=False)
         if add_special:
             return [[BOS_ID, *e.ids, EOS_ID] for e in encs]
         return [e.ids for e in encs]
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        ids = self._tok.encode(clean_text(text), add_special_tokens=False).ids
+        ids = self._tok.encode(normalized(text, self.normalization), add_special_tokens=False).ids
         return [BOS_ID, *ids, EOS_ID] if add_special else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -181,7 +203,7 @@ class BPETokenizer:
         agree on every character of it (see ``_fast_split_agrees``), and each piece is looked up
         in a cache of the pieces seen before: corpora repeat their words, so most pieces cost a dict lookup.
         Other text goes through the library whole."""
-        texts = [clean_text(t) for t in texts]
+        texts = [normalized(t, self.normalization) for t in texts]
         pieces = bpe_pieces()
         slow = [i for i, t in enumerate(texts) if pieces is None or (t and not _fast_split_agrees(t))]
         encs = dict(zip(slow, (e.ids for e in self._tok.encode_batch([texts[i] for i in slow],
@@ -214,10 +236,28 @@ class BPETokenizer:
         return ids
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "tokenizer": self._tok.to_str()})
+        d = {"kind": self.kind, "tokenizer": self._tok.to_str()}
+        return json.dumps({**d, "normalization": self.normalization} if self.normalization else d)
 
     def to_hub_json(self) -> str:
-        return _with_bos_eos(HFTokenizer.from_str(self._tok.to_str()))
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        if self.normalization:
+            tok.normalizer = _hub_normalizer(self.normalization)
+        return _with_bos_eos(tok)
+
+
+def _hub_normalizer(form: Optional[str], then=None):
+    """The ``tokenizers`` normalizer doing what ours do: ``form`` (None: nothing), then ``then``."""
+    steps = ([getattr(normalizers, form)()] if form else []) + ([then] if then is not None else [])
+    return None if not steps else steps[0] if len(steps) == 1 else normalizers.Sequence(steps)
+
+
+def _hub_form(d: dict) -> Optional[str]:
+    """The Unicode normalisation a hub ``tokenizer.json``'s normalizer applies (what ``_hub_normalizer`` wrote)."""
+    norm = d.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    forms = [s.get("type") for s in steps if s.get("type") in ("NFC", "NFKC", "NFD", "NFKD")]
+    return forms[0] if forms else None
 
 
 def _with_bos_eos(tok) -> str:
@@ -293,12 +333,19 @@ def tokenizer_from_json(s: str) -> WordTokenizer | BPETokenizer:
         d = json.loads(s)
         kind = d["kind"]
         if kind == "word":
-            return WordTokenizer(list(d["words"]))
+            return WordTokenizer(list(d["words"]), _form(d))
         if kind == "bpe":
-            return BPETokenizer(HFTokenizer.from_str(d["tokenizer"]))
+            return BPETokenizer(HFTokenizer.from_str(d["tokenizer"]), _form(d))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"not a newllm_nb tokenizer JSON: {e}") from e
     raise ValueError(f"not a newllm_nb tokenizer JSON: unknown kind {kind!r}")
+
+
+def _form(d: dict) -> Optional[str]:
+    form = d.get("normalization")
+    if form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
+        raise ValueError(f"unknown normalization {form!r}")
+    return form
 
 
 def tokenizer_from_hub_json(s: str) -> WordTokenizer | BPETokenizer:
@@ -311,10 +358,13 @@ def tokenizer_from_hub_json(s: str) -> WordTokenizer | BPETokenizer:
             words = sorted(vocab, key=vocab.get)
             if [vocab[w] for w in words] != list(range(len(words))) or tuple(words[:4]) != SPECIAL_TOKENS:
                 raise ValueError("ids are not 0..n-1 with <pad> <unk> <bos> <eos> first")
-            return WordTokenizer(words[len(SPECIAL_TOKENS):])
+            return WordTokenizer(words[len(SPECIAL_TOKENS):], _hub_form(d))
         if kind == "BPE":
             d["post_processor"] = None  # ours adds BOS/EOS itself
-            return BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+            form = _hub_form(d)
+            if form:
+                d["normalizer"] = None  # ours normalises before the library sees the text
+            return BPETokenizer(HFTokenizer.from_str(json.dumps(d)), form)
     except Exception as e:  # json, a missing key, or tokenizers rejecting the JSON (a plain Exception)
         raise ValueError(f"not a newllm_nb tokenizer.json: {e}") from e
     raise ValueError(f"not a newllm_nb tokenizer.json: a {kind} model (expected WordLevel or BPE)")

@@ -20,9 +20,10 @@ from ..data.pipeline import Prepared, prepare
 from ..data.tokenizer import tokenizer_hash
 from ..models.build import build_model
 from ..models.newllm import count_parameters
+from ..runtime.stopping import Interrupted
 from ..train.checkpoint import load_checkpoint
 from ..train.metrics import eval_batch_size, evaluate
-from ..train.runs import fingerprint_id, run_fingerprint
+from ..train.runs import RunFolderError, fingerprint_id, run_fingerprint
 from ..train.trainer import Trainer
 from .growth import freeze_hooks
 
@@ -39,6 +40,12 @@ class RunResult:
     seconds: float
     config: RunConfig = field(repr=False, default=None)  # as trained (vocab size from the tokenizer)
     trainer: Trainer = field(repr=False, default=None)
+    stopped: Optional[Interrupted] = None  # set when a stop signal ended training early (a partial result)
+
+    @property
+    def checkpoint(self) -> Optional[Path]:
+        """The checkpoint to resume a stopped run from (its ``last``), else None."""
+        return self.stopped.checkpoint if self.stopped is not None else None
 
     @property
     def best_path(self) -> Optional[Path]:
@@ -73,10 +80,11 @@ def keyed_run_dir(root: Union[str, Path], name: str, cfg: RunConfig, prepared: P
 def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
                    callbacks: Sequence[Callable[[dict], None]] = (), prepared: Optional[Prepared] = None,
                    resume: bool = True, step_callbacks: Sequence[Callable[[dict], None]] = (),
-                   progress: Optional[Callable] = None) -> RunResult:
+                   progress: Optional[Callable] = None, overwrite: bool = False) -> RunResult:
     """Prepare data, build the model, train (resuming ``run_dir`` if it holds a run), reload the best
     weights and evaluate them. ``callbacks`` get each epoch's record, ``step_callbacks`` each step's loss,
-    ``progress`` is the trainer's progress-bar class."""
+    ``progress`` is the trainer's progress-bar class. ``resume=False`` starts this configuration's run over;
+    ``overwrite`` also replaces another configuration's run in ``run_dir`` (else that is refused)."""
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(cfg.data, cfg.model.vocab_size)
@@ -89,9 +97,17 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     model = build_model(cfg.model)
     trainer = Trainer(model, prepared.train, prepared.valid, cfg, prepared.tokenizer, run_dir, callbacks,
                       step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress, data_source=prepared.source)
-    history = trainer.fit(resume=resume)
+    try:
+        history = trainer.fit(resume=resume, overwrite=overwrite)
+    except Interrupted as e:
+        e.result = _partial(cfg, trainer, prepared, run_dir, time.perf_counter() - t0, e)
+        raise
     if trainer.best_path is not None and trainer.best_path.exists():
         load_checkpoint(trainer.best_path).load_into(trainer.model)
+    elif trainer.best_path is not None and history:  # every run that validates once writes one: it was deleted
+        raise RunFolderError(f"the run in {run_dir} finished earlier but its best.safetensors is missing, so its best "
+                             f"epoch cannot be reported: train it again with --overwrite (overwrite=True), or use "
+                             f"{trainer.last_path} (the last epoch's weights) with generate --checkpoint")
     elif trainer.ema is not None:  # no checkpoints written: use the averaged weights, which validation measured
         trainer.ema.copy_to_model()
     metrics = evaluate(trainer.model, prepared.valid, eval_batch_size(cfg.train.batch_size), trainer.device,
@@ -100,3 +116,17 @@ def run_experiment(cfg: RunConfig, run_dir: Optional[Union[str, Path]] = None,
     return RunResult(trainer.model, prepared.tokenizer, history, metrics, prepared,
                      Path(run_dir) if run_dir else None, count_parameters(model), time.perf_counter() - t0,
                      cfg, trainer)
+
+
+def _partial(cfg: RunConfig, trainer: Trainer, prepared: Prepared, run_dir, seconds: float,
+             stop: Interrupted) -> RunResult:
+    """What a stopped run has: the model as it stands, the epochs so far, and as ``metrics`` the best epoch's
+    validation as recorded (NaN before the first epoch ends; nothing is evaluated while stopping)."""
+    best = min((r for r in trainer.history if r.get("best")), key=lambda r: r["val_loss"], default=None)
+    nan = float("nan")
+    metrics = ({"loss": best["val_loss"], "ppl": best["val_ppl"], "acc": best["val_acc"]} if best
+               else {"loss": nan, "ppl": nan, "acc": nan})
+    trainer.model.tokenizer_sha256 = tokenizer_hash(prepared.tokenizer)
+    return RunResult(trainer.model, prepared.tokenizer, trainer.history, metrics, prepared,
+                     Path(run_dir) if run_dir else None, count_parameters(trainer.model), seconds, cfg, trainer,
+                     stopped=stop)

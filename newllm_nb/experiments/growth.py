@@ -37,6 +37,7 @@ import torch
 from ..config import ModelConfig, RunConfig, apply_overrides
 from ..data.batching import Dataset
 from ..models.newllm import NewLLM
+from ..runtime.stopping import Interrupted
 from ..train.metrics import evaluate
 from ..train.trainer import Trainer
 
@@ -164,7 +165,8 @@ def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[s
                       progress: Optional[Callable] = None) -> tuple[pd.DataFrame, dict]:
     """From a finished run (``experiment.RunResult``): continue ``extra_epochs`` with no growth, with
     growth + freeze base, with growth + fine-tune all, and train a ``new_dim`` model from scratch for the
-    base's epochs + ``extra_epochs``. Returns (curves DataFrame, growth_gap dict). Each run resumes."""
+    base's epochs + ``extra_epochs``. Returns (curves DataFrame, growth_gap dict). Each run resumes; a stop
+    signal saves the variant in progress and raises ``stopping.Interrupted`` carrying the curves so far."""
     base_cfg = result.config
     prep, run_root = result.prepared, Path(run_root)
     base_epochs = len(result.history)
@@ -190,5 +192,11 @@ def growth_experiment(result, new_dim: int, extra_epochs: int, run_root: Union[s
         t = Trainer(model, prep.train, prep.valid, cfg, prep.tokenizer, run_root / f"variant{i}", callbacks,
                     step_callbacks, hooks=freeze_hooks(model, cfg), progress=progress, data_source=prep.source)
         offset = 0 if "scratch" in name else base_epochs
-        rows += [{"variant": name, "epoch": r["epoch"] + offset, "val_ppl": r["val_ppl"]} for r in t.fit()]
+        try:
+            history = t.fit()
+        except Interrupted as e:  # stopped: the curves so far (this variant's too) and the gap
+            rows += [{"variant": name, "epoch": r["epoch"] + offset, "val_ppl": r["val_ppl"]} for r in t.history]
+            e.result = (pd.DataFrame(rows), gap)
+            raise
+        rows += [{"variant": name, "epoch": r["epoch"] + offset, "val_ppl": r["val_ppl"]} for r in history]
     return pd.DataFrame(rows), gap

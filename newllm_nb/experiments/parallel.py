@@ -44,7 +44,13 @@ def spread(fn: Callable, calls: Sequence[tuple], jobs: int, on_done: Optional[Ca
                 results[k] = e
             if on_done is not None:
                 on_done(k, results[k])
+    except BaseException:  # stopped (Ctrl-C, SIGTERM): each worker saves its run at the step it is on
+        for pool in pools:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                if proc.is_alive():
+                    proc.terminate()  # SIGTERM, which a training worker turns into "save and stop"
+        raise
     finally:
         for pool in pools:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     return results

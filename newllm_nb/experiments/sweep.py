@@ -19,6 +19,7 @@ from ..data.pipeline import Prepared, prepare
 from ..data.sources import is_sample
 from ..models.build import matched_config
 from ..runtime.files import atomic_write_text
+from ..runtime.stopping import Interrupted
 from .experiment import keyed_run_dir, run_experiment
 from .parallel import spread
 
@@ -47,6 +48,9 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
     when ``jobs`` equals their count). Live callbacks cannot reach into other processes, so
     ``on_run_start`` is not called then; each run's line is printed as it ends. A run that raised gets a
     row with its ``error`` and no ``result.json`` (a re-run tries it again); the others are kept.
+
+    A stop signal (Ctrl-C, the notebook's Stop button, SIGTERM) saves the run in progress and raises
+    ``stopping.Interrupted`` with the rows so far as its ``result``; re-running resumes it.
     """
     out_dir = Path(out_dir)
     prepared = prepared if prepared is not None else prepare(base.data, base.model.vocab_size)
@@ -63,7 +67,12 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
             todo.append((len(rows) - 1, (arch, n, cfg, rd, prepared)))
             continue
         callbacks, step_callbacks = _split_callbacks(on_run_start(arch, n) if on_run_start else ())
-        rows.append(train_one(arch, n, cfg, rd, prepared, callbacks, step_callbacks, progress))
+        try:
+            rows.append(train_one(arch, n, cfg, rd, prepared, callbacks, step_callbacks, progress))
+        except Interrupted as e:  # stopped: the rows so far, and this run's checkpoint to resume from
+            rows.append({"arch": arch, "layers": n, "stopped": str(e.checkpoint or "nothing saved")})
+            e.result = pd.DataFrame(rows)
+            raise
     if todo:
         def done_one(k: int, got) -> None:
             arch, n = todo[k][1][:2]

@@ -57,25 +57,41 @@ def _sampling(sampling: Optional[Sampling], overrides: dict) -> Sampling:
     return replace(sampling or Sampling(), **overrides)
 
 
+# Sampling values that validation allows can still overflow float32 (a temperature of 1e39 is inf there, one
+# of 1e-45 turns every logit into inf, a top-p of 1e-46 is 0). Within these bounds every product stays finite,
+# and beyond them nothing changes: logits differ by at least float32's resolution (~1e-6 at their size), so a
+# temperature below 1e-30 is already argmax and one above 1e30 already uniform; likewise a penalty factor.
+SCALE_MIN, SCALE_MAX = 1e-30, 1e30
+
+
+def _bounded(x: float) -> float:
+    return min(max(float(x), SCALE_MIN), SCALE_MAX)
+
+
 def pick_next(logits: torch.Tensor, s: Sampling, seen: Optional[torch.Tensor] = None,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]; ``seen`` [B, V] bool marks tokens for the repetition penalty."""
     logits = logits.float().clone()
-    logits[:, PAD_ID] = float("-inf")
-    logits[:, BOS_ID] = float("-inf")
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[[PAD_ID, BOS_ID]] = True
+    logits = logits.masked_fill(banned, float("-inf"))
     if s.repetition_penalty != 1.0 and seen is not None:
-        pen = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        p = _bounded(s.repetition_penalty)
+        pen = torch.where(logits > 0, logits / p, logits * p)
         logits = torch.where(seen, pen, logits)
     if s.greedy or s.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / s.temperature
+    # Shifted so the largest is 0 before dividing: every scaled logit is <= 0, so none overflows to +inf.
+    logits = (logits - logits.amax(-1, keepdim=True)) / _bounded(s.temperature)
+    logits = logits.nan_to_num(nan=float("-inf")).masked_fill(banned, float("-inf"))
     if s.top_k:
         kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         p_sorted = sorted_logits.softmax(-1)
-        drop = p_sorted.cumsum(-1) - p_sorted >= s.top_p  # keep the smallest set reaching top_p (>= 1 token)
+        drop = p_sorted.cumsum(-1) - p_sorted >= s.top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and always the most likely token (a top_p below float32's smallest is 0 there)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

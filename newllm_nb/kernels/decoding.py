@@ -25,7 +25,9 @@ def sample_ids(lg: torch.Tensor, temperature: float, g: Optional[torch.Generator
     if temperature == 0:
         return lg.argmax(-1)
     u = torch.rand(lg.shape, device=lg.device, generator=g).clamp_(1e-10, 1.0)
-    return (lg.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+    t = min(max(float(temperature), 1e-30), 1e30)  # generate.SCALE_MIN / SCALE_MAX: float32 stays finite
+    lg = lg.float()
+    return ((lg - lg.amax(-1, keepdim=True)) / t - torch.log(-torch.log(u))).argmax(-1)
 
 
 def capture_graph(body: Callable[[], None]) -> torch.cuda.CUDAGraph:

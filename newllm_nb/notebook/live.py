@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import shutil
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,18 +27,22 @@ from tqdm.auto import tqdm as auto_tqdm
 
 from ..config import STATE_NORMS, RunConfig, apply_overrides, is_smoke, shrink_for_smoke
 from ..data.batching import WindowData, instruction_sequences, wikitext_stream
+from ..data.corpus import expand_paths
 from ..data.pipeline import prepare
 from ..data.prompt import instruction_prompt
 from ..data.sources import is_sample, load_wikitext, source_tag
+from ..data.token_cache import cache_root
 from ..experiments.experiment import RunResult, keyed_run_dir, run_experiment
 from ..experiments.growth import growth_experiment
 from ..experiments.memory import loss_by_position, perturbation_fade
 from ..experiments.sweep import run_sweep
+from ..runtime.stopping import Interrupted
 from ..train.metrics import evaluate
 from .colab import runs_root
 from .plots import LivePlot
 
-__all__ = ["sized_for_session", "train_live", "sweep_live", "option_sweep_live", "CELL_OPTIONS",
+__all__ = ["sized_for_session", "corpus_budget", "train_live", "sweep_live", "option_sweep_live",
+           "CELL_OPTIONS",
            "grow_live", "category_table", "latest_checkpoint",
            "text_table", "instruction_prompt", "labelled_progress"]
 
@@ -48,10 +53,63 @@ def sized_for_session(cfg: RunConfig) -> RunConfig:
     return shrink_for_smoke(cfg) if is_smoke() else cfg
 
 
+# Corpora whose size is known before reading them: MB of text (the hub's parquet, decompressed).
+KNOWN_CORPORA = {("Salesforce/wikitext", "wikitext-2-raw-v1"): 13, ("Salesforce/wikitext", "wikitext-103-raw-v1"): 540,
+                 ("roneneldan/TinyStories", None): 2000}
+# Measured on WikiText text (benchmarks/RESULTS.md, "Preparing a corpus"): tokens per MB and MB/s on 2 cores.
+TOKENS_PER_MB = {"word": 195_000, "bpe": 371_000}
+TOKENIZE_MB_S = {"word": 17.5, "bpe": 2.2}
+SESSION_HOURS = 12  # a Colab session's limit without Pro
+
+
+def corpus_budget(cfg: RunConfig) -> str:
+    """One line, before anything is read: a text corpus's size, its token cache on disk, the index in memory
+    and the time to tokenize it, against this runtime's free disk and memory; "exceeds" where one would not
+    fit (an estimate from measured rates, so it is said before the work starts, not after it crashes)."""
+    d = cfg.data
+    if d.dataset != "text":
+        return ""
+    name = d.path or " ".join(x for x in (d.hub_name, d.hub_config) if x)
+    if d.path:
+        mb = sum(f.stat().st_size for f in expand_paths(d.path)) / 1e6
+    else:
+        mb = KNOWN_CORPORA.get((d.hub_name, d.hub_config))
+    if mb is None:
+        return f"text corpus {name}: size not known before reading it (the progress bar shows MB/s as it goes)"
+    tokens = mb * TOKENS_PER_MB[d.tokenizer]
+    disk = tokens * (2 if cfg.model.vocab_size <= 1 << 16 else 4) / 1e9
+    ram = tokens / max(1, d.max_seq_length // 2) * 16 / 1e9 if d.mode == "windows" else tokens * 1e-9
+    hours = mb / TOKENIZE_MB_S[d.tokenizer] / 3600
+    root = cache_root(d.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free / 1e9
+    avail = _available_ram_gb()
+    over = [what for what, bad in (("disk", disk > free), ("memory", avail is not None and ram > avail),
+                                   ("time", hours > SESSION_HOURS)) if bad]
+    line = (f"text corpus {name}: about {mb:,.0f} MB of text -> ~{tokens / 1e6:,.0f}M {d.tokenizer} tokens, a "
+            f"~{disk:.1f} GB token cache in {root} ({free:.0f} GB free), ~{ram:.2f} GB of index in memory"
+            f"{f' ({avail:.0f} GB available)' if avail is not None else ''}, ~{hours * 60:.0f} min to tokenize "
+            f"once on 2 cores")
+    if over:
+        line += (f". EXCEEDS this runtime's {' and '.join(over)}: use --tokenizer-sample-mb, fewer files, or a "
+                 f"cache folder with more room (cache_dir)")
+    return line
+
+
+def _available_ram_gb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("MemAvailable")) / 1e6
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def smoke_epochs(epochs: int, cap: int = 1) -> int:
     """An epoch count from a slider, capped at ``cap`` under ``NEWLLM_SMOKE=1``."""
     return min(epochs, cap) if is_smoke() else epochs
 
+
+RESUME_HINT = "run this cell again to resume"
 
 # -- progress bars --------------------------------------------------------------------------------------------
 _runs: list[dict] = []  # the innermost labelled_progress block's label and new-run hook (blocks may nest)
@@ -81,8 +139,12 @@ def _bar_class(base: type) -> type:
             if transient and getattr(self, "container", None) is not None:
                 self._slot = _display_replaceable(self.container)
                 self.displayed = True
-            if getattr(self, "container", None) is not None:  # a long run label keeps to one line
+            if getattr(self, "container", None) is not None:
+                # A long run label keeps to one line, and the bar keeps a bar's width: where both do not fit,
+                # the bar wraps below the label (ipywidgets 7 would otherwise squeeze it to a few pixels).
                 self.container.children[0].layout.flex = "0 0 auto"
+                self.container.children[1].layout.min_width = "160px"
+                self.container.layout.flex_flow = "row wrap"
 
         def close(self):
             super().close()
@@ -133,23 +195,30 @@ def labelled_progress(label: Optional[str] = None,
 # -- training ---------------------------------------------------------------------------------------------------
 def _on_sample(title: str, prepared) -> str:
     """A plot title that says when the run reads the bundled sample instead of the dataset it names."""
-    return f"{title} · {prepared.source}" if is_sample(prepared.source) else title
+    return f"{title} · bundled sample" if is_sample(prepared.source) else title
 
 
 def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     """Train ``cfg`` with a live plot (per-step training loss from the first steps, validation per
     epoch) in the runs folder for these settings and data (``experiment.keyed_run_dir``, the CLI's rule):
     re-running with the same settings resumes, or reports a finished run; other settings start a new run.
-    Prints one summary line at the end."""
+    Prints one summary line at the end. Stopped (the Stop button, SIGTERM), it saves the current step and
+    returns the partial result (``result.stopped``, ``result.checkpoint``) instead of raising."""
     cfg = sized_for_session(cfg)
+    if cfg.data.dataset == "text":
+        print(corpus_budget(cfg))
     prepared = prepare(cfg.data, cfg.model.vocab_size)
     print(prepared.summary())
     folder = keyed_run_dir(runs_root(), source_tag(name, prepared.source), cfg, prepared)
     title = _on_sample(title or name, prepared)
     live = LivePlot(title)
     with labelled_progress(title):
-        res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step], prepared=prepared,
-                             progress=LabelledBar)
+        try:
+            res = run_experiment(cfg, folder, callbacks=[live.update], step_callbacks=[live.step],
+                                 prepared=prepared, progress=LabelledBar)
+        except Interrupted as e:  # Stop button / SIGTERM: the work is saved; hand back what there is
+            print(e.message(RESUME_HINT))
+            return e.result
     if len(res.history) != len(live.history):  # a resumed run: show the epochs from before the restart too
         live.history = list(res.history)
     live.draw()
@@ -161,7 +230,21 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
 def sweep_live(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str] = ("newllm",),
                name: str = "sweep", label: str = "") -> pd.DataFrame:
     """The layer sweep (``sweep.run_sweep``, which keys each run's folder by its settings) with one labelled
-    live plot and labelled progress bars per run; ``label`` goes before each run's own (what the sweep varies)."""
+    live plot and labelled progress bars per run; ``label`` goes before each run's own (what the sweep varies).
+    Stopped, it returns the rows so far (the stopped run's row names its checkpoint)."""
+    return _kept(lambda: _sweep(cfg, layers, archs, name, label))
+
+
+def _kept(work: Callable):
+    """``work()``; stopped by a signal, print the one stop line and return the partial result it carries."""
+    try:
+        return work()
+    except Interrupted as e:
+        print(e.message(RESUME_HINT))
+        return e.result
+
+
+def _sweep(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str], name: str, label: str = "") -> pd.DataFrame:
     cfg = sized_for_session(cfg)
     runs = [(a, n) for a in archs for n in layers]
     with labelled_progress() as set_label:
@@ -188,13 +271,22 @@ def option_sweep_live(cfg: RunConfig, option: str, values: Sequence, layers: int
     each in its own keyed folder (a finished one is read back), one row per value with an ``option`` column."""
     if option not in CELL_OPTIONS:
         raise ValueError(f"unknown cell option {option!r}: choose one of {sorted(CELL_OPTIONS)}")
-    frames = []
-    for k, value in enumerate(values, 1):
-        run_cfg = apply_overrides(cfg, **{f"model__{option}": value})
-        df = sweep_live(run_cfg, [layers], ["newllm"], name=f"{name}-{option}",
-                        label=f"{option}={value} ({k}/{len(values)}) · ")
-        frames.append(df.assign(option=option, value=str(value)))
-    return pd.concat(frames, ignore_index=True)
+
+    def sweep_values() -> pd.DataFrame:
+        frames = []
+        for k, value in enumerate(values, 1):
+            run_cfg = apply_overrides(cfg, **{f"model__{option}": value})
+            try:
+                df = _sweep(run_cfg, [layers], ["newllm"], f"{name}-{option}",
+                            f"{option}={value} ({k}/{len(values)}) · ")
+            except Interrupted as e:  # stop the whole sweep, keeping the rows so far
+                frames.append(e.result.assign(option=option, value=str(value)))
+                e.result = pd.concat(frames, ignore_index=True)
+                raise
+            frames.append(df.assign(option=option, value=str(value)))
+        return pd.concat(frames, ignore_index=True)
+
+    return _kept(sweep_values)
 
 
 GROWTH_VARIANTS = ("no growth", "grow, freeze base", "grow, fine-tune all", "context {new_dim} from scratch")
@@ -230,8 +322,8 @@ def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig
             state["live"].update(rec)
 
     with labelled_progress(on_run=next_run) as set_label:
-        return growth_experiment(result, new_dim, extra_epochs, root, callbacks=[on_epoch],
-                                 step_callbacks=[on_step], progress=LabelledBar)
+        return _kept(lambda: growth_experiment(result, new_dim, extra_epochs, root, callbacks=[on_epoch],
+                                               step_callbacks=[on_step], progress=LabelledBar))
 
 
 def context_memory(result: RunResult, samples: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -82,6 +82,9 @@ class TrainingPanel:
         self.patience = w.IntSlider(min=1, max=100, description="patience", style=STYLE, layout=lay)
         self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], description="precision", style=STYLE,
                                     layout=lay)
+        # Minutes between mid-epoch saves of `last` (a stop signal saves at once, whatever this says).
+        self.checkpoint_every = w.BoundedFloatText(min=0.1, max=1440.0, step=1.0, description="checkpoint (min)",
+                                                   style=STYLE, layout=lay)
         self.mode = w.Dropdown(options=["windows", "stream", "packed"], description="batching", style=STYLE,
                                layout=lay)
         sources = [("hub (sample only if offline)", "auto"), ("hub only", "hub"), ("bundled sample", "sample"),
@@ -144,7 +147,8 @@ class TrainingPanel:
                      shown(self.fnn_residual, self.gate_rank, self.slow_forget)),
             w.HTML("<b>Data</b>"), _columns(shown(*data_rows), shown(self.seq, self.mode)),
             w.HTML("<b>Training</b>"), _columns(shown(self.batch, self.lr, self.original_lr, self.ema),
-                                                shown(self.epochs, self.patience, self.precision)),
+                                                shown(self.epochs, self.patience, self.precision,
+                                                      self.checkpoint_every)),
         ])
 
     def _batch_for(self, cfg: RunConfig) -> int:
@@ -163,7 +167,8 @@ class TrainingPanel:
                               (self.seq, d.max_seq_length), (self.mode, d.mode), (self.tokenizer, d.tokenizer),
                               (self.batch, self._batch_for(cfg)), (self.lr, t.lr or self.rec.lr),
                               (self.original_lr, t.lr is None), (self.ema, t.ema_decay), (self.epochs, t.epochs),
-                              (self.patience, t.patience), (self.precision, t.precision)):
+                              (self.patience, t.patience), (self.precision, t.precision),
+                              (self.checkpoint_every, t.checkpoint_every_minutes)):
             widget.value = value
         if hasattr(self, "state_norm"):  # the recipe dropdown's callback; at construction _fill_options follows
             self._fill_options(cfg)
@@ -210,7 +215,8 @@ class TrainingPanel:
             train=dataclasses.replace(b.train, batch_size=self.batch.value,
                                       lr=None if self.original_lr.value else float(self.lr.value),
                                       epochs=self.epochs.value, patience=self.patience.value,
-                                      precision=self.precision.value, ema_decay=float(self.ema.value)))
+                                      precision=self.precision.value, ema_decay=float(self.ema.value),
+                                      checkpoint_every_minutes=float(self.checkpoint_every.value)))
 
 
     def _text_fields(self) -> dict:

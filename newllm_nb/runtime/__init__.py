@@ -1,6 +1,6 @@
 """The machine under a run: device, precision and batch for it (hardware), processes under torchrun
-(distributed), crash-safe file writes (files) and content hashes (hashing). Exports the names the layers above
-use most."""
+(distributed), stopping on a signal with the work kept (stopping), crash-safe file writes (files) and
+content hashes (hashing). Exports the names the layers above use most."""
 
 from .distributed import init_from_env, is_main, launched, rank, world_size
 from .files import atomic_write, atomic_write_text

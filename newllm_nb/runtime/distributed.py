@@ -122,14 +122,15 @@ def agreed(decide: Callable[[], T], share: Callable[[T], object] = lambda r: r,
     return receive(payload)
 
 
-def flag_from_main(value: bool) -> bool:
-    """Rank 0's ``value`` on every rank (e.g. "save a checkpoint now", which rank 0 times by its own clock)."""
+def max_over_ranks(*values: int) -> list[int]:
+    """Each value's maximum over the ranks, on every rank; the values themselves for one process. Rank 0
+    alone sets a value it decides by its own clock ("save now"); a stop signal may reach only some ranks."""
     if not active():
-        return value
+        return [int(v) for v in values]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    flag = torch.tensor([int(bool(value))], device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    flags = torch.tensor([int(v) for v in values], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [int(v) for v in flags.tolist()]
 
 
 def gather_objects(obj) -> list:

@@ -92,7 +92,18 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"invalid config value device={device!r}: CUDA is not available on this machine")
-    return torch.device(device)
+    if device.startswith("cuda:"):
+        index, count = device.split(":", 1)[1], torch.cuda.device_count()
+        if not (index.isdigit() and int(index) < count):
+            raise ValueError(f"invalid config value device={device!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"invalid config value device={device!r}: Apple's MPS is not available on this machine "
+                         f"(use cpu{' or cuda' if torch.cuda.is_available() else ''})")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"invalid config value device={device!r}: {e}") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

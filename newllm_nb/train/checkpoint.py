@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config import RunConfig
 from ..data.tokenizer import tokenizer_from_hub_json, tokenizer_from_json, tokenizer_hash
 from ..models.build import build_model
-from ..runtime.files import atomic_write
+from ..runtime.files import atomic_write, check_regular_file
 from ..runtime.hardware import resolve_device
 from ..runtime.hashing import tensor_sha256
 from .hub_files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, locate
@@ -37,6 +37,22 @@ class CheckpointError(RuntimeError):
 
 class DamagedCheckpointError(CheckpointError):
     """A checkpoint whose bytes are not what was written (truncated, overwritten, bit rot)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a folder gone); nothing under its name changed."""
+
+
+def _write_failure(e: BaseException) -> str:
+    """The OS's reason for a failed write; safetensors wraps it in its own error text."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    if "StorageFull" in text or "code: 28" in text:
+        return "No space left on device"
+    if "QuotaExceeded" in text or "code: 122" in text:
+        return "Disk quota exceeded"
+    return " ".join(text.splitlines())[:200]
 
 
 def _checksum(tensors: dict, meta_json: str) -> str:
@@ -71,10 +87,12 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: dict, tokenizer=None,
                     history: Optional[list] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                     scaler=None, trainer_state: Optional[dict] = None, extra_tensors: Optional[dict] = None,
-                    fingerprint: Optional[dict] = None, data_source: str = "") -> Path:
+                    fingerprint: Optional[dict] = None, data_source: str = "", before_replace=None) -> Path:
     """Write one checkpoint atomically, with a SHA-256 of its contents. Everything needed to chat or resume
     travels in this file; ``fingerprint`` (runs.run_fingerprint) says which configuration wrote it and
-    ``data_source`` where its text came from (a bundled sample says so)."""
+    ``data_source`` where its text came from (a bundled sample says so). ``before_replace`` runs once the new
+    file is complete (files.atomic_write). A failed write raises ``CheckpointWriteError`` and leaves any file
+    already at ``path`` untouched."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"format": FORMAT, "config": config, "history": history or [],
                             "trainer_state": trainer_state or {}}
@@ -95,16 +113,19 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, *, config: d
             tensors[f"rng.cuda.{i}"] = s
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
-    write_checkpoint(path, tensors, meta)
+    write_checkpoint(path, tensors, meta, before_replace)
     return Path(path)
 
 
-def write_checkpoint(path: Union[str, Path], tensors: dict, meta: dict) -> str:
+def write_checkpoint(path: Union[str, Path], tensors: dict, meta: dict, before_replace=None) -> str:
     """Write ``tensors`` (CPU, contiguous, named as ``save_checkpoint`` names them) with ``meta`` atomically;
     returns the SHA-256 written with them."""
     meta_json = json.dumps(meta)
     metadata = {"newllm_nb": meta_json, "sha256": _checksum(tensors, meta_json)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), before_replace)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointWriteError(f"could not write {path} ({_write_failure(e)})") from e
     return metadata["sha256"]
 
 
@@ -171,20 +192,30 @@ class Checkpoint:
         model.load_state_dict(state)
 
 
+def peek_checkpoint(path: Union[str, Path]) -> Optional[dict]:
+    """A checkpoint's metadata (config, fingerprint, trainer state, history) read from its header alone, without
+    its tensors or checksum; None for a file that is not a readable newllm_nb checkpoint."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["newllm_nb"])
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; CheckpointError names the file and the problem."""
     p = Path(path)
     if p.is_dir() and (p / WEIGHTS_FILE).exists():
         return _load_shared(p)
-    if p.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (p / name).exists():
-                p = p / name
-                break
-        else:
-            raise CheckpointError(f"no best.safetensors or last.safetensors in {p}")
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_dir():  # a run folder means its best weights; never another file in their place
+        if not (p / "best.safetensors").exists():
+            last = p / "last.safetensors"
+            there = (f": {last} is there, holding the last epoch's weights, not the best; pass that file to use them"
+                     if last.exists() else "")
+            raise CheckpointError(f"no best.safetensors in {p}{there}")
+        p = p / "best.safetensors"
+    check_regular_file(p, "checkpoint", None, CheckpointError)  # a pipe or device is refused before reading
     if p.stat().st_size < 16:
         raise DamagedCheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
     try:

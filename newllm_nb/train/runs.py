@@ -108,7 +108,12 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks; Colab and Linux have them
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a folder or a read-only file in the lock's place
+            raise RunFolderError(f"run folder {self.path.parent} cannot be locked: {self.path} is "
+                                 f"{'a folder' if self.path.is_dir() else 'not writable'} ({e.strerror}): remove it, "
+                                 f"or choose another run folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -27,6 +27,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since validation last improved (early stopping)
     finished: bool = False
     nonfinite_epoch: int = 0  # non-finite steps skipped in this epoch
+    epochs_above_uniform: int = 0  # epochs in a row whose validation loss was far above log V (divergence)
     epoch_seconds: float = 0.0  # training time of this epoch so far
     history: list = field(default_factory=list)  # one record per finished epoch
     metrics: Metrics = field(default_factory=Metrics)  # this epoch's training loss / accuracy so far
@@ -35,6 +36,8 @@ class TrainState:
 
     # JSON-safe fields, written as the checkpoint's trainer_state; the rest travel as tensors or apart.
     _OBJECT_FIELDS = ("history", "metrics", "context", "ema")
+    # What a resume cannot do without (the rest has a safe default: zero non-finite steps, no seconds yet).
+    REQUIRED = ("epoch", "step_in_epoch", "global_step", "best_val", "bad_epochs", "finished", "metrics")
 
     def start_epoch_over(self) -> None:
         """Reset what counts within one epoch (after the epoch's record is written)."""
@@ -60,13 +63,34 @@ class TrainState:
         return meta, tensors
 
     def restore(self, ckpt: Checkpoint, device: torch.device) -> None:
-        """Take every field from a full checkpoint (and restore its RNG streams)."""
+        """Take every field from a full checkpoint (and restore its RNG streams); a trainer state that lacks
+        a field, or holds one of the wrong kind, is refused naming it (nothing is guessed)."""
         ts = dict(ckpt.trainer_state)
+        missing = [name for name in self.REQUIRED if name not in ts]
+        if missing:
+            raise CheckpointError(f"{ckpt.path} cannot be resumed: its trainer state lacks {', '.join(missing)} "
+                                  f"(written by another program or edited): choose another run folder, or "
+                                  f"delete it to start over")
+        try:
+            self._restore(ckpt, ts, device)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{ckpt.path} cannot be resumed: its trainer state is malformed ({e!r})") from e
+
+    def _restore(self, ckpt: Checkpoint, ts: dict, device: torch.device) -> None:
         for f in dataclasses.fields(self):
             if f.name not in self._OBJECT_FIELDS and f.name in ts:
-                setattr(self, f.name, ts[f.name])
+                value, kind = ts[f.name], type(f.default)
+                fits = (value is None and f.name == "best_val") or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+                    else type(value) is kind)
+                if not fits:
+                    raise ValueError(f"{f.name}={value!r} is not a {kind.__name__}")
+                setattr(self, f.name, value)
         self.best_val = math.inf if ts.get("best_val") is None else ts["best_val"]
         self.history = list(ckpt.history)
+        lacking = sorted(set(self.metrics.state()) - set(ts["metrics"]))
+        if lacking:
+            raise ValueError(f"metrics lacks {', '.join(lacking)}")
         self.metrics.load(ts["metrics"])
         states = [ckpt.extra(f"state.{i}") for i in range(2)]
         states = [s.to(device) for s in states if s is not None]

@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs in parallel, spread over all visible GPUs (train_s is then not comparable)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="append the table here")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "LOG.md"),
+                    help="append the table here as a dated entry (RESULTS.md is edited by hand)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     vocabs = [int(v) for v in args.vocab.split(",")]
@@ -268,7 +269,7 @@ def main() -> None:
     if not args.no_append and len(df):
         with open(args.results, "a", encoding="utf-8") as f:
             cmd = "python " + " ".join(sys.argv)
-            f.write(f"\n### quality.py ({time.strftime('%Y-%m-%d')})\n\n"
+            f.write(f"\n## {time.strftime('%Y-%m-%d')}: quality.py\n\n"
                     f"`{cmd}` | {header}\n\n{_md(df)}\n" + ("" if summary is None else f"\n{_md(summary)}\n"))
 
 

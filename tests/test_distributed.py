@@ -49,7 +49,7 @@ def _torchrun(mode, run_dir, sleep, out, nproc=2, **env_extra):
 
 
 def _kill_all(proc) -> None:
-    """SIGKILL torchrun and its ranks (which it starts in sessions of their own, so killpg would miss them)."""
+    """SIGKILL torchrun and its ranks (which it starts in process groups of their own, so killpg would miss them)."""
     ranks = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -39,7 +39,7 @@ def test_committed_notebook_has_no_outputs(nb):
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
-    # One folder for the whole session: 04_chat finds the checkpoint 02_dolly wrote.
+    # One folder for the whole test run: 04_chat finds the checkpoint 02_dolly wrote.
     return tmp_path_factory.mktemp("notebook-runs")
 
 

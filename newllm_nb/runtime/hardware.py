@@ -60,7 +60,7 @@ def detect(device: Optional[str] = None) -> HardwareInfo:
 
 
 def recommend(info: Optional[HardwareInfo] = None) -> Recommendation:
-    """Batch by the original's table (H100/H200 at least 4096; unknown GPUs by memory; CPU 256), lr by its rule."""
+    """Batch by the original's table (H100/H200 4096; unknown GPUs by memory; CPU 64), lr by its rule."""
     info = info or detect()
     if info.kind == "CPU":
         batch = 64  # small batches: more updates per epoch where every step is slow

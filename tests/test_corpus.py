@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from newllm_nb import tokenizer as tokmod
+from newllm_nb.data import tokenizer as tokmod
 from newllm_nb.data.batching import StreamData, WindowData, wikitext_sequences, wikitext_stream
 from newllm_nb.data.corpus import hub_corpus, local_corpus, open_corpus
 from newllm_nb.data.sources import WIKITEXT_SAMPLE, DataError, load_wikitext

@@ -267,12 +267,12 @@ def test_live_plot_has_a_title_and_shows_training_loss_from_the_first_steps():
 
 def test_notebook_helpers_shrink_for_smoke_mode_only_when_it_is_on(monkeypatch):
     from newllm_nb.config import preset
-    from newllm_nb.notebook.live import sized_for_session, smoke_epochs
+    from newllm_nb.notebook.live import smoke_epochs, smoke_sized
 
     cfg = preset("original_wikitext")
-    assert sized_for_session(cfg) == cfg and smoke_epochs(20) == 20
+    assert smoke_sized(cfg) == cfg and smoke_epochs(20) == 20
     monkeypatch.setenv("NEWLLM_SMOKE", "1")
-    small = sized_for_session(cfg)
+    small = smoke_sized(cfg)
     assert small.train.epochs == 2 and small.data.max_examples and smoke_epochs(20) == 1
 
 

@@ -1,8 +1,8 @@
-"""What the notebooks call: one module, so the notebooks hold story, widgets and plots only.
+"""What the notebooks call to train, sweep, grow and tabulate; widgets, plots and Colab set-up sit beside it.
 
 This is the notebooks' entry point, so smoke mode (``NEWLLM_SMOKE=1``, set by the tests) is applied
 here and nowhere below: every helper that starts training passes the pipeline an already-shrunk
-config (``sized_for_session``).
+config (``smoke_sized``).
 
 Progress bars: the trainer draws them with ``tqdm.auto`` unless given another class. In a notebook that
 is a widget per bar; a finished per-epoch bar (``leave=False``) closes its widget, and a closed widget left
@@ -41,14 +41,14 @@ from ..train.metrics import evaluate
 from .colab import runs_root
 from .plots import LivePlot
 
-__all__ = ["sized_for_session", "corpus_budget", "train_live", "sweep_live", "option_sweep_live",
+__all__ = ["smoke_sized", "corpus_budget", "train_live", "sweep_live", "option_sweep_live",
            "CELL_OPTIONS",
            "grow_live", "category_table", "latest_checkpoint",
            "text_table", "instruction_prompt", "labelled_progress"]
 
 
-def sized_for_session(cfg: RunConfig) -> RunConfig:
-    """``cfg`` as this session runs it: shrunk (at most 2 epochs, a capped data sample) under
+def smoke_sized(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as the notebook runs it: shrunk (at most 2 epochs, a capped data sample) under
     ``NEWLLM_SMOKE=1``, unchanged otherwise."""
     return shrink_for_smoke(cfg) if is_smoke() else cfg
 
@@ -204,7 +204,7 @@ def train_live(cfg: RunConfig, name: str, title: str = "") -> RunResult:
     re-running with the same settings resumes, or reports a finished run; other settings start a new run.
     Prints one summary line at the end. Stopped (the Stop button, SIGTERM), it saves the current step and
     returns the partial result (``result.stopped``, ``result.checkpoint``) instead of raising."""
-    cfg = sized_for_session(cfg)
+    cfg = smoke_sized(cfg)
     if cfg.data.dataset == "text":
         print(corpus_budget(cfg))
     prepared = prepare(cfg.data, cfg.model.vocab_size)
@@ -245,7 +245,7 @@ def _kept(work: Callable):
 
 
 def _sweep(cfg: RunConfig, layers: Sequence[int], archs: Sequence[str], name: str, label: str = "") -> pd.DataFrame:
-    cfg = sized_for_session(cfg)
+    cfg = smoke_sized(cfg)
     runs = [(a, n) for a in archs for n in layers]
     with labelled_progress() as set_label:
         def on_run_start(arch: str, n: int):
@@ -304,7 +304,7 @@ def grow_live(result: RunResult, new_dim: int, extra_epochs: int, cfg: RunConfig
     root = keyed_run_dir(runs_root(), f"{tagged}-{new_dim}-x{extra_epochs}", result.config, result.prepared)
     # One set of callbacks serves every variant, which train one after another; each opens its epochs bar
     # first, which is when the next label and live plot take over. (A variant that finished in an earlier
-    # session opens no bar: on such a resume the labels of the later ones run one behind.)
+    # run opens no bar: on such a resume the labels of the later ones run one behind.)
     state = {"i": -1, "live": None}
 
     def next_run() -> None:

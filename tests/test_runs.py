@@ -3,6 +3,7 @@ say so, and one clear line (never a traceback) for what a user can get wrong."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +48,12 @@ def _run_dir(stdout: str) -> str:
 def test_other_settings_get_their_own_folder_and_the_same_settings_report_the_finished_run(trained_run):
     cwd, first = trained_run
     folder = _run_dir(first)
-    assert folder.startswith("runs/wikitext-newllm-L1-") and len(folder.split("-")[-1]) == 10
+    assert folder.startswith("runs/wikitext-sample-newllm-L1-") and len(folder.split("-")[-1]) == 10
     again = cli("train", *SMOKE, "--epochs", "2", cwd=cwd)
     assert again.returncode == 0 and _run_dir(again.stdout) == folder
     assert "finished earlier (2 epochs): not trained again" in again.stdout
     def final(out):  # the metrics, without the seconds taken
-        return [line.rsplit("|", 1)[0] for line in out.splitlines() if line.startswith("final")]
+        return [re.sub(r"\| \d+s ", "", line) for line in out.splitlines() if line.startswith("final")]
 
     assert final(first) and final(first) == final(again.stdout)
     other = cli("train", *SMOKE, "--epochs", "3", cwd=cwd)  # another setting: a new folder, trained anew

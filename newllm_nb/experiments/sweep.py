@@ -59,7 +59,7 @@ def run_sweep(base: RunConfig, layers: Sequence[int], out_dir: Union[str, Path],
         rd = keyed_run_dir(out_dir, f"{arch}-L{n}{'-sample' if is_sample(prepared.source) else ''}", cfg, prepared)
         done = rd / "result.json"
         if done.exists():
-            rows.append({"data": prepared.source, **json.loads(done.read_text())})  # same data: same source
+            rows.append({**json.loads(done.read_text()), "data": prepared.source})  # same data: same source
             print(f"{arch} L{n}: finished earlier, skipped")
             continue
         if jobs > 1:

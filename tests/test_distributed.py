@@ -232,11 +232,11 @@ def test_parallel_sweep_keeps_the_runs_that_finish_and_reports_the_one_that_fail
 
     base = tiny_config(train__epochs=1)
     (_, _, cfg1), (_, _, cfg2) = sweep_configs(base, [1, 2])
-    keyed_run_dir(tmp_path, "newllm-L2", cfg2, tiny_prepared).write_text("in the way")  # that run fails
+    keyed_run_dir(tmp_path, "newllm-L2-sample", cfg2, tiny_prepared).write_text("in the way")  # that run fails
     df = run_sweep(base, [1, 2], tmp_path, prepared=tiny_prepared, jobs=2)
     assert list(df["layers"]) == [1, 2]  # the sweep's order, whichever ended first
     ok, failed = df.iloc[0], df.iloc[1]
-    assert ok["best_val_ppl"] > 0 and (keyed_run_dir(tmp_path, "newllm-L1", cfg1, tiny_prepared)
+    assert ok["best_val_ppl"] > 0 and (keyed_run_dir(tmp_path, "newllm-L1-sample", cfg1, tiny_prepared)
                                        / "result.json").exists()
     assert "RunFolderError" in failed["error"] and "is a file" in failed["error"]
     assert main(["sweep", "--layers", "1,x", "--out-dir", str(tmp_path)]) == 2

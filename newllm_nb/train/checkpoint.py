@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from ..config import RunConfig
 from ..data.tokenizer import tokenizer_from_hub_json, tokenizer_from_json, tokenizer_hash
@@ -219,9 +220,12 @@ def load_checkpoint(path: Union[str, Path]) -> Checkpoint:
     if p.stat().st_size < 16:
         raise DamagedCheckpointError(f"{p} is truncated or empty ({p.stat().st_size} bytes)")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(p))
+        # One read of the file: a `last` rotated in between two opens would pair one file's metadata with
+        # another's tensors.
+        blob = p.read_bytes()
+        header_len = int.from_bytes(blob[:8], "little")
+        metadata = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
+        tensors = load_bytes(blob)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DamagedCheckpointError(f"{p} is not a readable safetensors checkpoint (truncated or foreign file): "
                                      f"{e}") from e

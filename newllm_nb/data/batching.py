@@ -160,7 +160,21 @@ class WindowData:
             yield Batch(self.x[idx], self.y[idx], None, False)
 
 
-class StreamData:
+class StreamLayout:
+    """How ``len(self)`` tokens split into parallel streams of ``seq_len`` windows (lists and memory maps alike)."""
+
+    seq_len: int
+
+    def streams_for(self, batch_size: int) -> int:
+        # At least two windows per stream, so small corpora still make full-length windows.
+        return max(1, min(batch_size, (len(self) - 1) // (2 * self.seq_len)))
+
+    def num_batches(self, batch_size: int) -> int:
+        B = self.streams_for(batch_size)
+        return -(-((len(self) - 1) // B) // self.seq_len)
+
+
+class StreamData(StreamLayout):
     """One token stream split into B parallel streams, read in consecutive windows of ``seq_len``.
 
     The trainer carries each stream's context from one window to the next (truncated BPTT) and
@@ -185,14 +199,6 @@ class StreamData:
 
     def content_hash(self) -> str:
         return tensor_sha256(self.tokens, self.resets, self.targets, torch.tensor([self.seq_len]))
-
-    def streams_for(self, batch_size: int) -> int:
-        # At least two windows per stream, so small corpora still make full-length windows.
-        return max(1, min(batch_size, (len(self) - 1) // (2 * self.seq_len)))
-
-    def num_batches(self, batch_size: int) -> int:
-        B = self.streams_for(batch_size)
-        return -(-((len(self) - 1) // B) // self.seq_len)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
                 ) -> Iterator[Batch]:

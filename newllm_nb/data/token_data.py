@@ -15,7 +15,7 @@ import torch
 
 from ..config import BOS_ID, PAD_ID
 from ..runtime.distributed import stream_rows, window_rows
-from .batching import Batch
+from .batching import Batch, StreamLayout
 from .sources import MIN_WORDS, DataError
 from .token_cache import HEADING, LONG, TokenFile
 
@@ -106,7 +106,7 @@ class TokenWindows:
             yield Batch(x, y, None, False)
 
 
-class TokenStream:
+class TokenStream(StreamLayout):
     """The corpus as one token stream in B parallel streams (``StreamData``), read from the map: the
     context resets at the very start, at each article heading (``reset_at_articles``) or at every
     document (``reset_every_line``); targets at resets and at BOS are ignored."""
@@ -143,13 +143,6 @@ class TokenStream:
 
     def content_hash(self) -> str:
         return _hash(self.tf, "stream", self.seq_len, self.params)
-
-    def streams_for(self, batch_size: int) -> int:
-        return max(1, min(batch_size, (len(self) - 1) // (2 * self.seq_len)))
-
-    def num_batches(self, batch_size: int) -> int:
-        B = self.streams_for(batch_size)
-        return -(-((len(self) - 1) // B) // self.seq_len)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
                 ) -> Iterator[Batch]:

@@ -82,6 +82,19 @@ def epoch_rows(names: list[str]) -> list[dict]:
 
 
 def main() -> None:
+    args = _parse_args()
+    if args.presets or args.epoch_presets:
+        _preset_tables(args)
+        return
+    rows = [row for name in args.configs.split(",") for row in config_rows(name, args)]
+    df = pd.DataFrame(rows)
+    _print_table(df, args)
+    _print_summaries(df)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
@@ -95,64 +108,86 @@ def main() -> None:
     ap.add_argument("--epoch-presets", help="comma-separated presets: one epoch each on WikiText-2-sized random "
                                             "tokens, beside the LSTM")
     ap.add_argument("--csv", help="write the table here too")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _preset_tables(args: argparse.Namespace) -> None:
+    """The --presets and --epoch-presets tables, each printed and optionally written beside --csv."""
+    for part, fn, suffix in ((args.presets, lambda n: preset_rows(n, args.steps, args.rounds), "_presets.csv"),
+                             (args.epoch_presets, epoch_rows, "_epochs.csv")):
+        if part:
+            df = pd.DataFrame(fn(part.split(",")))
+            print(f"\ndevice: {df.device[0] if 'device' in df else _device()}")
+            print(df.drop(columns=["device"], errors="ignore").to_string(index=False))
+            if args.csv:
+                df.to_csv(args.csv.replace(".csv", suffix), index=False)
+
+
+def config_variants(cfg: ModelConfig, args: argparse.Namespace) -> list[tuple[str, ModelConfig, dict]]:
+    """(label, model config, probe options) of every variant timed on one config, filtered by --only."""
     cuda = torch.cuda.is_available()
-    if args.presets or args.epoch_presets:
-        for part, fn in ((args.presets, lambda n: preset_rows(n, args.steps, args.rounds)), (args.epoch_presets,
-                                                                                               epoch_rows)):
-            if part:
-                df = pd.DataFrame(fn(part.split(",")))
-                print(f"\ndevice: {df.device[0] if 'device' in df else _device()}")
-                print(df.drop(columns=["device"], errors="ignore").to_string(index=False))
-                if args.csv:
-                    df.to_csv(args.csv.replace(".csv", "_presets.csv" if fn is not epoch_rows else "_epochs.csv"),
-                              index=False)
-        return
+    variants = [("original per-token loop", cfg, dict(fast_path="off", model=OriginalLoop(build_model(cfg)))),
+                ("package eager (hoisted)", cfg, dict(fast_path="off"))]
+    if not cuda:
+        variants.append(("package eager + BPTT", cfg, dict(fast_path="auto", device="cpu")))
+    if cuda:
+        variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))
+        variants.append(("package fast path (graph + BPTT)", cfg, dict(fast_path="graph")))
+        variants.append(("fused Triton recurrence (graph)", cfg, dict(fast_path="fused")))
+        if args.compile:
+            variants.append(("fast path + compiled cell", cfg, dict(fast_path="compile")))
+    variants += [("cuDNN LSTM, equal params", matched_config(cfg, "lstm"), dict(fast_path="off")),
+                 ("causal Transformer, equal params", matched_config(cfg, "transformer"), dict(fast_path="off"))]
+    if args.only:
+        variants = [v for v in variants if any(s.strip() in v[0] for s in args.only.split(","))]
+    return variants
+
+
+def _time_rounds(name: str, T: int, variants: list, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every variant's probe results, timed --rounds times in turn (A B C, A B C, ...)."""
+    runs: dict = {}
+    for rnd in range(args.rounds):
+        for label, mcfg, kw in variants:
+            t0 = time.perf_counter()
+            r = probe_throughput(mcfg, args.batch, T, steps=args.steps, precision=args.precision, **kw)
+            runs.setdefault(label, []).append(r)
+            print(f"{name:8s} round {rnd + 1}/{args.rounds} {label:34s} {r['step_ms']:9.2f} ms  "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return runs
+
+
+def config_rows(name: str, args: argparse.Namespace) -> list[dict]:
+    """One table row per variant of config ``name``: its median round, and its speed-up over the original loop."""
+    layers, T = CONFIGS[name]
+    variants = config_variants(ModelConfig(num_layers=layers), args)
+    runs = _time_rounds(name, T, variants, args)
+    base_ms = None
     rows = []
-    for name in args.configs.split(","):
-        layers, T = CONFIGS[name]
-        cfg = ModelConfig(num_layers=layers)
-        variants = [("original per-token loop", cfg, dict(fast_path="off", model=OriginalLoop(build_model(cfg)))),
-                    ("package eager (hoisted)", cfg, dict(fast_path="off"))]
-        if not cuda:
-            variants.append(("package eager + BPTT", cfg, dict(fast_path="auto", device="cpu")))
-        if cuda:
-            variants.append(("fast path: CUDA graph, autograd", cfg, dict(fast_path="graph-autograd")))
-            variants.append(("package fast path (graph + BPTT)", cfg, dict(fast_path="graph")))
-            variants.append(("fused Triton recurrence (graph)", cfg, dict(fast_path="fused")))
-            if args.compile:
-                variants.append(("fast path + compiled cell", cfg, dict(fast_path="compile")))
-        variants += [("cuDNN LSTM, equal params", matched_config(cfg, "lstm"), dict(fast_path="off")),
-                     ("causal Transformer, equal params", matched_config(cfg, "transformer"), dict(fast_path="off"))]
-        if args.only:
-            variants = [v for v in variants if any(s.strip() in v[0] for s in args.only.split(","))]
-        base_ms = None
-        runs: dict = {}
-        for rnd in range(args.rounds):
-            for label, mcfg, kw in variants:
-                t0 = time.perf_counter()
-                r = probe_throughput(mcfg, args.batch, T, steps=args.steps, precision=args.precision, **kw)
-                runs.setdefault(label, []).append(r)
-                print(f"{name:8s} round {rnd + 1}/{args.rounds} {label:34s} {r['step_ms']:9.2f} ms  "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        for label, _, _ in variants:
-            rs = sorted(runs[label], key=lambda r: r["step_ms"])
-            r = rs[(len(rs) - 1) // 2]  # the median round (the lower of two)
-            if label == "original per-token loop":  # the speed-up column needs the original row (absent with --only)
-                base_ms = r["step_ms"]
-            rows.append({"config": name, "variant": label, "params": r["params"], "path": r["path"],
-                         "step_ms": round(r["step_ms"], 2), "tokens_per_s": round(r["tokens_per_s"]),
-                         "warmup_s": round(r["warmup_s"], 2),
-                         "peak_mem_gb": None if r["peak_mem_gb"] is None else round(r["peak_mem_gb"], 2),
-                         "speedup_vs_original": round(base_ms / r["step_ms"], 2) if base_ms else None,
-                         "precision": r["precision"],
-                         "device": r["device"]})
-    df = pd.DataFrame(rows)
+    for label, _, _ in variants:
+        rs = sorted(runs[label], key=lambda r: r["step_ms"])
+        r = rs[(len(rs) - 1) // 2]  # the median round (the lower of two)
+        if label == "original per-token loop":  # the speed-up column needs the original row (absent with --only)
+            base_ms = r["step_ms"]
+        rows.append({"config": name, "variant": label, "params": r["params"], "path": r["path"],
+                     "step_ms": round(r["step_ms"], 2), "tokens_per_s": round(r["tokens_per_s"]),
+                     "warmup_s": round(r["warmup_s"], 2),
+                     "peak_mem_gb": None if r["peak_mem_gb"] is None else round(r["peak_mem_gb"], 2),
+                     "speedup_vs_original": round(base_ms / r["step_ms"], 2) if base_ms else None,
+                     "precision": r["precision"],
+                     "device": r["device"]})
+    return rows
+
+
+def _print_table(df: pd.DataFrame, args: argparse.Namespace) -> None:
     print()
-    print(f"device: {rows[0]['device']} | batch {args.batch} | precision {rows[0]['precision']} | "
+    print(f"device: {df.device[0]} | batch {args.batch} | precision {df.precision[0]} | "
           f"median of {args.steps} steps" + (f", median of {args.rounds} interleaved rounds" * (args.rounds > 1)))
     shown = df.drop(columns=["device"])
     print(shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False))
+
+
+def _print_summaries(df: pd.DataFrame) -> None:
+    """The fast path's speed-up over the original loop, and each New-LLM step against cuDNN's LSTM."""
     fast = df[df.variant.str.startswith("package fast path") & df.speedup_vs_original.notna()]
     if len(fast):
         met = int((fast.speedup_vs_original >= 3).sum())
@@ -165,8 +200,6 @@ def main() -> None:
             if ms.get(label) and lstm:
                 print(f"summary: {name} {label} {ms[label]} ms vs LSTM {lstm} ms -> LSTM/New-LLM = "
                       f"{lstm / ms[label]:.2f}x")
-    if args.csv:
-        df.to_csv(args.csv, index=False)
 
 
 def _device() -> str:

@@ -1,0 +1,521 @@
+"""Weight-stationary greedy decoding: ONE cooperative Triton launch decodes a whole chunk of tokens.
+
+``fused.FusedDecoder`` runs 2 + (L - 1) launches a token and every launch streams its weights from L2 again. Here
+the grid is one program per SM, launched cooperatively (``launch_cooperative_grid=True``: the driver refuses a grid
+that cannot be co-resident instead of letting a barrier hang). Each program loads its slice of every weight once,
+keeps it in registers for all the chunk's tokens, and the programs meet at a grid-wide barrier between the phases
+of a token that need all of the previous phase's output (the layout of Diamos et al.'s persistent RNNs, with the
+matrices split by output rows):
+
+    A    the token: argmax over the head programs' partial maxima; c_{t-1} = clamp(LN(x_{t-1})) (or the context
+         given to ``set_context``), r = LN(c_{t-1}) with state_norm "read"; layer 1's rows: relu(table[tok] + W_c r)
+    L_j  layer j = 2..L: relu(W_j h_{j-1} + b_j)
+    G    the gate rows x = sigmoid(f) c_{t-1} + sigmoid(i) u (low-rank gates: V [h_L ; r] instead), and the head
+         rows' logits with their maximum (a tied head with a projection: P h_L instead)
+    H    (low-rank gates or a projected tied head only) the gates from V [h_L ; r]; the head from P h_L
+
+so a token is L + 1 barriers (L + 2 with low-rank gates or a projected tied head). Every program recomputes the
+cheap per-row work (the LayerNorm of the context, the argmax over the partial maxima) itself, so no phase needs
+a barrier of its own for it. Activations between phases go through small global buffers read with ``.cg``
+(L2, never a stale L1 line).
+
+The barrier is a counter that every program raises by one (release) and then reads (acquire) until it reaches
+``P`` times the barrier's number. Under ``TRITON_INTERPRET=1`` programs run one after another, so a spin barrier
+with more than one program would never return: there the same phase functions run one phase per launch
+(``persistent=False``: the kernel boundary is the barrier), and the persistent kernel itself runs with one
+program (its barrier then counts only itself). Both modes are checked against the reference cell in
+tests/test_persistent.py; the cooperative launch itself on a GPU (tests skip without CUDA).
+
+Triton is an optional dependency: import this module only where ``import triton`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import CONTEXT_CLAMP, LN_EPS
+from .decoding import ChunkDecoder
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Stationary elements per program above which the weights would spill out of registers: the decoder then says so
+# and the caller falls back to fused.FusedDecoder.
+_MAX_RESIDENT = int(os.environ.get("NEWLLM_PDEC_MAX_RESIDENT", 48 * 1024))
+
+
+def _p2(n: int) -> int:
+    return max(1, triton.next_power_of_2(max(1, n)))
+
+
+def persistent_supported(cfg) -> tuple[bool, str]:
+    """Whether the persistent decode kernel implements ``cfg``'s cell; the string names what it lacks."""
+    lacking = [name for name, on in (("fnn_residual", cfg.fnn_residual != "none"),
+                                     ("slow_forget_bias", bool(cfg.slow_forget_bias)),
+                                     ("context_tanh", cfg.context_tanh)) if on]
+    return (not lacking), ("the persistent decode kernel has no " + ", ".join(lacking)) if lacking else "ok"
+
+
+def cooperative_launch_available() -> tuple[bool, str]:
+    """Whether this Triton can launch a cooperative grid (its CUDA launcher takes ``launch_cooperative_grid``)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception as e:  # no CUDA backend in this Triton
+        return False, f"this Triton has no CUDA backend ({type(e).__name__})"
+    if "launch_cooperative_grid" not in getattr(CUDAOptions, "__dataclass_fields__", {}):
+        return False, f"Triton {triton.__version__} has no cooperative grid launch"
+    return True, f"Triton {triton.__version__}"
+
+
+# -- small pieces ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(ptr, rows, rmask, stride, cols, cmask):
+    """ptr[rows, cols] of a row-major matrix with row stride ``stride`` (zeros where masked)."""
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _gemv(w, a):
+    """w [N, K] (weights, any float dtype) times a [K] (fp32) -> [N] fp32."""
+    return tl.sum(w.to(tl.float32) * a[None, :], 1)
+
+
+@triton.jit
+def _layer_norm(x, m, w, b, C, eps):
+    """LayerNorm of one row x [BC] over its C valid entries (two-pass variance, as torch)."""
+    mean = tl.sum(tl.where(m, x, 0.0), 0) / C
+    d = tl.where(m, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / C + eps)
+    return d * rstd * w + b
+
+
+@triton.jit
+def _grid_sync(bar_ptr, target):
+    """Grid-wide barrier: every program adds one to the counter (release: its writes before it are visible to
+    whoever acquires the count), then spins (acquire) until the count reaches ``target`` (P x the barrier's
+    number in this launch). Needs the whole grid co-resident: the cooperative launch guarantees it or refuses."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+# -- the phases: each program computes its rows of one matrix product for every row of the batch ----------------
+@triton.jit
+def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
+              tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr, ctx_ptr, rd_ptr, table_ptr, hs_ptr,
+              lnw, lnb, wc, ncol, nm, cc, cm,
+              NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr, STORE_READ: tl.constexpr, BP: tl.constexpr):
+    """A: the token, c_{t-1}, r, and layer 1's rows ncol of relu(table[tok] + W_c r) (wc [BN, BC])."""
+    first = fresh & (t == 0)
+    pp = tl.arange(0, BP)
+    for b in range(B):
+        b64 = b
+        if first:
+            tok = tl.load(tok_ptr + b64)
+            c = tl.load(ctx_ptr + b64 * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
+        else:
+            pm = tl.load(pmax_ptr + pp * B + b64, mask=pp < NPH, other=float("-inf"), cache_modifier=".cg")
+            best = tl.argmax(pm, 0)  # the first head program holding the maximum: torch.argmax's tie rule
+            tok = tl.load(pidx_ptr + best * B + b64, cache_modifier=".cg")
+            x = tl.load(xs_ptr + b64 * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
+            if NORM_OUT:
+                x = _layer_norm(x, cm, lnw, lnb, C, eps)
+            c = tl.minimum(tl.maximum(x, -clamp), clamp)
+        r = c
+        if NORM_READ:
+            r = _layer_norm(c, cm, lnw, lnb, C, eps)
+        r = r.to(wc.dtype)
+        if pid == 0:
+            tl.store(ctx_ptr + b64 * C + cc, c, mask=cm)
+            tl.store(tok_ptr + b64, tok)
+            tl.store(out_ptr + b64 * n_out + t, tok)
+            if STORE_READ:
+                tl.store(rd_ptr + b64 * C + cc, r, mask=cm)
+        acc = tl.load(table_ptr + tok.to(tl.int64) * H + ncol, mask=nm, other=0.0).to(tl.float32)
+        acc += _gemv(wc, r.to(tl.float32))
+        tl.store(hs_ptr + b64 * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def _phase_layer(j, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP: tl.constexpr):
+    """L_j: rows ncol of layer j's relu(W_j h_{j-1} + b_j) (wl [LP, BN, BH] holds this program's rows of every
+    layer 2..L, bl [LP, BN] their biases; j is 1-based past layer 1)."""
+    sel = (tl.arange(0, LP) == j - 1)[:, None]
+    bias = tl.sum(tl.where(sel, bl.to(tl.float32), 0.0), 0)
+    for b in range(B):
+        b64 = b
+        a = tl.load(hs_ptr + (j - 1) * LB + b64 * H + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc3 = tl.sum(wl.to(tl.float32) * a[None, None, :], 2)  # [LP, BN]: every layer's rows; keep layer j's
+        acc = tl.sum(tl.where(sel, acc3, 0.0), 0) + bias
+        tl.store(hs_ptr + j * LB + b64 * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def _gates(b64, C, a, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, READ_CTX: tl.constexpr):
+    """Gate rows gcol for one batch row: x = sigmoid(f) c_{t-1} + sigmoid(i) u from a (h_L, or V [h_L ; r]) and,
+    READ_CTX, r."""
+    f = bf + _gemv(wf, a)
+    i = bi + _gemv(wi, a)
+    u = bu + _gemv(wu, a)
+    if READ_CTX:
+        f += _gemv(wfr, r)
+        i += _gemv(wir, r)
+        u += _gemv(wur, r)
+    c = tl.load(ctx_ptr + b64 * C + gcol, mask=gm, other=0.0, cache_modifier=".cg")
+    tl.store(xs_ptr + b64 * C + gcol, tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=gm)
+
+
+@triton.jit
+def _head(pid, b64, B, V, HV, KH, a_ptr, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+          RESIDENT: tl.constexpr, BV: tl.constexpr):
+    """This program's head rows [pid HV, pid HV + HV) for one batch row: their logits (rounded to the model dtype,
+    as the torch head returns them), the maximum and its first index into pmax / pidx [P, B]."""
+    a = tl.load(a_ptr + b64 * KH + kc, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
+    dt = a_ptr.dtype.element_ty
+    if RESIDENT:
+        vm = (vr < HV) & (pid * HV + vr < V)
+        lg = tl.where(vm, (hbr.to(tl.float32) + _gemv(wh, a)).to(dt).to(tl.float32), float("-inf"))
+        best = tl.max(lg, 0)
+        idx = pid * HV + tl.argmax(lg, 0).to(tl.int64)
+    else:
+        best = tl.full([], float("-inf"), tl.float32)
+        idx = tl.full([], 0, tl.int64) + pid * HV
+        for v0 in range(0, HV, BV):
+            rows = pid * HV + v0 + vr
+            vm = (v0 + vr < HV) & (rows < V)
+            w = _tile(whead_ptr, rows, vm, KH, kc, km)
+            hb = tl.load(hb_ptr + rows, mask=vm, other=0.0).to(tl.float32)
+            lg = tl.where(vm, (hb + _gemv(w, a)).to(dt).to(tl.float32), float("-inf"))
+            m = tl.max(lg, 0)
+            up = m > best  # strictly greater: the first chunk with the maximum keeps it
+            idx = tl.where(up, (pid * HV + v0 + tl.argmax(lg, 0)).to(tl.int64), idx)
+            best = tl.where(up, m, best)
+    tl.store(pmax_ptr + pid * B + b64, best)
+    tl.store(pidx_ptr + pid * B + b64, idx)
+
+
+@triton.jit
+def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_ptr, rd_ptr, hs_ptr,
+                   vs_ptr, z_ptr, table_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, wv_ptr, wp_ptr, whead_ptr,
+                   hb_ptr, lnw_ptr, lnb_ptr,
+                   n_tokens, n_out, phase, t_step, B, C, H, R, E, V, L, NB, GIN, WS, KH, HV, NPH, P, clamp, eps,
+                   PERSISTENT: tl.constexpr, NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr,
+                   GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
+                   BN: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, LP: tl.constexpr, BG: tl.constexpr,
+                   BR: tl.constexpr, BRO: tl.constexpr, BEO: tl.constexpr, BKH: tl.constexpr,
+                   BV: tl.constexpr, BP: tl.constexpr):
+    """PERSISTENT: decode ``n_tokens`` greedy tokens with a grid barrier between phases (a cooperative launch
+    of P programs; NB barriers a token). Else run only phase ``phase`` (0: A, 1..L-1: layer j + 1, L: G, L + 1: H)
+    of token ``t_step``, one launch a phase. The weights are loaded once at the start; ``flag`` != 0 says the
+    first token reads ``ctx`` and ``tok`` (a fresh context) rather than the state the last launch left."""
+    pid = tl.program_id(0)
+    dt = wc_ptr.dtype.element_ty
+    # -- this program's slices of every weight: loaded here, kept for all tokens ---------------------------------
+    cc = tl.arange(0, BC)
+    cm = cc < C
+    hc = tl.arange(0, BH)
+    hm = hc < H
+    lnw = tl.load(lnw_ptr + cc, mask=cm, other=0.0)
+    lnb = tl.load(lnb_ptr + cc, mask=cm, other=0.0)
+    ncol = pid * BN + tl.arange(0, BN)  # layer rows
+    nm = ncol < H
+    wc = _tile(wc_ptr, ncol, nm, C, cc, cm)
+    lp = tl.arange(0, LP)
+    lrow = lp[:, None] * H + ncol[None, :]  # [LP, BN] rows of the stacked [L - 1, H, H] layers
+    lmask = (lp < L - 1)[:, None] & nm[None, :]
+    wl = tl.load(wl_ptr + lrow.to(tl.int64)[:, :, None] * H + hc[None, None, :],
+                 mask=lmask[:, :, None] & hm[None, None, :], other=0.0)
+    bl = tl.load(bl_ptr + lrow, mask=lmask, other=0.0)
+    gcol = pid * BG + tl.arange(0, BG)  # gate channels (each a row of W_f, W_i and W_u)
+    gm = gcol < C
+    bf = tl.load(bg_ptr + gcol, mask=gm, other=0.0).to(tl.float32)
+    bi = tl.load(bg_ptr + C + gcol, mask=gm, other=0.0).to(tl.float32)
+    bu = tl.load(bg_ptr + 2 * C + gcol, mask=gm, other=0.0).to(tl.float32)
+    if RANK:  # U reads V [h_L ; r] (R wide); this program also holds rows vrow of V
+        rc = tl.arange(0, BR)
+        rcm = rc < R
+        wf = _tile(wg_ptr, gcol, gm, WS, rc, rcm)
+        wi = _tile(wg_ptr, C + gcol, gm, WS, rc, rcm)
+        wu = _tile(wg_ptr, 2 * C + gcol, gm, WS, rc, rcm)
+        vrow = pid * BRO + tl.arange(0, BRO)
+        vrm = vrow < R
+        wvh = _tile(wv_ptr, vrow, vrm, GIN, hc, hm)
+        wvr = _tile(wv_ptr + H, vrow, vrm & GATE_CTX, GIN, cc, cm)
+    else:
+        wf = _tile(wg_ptr, gcol, gm, WS, hc, hm)
+        wi = _tile(wg_ptr, C + gcol, gm, WS, hc, hm)
+        wu = _tile(wg_ptr, 2 * C + gcol, gm, WS, hc, hm)
+    rctx = GATE_CTX and not RANK
+    wfr = _tile(wg_ptr + H, gcol, gm & rctx, WS, cc, cm)
+    wir = _tile(wg_ptr + H, C + gcol, gm & rctx, WS, cc, cm)
+    wur = _tile(wg_ptr + H, 2 * C + gcol, gm & rctx, WS, cc, cm)
+    if PROJ:  # tied head with a projection: rows erow of P [E, H]
+        erow = pid * BEO + tl.arange(0, BEO)
+        erm = erow < E
+        wp = _tile(wp_ptr, erow, erm, H, hc, hm)
+    kc = tl.arange(0, BKH)
+    km = kc < KH
+    vr = tl.arange(0, BV)
+    if HEAD_RESIDENT:
+        hrow = pid * HV + vr
+        hvm = (vr < HV) & (hrow < V)
+        wh = _tile(whead_ptr, hrow, hvm, KH, kc, km)
+        hbr = tl.load(hb_ptr + hrow, mask=hvm, other=0.0)
+    else:
+        wh = tl.zeros([BV, BKH], dt)
+        hbr = tl.zeros([BV], dt)
+    a_head = z_ptr if PROJ else hs_ptr + (L - 1) * B * H
+    LB = B * H
+    fresh = tl.load(flag_ptr) != 0
+    if PERSISTENT:
+        for t in range(n_tokens):
+            _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
+                      ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
+                      GATE_CTX, BP)
+            _grid_sync(bar_ptr, (t * NB + 1) * P)
+            for j in range(1, L):
+                _phase_layer(j, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP)
+                _grid_sync(bar_ptr, (t * NB + j + 1) * P)
+            _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
+                        whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
+                        wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
+                        wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
+                        cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV)
+            _grid_sync(bar_ptr, (t * NB + L + 1) * P)
+            if RANK or PROJ:
+                _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
+                            pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
+                            rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV)
+                _grid_sync(bar_ptr, (t * NB + L + 2) * P)
+    else:
+        if phase == 0:
+            _phase_in(t_step, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
+                      ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
+                      GATE_CTX, BP)
+        elif phase < L:
+            _phase_layer(phase, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP)
+        elif phase == L:
+            _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
+                        whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
+                        wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
+                        wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
+                        cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV)
+        else:
+            _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
+                        pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
+                        rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV)
+    # Every program read the flag before the first barrier passed (one launch a phase: before phase G's launch).
+    if pid == 0:
+        if PERSISTENT:
+            tl.store(flag_ptr, 0)
+        elif phase == L:
+            tl.store(flag_ptr, 0)
+
+
+@triton.jit
+def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
+                whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
+                wvh, wvr, vrow, vrm, wp, erow, erm, wh, hbr, vr, kc, km, hc, hm, cc, cm,
+                GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
+                BV: tl.constexpr):
+    """G: everything that reads h_L (and r): the gates (or V [h_L ; r]), and the head (or P h_L)."""
+    for b in range(B):
+        b64 = b
+        h = tl.load(hs_ptr + (L - 1) * LB + b64 * H + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        r = h  # unused unless the gates read the context
+        if GATE_CTX:
+            r = tl.load(rd_ptr + b64 * C + cc, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if RANK:
+            acc = _gemv(wvh, h)
+            if GATE_CTX:
+                acc += _gemv(wvr, r)
+            tl.store(vs_ptr + b64 * R + vrow, acc.to(vs_ptr.dtype.element_ty), mask=vrm)
+        else:
+            _gates(b64, C, h, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, GATE_CTX)
+        if PROJ:
+            tl.store(z_ptr + b64 * E + erow, _gemv(wp, h).to(z_ptr.dtype.element_ty), mask=erm)
+        else:
+            _head(pid, b64, B, V, HV, KH, a_head, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+                  HEAD_RESIDENT, BV)
+
+
+@triton.jit
+def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr, pmax_ptr,
+                pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km, rc, rcm, cc, cm,
+                RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr, BV: tl.constexpr):
+    """H: the gates from V [h_L ; r] (low rank), and the head from P h_L (a projected tied head) or from h_L."""
+    for b in range(B):
+        b64 = b
+        if RANK:
+            a = tl.load(vs_ptr + b64 * R + rc, mask=rcm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            _gates(b64, C, a, a, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, False)
+        if PROJ:
+            _head(pid, b64, B, V, HV, KH, a_head, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+                  HEAD_RESIDENT, BV)
+
+
+# -- the host side ------------------------------------------------------------------------------------------------
+def _head_parts(model) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(W [V, K], b [V], P [E, H] or None): logits = W (P h) + b for an nn.Linear head (P None) or a tied head
+    (W the embedding, P its projection where hidden != embed)."""
+    head = model.head
+    if isinstance(head, torch.nn.Linear) and head.bias is not None:
+        return head.weight.detach(), head.bias.detach(), None
+    if hasattr(head, "_embed") and hasattr(head, "proj"):
+        proj = head.proj.weight.detach() if head.proj is not None else None
+        return head._embed[0].weight.detach(), head.bias.detach(), proj
+    raise ValueError(f"the persistent decoder needs a linear or tied head, not {type(head).__name__}")
+
+
+def _env(name: str, default: int) -> int:
+    raw = os.environ.get("NEWLLM_PDEC_" + name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"NEWLLM_PDEC_{name}={raw!r}: must be an integer >= 1")
+    return int(raw)
+
+
+class PersistentDecoder(ChunkDecoder):
+    """Greedy decoding with the weights kept on chip: one cooperative launch of ``programs`` programs (default: one
+    per SM) decodes ``chunk`` tokens; device memory is constant (ids leave chunk by chunk into host memory).
+    ``persistent=False`` runs the same phases one launch each (what the interpreter can run with many programs).
+    Weights are taken at construction, in the model's dtype: rebuild after training. Raises ValueError naming
+    what it lacks for a model it cannot decode (``persistent_supported``, a head that is not linear, weights too
+    large to stay on chip)."""
+
+    def __init__(self, model, batch_size: int = 1, chunk: Optional[int] = None, programs: Optional[int] = None,
+                 persistent: Optional[bool] = None) -> None:
+        cfg = model.config
+        ok, why = persistent_supported(cfg)
+        if not ok:
+            raise ValueError(why)
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"invalid chunk={chunk!r}: must be an integer >= 1 (tokens per launch)")
+        self.model, self.B, self.temperature = model.eval(), batch_size, 0.0
+        self.chunk = chunk or _env("CHUNK", 512)
+        self.use_graph, self.graph = False, None
+        self.persistent = (not _INTERPRET) if persistent is None else persistent
+        E, C, H, V, L = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim, cfg.vocab_size, cfg.num_layers
+        W1 = model.fnn[0].weight.detach()
+        dt, dev = W1.dtype, W1.device
+        if programs is None:
+            programs = _env("PROGRAMS", torch.cuda.get_device_properties(dev).multi_processor_count
+                            if dev.type == "cuda" else 1)
+        P = programs
+        if self.persistent and _INTERPRET and P != 1:
+            raise ValueError("under TRITON_INTERPRET=1 the persistent kernel runs with one program (programs run one "
+                             "after another, so a grid barrier would wait forever); use persistent=False")
+        W_head, b_head, W_proj = _head_parts(model)
+        with torch.no_grad():
+            self.table = _embed_table(model.embed.weight.detach(), W1[:, :E], model.fnn[0].bias.detach())
+        self.Wc = W1[:, E:].contiguous()
+        one = torch.zeros(1, dtype=dt, device=dev)
+        if L > 1:
+            self.Wl = torch.stack([m.weight.detach() for m in model.fnn[1:]]).contiguous()
+            self.bl = torch.stack([m.bias.detach() for m in model.fnn[1:]]).contiguous()
+        else:
+            self.Wl = self.bl = one
+        self.Wg, self.bg = model.gates.weight.detach().contiguous(), model.gates.bias.detach().contiguous()
+        self.Wv = model.gate_down.weight.detach().contiguous() if model.gate_down is not None else one
+        self.Wp = W_proj.contiguous() if W_proj is not None else one
+        self.Wh, self.bh = W_head.contiguous(), b_head.contiguous()
+        affine = model.norm.weight is not None
+        self.lnw = model.norm.weight.detach().float().contiguous() if affine else torch.ones(C, device=dev)
+        self.lnb = model.norm.bias.detach().float().contiguous() if affine else torch.zeros(C, device=dev)
+        R = cfg.gate_rank
+        GIN = H + C if cfg.gate_context else H
+        proj = W_proj is not None
+        KH = E if proj else H
+        HV = triton.cdiv(V, P)
+        blocks = dict(BN=_p2(triton.cdiv(H, P)), BC=_p2(C), BH=_p2(H), LP=_p2(L - 1), BG=_p2(triton.cdiv(C, P)),
+                      BR=_p2(R), BRO=_p2(triton.cdiv(R, P)) if R else 1,
+                      BEO=_p2(triton.cdiv(E, P)) if proj else 1, BKH=_p2(KH))
+        resident = _p2(HV) * blocks["BKH"] <= _env("HEAD_RESIDENT", 8192)
+        blocks["BV"] = _p2(HV) if resident else max(1, min(_p2(HV), 4096 // blocks["BKH"]))
+        b = blocks
+        self.resident_elements = (b["BN"] * b["BC"] + b["LP"] * b["BN"] * b["BH"] * (L > 1)
+                                  + 3 * b["BG"] * (b["BR"] if R else b["BH"])
+                                  + 3 * b["BG"] * b["BC"] * (cfg.gate_context and not R)
+                                  + (b["BRO"] * (b["BH"] + b["BC"] * cfg.gate_context) if R else 0)
+                                  + b["BEO"] * b["BH"] * proj + b["BV"] * b["BKH"] * resident)
+        if self.persistent and not _INTERPRET and self.resident_elements > _MAX_RESIDENT:
+            raise ValueError(f"{self.resident_elements} weights per program with {P} programs: more than stay on chip "
+                             f"(NEWLLM_PDEC_MAX_RESIDENT={_MAX_RESIDENT})")
+        NPH = triton.cdiv(V, HV)
+        self.P, self.L, self.NB = P, L, L + 1 + (1 if (R or proj) else 0)
+        self.sizes = (C, H, R, E, V, L, self.NB, GIN, R or GIN, KH, HV, NPH, P)
+        self.flags = dict(NORM_OUT=cfg.state_norm in ("layernorm", "noaffine"), NORM_READ=cfg.state_norm == "read",
+                          GATE_CTX=bool(cfg.gate_context), RANK=R > 0, PROJ=proj, HEAD_RESIDENT=resident,
+                          BP=_p2(NPH), **blocks)
+        self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", 4)}
+        B = batch_size
+        self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # what ChunkDecoder.run primes with
+        self.cur = torch.zeros(B, dtype=torch.long, device=dev)  # the kernel's current token
+        self.out = torch.zeros(B, self.chunk, dtype=torch.long, device=dev)
+        self.pmax = torch.zeros(P, B, dtype=torch.float32, device=dev)
+        self.pidx = torch.zeros(P, B, dtype=torch.long, device=dev)
+        self.flag = torch.ones(1, dtype=torch.int32, device=dev)
+        self.bar = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.xs = torch.zeros(B, C, dtype=torch.float32, device=dev)
+        self.ctx = torch.zeros(B, C, dtype=torch.float32, device=dev)
+        self.rd = torch.zeros(B, C, dtype=dt, device=dev)
+        self.hs = torch.zeros(L, B, H, dtype=dt, device=dev)
+        self.vs = torch.zeros(B, max(R, 1), dtype=dt, device=dev)
+        self.z = torch.zeros(B, E if proj else 1, dtype=dt, device=dev)
+        self.C, self.norm_out = C, self.flags["NORM_OUT"]
+
+    def set_context(self, context: torch.Tensor, tok: torch.Tensor) -> None:
+        """Start from ``context`` [B, C] with ``tok`` [B] the next token."""
+        self.ctx.copy_(context)
+        self.cur.copy_(tok)
+        self.flag.fill_(1)
+
+    def context(self) -> torch.Tensor:
+        """c_t after the last token the kernel read (the context given to ``set_context`` before any)."""
+        if int(self.flag) != 0:
+            return self.ctx.clone()
+        y = torch.nn.functional.layer_norm(self.xs, (self.C,), self.lnw, self.lnb, LN_EPS) if self.norm_out \
+            else self.xs
+        return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+
+    def _launch(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> None:
+        args = (self.cur, self.out, self.pmax, self.pidx, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
+                self.vs, self.z, self.table, self.Wc, self.Wl, self.bl, self.Wg, self.bg, self.Wv, self.Wp, self.Wh,
+                self.bh, self.lnw, self.lnb, n_tokens, self.chunk, phase, t_step, self.B, *self.sizes,
+                CONTEXT_CLAMP, LN_EPS)
+        extra = dict(self.launch)
+        if self.persistent and not _INTERPRET:
+            extra["launch_cooperative_grid"] = True
+        _decode_kernel[(self.P,)](*args, PERSISTENT=self.persistent, **self.flags, **extra)
+
+    @torch.no_grad()
+    def _body(self) -> None:
+        """``chunk`` greedy tokens into ``out``: one cooperative launch, or (``persistent=False``) one launch a
+        phase."""
+        if self.persistent:
+            self.bar.zero_()
+            self._launch(self.chunk)
+            return
+        phases = self.L + 1 + (self.NB > self.L + 1)
+        for t in range(self.chunk):
+            for ph in range(phases):
+                self._launch(1, ph, t)
+
+    def _capture(self) -> None:  # no CUDA graph: a chunk is one launch already
+        pass
+
+    def _start(self, context: torch.Tensor) -> None:
+        self.set_context(context, self.tok)
+
+
+def _embed_table(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Layer 1's embedding half for every vocabulary entry, bias included: the table phase A reads."""
+    return torch.nn.functional.linear(x, w, b).contiguous()

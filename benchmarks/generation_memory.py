@@ -11,10 +11,13 @@ run (memory is real, tokens/s comes from those steps; the CSV says so in ``measu
     python benchmarks/generation_memory.py --lengths 1000,10000  # a quick CPU look
     python benchmarks/generation_memory.py --models newllm,fused,fused64   # graph vs fused Triton decode
     python benchmarks/generation_memory.py --preset newllm_plus_10k --models fused,fused64   # a preset's model
+    python benchmarks/generation_memory.py --preset original_wikitext --models fused,persistent,fused64,persistent64
 
 Fused rows (CUDA with Triton): ``fused.FusedDecoder``, the same graphed loop with the cell as Triton kernels
 and layer 1's embedding half read from a vocab x hidden table; at batch 1 and at batch 64 (``fused64``,
-tokens/s counts all 64 rows; lengths up to --fused-batch-max).
+tokens/s counts all 64 rows; lengths up to --fused-batch-max). Persistent rows (``persistent``, ``persistent64``):
+``persistent.PersistentDecoder`` through ``generate.persistent_decoder``, one cooperative launch a chunk of greedy
+tokens with the weights kept on chip (or, with the one line saying why, the decoder it falls back to).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from newllm_nb import ModelConfig, NewLLM, preset
 from newllm_nb.experiments.bench import device_name
-from newllm_nb.infer.generate import GraphDecoder, decode_ids, graph_decoder
+from newllm_nb.infer.generate import GraphDecoder, decode_ids, graph_decoder, persistent_decoder
 from newllm_nb.kernels.available import fused_kernels
 from newllm_nb.models.baselines import TransformerLM
 from newllm_nb.models.build import matched_config
@@ -94,7 +97,8 @@ def main() -> None:
     ap.add_argument("--tf-tail", type=int, default=2000, help="steps timed at the end of longer Transformer runs")
     ap.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"])
     ap.add_argument("--models", default="newllm,transformer,fused,fused64",
-                    help="comma-separated subset of: newllm (graph decode), transformer, fused, fused64")
+                    help="comma-separated subset of: newllm (graph decode), transformer, fused, fused64, "
+                         "persistent, persistent64")
     ap.add_argument("--fused-batch-max", type=int, default=100_000, help="longest fused batch-64 run")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args()
@@ -118,9 +122,19 @@ def main() -> None:
             print(f"fused decoder first use (compile + capture): {time.perf_counter() - t0:.1f}s", flush=True)
         else:
             print(f"fused decode skipped: {why}")
+    keys = {"New-LLM fused": "fused", "New-LLM fused x64": "fused64"}
+    for key, batch in (("persistent", 1), ("persistent64", 64)):
+        if cuda and key in models:
+            t0 = time.perf_counter()
+            dec = persistent_decoder(newllm, batch)  # its first use (compile + one launch) is inside
+            name = "New-LLM persistent" + (f" x{batch}" if batch > 1 else "")
+            fused[name], keys[name] = (dec, batch), key
+            info = getattr(dec, "kernel_info", None)  # registers, spills, programs an SM holds
+            print(f"{name} decodes with {type(dec).__name__}; first use {time.perf_counter() - t0:.1f}s"
+                  + (f"; {getattr(dec, 'P', '?')} programs, {info}" if info else ""), flush=True)
     names = ([("New-LLM", "newllm")] if "newllm" in models else []) + \
         ([("Transformer+KV", "transformer")] if "transformer" in models else []) + \
-        [(k, "fused" if v[1] == 1 else "fused64") for k, v in fused.items()]
+        [(k, keys[k]) for k in fused]
     # Every decoder captures its graph before any row is measured: a graph captured later would hold its
     # memory pool during the later rows only and show up as a spread over lengths that is not generation's.
     for dec, batch in [(decoder, 1)] * (decoder is not None and "newllm" in models) + list(fused.values()):
@@ -128,7 +142,7 @@ def main() -> None:
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
         for name, key in names:
-            if key not in models or (key == "fused64" and n > args.fused_batch_max):
+            if key not in models or (key.endswith("64") and n > args.fused_batch_max):
                 continue
             batch = 1
             if name == "New-LLM":

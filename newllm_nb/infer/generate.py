@@ -217,6 +217,29 @@ def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, tempe
     return GraphDecoder(model, batch_size, chunk or 32, temperature)
 
 
+def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None):
+    """Greedy decoding with the weights kept on chip (``persistent.PersistentDecoder``: one cooperative Triton
+    launch a chunk of tokens) where it runs, else ``graph_decoder``'s choice, with one printed line saying why
+    (no GPU or Triton, a Triton without the cooperative launch, a cell or head it lacks, a grid that cannot be
+    co-resident)."""
+    device = next(model.parameters()).device
+    fused, _ = fused_kernels(device)
+    if fused is None or not fused.fused_cell_supported(model.config)[0]:
+        return graph_decoder(model, batch_size, chunk)  # which says in one line why it has no fused kernels
+    from ..kernels import persistent  # optional: needs triton
+
+    ok, why = persistent.cooperative_launch_available()
+    if ok:
+        try:
+            dec = persistent.PersistentDecoder(model, batch_size, chunk)
+            dec.run(torch.full((batch_size, 1), BOS_ID), 1)  # compile and the cooperative launch, here
+            return dec
+        except Exception as e:  # ValueError: what it lacks; RuntimeError: the driver refused the grid
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    print(f"persistent decoder unavailable ({why}); decoding with the fused decoder")
+    return graph_decoder(model, batch_size, chunk)
+
+
 @torch.no_grad()
 def decode_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                use_graph: Optional[bool] = None, chunk: Optional[int] = None) -> torch.Tensor:

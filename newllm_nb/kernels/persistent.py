@@ -96,13 +96,13 @@ def _layer_norm(x, m, w, b, C, eps):
 @triton.jit
 def _grid_sync(bar_ptr, target):
     """Grid-wide barrier: every program adds one to the counter (release: its writes before it are visible to
-    whoever acquires the count), then spins (acquire) until the count reaches ``target`` (P x the barrier's
-    number in this launch). Needs the whole grid co-resident: the cooperative launch guarantees it or refuses."""
+    whoever acquires the count), then waits until the count reaches ``target`` (P x the barrier's number in this
+    launch) and acquires it. Needs the whole grid co-resident: the cooperative launch guarantees it or refuses."""
     tl.debug_barrier()
-    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
-        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    seen = tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu") + 1
+    while seen < target:  # poll with plain L2 reads: read-modify-writes would queue behind the arrivals
+        seen = tl.load(bar_ptr, volatile=True)
+    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")  # order every later read after the others' writes
     tl.debug_barrier()
 
 
@@ -439,7 +439,8 @@ class PersistentDecoder(ChunkDecoder):
                       BR=_p2(R), BRO=_p2(triton.cdiv(R, P)) if R else 1,
                       BEO=_p2(triton.cdiv(E, P)) if proj else 1, BKH=_p2(KH))
         resident = _p2(HV) * blocks["BKH"] <= _env("HEAD_RESIDENT", 8192)
-        blocks["BV"] = _p2(HV) if resident else max(1, min(_p2(HV), 4096 // blocks["BKH"]))
+        # A head kept on chip is one tile of all its rows; else it is read in tiles of at most HEAD_CHUNK elements.
+        blocks["BV"] = _p2(HV) if resident else min(_p2(HV), _p2(max(1, _env("HEAD_CHUNK", 4096) // blocks["BKH"])))
         b = blocks
         self.resident_elements = (b["BN"] * b["BC"] + b["LP"] * b["BN"] * b["BH"] * (L > 1)
                                   + 3 * b["BG"] * (b["BR"] if R else b["BH"])
@@ -471,6 +472,7 @@ class PersistentDecoder(ChunkDecoder):
         self.vs = torch.zeros(B, max(R, 1), dtype=dt, device=dev)
         self.z = torch.zeros(B, E if proj else 1, dtype=dt, device=dev)
         self.C, self.norm_out = C, self.flags["NORM_OUT"]
+        self.kernel_info: Optional[dict] = None  # registers, spills, programs an SM holds (after the first launch)
 
     def set_context(self, context: torch.Tensor, tok: torch.Tensor) -> None:
         """Start from ``context`` [B, C] with ``tok`` [B] the next token."""
@@ -486,15 +488,40 @@ class PersistentDecoder(ChunkDecoder):
             else self.xs
         return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
 
-    def _launch(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> None:
-        args = (self.cur, self.out, self.pmax, self.pidx, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
+    def _args(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> tuple:
+        return (self.cur, self.out, self.pmax, self.pidx, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
                 self.vs, self.z, self.table, self.Wc, self.Wl, self.bl, self.Wg, self.bg, self.Wv, self.Wp, self.Wh,
                 self.bh, self.lnw, self.lnb, n_tokens, self.chunk, phase, t_step, self.B, *self.sizes,
                 CONTEXT_CLAMP, LN_EPS)
+
+    def _launch(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> None:
         extra = dict(self.launch)
         if self.persistent and not _INTERPRET:
             extra["launch_cooperative_grid"] = True
-        _decode_kernel[(self.P,)](*args, PERSISTENT=self.persistent, **self.flags, **extra)
+            if self.kernel_info is None:
+                self._check_coresident(extra)
+        _decode_kernel[(self.P,)](*self._args(n_tokens, phase, t_step), PERSISTENT=self.persistent, **self.flags,
+                                  **extra)
+
+    def _check_coresident(self, extra: dict) -> None:
+        """Compile, then refuse (RuntimeError) a grid the GPU cannot hold at once, before any program spins: the
+        occupancy bound from the kernel's registers, shared memory and warps (the driver checks it again)."""
+        k = _decode_kernel.warmup(*self._args(1), grid=(self.P,), PERSISTENT=True, **self.flags, **extra)
+        if hasattr(k, "_init_handles"):
+            k._init_handles()  # loads the binary: n_regs and n_spills are known from here
+        props = torch.cuda.get_device_properties(self.out.device)
+        warps = extra.get("num_warps", 4)
+        regs = max(1, int(getattr(k, "n_regs", 0) or 0))
+        per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+        shared = int(getattr(k.metadata, "shared", 0) or 0)
+        fit = min(getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * warps),
+                  getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps),
+                  getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // shared if shared else 32)
+        self.kernel_info = {"registers": regs, "spills": int(getattr(k, "n_spills", 0) or 0), "shared": shared,
+                            "programs_per_sm": fit}
+        if self.P > fit * props.multi_processor_count:
+            raise RuntimeError(f"a grid of {self.P} programs cannot be co-resident on this GPU (at most "
+                               f"{fit * props.multi_processor_count}: {regs} registers a thread, {warps} warps)")
 
     @torch.no_grad()
     def _body(self) -> None:

@@ -1,0 +1,208 @@
+"""The persistent greedy decoder (newllm_nb/kernels/persistent.py) decodes what the reference cell decodes.
+
+CPU: under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported, so those checks run once
+in a subprocess) the persistent kernel runs with one program (its grid barrier then counts only itself) and the
+same phases run one launch each with several programs (the kernel boundary stands in for the barrier), against
+``decode_ids``' eager loop over ``model.step`` (the reference cell) for the original cell, several layers, a tied
+head with and without its projection and the option cells; the carried context against the reference's; the head
+read from memory in chunks instead of kept on chip. GPU (CUDA and a Triton with the cooperative launch): the
+cooperative launch against the eager decode, and the fallback to the fused decoder with one line where the grid
+cannot be co-resident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the persistent kernel (an optional dependency) "
+                                     "cannot be checked here")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The cells the checks decode: (config overrides, a short name).
+_CELLS = [
+    (dict(num_layers=1), "original"),
+    (dict(num_layers=3), "three layers"),
+    (dict(num_layers=2, tie_embeddings=True), "tied head with a projection"),
+    (dict(num_layers=1, tie_embeddings=True, embed_dim=20), "tied head without a projection"),
+    (dict(num_layers=1, state_norm="read", chrono_init=8.0, gate_context=True, gate_rank=8, tie_embeddings=True),
+     "the plus cell"),
+    (dict(num_layers=2, gate_context=True, state_norm="none"), "gates reading the context, no norm"),
+    (dict(num_layers=2, state_norm="noaffine", gate_rank=6), "low-rank gates, norm without affine"),
+]
+
+
+def _model(**kw):
+    from newllm_nb import ModelConfig, NewLLM
+
+    torch.manual_seed(1)
+    cfg = dict(vocab_size=150, embed_dim=12, context_dim=12, hidden_dim=20, init_std=0.5)
+    return NewLLM(ModelConfig(**{**cfg, **kw})).eval()
+
+
+def _reference_context(m, prompt, ids):
+    """The context after reading ``prompt`` and then ``ids``, through ``model.step`` (the reference cell)."""
+    from newllm_nb.kernels.decoding import prime
+
+    with torch.no_grad():
+        _, c = prime(m, prompt)
+        for t in range(ids.shape[1]):
+            _, c = m.step(ids[:, t], c)
+    return c
+
+
+def _check_persistent_kernel_one_program():
+    """The persistent kernel (one program: every weight slice is the whole matrix) decodes the eager tokens
+    across launches (chunk 5 of 10 tokens), and leaves the reference's context."""
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.persistent import PersistentDecoder
+
+    for kw, name in _CELLS:
+        m = _model(**kw)
+        prompt = torch.randint(4, 150, (3, 4))
+        dec = PersistentDecoder(m, batch_size=3, chunk=5, programs=1, persistent=True)
+        out = dec.run(prompt, 10)
+        ref = decode_ids(m, prompt, 10, use_graph=False)
+        assert torch.equal(out, ref), f"{name}: {out} != {ref}"
+        c = _reference_context(m, prompt, out)
+        err = float((dec.context() - c).abs().max()) / max(1.0, float(c.abs().max()))
+        assert err < 1e-3, f"{name}: context off by {err} (relative)"  # fp32 sums in another order
+
+
+def _check_phases_one_launch_each_with_many_programs():
+    """The same phase functions, one launch a phase, with the rows split over 3 and 7 programs (programs left
+    without rows in some phases, a head split unevenly)."""
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.persistent import PersistentDecoder
+
+    for i in (0, 2, 4):
+        kw, name = _CELLS[i]
+        m = _model(**kw)
+        prompt = torch.randint(4, 150, (2, 3))
+        ref = decode_ids(m, prompt, 6, use_graph=False)
+        for programs in (3, 7):
+            out = PersistentDecoder(m, batch_size=2, chunk=4, programs=programs, persistent=False).run(prompt, 6)
+            assert torch.equal(out, ref), f"{name}, {programs} programs: {out} != {ref}"
+
+
+def _check_head_read_in_chunks():
+    """A head too large to keep on chip is read in chunks each token: same tokens (the first chunk holding the
+    maximum keeps it, torch.argmax's tie rule)."""
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.persistent import PersistentDecoder
+
+    os.environ.update(NEWLLM_PDEC_HEAD_RESIDENT="1", NEWLLM_PDEC_HEAD_CHUNK="512")
+    try:
+        for i in (0, 2):
+            m = _model(**_CELLS[i][0])
+            prompt = torch.randint(4, 150, (2, 3))
+            dec = PersistentDecoder(m, batch_size=2, chunk=4, programs=1, persistent=True)
+            assert not dec.flags["HEAD_RESIDENT"] and dec.flags["BV"] <= 32
+            assert torch.equal(dec.run(prompt, 8), decode_ids(m, prompt, 8, use_graph=False)), _CELLS[i][1]
+    finally:
+        for k in ("HEAD_RESIDENT", "HEAD_CHUNK"):
+            os.environ.pop("NEWLLM_PDEC_" + k)
+
+
+_CHECKS = {f.__name__[len("_check_"):]: f for f in (
+    _check_persistent_kernel_one_program, _check_phases_one_launch_each_with_many_programs,
+    _check_head_read_in_chunks)}
+
+
+def _interpreter_main() -> None:
+    results = {}
+    for name, fn in _CHECKS.items():
+        try:
+            results[name] = fn() or "ok"
+        except Exception:
+            results[name] = traceback.format_exc(limit=6)
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"the Triton interpreter needs triton >= 3.7 for these kernels (found {triton.__version__})")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert lines, f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("check", list(_CHECKS))
+def test_persistent_kernel_under_triton_interpreter(interpreter_results, check):
+    assert interpreter_results[check] == "ok", interpreter_results[check]
+
+
+def test_persistent_decoder_refuses_what_it_lacks_in_one_line():
+    from newllm_nb.kernels.persistent import PersistentDecoder, persistent_supported
+
+    ok, why = persistent_supported(_model(context_tanh=True, fnn_residual="residual", num_layers=2).config)
+    assert not ok and "context_tanh" in why and "fnn_residual" in why and "\n" not in why
+    with pytest.raises(ValueError, match="invalid chunk=0"):
+        PersistentDecoder(_model(), chunk=0, persistent=False)
+
+
+# -- GPU ---------------------------------------------------------------------------------------------------------
+def _gpu_ok() -> tuple[bool, str]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "interpreter run"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    from newllm_nb.kernels.fused import fused_available
+    from newllm_nb.kernels.persistent import cooperative_launch_available
+
+    ok, why = fused_available("cuda")
+    return (cooperative_launch_available() if ok else (ok, why))
+
+
+_GPU, _WHY = _gpu_ok()
+gpu = pytest.mark.skipif(not _GPU, reason=_WHY)
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("cell", [0, 1, 2, 4])
+def test_cooperative_launch_matches_eager_greedy_decode(batch, cell):
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.persistent import PersistentDecoder
+
+    m = _model(**_CELLS[cell][0], vocab_size=1000, embed_dim=64, context_dim=64, hidden_dim=128).cuda()
+    with torch.no_grad():  # weights away from init, so greedy tokens are not near-ties
+        for p in m.parameters():
+            p.add_(torch.randn_like(p), alpha=0.2)
+    prompt = torch.randint(4, 1000, (batch, 5))
+    ref = decode_ids(m, prompt, 300, use_graph=False)
+    dec = PersistentDecoder(m, batch_size=batch, chunk=128)
+    assert dec.persistent and dec.P == torch.cuda.get_device_properties(0).multi_processor_count
+    out = dec.run(prompt, 300)  # three launches, the last one cut short
+    assert out.shape == (batch, 300)
+    assert float((out == ref).float().mean()) > 0.9, (out, ref)  # fp32 both; rounding may flip a rare near-tie
+    assert torch.equal(out[:, :20], ref[:, :20])
+
+
+@gpu
+def test_grid_that_cannot_be_co_resident_falls_back_in_one_line(monkeypatch, capsys):
+    from newllm_nb.infer.generate import persistent_decoder
+    from newllm_nb.kernels.fused import FusedDecoder
+
+    monkeypatch.setenv("NEWLLM_PDEC_PROGRAMS", str(1 << 20))  # far more programs than the GPU holds at once
+    dec = persistent_decoder(_model().cuda())
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert isinstance(dec, FusedDecoder)
+    assert len(lines) == 1 and lines[0].startswith("persistent decoder unavailable"), lines
+
+
+if __name__ == "__main__":
+    _interpreter_main()

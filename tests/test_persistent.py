@@ -112,9 +112,23 @@ def _check_head_read_in_chunks():
             os.environ.pop("NEWLLM_PDEC_" + k)
 
 
+def _check_barrier_that_cannot_be_met_raises():
+    """Two programs that run one after the other (the interpreter) can never meet at a barrier: the first gives
+    up after spin_limit polls, releases every later wait, and the run raises instead of hanging."""
+    from newllm_nb.kernels.persistent import PersistentDecoder
+
+    dec = PersistentDecoder(_model(), batch_size=1, chunk=2, programs=2, persistent=True, spin_limit=50)
+    try:
+        dec.run(torch.randint(4, 150, (1, 2)), 2)
+    except RuntimeError as e:
+        assert "timed out" in str(e), e
+    else:
+        raise AssertionError("a barrier that cannot be met went unnoticed")
+
+
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_persistent_kernel_one_program, _check_phases_one_launch_each_with_many_programs,
-    _check_head_read_in_chunks)}
+    _check_head_read_in_chunks, _check_barrier_that_cannot_be_met_raises)}
 
 
 def _interpreter_main() -> None:

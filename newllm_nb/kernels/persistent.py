@@ -94,14 +94,23 @@ def _layer_norm(x, m, w, b, C, eps):
 
 
 @triton.jit
-def _grid_sync(bar_ptr, target):
-    """Grid-wide barrier: every program adds one to the counter (release: its writes before it are visible to
-    whoever acquires the count), then waits until the count reaches ``target`` (P x the barrier's number in this
-    launch) and acquires it. Needs the whole grid co-resident: the cooperative launch guarantees it or refuses."""
+def _grid_sync(bar_ptr, target, spin_limit):
+    """Grid-wide barrier: every program adds one to the counter bar[0] (release: its writes before it are visible
+    to whoever acquires the count), then waits until the count reaches ``target`` (P x the barrier's number in
+    this launch) and acquires it. Needs the whole grid co-resident: the cooperative launch guarantees it or
+    refuses. A wait past ``spin_limit`` polls (2^22 by default: seconds; a real one takes microseconds) sets the
+    sticky error word bar[1], which releases every later wait at once, so a grid that is somehow not co-resident
+    ends with an error the host raises instead of hanging the GPU."""
     tl.debug_barrier()
     seen = tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu") + 1
-    while seen < target:  # poll with plain L2 reads: read-modify-writes would queue behind the arrivals
+    err = tl.load(bar_ptr + 1, volatile=True)
+    polls = seen * 0
+    while (seen < target) & (err == 0):  # poll with plain L2 reads: read-modify-writes would queue behind arrivals
         seen = tl.load(bar_ptr, volatile=True)
+        polls += 1
+        err = tl.load(bar_ptr + 1, volatile=True) | (polls > spin_limit).to(tl.int32)
+    if err != 0:
+        tl.store(bar_ptr + 1, 1)
     tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")  # order every later read after the others' writes
     tl.debug_barrier()
 
@@ -205,7 +214,8 @@ def _head(pid, b64, B, V, HV, KH, a_ptr, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, 
 def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_ptr, rd_ptr, hs_ptr,
                    vs_ptr, z_ptr, table_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, wv_ptr, wp_ptr, whead_ptr,
                    hb_ptr, lnw_ptr, lnb_ptr,
-                   n_tokens, n_out, phase, t_step, B, C, H, R, E, V, L, NB, GIN, WS, KH, HV, NPH, P, clamp, eps,
+                   n_tokens, n_out, phase, t_step, spin_limit,
+                   B, C, H, R, E, V, L, NB, GIN, WS, KH, HV, NPH, P, clamp, eps,
                    PERSISTENT: tl.constexpr, NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr,
                    GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
                    BN: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, LP: tl.constexpr, BG: tl.constexpr,
@@ -279,21 +289,21 @@ def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_p
             _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
                       ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
                       GATE_CTX, BP)
-            _grid_sync(bar_ptr, (t * NB + 1) * P)
+            _grid_sync(bar_ptr, (t * NB + 1) * P, spin_limit)
             for j in range(1, L):
                 _phase_layer(j, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP)
-                _grid_sync(bar_ptr, (t * NB + j + 1) * P)
+                _grid_sync(bar_ptr, (t * NB + j + 1) * P, spin_limit)
             _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
                         whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                         wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
                         wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
                         cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV)
-            _grid_sync(bar_ptr, (t * NB + L + 1) * P)
+            _grid_sync(bar_ptr, (t * NB + L + 1) * P, spin_limit)
             if RANK or PROJ:
                 _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
                             pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
                             rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV)
-                _grid_sync(bar_ptr, (t * NB + L + 2) * P)
+                _grid_sync(bar_ptr, (t * NB + L + 2) * P, spin_limit)
     else:
         if phase == 0:
             _phase_in(t_step, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
@@ -387,12 +397,13 @@ class PersistentDecoder(ChunkDecoder):
     """Greedy decoding with the weights kept on chip: one cooperative launch of ``programs`` programs (default: one
     per SM) decodes ``chunk`` tokens; device memory is constant (ids leave chunk by chunk into host memory).
     ``persistent=False`` runs the same phases one launch each (what the interpreter can run with many programs).
+    ``spin_limit``: polls before a grid barrier gives up and the run raises (default 2^22).
     Weights are taken at construction, in the model's dtype: rebuild after training. Raises ValueError naming
     what it lacks for a model it cannot decode (``persistent_supported``, a head that is not linear, weights too
     large to stay on chip)."""
 
     def __init__(self, model, batch_size: int = 1, chunk: Optional[int] = None, programs: Optional[int] = None,
-                 persistent: Optional[bool] = None) -> None:
+                 persistent: Optional[bool] = None, spin_limit: Optional[int] = None) -> None:
         cfg = model.config
         ok, why = persistent_supported(cfg)
         if not ok:
@@ -410,7 +421,8 @@ class PersistentDecoder(ChunkDecoder):
             programs = _env("PROGRAMS", torch.cuda.get_device_properties(dev).multi_processor_count
                             if dev.type == "cuda" else 1)
         P = programs
-        if self.persistent and _INTERPRET and P != 1:
+        self.spin_limit = spin_limit or 1 << 22  # polls before a barrier gives up (see _grid_sync)
+        if self.persistent and _INTERPRET and P != 1 and spin_limit is None:
             raise ValueError("under TRITON_INTERPRET=1 the persistent kernel runs with one program (programs run one "
                              "after another, so a grid barrier would wait forever); use persistent=False")
         W_head, b_head, W_proj = _head_parts(model)
@@ -464,7 +476,7 @@ class PersistentDecoder(ChunkDecoder):
         self.pmax = torch.zeros(P, B, dtype=torch.float32, device=dev)
         self.pidx = torch.zeros(P, B, dtype=torch.long, device=dev)
         self.flag = torch.ones(1, dtype=torch.int32, device=dev)
-        self.bar = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.bar = torch.zeros(2, dtype=torch.int32, device=dev)  # the barrier's count, its sticky error word
         self.xs = torch.zeros(B, C, dtype=torch.float32, device=dev)
         self.ctx = torch.zeros(B, C, dtype=torch.float32, device=dev)
         self.rd = torch.zeros(B, C, dtype=dt, device=dev)
@@ -491,7 +503,7 @@ class PersistentDecoder(ChunkDecoder):
     def _args(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> tuple:
         return (self.cur, self.out, self.pmax, self.pidx, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
                 self.vs, self.z, self.table, self.Wc, self.Wl, self.bl, self.Wg, self.bg, self.Wv, self.Wp, self.Wh,
-                self.bh, self.lnw, self.lnb, n_tokens, self.chunk, phase, t_step, self.B, *self.sizes,
+                self.bh, self.lnw, self.lnb, n_tokens, self.chunk, phase, t_step, self.spin_limit, self.B, *self.sizes,
                 CONTEXT_CLAMP, LN_EPS)
 
     def _launch(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> None:
@@ -528,13 +540,21 @@ class PersistentDecoder(ChunkDecoder):
         """``chunk`` greedy tokens into ``out``: one cooperative launch, or (``persistent=False``) one launch a
         phase."""
         if self.persistent:
-            self.bar.zero_()
+            self.bar[:1].zero_()
             self._launch(self.chunk)
             return
         phases = self.L + 1 + (self.NB > self.L + 1)
         for t in range(self.chunk):
             for ph in range(phases):
                 self._launch(1, ph, t)
+
+    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+        """Token ids [B, max_new_tokens] on the CPU after ``prompt_ids`` [B, T] (T >= 1); greedy."""
+        out = super().run(prompt_ids, max_new_tokens, seed)
+        if int(self.bar[1]) != 0:
+            raise RuntimeError("the persistent decoder's grid barrier timed out (the grid was not co-resident): its "
+                               "tokens are not valid")
+        return out
 
     def _capture(self) -> None:  # no CUDA graph: a chunk is one launch already
         pass

@@ -121,49 +121,58 @@ def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
               tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr, ctx_ptr, rd_ptr, table_ptr, hs_ptr,
               lnw, lnb, wc, ncol, nm, cc, cm,
               NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr, STORE_READ: tl.constexpr, BP: tl.constexpr):
-    """A: the token, c_{t-1}, r, and layer 1's rows ncol of relu(table[tok] + W_c r) (wc [BN, BC])."""
+    """A: the token, c_{t-1}, r, and layer 1's rows ncol of relu(table[tok] + W_c r) (wc [BN, BC]). A row's
+    partial maxima and x_{t-1} are loaded while the row before it computes."""
     first = fresh & (t == 0)
     pp = tl.arange(0, BP)
+    pm = tl.load(pmax_ptr + pp * B, mask=pp < NPH, other=float("-inf"), cache_modifier=".cg")
+    x = tl.load(xs_ptr + cc, mask=cm, other=0.0, cache_modifier=".cg")
     for b in range(B):
-        b64 = b
-        if first:
-            tok = tl.load(tok_ptr + b64)
-            c = tl.load(ctx_ptr + b64 * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
-        else:
-            pm = tl.load(pmax_ptr + pp * B + b64, mask=pp < NPH, other=float("-inf"), cache_modifier=".cg")
-            best = tl.argmax(pm, 0)  # the first head program holding the maximum: torch.argmax's tie rule
-            tok = tl.load(pidx_ptr + best * B + b64, cache_modifier=".cg")
-            x = tl.load(xs_ptr + b64 * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
-            if NORM_OUT:
-                x = _layer_norm(x, cm, lnw, lnb, C, eps)
-            c = tl.minimum(tl.maximum(x, -clamp), clamp)
+        bn = b + 1 - (b + 1) // B  # the next row (the last row again at the end)
+        pm_next = tl.load(pmax_ptr + pp * B + bn, mask=pp < NPH, other=float("-inf"), cache_modifier=".cg")
+        x_next = tl.load(xs_ptr + bn * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
+        best = tl.argmax(pm, 0)  # the first head program holding the maximum: torch.argmax's tie rule
+        tok = tl.load(pidx_ptr + best * B + b, cache_modifier=".cg")
+        y = x
+        if NORM_OUT:
+            y = _layer_norm(x, cm, lnw, lnb, C, eps)
+        c = tl.minimum(tl.maximum(y, -clamp), clamp)
+        if first:  # a fresh context: the one set_context gave, and its token
+            tok = tl.load(tok_ptr + b)
+            c = tl.load(ctx_ptr + b * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
         r = c
         if NORM_READ:
             r = _layer_norm(c, cm, lnw, lnb, C, eps)
         r = r.to(wc.dtype)
         if pid == 0:
-            tl.store(ctx_ptr + b64 * C + cc, c, mask=cm)
-            tl.store(tok_ptr + b64, tok)
-            tl.store(out_ptr + b64 * n_out + t, tok)
+            tl.store(ctx_ptr + b * C + cc, c, mask=cm)
+            tl.store(tok_ptr + b, tok)
+            tl.store(out_ptr + b * n_out + t, tok)
             if STORE_READ:
-                tl.store(rd_ptr + b64 * C + cc, r, mask=cm)
+                tl.store(rd_ptr + b * C + cc, r, mask=cm)
         acc = tl.load(table_ptr + tok.to(tl.int64) * H + ncol, mask=nm, other=0.0).to(tl.float32)
         acc += _gemv(wc, r.to(tl.float32))
-        tl.store(hs_ptr + b64 * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+        tl.store(hs_ptr + b * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+        pm = pm_next
+        x = x_next
 
 
 @triton.jit
 def _phase_layer(j, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP: tl.constexpr):
     """L_j: rows ncol of layer j's relu(W_j h_{j-1} + b_j) (wl [LP, BN, BH] holds this program's rows of every
-    layer 2..L, bl [LP, BN] their biases; j is 1-based past layer 1)."""
+    layer 2..L, bl [LP, BN] their biases; j is 1-based past layer 1). A row's input is loaded while the row before
+    it computes."""
     sel = (tl.arange(0, LP) == j - 1)[:, None]
     bias = tl.sum(tl.where(sel, bl.to(tl.float32), 0.0), 0)
+    src = hs_ptr + (j - 1) * LB
+    a = tl.load(src + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
     for b in range(B):
-        b64 = b
-        a = tl.load(hs_ptr + (j - 1) * LB + b64 * H + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        bn = b + 1 - (b + 1) // B  # the next row (the last row again at the end)
+        a_next = tl.load(src + bn * H + hc, mask=hm, other=0.0, cache_modifier=".cg")
         acc3 = tl.sum(wl.to(tl.float32) * a[None, None, :], 2)  # [LP, BN]: every layer's rows; keep layer j's
         acc = tl.sum(tl.where(sel, acc3, 0.0), 0) + bias
-        tl.store(hs_ptr + j * LB + b64 * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+        tl.store(hs_ptr + j * LB + b * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+        a = a_next.to(tl.float32)
 
 
 @triton.jit
@@ -182,12 +191,11 @@ def _gates(b64, C, a, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu,
 
 
 @triton.jit
-def _head(pid, b64, B, V, HV, KH, a_ptr, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
           RESIDENT: tl.constexpr, BV: tl.constexpr):
-    """This program's head rows [pid HV, pid HV + HV) for one batch row: their logits (rounded to the model dtype,
-    as the torch head returns them), the maximum and its first index into pmax / pidx [P, B]."""
-    a = tl.load(a_ptr + b64 * KH + kc, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-    dt = a_ptr.dtype.element_ty
+    """This program's head rows [pid HV, pid HV + HV) for one batch row, from its input a [BKH] (fp32): their
+    logits (rounded to the model dtype ``dt``, as the torch head returns them), the maximum and its first index
+    into pmax / pidx [P, B]."""
     if RESIDENT:
         vm = (vr < HV) & (pid * HV + vr < V)
         lg = tl.where(vm, (hbr.to(tl.float32) + _gemv(wh, a)).to(dt).to(tl.float32), float("-inf"))
@@ -335,40 +343,52 @@ def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, x
                 wvh, wvr, vrow, vrm, wp, erow, erm, wh, hbr, vr, kc, km, hc, hm, cc, cm,
                 GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
                 BV: tl.constexpr):
-    """G: everything that reads h_L (and r): the gates (or V [h_L ; r]), and the head (or P h_L)."""
+    """G: everything that reads h_L (and r): the gates (or V [h_L ; r]), and the head (or P h_L). A row's inputs
+    are loaded while the row before it computes."""
+    dt = hs_ptr.dtype.element_ty
+    src = hs_ptr + (L - 1) * LB
+    h = tl.load(src + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
+    r = tl.load(rd_ptr + cc, mask=cm & GATE_CTX, other=0.0, cache_modifier=".cg").to(tl.float32)
     for b in range(B):
-        b64 = b
-        h = tl.load(hs_ptr + (L - 1) * LB + b64 * H + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
-        r = h  # unused unless the gates read the context
-        if GATE_CTX:
-            r = tl.load(rd_ptr + b64 * C + cc, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        bn = b + 1 - (b + 1) // B  # the next row (the last row again at the end)
+        h_next = tl.load(src + bn * H + hc, mask=hm, other=0.0, cache_modifier=".cg")
+        r_next = tl.load(rd_ptr + bn * C + cc, mask=cm & GATE_CTX, other=0.0, cache_modifier=".cg")
         if RANK:
             acc = _gemv(wvh, h)
             if GATE_CTX:
                 acc += _gemv(wvr, r)
-            tl.store(vs_ptr + b64 * R + vrow, acc.to(vs_ptr.dtype.element_ty), mask=vrm)
+            tl.store(vs_ptr + b * R + vrow, acc.to(vs_ptr.dtype.element_ty), mask=vrm)
         else:
-            _gates(b64, C, h, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, GATE_CTX)
+            _gates(b, C, h, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, GATE_CTX)
         if PROJ:
-            tl.store(z_ptr + b64 * E + erow, _gemv(wp, h).to(z_ptr.dtype.element_ty), mask=erm)
+            tl.store(z_ptr + b * E + erow, _gemv(wp, h).to(z_ptr.dtype.element_ty), mask=erm)
         else:
-            _head(pid, b64, B, V, HV, KH, a_head, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+            _head(pid, b, B, V, HV, KH, h, dt, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
                   HEAD_RESIDENT, BV)
+        h = h_next.to(tl.float32)
+        r = r_next.to(tl.float32)
 
 
 @triton.jit
 def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr, pmax_ptr,
                 pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km, rc, rcm, cc, cm,
                 RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr, BV: tl.constexpr):
-    """H: the gates from V [h_L ; r] (low rank), and the head from P h_L (a projected tied head) or from h_L."""
+    """H: the gates from V [h_L ; r] (low rank), and the head from P h_L (a projected tied head). A row's inputs
+    are loaded while the row before it computes."""
+    dt = vs_ptr.dtype.element_ty
+    v = tl.load(vs_ptr + rc, mask=rcm & RANK, other=0.0, cache_modifier=".cg").to(tl.float32)
+    z = tl.load(a_head + kc, mask=km & PROJ, other=0.0, cache_modifier=".cg").to(tl.float32)
     for b in range(B):
-        b64 = b
+        bn = b + 1 - (b + 1) // B  # the next row (the last row again at the end)
+        v_next = tl.load(vs_ptr + bn * R + rc, mask=rcm & RANK, other=0.0, cache_modifier=".cg")
+        z_next = tl.load(a_head + bn * KH + kc, mask=km & PROJ, other=0.0, cache_modifier=".cg")
         if RANK:
-            a = tl.load(vs_ptr + b64 * R + rc, mask=rcm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            _gates(b64, C, a, a, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, False)
+            _gates(b, C, v, v, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, False)
         if PROJ:
-            _head(pid, b64, B, V, HV, KH, a_head, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+            _head(pid, b, B, V, HV, KH, z, dt, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
                   HEAD_RESIDENT, BV)
+        v = v_next.to(tl.float32)
+        z = z_next.to(tl.float32)
 
 
 # -- the host side ------------------------------------------------------------------------------------------------

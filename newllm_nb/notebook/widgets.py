@@ -39,19 +39,26 @@ class TrainingPanel:
                  hide: Sequence[str] = ()) -> None:
         """``hide`` names settings another control decides (e.g. ``("layers",)`` under a layer sweep's
         checkboxes): they keep the recipe's value and are left out of the panel."""
-        w = _w()
         cfg = base or preset(preset_name)
         self.rec = recommend(detect())
-        d = cfg.data
-        lay = w.Layout(width="420px")
         recipes = {n: preset(n) for n in PRESETS if n != "smoke"}
-        names = [n for n, r in recipes.items() if r.data.dataset == d.dataset]
+        names = [n for n, r in recipes.items() if r.data.dataset == cfg.data.dataset]
         if base is not None or preset_name not in names:
             names = [preset_name]
-        self.recipe = w.Dropdown(options=names, value=preset_name, description="recipe (preset)", style=STYLE,
-                                 layout=lay, disabled=len(names) == 1)
+        self.recipe = _w().Dropdown(options=names, value=preset_name, description="recipe (preset)", style=STYLE,
+                                    layout=_row(), disabled=len(names) == 1)
         # Widgets get their ranges here and their values from _fill(cfg) below, the one place that maps a
         # config onto the panel (the recipe dropdown calls it too).
+        self._model_widgets()
+        self._training_widgets({cfg.train.batch_size} | {recipes[n].train.batch_size for n in names if n in recipes})
+        data_rows = self._data_widgets(cfg.data)
+        self._option_widgets()
+        self._fill(cfg)
+        self.recipe.observe(lambda change: self._fill(preset(change["new"])), names="value")
+        self.widget = self._layout(data_rows, hide)
+
+    def _model_widgets(self) -> None:
+        w, lay = _w(), _row()
         self.layers = w.IntSlider(min=1, max=8, description="FNN layers", style=STYLE, layout=lay)
         dims = [32, 64, 128, 256, 384, 512, 768, 1024]
         self.embed = w.Dropdown(options=dims, description="embed dim", style=STYLE, layout=lay)
@@ -67,17 +74,19 @@ class TrainingPanel:
                                            layout=lay)
         self.output_dropout = w.FloatSlider(min=0.0, max=0.7, step=0.05, description="output dropout",
                                             style=STYLE, layout=lay)
-        wide = w.Layout(width="420px")  # checkbox labels sit right of the box: the full row width fits them
-        self.tie = w.Checkbox(description="tie output layer to embedding", style=STYLE, layout=wide)
+        # Checkbox labels sit right of the box: the full row width fits them.
+        self.tie = w.Checkbox(description="tie output layer to embedding", style=STYLE, layout=lay)
+
+    def _training_widgets(self, recipe_batches: set[int]) -> None:
+        """``recipe_batches``: the batch sizes of the recipes on offer, so that every recipe can be selected."""
+        w, lay = _w(), _row()
         self.ema = w.FloatSlider(min=0.0, max=0.999, step=0.001, readout_format=".3f",
                                  description="weight avg (0=off)", style=STYLE, layout=lay)
-        self.seq = w.IntSlider(min=16, max=512, step=16, description="max seq length", style=STYLE, layout=lay)
-        batches = {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, self.rec.batch_size, cfg.train.batch_size}
-        batches |= {recipes[n].train.batch_size for n in names if n in recipes}  # every recipe can be selected
+        batches = {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, self.rec.batch_size} | recipe_batches
         self.batch = w.Dropdown(options=sorted(batches), description="batch size", style=STYLE, layout=lay)
         self.lr = w.FloatLogSlider(base=10, min=-5, max=-1.5, step=0.05, readout_format=".1e",
                                    description="learning rate", style=STYLE, layout=lay)
-        self.original_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (original rule)", style=STYLE, layout=wide)
+        self.original_lr = w.Checkbox(description="lr = 1e-4·√(batch/32) (original rule)", style=STYLE, layout=lay)
         self.epochs = w.IntSlider(min=1, max=300, description="max epochs", style=STYLE, layout=lay)
         self.patience = w.IntSlider(min=1, max=100, description="patience", style=STYLE, layout=lay)
         self.precision = w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], description="precision", style=STYLE,
@@ -85,6 +94,11 @@ class TrainingPanel:
         # Minutes between mid-epoch saves of `last` (a stop signal saves at once, whatever this says).
         self.checkpoint_every = w.BoundedFloatText(min=0.1, max=1440.0, step=1.0, description="checkpoint (min)",
                                                    style=STYLE, layout=lay)
+
+    def _data_widgets(self, d) -> list:
+        """The data widgets, filled from the data config ``d`` where _fill does not; returns the data column."""
+        w, lay = _w(), _row()
+        self.seq = w.IntSlider(min=16, max=512, step=16, description="max seq length", style=STYLE, layout=lay)
         self.mode = w.Dropdown(options=["windows", "stream", "packed"], description="batching", style=STYLE,
                                layout=lay)
         sources = [("hub (sample only if offline)", "auto"), ("hub only", "hub"), ("bundled sample", "sample"),
@@ -98,7 +112,6 @@ class TrainingPanel:
                            style=STYLE, layout=lay)
         self.tokenizer = w.Dropdown(options=[("words (original)", "word"), ("byte-level BPE", "bpe")],
                                     description="tokenizer", style=STYLE, layout=lay)
-        self._fill(cfg)
         data_rows = [self.source, self.path, self.tokenizer]
         self.instruct = d.dataset in ("dolly", "instruct")
         if not self.instruct:  # any text corpus (docs/corpus.md): a hub dataset id, or local files / a glob
@@ -115,11 +128,16 @@ class TrainingPanel:
             self.field_map = w.Text(value=_format_map(d.field_map), placeholder="e.g. context=input, response=output",
                                     description="field mapping", style=STYLE, layout=lay)
             data_rows += [self.hub_name, self.field_map]
-        # The cell options (ModelConfig; off = the original's cell). A chosen one trains through the autograd loop.
+        return data_rows
+
+    def _option_widgets(self) -> None:
+        """The cell options (ModelConfig; off = the original's cell). A chosen one trains through the autograd
+        loop."""
+        w, lay = _w(), _row()
         self.state_norm = w.Dropdown(options=[(STATE_NORM_LABELS[n], n) for n in STATE_NORMS],
                                      description="state norm", style=STYLE, layout=lay)
         self.chrono = w.IntSlider(min=0, max=512, step=8, description="chrono init (0=off)", style=STYLE, layout=lay)
-        self.gate_context = w.Checkbox(description="gates also read c_{t-1}", style=STYLE, layout=wide)
+        self.gate_context = w.Checkbox(description="gates also read c_{t-1}", style=STYLE, layout=lay)
         self.fnn_residual = w.Dropdown(options=[("plain (original)", "none"), ("residual", "residual"),
                                                 ("pre-norm", "prenorm")], description="FNN layers 2..N",
                                        style=STYLE, layout=lay)
@@ -127,8 +145,10 @@ class TrainingPanel:
                                      layout=lay)
         self.slow_forget = w.FloatSlider(min=0.0, max=6.0, step=0.5, description="slow half bias (0=off)",
                                          style=STYLE, layout=lay)
-        self._fill_options(cfg)
-        self.recipe.observe(lambda change: self._fill(preset(change["new"])), names="value")
+
+    def _layout(self, data_rows: list, hide: Sequence[str]):
+        """The panel: recipe, then model, cell options, data and training in two columns each, less ``hide``."""
+        w = _w()
         unknown = set(hide) - set(vars(self))
         if unknown:
             raise ValueError(f"hide={sorted(unknown)}: not settings of this panel")
@@ -137,7 +157,7 @@ class TrainingPanel:
         def shown(*widgets):
             return w.VBox([x for x in widgets if id(x) not in hidden])
 
-        self.widget = w.VBox([
+        return w.VBox([
             self.recipe,
             w.HTML("<b>Model</b>"), _columns(shown(self.layers, self.embed, self.context, self.tie),
                                              shown(self.hidden, self.vocab, self.dropout, self.context_dropout,
@@ -170,8 +190,7 @@ class TrainingPanel:
                               (self.patience, t.patience), (self.precision, t.precision),
                               (self.checkpoint_every, t.checkpoint_every_minutes)):
             widget.value = value
-        if hasattr(self, "state_norm"):  # the recipe dropdown's callback; at construction _fill_options follows
-            self._fill_options(cfg)
+        self._fill_options(cfg)
 
     def _fill_options(self, cfg: RunConfig) -> None:
         m = cfg.model
@@ -241,6 +260,11 @@ class TrainingPanel:
         if hub or (fmap and path):
             return {"dataset": "instruct", "hub_name": None if path else hub, "field_map": fmap}
         return {"dataset": "dolly", "field_map": None, "hub_name": None}
+
+
+def _row():
+    """The width of one row of a panel's column."""
+    return _w().Layout(width="420px")
 
 
 def _columns(*boxes):

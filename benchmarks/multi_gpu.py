@@ -352,7 +352,7 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", default=str(ROOT / ".bench_data" / "valid.txt"))
     ap.add_argument("--repeat", type=int, default=18)
@@ -375,13 +375,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--summarize", nargs="+", metavar="CSV", help="print the tables of CSVs this script wrote, "
                                                                   "without training")
     ap.add_argument("train_args", nargs="*", help="after --: more `train` flags, passed to every run")
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.summarize:
-        runs = pd.concat([pd.read_csv(p) for p in args.summarize], ignore_index=True)
-        print_tables(runs, Report())
-        return 0
 
+def _checked_plan(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[int], list, list]:
+    """The GPU counts, seeds and training paths asked for; a bad combination ends the script with one line."""
     clash = [a for a in args.train_args if a.split("=")[0] in MANAGED_FLAGS]
     if clash:
         raise SystemExit(f"{', '.join(clash)}: set by this script (use its own options: --seeds, --batch, ...)")
@@ -394,22 +392,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--batch and --per-gpu-batch: give one (same global batch, or the same batch per GPU)")
     seeds: list[Optional[int]] = _int_list(args.seeds, "--seeds") if args.seeds else [None]
     paths = [p.strip() for p in args.fast_path.split(",") if p.strip()] if args.fast_path else [None]
-    out = Path(args.out) if args.out else None
-    if out:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-    report = Report(out / "multi_gpu.log" if out else None)
-    csvs = [Path(p) for p in [args.csv] if p] + ([out / "multi_gpu.csv"] if out else [])
+    return counts, seeds, paths
 
+
+def _visible_counts(counts: list[int], gpus: str, report: Report) -> tuple[list[int], int]:
+    """The counts that fit the GPUs visible here, and how many are visible (0: every process on the CPU)."""
     have = torch.cuda.device_count()
     if have and max(counts) > have:
         report(f"only {have} GPU(s) visible: skipping counts above that")
         counts = [c for c in counts if c <= have]
         if not counts:
-            raise SystemExit(f"--gpus {args.gpus}: no count fits the {have} visible GPU(s)")
+            raise SystemExit(f"--gpus {gpus}: no count fits the {have} visible GPU(s)")
     if not have:
         report("no GPU visible: every process trains on the CPU (gloo); these are CPU figures, not GPU ones")
+    return counts, have
+
+
+def _report_setup(args: argparse.Namespace, counts: list[int], seeds: list, have: int, report: Report) -> None:
     dev = device_name(torch.device("cuda" if have else "cpu"))
-    specs = plan_runs(counts, seeds, args.batch, args.per_gpu_batch, paths)
     batch = (f"{args.per_gpu_batch} per GPU (global {args.per_gpu_batch} x N)" if args.per_gpu_batch
              else f"global batch {args.batch}")
     report(f"{dev} x {max(counts)} | {args.layers} layers, {batch} | {args.repeat}x {Path(args.file).name} | "
@@ -420,9 +420,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if note:
         report(note)
 
+
+def _run_all(specs: list, args: argparse.Namespace, out: Optional[Path], report: Report, csvs: list[Path],
+             cuda: bool) -> tuple[list[dict], int]:
+    """Launches every run in turn within --budget; returns the finished runs' rows and how many failed."""
     flags = cli_train_flags()
-    # A SIGTERM (a time limit) ends this script through SystemExit, so the launch running now is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     text = Path(args.file).read_text(encoding="utf-8")
     rows: list[dict] = []
     failed = 0
@@ -438,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd = launch_command(spec, data, run_dir, args.layers, args.epochs, flags, args.mode, args.lr,
                                  args.train_args)
             log = (out / "runs" if out else Path(tmp)) / f"{spec.name}.log"
-            code, output, wall = launch(cmd, log, args.run_timeout, cuda=bool(have))
+            code, output, wall = launch(cmd, log, args.run_timeout, cuda=cuda)
             longest = max(longest, wall)
             try:
                 row, note = collect(spec, run_dir, args.epochs, code, output, wall)
@@ -450,6 +452,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report(f"[{k}/{len(specs)}] {spec.name}: {row['epoch_s']} s/epoch, {row['tokens_per_s']:,} tokens/s, "
                    f"val PPL {row['val_ppl']}, lr {row['lr']:.3g}, {row['path']} ({row['launch_wall_s']} s){note}")
             save_rows(rows, csvs)
+    return rows, failed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.summarize:
+        runs = pd.concat([pd.read_csv(p) for p in args.summarize], ignore_index=True)
+        print_tables(runs, Report())
+        return 0
+    counts, seeds, paths = _checked_plan(ap, args)
+    out = Path(args.out) if args.out else None
+    if out:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    report = Report(out / "multi_gpu.log" if out else None)
+    csvs = [Path(p) for p in [args.csv] if p] + ([out / "multi_gpu.csv"] if out else [])
+    counts, have = _visible_counts(counts, args.gpus, report)
+    specs = plan_runs(counts, seeds, args.batch, args.per_gpu_batch, paths)
+    _report_setup(args, counts, seeds, have, report)
+    # A SIGTERM (a time limit) ends this script through SystemExit, so the launch running now is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows, failed = _run_all(specs, args, out, report, csvs, cuda=bool(have))
     if not rows:
         report("no run finished")
         return 1

@@ -169,7 +169,7 @@ def plan(recipe: RunConfig, vocab: int, best_epochs: int) -> list[tuple]:
     ]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", default=str(DEFAULT_FILE), help="a WikiText file, a paragraph a line")
     ap.add_argument("--eval-file", help="evaluate on this file instead of the last 10%% of --file")
@@ -194,6 +194,11 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "LOG.md"),
                     help="append the table here as a dated entry (RESULTS.md is edited by hand)")
     ap.add_argument("--no-append", action="store_true")
+    return ap
+
+
+def main() -> None:
+    ap = _parser()
     args = ap.parse_args()
     vocabs = [int(v) for v in args.vocab.split(",")]
     try:  # every recipe is checked before any training starts
@@ -201,16 +206,31 @@ def main() -> None:
                    for V in vocabs}
     except ValueError as e:
         ap.error(str(e))
-    train_lines, dev_lines, eval_lines = load_splits(args)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+    jobs = plan_jobs(args, recipes, load_splits(args))
+    df = pd.DataFrame(run_jobs(jobs, args, dev, gpus))
+    shown = ", ".join(spec for spec, _ in next(iter(recipes.values())))
+    header = (f"device: {device_name(dev)} | train {args.file} (first 90% of lines, last 5% of those = dev) | "
+              f"eval {'--eval-file ' + args.eval_file if args.eval_file else 'last 10% of lines'} "
+              f"as {args.eval_streams} streams | recipe {shown if args.recipe else 'the package preset per vocab'}"
+              + "".join(f" --set {s}" for s in args.set) +
+              (f" | {args.jobs} runs in parallel on {max(gpus, 1)} device(s)" if args.jobs > 1 else ""))
+    print_report(df, header, args)
+
+
+def plan_jobs(args: argparse.Namespace, recipes: dict, splits: tuple) -> list[tuple]:
+    """(name, ModelConfig, TrainConfig, mode, data, seq, extra columns) of every run, per vocabulary and recipe;
+    the original recipe's rows run once, whatever --recipe says."""
+    train_lines, dev_lines, eval_lines = splits
     several = len(args.recipe or []) > 1
-    jobs = []  # (name, ModelConfig, TrainConfig, mode, data, seq, extra columns)
-    for V in vocabs:
+    jobs = []
+    for V, vocab_recipes in recipes.items():
         tok = WordTokenizer.train([x for x in train_lines if x.strip()], V)
         data = (tok, train_lines, dev_lines, eval_lines)
         original_rows_done = False
-        for spec, recipe in recipes[V]:
+        for spec, recipe in vocab_recipes:
             n = recipe.model.num_layers
             if n != 1 and args.runs and "newllm-best-L1" in args.runs.split(","):
                 print(f"note: recipe {spec} has {n} layers; the newllm-best-L1 row trains it with 1 "
@@ -224,8 +244,13 @@ def main() -> None:
                     tc = original_recipe(args.original_batch, args.max_epochs)
                 jobs.append((name, mc, tc, mode, data, seq, {"recipe": spec} if several and mode != "original" else {}))
             original_rows_done = True
+    return jobs
+
+
+def run_jobs(jobs: list[tuple], args: argparse.Namespace, dev: torch.device, gpus: int) -> list[dict]:
+    """Every job once per seed, one after another or --jobs at a time; a run that fails keeps its row with the
+    error instead of losing the others. Rows come in the plan's order."""
     rows = []
-    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     with tempfile.TemporaryDirectory() as work:
         seeds = [int(x) for x in args.seeds.split(",")]
         calls = [(name, mc, tc, mode, data, str(dev), work, seq, args.eval_streams,
@@ -235,15 +260,14 @@ def main() -> None:
         calls = [c[:6] + (str(Path(work) / str(k)),) + c[7:] for k, c in enumerate(calls)]
         if args.jobs > 1:
             # One worker pool per GPU (each worker sees only its own card), runs dealt out in turn; each row is
-            # printed as its run ends (a time limit keeps what finished), and a run that fails keeps its row
-            # with the error instead of losing the others.
-            def report(k, got):
+            # printed as its run ends (a time limit keeps what finished).
+            def show(k, got):
                 print(f"{calls[k][0]} FAILED: {type(got).__name__}: {got}" if isinstance(got, BaseException)
                       else got, flush=True)
 
-            got = spread(run_one, calls, args.jobs, on_done=report, gpus=gpus)
+            got = spread(run_one, calls, args.jobs, on_done=show, gpus=gpus)
             rows = [{"run": c[0], "error": f"{type(r).__name__}: {r}"} if isinstance(r, BaseException) else r
-                    for c, r in zip(calls, got)]  # the plan's order
+                    for c, r in zip(calls, got)]
         else:
             for c in calls:
                 try:
@@ -251,19 +275,17 @@ def main() -> None:
                 except Exception as e:  # reported in its row; the other runs go on
                     rows.append({"run": c[0], "error": f"{type(e).__name__}: {e}"})
                 print(rows[-1], flush=True)
-    df = pd.DataFrame(rows)
-    shown = ", ".join(spec for spec, _ in next(iter(recipes.values())))
-    header = (f"device: {device_name(dev)} | train {args.file} (first 90% of lines, last 5% of those = dev) | "
-              f"eval {'--eval-file ' + args.eval_file if args.eval_file else 'last 10% of lines'} "
-              f"as {args.eval_streams} streams | recipe {shown if args.recipe else 'the package preset per vocab'}"
-              + "".join(f" --set {s}" for s in args.set) +
-              (f" | {args.jobs} runs in parallel on {max(gpus, 1)} device(s)" if args.jobs > 1 else ""))
+    return rows
+
+
+def print_report(df: pd.DataFrame, header: str, args: argparse.Namespace) -> None:
+    """Prints the table, the seed summary and the comparison lines, and appends them to --results."""
     print("\n" + header)
     print(df.to_string(index=False))
     summary = seed_summary(df)
     if summary is not None:
         print("\n" + summary.to_string(index=False))
-    if len(df) and not several:
+    if len(df) and len(args.recipe or []) <= 1:
         for line in comparison_lines(df):
             print(line)
     if not args.no_append and len(df):

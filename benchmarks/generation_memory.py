@@ -86,9 +86,8 @@ def bench_transformer(model, n: int, dev, full_max: int, tail: int) -> dict:
             "state_mb": kv / 2**20}
 
 
-def main() -> None:
+def _parser(cuda: bool) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
     ap.add_argument("--lengths", default="1000,10000,100000" + (",1000000" if cuda else ""))
     ap.add_argument("--layers", type=int, default=1, help="New-LLM FNN layers (original defaults otherwise)")
     ap.add_argument("--preset", help="decode this preset's model instead (its cell, sizes and vocabulary); the fused "
@@ -101,7 +100,12 @@ def main() -> None:
                          "persistent, persistent64")
     ap.add_argument("--fused-batch-max", type=int, default=100_000, help="longest fused batch-64 run")
     ap.add_argument("--out-dir", default="benchmarks/results")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    args = _parser(cuda).parse_args()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -110,28 +114,7 @@ def main() -> None:
     tf = TransformerLM(matched_config(cfg, "transformer")).to(dev, dtype).eval()
     decoder = GraphDecoder(newllm) if cuda else None  # one captured single-token step for every length
     models = args.models.split(",")
-    fused = {}
-    if cuda and {"fused", "fused64"} & set(models):
-        kernels, why = fused_kernels(dev)
-        if kernels:
-            t0 = time.perf_counter()
-            make = kernels.FusedDecoder if not args.preset else graph_decoder
-            fused = {"New-LLM fused": (make(newllm, 1), 1), "New-LLM fused x64": (make(newllm, 64), 64)}
-            print("fused rows decode with " + ", ".join(f"{type(d).__name__} (batch {b})" for d, b in fused.values()))
-            fused["New-LLM fused"][0].run(torch.tensor([[2]]), 64)  # first use: Triton compile + graph capture
-            print(f"fused decoder first use (compile + capture): {time.perf_counter() - t0:.1f}s", flush=True)
-        else:
-            print(f"fused decode skipped: {why}")
-    keys = {"New-LLM fused": "fused", "New-LLM fused x64": "fused64"}
-    for key, batch in (("persistent", 1), ("persistent64", 64)):
-        if cuda and key in models:
-            t0 = time.perf_counter()
-            dec = persistent_decoder(newllm, batch)  # its first use (compile + one launch) is inside
-            name = "New-LLM persistent" + (f" x{batch}" if batch > 1 else "")
-            fused[name], keys[name] = (dec, batch), key
-            info = getattr(dec, "kernel_info", None)  # registers, spills, programs an SM holds
-            print(f"{name} decodes with {type(dec).__name__}; first use {time.perf_counter() - t0:.1f}s"
-                  + (f"; {getattr(dec, 'P', '?')} programs, {info}" if info else ""), flush=True)
+    fused, keys = fast_decoders(newllm, models, args.preset, dev) if cuda else ({}, {})
     names = ([("New-LLM", "newllm")] if "newllm" in models else []) + \
         ([("Transformer+KV", "transformer")] if "transformer" in models else []) + \
         [(k, keys[k]) for k in fused]
@@ -144,24 +127,63 @@ def main() -> None:
         for name, key in names:
             if key not in models or (key.endswith("64") and n > args.fused_batch_max):
                 continue
-            batch = 1
-            if name == "New-LLM":
-                r = bench_newllm(newllm, n, dev, decoder)
-            elif name in fused:
-                dec, batch = fused[name]
-                r = bench_newllm(newllm, n, dev, dec, batch)
-            else:
-                r = bench_transformer(tf, n, dev, args.tf_full_max, args.tf_tail)
-            params = sum(p.numel() for p in (tf if name == "Transformer+KV" else newllm).parameters())
-            rows.append({"model": name, "batch": batch, "params": params, "tokens": n, **r,
-                         "device": device_name(dev), "dtype": args.dtype})
-            print(f"{name:15s} {n:>9,} tokens  {r['tokens_per_s']:>10,.0f} tok/s  peak {r['peak_mem_mb']:9.1f} MiB "
-                  f"(steps timed {r['measured_steps']:,})", flush=True)
+            rows.append(measure_row(name, n, newllm, tf, decoder, fused, dev, args))
     df = pd.DataFrame(rows)
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = "generation_memory" + (f"_{args.preset}" if args.preset else "")
-    csv = os.path.join(args.out_dir, stem + ".csv")
-    df.to_csv(csv, index=False)
+    stem = os.path.join(args.out_dir, "generation_memory" + (f"_{args.preset}" if args.preset else ""))
+    df.to_csv(stem + ".csv", index=False)
+    print_table(df, args, dev)
+    plot(df, device_name(dev), stem + ".png")
+    print(f"wrote {stem}.csv and {stem}.png")
+
+
+def fast_decoders(newllm, models: list[str], preset_name, dev) -> tuple[dict, dict]:
+    """The fused and persistent decoders asked for in ``models`` (CUDA only): {row name: (decoder, batch)} and
+    {row name: its --models key}. Each is used once here, so its compile time is printed apart."""
+    fused = {}
+    if {"fused", "fused64"} & set(models):
+        kernels, why = fused_kernels(dev)
+        if kernels:
+            t0 = time.perf_counter()
+            make = kernels.FusedDecoder if not preset_name else graph_decoder
+            fused = {"New-LLM fused": (make(newllm, 1), 1), "New-LLM fused x64": (make(newllm, 64), 64)}
+            print("fused rows decode with " + ", ".join(f"{type(d).__name__} (batch {b})" for d, b in fused.values()))
+            fused["New-LLM fused"][0].run(torch.tensor([[2]]), 64)  # first use: Triton compile + graph capture
+            print(f"fused decoder first use (compile + capture): {time.perf_counter() - t0:.1f}s", flush=True)
+        else:
+            print(f"fused decode skipped: {why}")
+    keys = {"New-LLM fused": "fused", "New-LLM fused x64": "fused64"}
+    for key, batch in (("persistent", 1), ("persistent64", 64)):
+        if key in models:
+            t0 = time.perf_counter()
+            dec = persistent_decoder(newllm, batch)  # its first use (compile + one launch) is inside
+            name = "New-LLM persistent" + (f" x{batch}" if batch > 1 else "")
+            fused[name], keys[name] = (dec, batch), key
+            info = getattr(dec, "kernel_info", None)  # registers, spills, programs an SM holds
+            print(f"{name} decodes with {type(dec).__name__}; first use {time.perf_counter() - t0:.1f}s"
+                  + (f"; {getattr(dec, 'P', '?')} programs, {info}" if info else ""), flush=True)
+    return fused, keys
+
+
+def measure_row(name: str, n: int, newllm, tf, decoder, fused: dict, dev, args: argparse.Namespace) -> dict:
+    """One row: ``n`` tokens generated by the row's model and decoder, with its speed and peak memory."""
+    batch = 1
+    if name == "New-LLM":
+        r = bench_newllm(newllm, n, dev, decoder)
+    elif name in fused:
+        dec, batch = fused[name]
+        r = bench_newllm(newllm, n, dev, dec, batch)
+    else:
+        r = bench_transformer(tf, n, dev, args.tf_full_max, args.tf_tail)
+    params = sum(p.numel() for p in (tf if name == "Transformer+KV" else newllm).parameters())
+    print(f"{name:15s} {n:>9,} tokens  {r['tokens_per_s']:>10,.0f} tok/s  peak {r['peak_mem_mb']:9.1f} MiB "
+          f"(steps timed {r['measured_steps']:,})", flush=True)
+    return {"model": name, "batch": batch, "params": params, "tokens": n, **r, "device": device_name(dev),
+            "dtype": args.dtype}
+
+
+def print_table(df: pd.DataFrame, args: argparse.Namespace, dev) -> None:
+    """The table, then each New-LLM row's peak-memory spread over the lengths and its slowest speed."""
     print(f"\ndevice: {device_name(dev)} | dtype {args.dtype}" + (f" | preset {args.preset}" if args.preset else ""))
     print(df.drop(columns=["device"]).round(2).to_string(index=False))
     for name in [m for m in df.model.unique() if m.startswith("New-LLM")]:
@@ -169,6 +191,10 @@ def main() -> None:
         spread = (nl.peak_mem_mb.max() - nl.peak_mem_mb.min()) / nl.peak_mem_mb.min()
         print(f"{name} peak memory spread over {nl.tokens.min():,}..{nl.tokens.max():,} tokens: {100 * spread:.2f}% | "
               f"min speed {nl.tokens_per_s.min():,.0f} tok/s")
+
+
+def plot(df: pd.DataFrame, device: str, png: str) -> None:
+    """Peak memory and tokens/s against length, one line per model, written to ``png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,11 +211,9 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     a.set_yscale("log")
-    fig.suptitle(f"Generation vs length on {device_name(dev)}")
+    fig.suptitle(f"Generation vs length on {device}")
     fig.tight_layout()
-    png = os.path.join(args.out_dir, stem + ".png")
     fig.savefig(png, dpi=110)
-    print(f"wrote {csv} and {png}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ _CELLS = [
      "the plus cell"),
     (dict(num_layers=2, gate_context=True, state_norm="none"), "gates reading the context, no norm"),
     (dict(num_layers=2, state_norm="noaffine", gate_rank=6), "low-rank gates, norm without affine"),
+    (dict(num_layers=3, fnn_residual="residual", context_tanh=True), "residual FNN, tanh candidate"),
+    (dict(num_layers=3, fnn_residual="prenorm", slow_forget_bias=3.0), "prenorm FNN, a LayerNorm per half"),
+    (dict(num_layers=1, state_norm="read", slow_forget_bias=3.0, gate_context=True), "read norm per half"),
 ]
 
 
@@ -83,7 +86,7 @@ def _check_phases_one_launch_each_with_many_programs():
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.persistent import PersistentDecoder
 
-    for i in (0, 2, 4):
+    for i in (0, 2, 4, 8):
         kw, name = _CELLS[i]
         m = _model(**kw)
         prompt = torch.randint(4, 150, (2, 3))
@@ -160,10 +163,11 @@ def test_persistent_kernel_under_triton_interpreter(interpreter_results, check):
 
 
 def test_persistent_decoder_refuses_what_it_lacks_in_one_line():
+    from newllm_nb import ModelConfig
     from newllm_nb.kernels.persistent import PersistentDecoder, persistent_supported
 
-    ok, why = persistent_supported(_model(context_tanh=True, fnn_residual="residual", num_layers=2).config)
-    assert not ok and "context_tanh" in why and "fnn_residual" in why and "\n" not in why
+    ok, why = persistent_supported(ModelConfig(arch="lstm"))
+    assert not ok and "lstm" in why and "\n" not in why
     with pytest.raises(ValueError, match="invalid chunk=0"):
         PersistentDecoder(_model(), chunk=0, persistent=False)
 
@@ -187,7 +191,7 @@ gpu = pytest.mark.skipif(not _GPU, reason=_WHY)
 
 @gpu
 @pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("cell", [0, 1, 2, 4])
+@pytest.mark.parametrize("cell", [0, 1, 2, 4, 8])
 def test_cooperative_launch_matches_eager_greedy_decode(batch, cell):
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.persistent import PersistentDecoder

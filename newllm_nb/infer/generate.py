@@ -224,11 +224,13 @@ def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None):
     co-resident)."""
     device = next(model.parameters()).device
     fused, _ = fused_kernels(device)
-    if fused is None or not fused.fused_cell_supported(model.config)[0]:
+    if fused is None:
         return graph_decoder(model, batch_size, chunk)  # which says in one line why it has no fused kernels
     from ..kernels import persistent  # optional: needs triton
 
     ok, why = persistent.cooperative_launch_available()
+    if ok:
+        ok, why = persistent.persistent_supported(model.config)
     if ok:
         try:
             dec = persistent.PersistentDecoder(model, batch_size, chunk)
@@ -236,7 +238,7 @@ def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None):
             return dec
         except Exception as e:  # ValueError: what it lacks; RuntimeError: the driver refused the grid
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    print(f"persistent decoder unavailable ({why}); decoding with the fused decoder")
+    print(f"persistent decoder unavailable ({why}); decoding with graph_decoder's choice")
     return graph_decoder(model, batch_size, chunk)
 
 

@@ -14,7 +14,9 @@ matrices split by output rows):
          rows' logits with their maximum (a tied head with a projection: P h_L instead)
     H    (low-rank gates or a projected tied head only) the gates from V [h_L ; r]; the head from P h_L
 
-so a token is L + 1 barriers (L + 2 with low-rank gates or a projected tied head). Every program recomputes the
+so a token is L + 1 barriers (L + 2 with low-rank gates or a projected tied head). Every cell option is covered
+(the norm's placement, gates reading the context, low-rank gates, residual and prenorm FNN layers, the tanh
+candidate, a LayerNorm per half), and a linear or tied head. Every program recomputes the
 cheap per-row work (the LayerNorm of the context, the argmax over the partial maxima) itself, so no phase needs
 a barrier of its own for it. Activations between phases go through small global buffers read with ``.cg``
 (L2, never a stale L1 line).
@@ -52,11 +54,12 @@ def _p2(n: int) -> int:
 
 
 def persistent_supported(cfg) -> tuple[bool, str]:
-    """Whether the persistent decode kernel implements ``cfg``'s cell; the string names what it lacks."""
-    lacking = [name for name, on in (("fnn_residual", cfg.fnn_residual != "none"),
-                                     ("slow_forget_bias", bool(cfg.slow_forget_bias)),
-                                     ("context_tanh", cfg.context_tanh)) if on]
-    return (not lacking), ("the persistent decode kernel has no " + ", ".join(lacking)) if lacking else "ok"
+    """Whether the persistent decode kernel implements ``cfg``'s cell (a New-LLM ``ModelConfig``): every cell
+    option (state_norm, gate_context, gate_rank, fnn_residual, context_tanh, slow_forget_bias; chrono_init is
+    initialisation only); the string says why not otherwise."""
+    if getattr(cfg, "arch", "newllm") != "newllm":
+        return False, f"the persistent decode kernel decodes New-LLM, not {cfg.arch}"
+    return True, "ok"
 
 
 def cooperative_launch_available() -> tuple[bool, str]:
@@ -94,6 +97,18 @@ def _layer_norm(x, m, w, b, C, eps):
 
 
 @triton.jit
+def _state_norm(x, cc, m, w, b, C, eps, SLOW: tl.constexpr):
+    """The context's LayerNorm of one row: over all C channels, or (SLOW: slow_forget_bias) over each half."""
+    if SLOW:
+        lo = cc < C // 2
+        y_lo = _layer_norm(x, m & lo, w, b, C // 2, eps)
+        y_hi = _layer_norm(x, m & (cc >= C // 2), w, b, C - C // 2, eps)
+        return tl.where(lo, y_lo, y_hi)
+    else:
+        return _layer_norm(x, m, w, b, C, eps)
+
+
+@triton.jit
 def _grid_sync(bar_ptr, target, spin_limit):
     """Grid-wide barrier: every program adds one to the counter bar[0] (release: its writes before it are visible
     to whoever acquires the count), then waits until the count reaches ``target`` (P x the barrier's number in
@@ -120,7 +135,8 @@ def _grid_sync(bar_ptr, target, spin_limit):
 def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
               tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr, ctx_ptr, rd_ptr, table_ptr, hs_ptr,
               lnw, lnb, wc, ncol, nm, cc, cm,
-              NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr, STORE_READ: tl.constexpr, BP: tl.constexpr):
+              NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr, STORE_READ: tl.constexpr, SLOW: tl.constexpr,
+              BP: tl.constexpr):
     """A: the token, c_{t-1}, r, and layer 1's rows ncol of relu(table[tok] + W_c r) (wc [BN, BC]). A row's
     partial maxima and x_{t-1} are loaded while the row before it computes."""
     first = fresh & (t == 0)
@@ -135,14 +151,14 @@ def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
         tok = tl.load(pidx_ptr + best * B + b, cache_modifier=".cg")
         y = x
         if NORM_OUT:
-            y = _layer_norm(x, cm, lnw, lnb, C, eps)
+            y = _state_norm(x, cc, cm, lnw, lnb, C, eps, SLOW)
         c = tl.minimum(tl.maximum(y, -clamp), clamp)
         if first:  # a fresh context: the one set_context gave, and its token
             tok = tl.load(tok_ptr + b)
             c = tl.load(ctx_ptr + b * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
         r = c
         if NORM_READ:
-            r = _layer_norm(c, cm, lnw, lnb, C, eps)
+            r = _state_norm(c, cc, cm, lnw, lnb, C, eps, SLOW)
         r = r.to(wc.dtype)
         if pid == 0:
             tl.store(ctx_ptr + b * C + cc, c, mask=cm)
@@ -158,27 +174,37 @@ def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
 
 
 @triton.jit
-def _phase_layer(j, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP: tl.constexpr):
-    """L_j: rows ncol of layer j's relu(W_j h_{j-1} + b_j) (wl [LP, BN, BH] holds this program's rows of every
-    layer 2..L, bl [LP, BN] their biases; j is 1-based past layer 1). A row's input is loaded while the row before
-    it computes."""
+def _phase_layer(j, B, H, LB, eps, hs_ptr, wl, bl, fnw, fnb, ncol, nm, hc, hm, LP: tl.constexpr, RES: tl.constexpr):
+    """L_j: rows ncol of layer j (j is 1-based past layer 1): relu(W_j h_{j-1} + b_j), or with RES 1 (residual)
+    h_{j-1} + relu(W_j h_{j-1} + b_j), RES 2 (prenorm) h_{j-1} + relu(W_j LN_j(h_{j-1}) + b_j). wl [LP, BN, BH]
+    holds this program's rows of every layer 2..L, bl [LP, BN] their biases, fnw / fnb [LP, BH] the prenorm gains.
+    A row's input is loaded while the row before it computes."""
     sel = (tl.arange(0, LP) == j - 1)[:, None]
     bias = tl.sum(tl.where(sel, bl.to(tl.float32), 0.0), 0)
     src = hs_ptr + (j - 1) * LB
+    if RES == 2:
+        gw = tl.sum(tl.where(sel, fnw, 0.0), 0)
+        gb = tl.sum(tl.where(sel, fnb, 0.0), 0)
     a = tl.load(src + hc, mask=hm, other=0.0, cache_modifier=".cg").to(tl.float32)
     for b in range(B):
         bn = b + 1 - (b + 1) // B  # the next row (the last row again at the end)
         a_next = tl.load(src + bn * H + hc, mask=hm, other=0.0, cache_modifier=".cg")
-        acc3 = tl.sum(wl.to(tl.float32) * a[None, None, :], 2)  # [LP, BN]: every layer's rows; keep layer j's
-        acc = tl.sum(tl.where(sel, acc3, 0.0), 0) + bias
-        tl.store(hs_ptr + j * LB + b * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
+        z = a
+        if RES == 2:
+            z = _layer_norm(a, hm, gw, gb, H, eps).to(hs_ptr.dtype.element_ty).to(tl.float32)
+        acc3 = tl.sum(wl.to(tl.float32) * z[None, None, :], 2)  # [LP, BN]: every layer's rows; keep layer j's
+        y = tl.maximum(tl.sum(tl.where(sel, acc3, 0.0), 0) + bias, 0.0)
+        if RES != 0:
+            y += tl.load(src + b * H + ncol, mask=nm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(hs_ptr + j * LB + b * H + ncol, y.to(hs_ptr.dtype.element_ty), mask=nm)
         a = a_next.to(tl.float32)
 
 
 @triton.jit
-def _gates(b64, C, a, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, READ_CTX: tl.constexpr):
-    """Gate rows gcol for one batch row: x = sigmoid(f) c_{t-1} + sigmoid(i) u from a (h_L, or V [h_L ; r]) and,
-    READ_CTX, r."""
+def _gates(b64, C, a, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, READ_CTX: tl.constexpr,
+           TANH: tl.constexpr):
+    """Gate rows gcol for one batch row: x = sigmoid(f) c_{t-1} + sigmoid(i) u (TANH: tanh(u)) from a (h_L, or
+    V [h_L ; r]) and, READ_CTX, r."""
     f = bf + _gemv(wf, a)
     i = bi + _gemv(wi, a)
     u = bu + _gemv(wu, a)
@@ -186,6 +212,8 @@ def _gates(b64, C, a, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu,
         f += _gemv(wfr, r)
         i += _gemv(wir, r)
         u += _gemv(wur, r)
+    if TANH:
+        u = 2.0 * tl.sigmoid(2.0 * u) - 1.0
     c = tl.load(ctx_ptr + b64 * C + gcol, mask=gm, other=0.0, cache_modifier=".cg")
     tl.store(xs_ptr + b64 * C + gcol, tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=gm)
 
@@ -221,11 +249,12 @@ def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pmax_p
 @triton.jit
 def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_ptr, rd_ptr, hs_ptr,
                    vs_ptr, z_ptr, table_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, wv_ptr, wp_ptr, whead_ptr,
-                   hb_ptr, lnw_ptr, lnb_ptr,
+                   hb_ptr, lnw_ptr, lnb_ptr, fnw_ptr, fnb_ptr,
                    n_tokens, n_out, phase, t_step, spin_limit,
                    B, C, H, R, E, V, L, NB, GIN, WS, KH, HV, NPH, P, clamp, eps,
                    PERSISTENT: tl.constexpr, NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr,
                    GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
+                   RES: tl.constexpr, TANH: tl.constexpr, SLOW: tl.constexpr,
                    BN: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, LP: tl.constexpr, BG: tl.constexpr,
                    BR: tl.constexpr, BRO: tl.constexpr, BEO: tl.constexpr, BKH: tl.constexpr,
                    BV: tl.constexpr, BP: tl.constexpr):
@@ -251,6 +280,9 @@ def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_p
     wl = tl.load(wl_ptr + lrow.to(tl.int64)[:, :, None] * H + hc[None, None, :],
                  mask=lmask[:, :, None] & hm[None, None, :], other=0.0)
     bl = tl.load(bl_ptr + lrow, mask=lmask, other=0.0)
+    fmask = ((lp < L - 1) & (RES == 2))[:, None] & hm[None, :]  # the prenorm LayerNorms' gains and shifts
+    fnw = tl.load(fnw_ptr + lp[:, None] * H + hc[None, :], mask=fmask, other=0.0)
+    fnb = tl.load(fnb_ptr + lp[:, None] * H + hc[None, :], mask=fmask, other=0.0)
     gcol = pid * BG + tl.arange(0, BG)  # gate channels (each a row of W_f, W_i and W_u)
     gm = gcol < C
     bf = tl.load(bg_ptr + gcol, mask=gm, other=0.0).to(tl.float32)
@@ -296,39 +328,39 @@ def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_p
         for t in range(n_tokens):
             _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
                       ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
-                      GATE_CTX, BP)
+                      GATE_CTX, SLOW, BP)
             _grid_sync(bar_ptr, (t * NB + 1) * P, spin_limit)
             for j in range(1, L):
-                _phase_layer(j, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP)
+                _phase_layer(j, B, H, LB, eps, hs_ptr, wl, bl, fnw, fnb, ncol, nm, hc, hm, LP, RES)
                 _grid_sync(bar_ptr, (t * NB + j + 1) * P, spin_limit)
             _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
                         whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                         wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
                         wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
-                        cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV)
+                        cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
             _grid_sync(bar_ptr, (t * NB + L + 1) * P, spin_limit)
             if RANK or PROJ:
                 _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
                             pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
-                            rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV)
+                            rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
                 _grid_sync(bar_ptr, (t * NB + L + 2) * P, spin_limit)
     else:
         if phase == 0:
             _phase_in(t_step, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
                       ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
-                      GATE_CTX, BP)
+                      GATE_CTX, SLOW, BP)
         elif phase < L:
-            _phase_layer(phase, B, H, LB, hs_ptr, wl, bl, ncol, nm, hc, hm, LP)
+            _phase_layer(phase, B, H, LB, eps, hs_ptr, wl, bl, fnw, fnb, ncol, nm, hc, hm, LP, RES)
         elif phase == L:
             _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
                         whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                         wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
                         wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
-                        cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV)
+                        cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
         else:
             _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
                         pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
-                        rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV)
+                        rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
     # Every program read the flag before the first barrier passed (one launch a phase: before phase G's launch).
     if pid == 0:
         if PERSISTENT:
@@ -342,7 +374,7 @@ def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, x
                 whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                 wvh, wvr, vrow, vrm, wp, erow, erm, wh, hbr, vr, kc, km, hc, hm, cc, cm,
                 GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
-                BV: tl.constexpr):
+                BV: tl.constexpr, TANH: tl.constexpr):
     """G: everything that reads h_L (and r): the gates (or V [h_L ; r]), and the head (or P h_L). A row's inputs
     are loaded while the row before it computes."""
     dt = hs_ptr.dtype.element_ty
@@ -359,7 +391,7 @@ def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, x
                 acc += _gemv(wvr, r)
             tl.store(vs_ptr + b * R + vrow, acc.to(vs_ptr.dtype.element_ty), mask=vrm)
         else:
-            _gates(b, C, h, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, GATE_CTX)
+            _gates(b, C, h, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, GATE_CTX, TANH)
         if PROJ:
             tl.store(z_ptr + b * E + erow, _gemv(wp, h).to(z_ptr.dtype.element_ty), mask=erm)
         else:
@@ -372,7 +404,8 @@ def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, x
 @triton.jit
 def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr, pmax_ptr,
                 pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km, rc, rcm, cc, cm,
-                RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr, BV: tl.constexpr):
+                RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr, BV: tl.constexpr,
+                TANH: tl.constexpr):
     """H: the gates from V [h_L ; r] (low rank), and the head from P h_L (a projected tied head). A row's inputs
     are loaded while the row before it computes."""
     dt = vs_ptr.dtype.element_ty
@@ -383,7 +416,7 @@ def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head
         v_next = tl.load(vs_ptr + bn * R + rc, mask=rcm & RANK, other=0.0, cache_modifier=".cg")
         z_next = tl.load(a_head + bn * KH + kc, mask=km & PROJ, other=0.0, cache_modifier=".cg")
         if RANK:
-            _gates(b, C, v, v, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, False)
+            _gates(b, C, v, v, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, False, TANH)
         if PROJ:
             _head(pid, b, B, V, HV, KH, z, dt, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
                   HEAD_RESIDENT, BV)
@@ -459,6 +492,11 @@ class PersistentDecoder(ChunkDecoder):
         self.Wv = model.gate_down.weight.detach().contiguous() if model.gate_down is not None else one
         self.Wp = W_proj.contiguous() if W_proj is not None else one
         self.Wh, self.bh = W_head.contiguous(), b_head.contiguous()
+        if model.fnn_norms is not None:  # prenorm FNN layers 2..L
+            self.fnw = torch.stack([n.weight.detach().float() for n in model.fnn_norms]).contiguous()
+            self.fnb = torch.stack([n.bias.detach().float() for n in model.fnn_norms]).contiguous()
+        else:
+            self.fnw = self.fnb = torch.zeros(1, device=dev)
         affine = model.norm.weight is not None
         self.lnw = model.norm.weight.detach().float().contiguous() if affine else torch.ones(C, device=dev)
         self.lnb = model.norm.bias.detach().float().contiguous() if affine else torch.zeros(C, device=dev)
@@ -487,6 +525,8 @@ class PersistentDecoder(ChunkDecoder):
         self.sizes = (C, H, R, E, V, L, self.NB, GIN, R or GIN, KH, HV, NPH, P)
         self.flags = dict(NORM_OUT=cfg.state_norm in ("layernorm", "noaffine"), NORM_READ=cfg.state_norm == "read",
                           GATE_CTX=bool(cfg.gate_context), RANK=R > 0, PROJ=proj, HEAD_RESIDENT=resident,
+                          RES=("none", "residual", "prenorm").index(cfg.fnn_residual), TANH=bool(cfg.context_tanh),
+                          SLOW=bool(cfg.slow_forget_bias),
                           BP=_p2(NPH), **blocks)
         self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", 4)}
         B = batch_size
@@ -503,7 +543,7 @@ class PersistentDecoder(ChunkDecoder):
         self.hs = torch.zeros(L, B, H, dtype=dt, device=dev)
         self.vs = torch.zeros(B, max(R, 1), dtype=dt, device=dev)
         self.z = torch.zeros(B, E if proj else 1, dtype=dt, device=dev)
-        self.C, self.norm_out = C, self.flags["NORM_OUT"]
+        self.C, self.norm_out, self.slow = C, self.flags["NORM_OUT"], bool(cfg.slow_forget_bias)
         self.kernel_info: Optional[dict] = None  # registers, spills, programs an SM holds (after the first launch)
 
     def set_context(self, context: torch.Tensor, tok: torch.Tensor) -> None:
@@ -516,14 +556,18 @@ class PersistentDecoder(ChunkDecoder):
         """c_t after the last token the kernel read (the context given to ``set_context`` before any)."""
         if int(self.flag) != 0:
             return self.ctx.clone()
-        y = torch.nn.functional.layer_norm(self.xs, (self.C,), self.lnw, self.lnb, LN_EPS) if self.norm_out \
-            else self.xs
+        y = self.xs
+        if self.norm_out:
+            halves = 2 if self.slow else 1  # slow_forget_bias: each half on its own
+            z = y.unflatten(-1, (halves, self.C // halves))
+            y = torch.nn.functional.layer_norm(z, (self.C // halves,), eps=LN_EPS).flatten(-2) * self.lnw + self.lnb
         return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
 
     def _args(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> tuple:
         return (self.cur, self.out, self.pmax, self.pidx, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
                 self.vs, self.z, self.table, self.Wc, self.Wl, self.bl, self.Wg, self.bg, self.Wv, self.Wp, self.Wh,
-                self.bh, self.lnw, self.lnb, n_tokens, self.chunk, phase, t_step, self.spin_limit, self.B, *self.sizes,
+                self.bh, self.lnw, self.lnb, self.fnw, self.fnb, n_tokens, self.chunk, phase, t_step, self.spin_limit,
+                self.B, *self.sizes,
                 CONTEXT_CLAMP, LN_EPS)
 
     def _launch(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> None:

@@ -70,47 +70,69 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out-dir", default="runs/sweep", help="one run folder per run; finished runs are skipped")
     w.add_argument("--jobs", type=int, default=1, help="runs at a time, spread over the visible GPUs (one each)")
     for q in (t, w):
-        q.add_argument("--dataset", choices=["wikitext", "dolly", "text"],
-                       help="default: wikitext (or --config's); text: any corpus, --data-path files / folder / glob "
-                            "or --hub-dataset (docs/corpus.md)")
-        q.add_argument("--preset", choices=sorted(PRESETS), help="default: original_wikitext or original_dolly")
-        q.add_argument("--config", help="a config.json (a shared model's, or RunConfig.to_dict() as JSON) instead of "
-                                        "a preset; the other flags still apply")
-        q.add_argument("--epochs", type=int)
-        q.add_argument("--batch-size", type=int, help="default: this machine's recommendation (under torchrun: "
-                                                      "the global batch, shared by the processes)")
-        q.add_argument("--lr", type=float, help="default: 1e-4 * sqrt(batch / 32), from the global batch")
-        q.add_argument("--seq-len", type=int, help="max_seq_length")
-        q.add_argument("--vocab-size", type=int)
-        q.add_argument("--patience", type=int)
-        q.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-        q.add_argument("--tokenizer", choices=["word", "bpe"])
-        q.add_argument("--mode", choices=["windows", "stream", "packed"])
-        q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: the hub)")
-        q.add_argument("--data-source", choices=["auto", "hub", "sample"],
-                       help="without --data-path: auto (default) = the hub, or the bundled sample only when the hub "
-                            "cannot be asked (offline, unreachable); hub = the hub or an error; sample = the "
-                            "bundled sample")
-        q.add_argument("--hub-revision", help="a branch, tag or commit of the dataset's hub repository")
-        q.add_argument("--hub-dataset", help="--dataset text: a hub dataset id, e.g. Salesforce/wikitext")
-        q.add_argument("--hub-config", help="--dataset text: its config, e.g. wikitext-103-raw-v1")
-        q.add_argument("--hub-split", help="--dataset text: the split to train on (default train)")
-        q.add_argument("--text-field", help="--dataset text: the field / column holding the text (default text)")
-        q.add_argument("--tokenizer-sample-mb", type=float,
-                       help="--dataset text: train the tokenizer on the first N MB")
-        q.add_argument("--cache-dir", help="--dataset text: token cache folder (default $NEWLLM_CACHE_DIR or "
-                                           "~/.cache/newllm_nb)")
-        q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
-        q.add_argument("--original-metrics", action="store_true", help="average metrics per batch, as the original did")
-        q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
-        q.add_argument("--quiet", action="store_true", help="no progress bars")
-        q.add_argument("--checkpoint-every", type=float, metavar="MINUTES",
-                       help="also save `last` every MINUTES within an epoch (default 10); Ctrl-C and SIGTERM save too")
+        _add_recipe_flags(q)
+        _add_data_flags(q)
+        _add_run_flags(q)
     t.add_argument("--run-dir", help="checkpoints go here; an unfinished run there is resumed (default runs/NAME)")
     t.add_argument("--no-resume", action="store_true", help="start this configuration's run over (its checkpoints "
                                                               "are discarded)")
     t.add_argument("--overwrite", action="store_true", help="also replace another configuration's run in --run-dir "
                                                             "(refused without it)")
+    for q in (t, w, *_checkpoint_parsers(sub)):
+        q.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def _add_recipe_flags(q: argparse.ArgumentParser) -> None:
+    """train and sweep: where the config starts (dataset, preset or config file) and its main fields."""
+    q.add_argument("--dataset", choices=["wikitext", "dolly", "text"],
+                   help="default: wikitext (or --config's); text: any corpus, --data-path files / folder / glob "
+                        "or --hub-dataset (docs/corpus.md)")
+    q.add_argument("--preset", choices=sorted(PRESETS), help="default: original_wikitext or original_dolly")
+    q.add_argument("--config", help="a config.json (a shared model's, or RunConfig.to_dict() as JSON) instead of "
+                                    "a preset; the other flags still apply")
+    q.add_argument("--epochs", type=int)
+    q.add_argument("--batch-size", type=int, help="default: this machine's recommendation (under torchrun: "
+                                                  "the global batch, shared by the processes)")
+    q.add_argument("--lr", type=float, help="default: 1e-4 * sqrt(batch / 32), from the global batch")
+    q.add_argument("--seq-len", type=int, help="max_seq_length")
+    q.add_argument("--vocab-size", type=int)
+    q.add_argument("--patience", type=int)
+    q.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    q.add_argument("--tokenizer", choices=["word", "bpe"])
+    q.add_argument("--mode", choices=["windows", "stream", "packed"])
+
+
+def _add_data_flags(q: argparse.ArgumentParser) -> None:
+    """train and sweep: where the text comes from (local files, the hub, the bundled sample)."""
+    q.add_argument("--data-path", help="local WikiText file/folder or Dolly jsonl (default: the hub)")
+    q.add_argument("--data-source", choices=["auto", "hub", "sample"],
+                   help="without --data-path: auto (default) = the hub, or the bundled sample only when the hub "
+                        "cannot be asked (offline, unreachable); hub = the hub or an error; sample = the "
+                        "bundled sample")
+    q.add_argument("--hub-revision", help="a branch, tag or commit of the dataset's hub repository")
+    q.add_argument("--hub-dataset", help="--dataset text: a hub dataset id, e.g. Salesforce/wikitext")
+    q.add_argument("--hub-config", help="--dataset text: its config, e.g. wikitext-103-raw-v1")
+    q.add_argument("--hub-split", help="--dataset text: the split to train on (default train)")
+    q.add_argument("--text-field", help="--dataset text: the field / column holding the text (default text)")
+    q.add_argument("--tokenizer-sample-mb", type=float,
+                   help="--dataset text: train the tokenizer on the first N MB")
+    q.add_argument("--cache-dir", help="--dataset text: token cache folder (default $NEWLLM_CACHE_DIR or "
+                                       "~/.cache/newllm_nb)")
+
+
+def _add_run_flags(q: argparse.ArgumentParser) -> None:
+    """train and sweep: how the run goes (device, metrics, smoke, progress, mid-epoch saves)."""
+    q.add_argument("--device", help="auto | cpu | cuda | cuda:N (under torchrun: cpu or cuda, one GPU per rank)")
+    q.add_argument("--original-metrics", action="store_true", help="average metrics per batch, as the original did")
+    q.add_argument("--smoke", action="store_true", help="tiny data and at most 2 epochs (also NEWLLM_SMOKE=1)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--checkpoint-every", type=float, metavar="MINUTES",
+                   help="also save `last` every MINUTES within an epoch (default 10); Ctrl-C and SIGTERM save too")
+
+
+def _checkpoint_parsers(sub) -> tuple[argparse.ArgumentParser, ...]:
+    """generate, chat and push: the commands that use a trained checkpoint."""
     where = "a .safetensors checkpoint, a run folder, a shared model's folder, or a hub id OWNER/NAME[@REVISION]"
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     g.add_argument("--checkpoint", required=True, help=where)
@@ -132,9 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
         q.add_argument("--seed", type=int, help="fixed sampling seed")
         q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    for q in (t, w, g, c, s):
-        q.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p
+    return g, c, s
 
 
 def config_from_args(args: argparse.Namespace, recommended_batch: int) -> RunConfig:

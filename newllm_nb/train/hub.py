@@ -329,11 +329,16 @@ def _recipe(rc: RunConfig) -> str:
 def model_card(shared: HubModel, repo_id: Optional[str] = None) -> ModelCard:
     """The card: hub metadata (library, tags, datasets, results) and what the model is, how it was trained,
     what it scored, and the command that trains it again."""
-    ckpt, rc = shared.checkpoint, shared.run_config
-    params = count_parameters(shared.model)
-    source, is_sample, hub_dataset = data_source(ckpt)
-    results, rec = _results(ckpt, rc)
     name = repo_id or "OWNER/NAME"
+    data = _card_metadata(shared, name)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(shared, name)}")
+
+
+def _card_metadata(shared: HubModel, name: str) -> ModelCardData:
+    """The card's YAML header: library, tags, the hub dataset and its validation results (none on the sample)."""
+    ckpt, rc = shared.checkpoint, shared.run_config
+    _, is_sample, hub_dataset = data_source(ckpt)
+    _, rec = _results(ckpt, rc)
     title = HUB_DATASETS.get(rc.data.dataset, (None, rc.data.dataset))[1]
     tags = sorted(set(TAGS + ["pytorch_model_hub_mixin", "model_hub_mixin"]
                       + (["bundled-sample"] if is_sample else [])))
@@ -344,23 +349,25 @@ def model_card(shared: HubModel, repo_id: Optional[str] = None) -> ModelCard:
                  for kind, label, value in (("perplexity", "validation PPL", round(rec["val_ppl"], 4)),
                                             ("accuracy", "validation accuracy", round(rec["val_acc"], 4)),
                                             ("loss", "validation loss", round(rec["val_loss"], 4)))]
-    data = ModelCardData(library_name="newllm-nb", pipeline_tag="text-generation", tags=tags,
+    return ModelCardData(library_name="newllm-nb", pipeline_tag="text-generation", tags=tags,
                          datasets=[hub_dataset] if hub_dataset and not is_sample else None,
                          language=["en"] if rc.data.dataset in HUB_DATASETS else None,
                          model_name=name.split("/")[-1], eval_results=evals)
-    fp = ckpt.fingerprint or {}
-    record = (f"run fingerprint `{fingerprint_id(fp)}` (settings, a SHA-256 of the training and validation tokens "
-              f"`{str(fp.get('data.train_sha256', ''))[:12]}` / `{str(fp.get('data.valid_sha256', ''))[:12]}`, and "
-              f"the tokenizer `{str(fp.get('tokenizer.sha256', ''))[:12]}`)") if fp else "no run fingerprint recorded"
-    data_path = " --data-path YOUR_COPY" if str(ckpt.meta.get("data_source", "")).startswith("local") else ""
-    body = f"""
+
+
+def _card_body(shared: HubModel, name: str) -> str:
+    """The card's text: architecture, data, recipe and results, then how to use, reproduce and check it."""
+    ckpt, rc = shared.checkpoint, shared.run_config
+    source, is_sample, _ = data_source(ckpt)
+    results, _ = _results(ckpt, rc)
+    return f"""
 # {name.split("/")[-1]}
 
 A language model trained with [newllm-nb]({clone_url(REPOSITORY)}){' on the bundled sample' if is_sample else ''}.
 
 ## Architecture
 
-{_architecture(rc.model, params)}
+{_architecture(rc.model, count_parameters(shared.model))}
 
 ## Data
 
@@ -373,7 +380,13 @@ A language model trained with [newllm-nb]({clone_url(REPOSITORY)}){' on the bund
 ## Results
 
 {results}
+""" + _use_sections(name, ckpt) + _files_section(shared)
 
+
+def _use_sections(name: str, ckpt) -> str:
+    """Loading the model from Python or the CLI, and the command that trains it again."""
+    data_path = " --data-path YOUR_COPY" if str(ckpt.meta.get("data_source", "")).startswith("local") else ""
+    return f"""
 ## Use
 
 ```python
@@ -391,7 +404,17 @@ or `python -m newllm_nb chat --checkpoint {name}`. Install: `pip install git+{cl
 hf download {name} config.json --local-dir {name.split("/")[-1]}
 python -m newllm_nb train --config {name.split("/")[-1]}/config.json{data_path}
 ```
+"""
 
+
+def _files_section(shared: HubModel) -> str:
+    """The repository's files, with the weights' SHA-256 and the run's fingerprint."""
+    ckpt, rc = shared.checkpoint, shared.run_config
+    fp = ckpt.fingerprint or {}
+    record = (f"run fingerprint `{fingerprint_id(fp)}` (settings, a SHA-256 of the training and validation tokens "
+              f"`{str(fp.get('data.train_sha256', ''))[:12]}` / `{str(fp.get('data.valid_sha256', ''))[:12]}`, and "
+              f"the tokenizer `{str(fp.get('tokenizer.sha256', ''))[:12]}`)") if fp else "no run fingerprint recorded"
+    return f"""
 ## Files
 
 - `{WEIGHTS_FILE}`: the weights (safetensors, nothing to unpickle) with the run's config, tokenizer and history;
@@ -399,4 +422,3 @@ python -m newllm_nb train --config {name.split("/")[-1]}/config.json{data_path}
 - `{CONFIG_FILE}`: every setting of the run, and its {record}
 - `{TOKENIZER_FILE}`: the {rc.data.tokenizer} tokenizer ({rc.model.vocab_size:,} ids), in the `tokenizers` format
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -316,21 +316,40 @@ def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "te
 
     Its own validation and test splits are used where it has them; otherwise every ``1/valid_frac``-th
     row of ``split`` is held out (the length of a stream is not known before reading it)."""
+    local = Path(repo_id).expanduser().is_dir()
+    described = f"hub {repo_id}" + (f" {config}" if config else "") + (f"@{revision}" if revision else "")
+    dd = _stream_dataset(repo_id, config, revision, local, described, what_to_do)
+    _check_split_and_field(dd, repo_id, config, split, text_field)
+    own = _own_splits(list(dd), split)
+    fp = _h(_hub_version(repo_id, revision, local), config, text_field, split, own.get("valid") or valid_frac,
+            max_docs)
+
+    def rows(hub_split: str, keep=None) -> Iterator[tuple[list, int]]:
+        return _hub_rows(dd[hub_split], f"{repo_id} split {hub_split}", text_field, keep)
+
+    return Corpus(described, fp, None, _hub_passes(rows, own, split, valid_frac, max_docs))
+
+
+def _stream_dataset(repo_id: str, config: Optional[str], revision: Optional[str], local: bool, described: str,
+                    what_to_do: str):
+    """``datasets.load_dataset(..., streaming=True)``; a missing package, an unreachable hub or the hub's own
+    error is one line naming the dataset."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"reading {repo_id} from the hub needs `datasets` (pip install datasets)") from None
-    local = Path(repo_id).expanduser().is_dir()
-    described = f"hub {repo_id}" + (f" {config}" if config else "") + (f"@{revision}" if revision else "")
     if not local:
         try:
             require_hub()
         except HubUnavailable as why:
             raise DataError(f"{why}, and {described} was asked for: connect, or {what_to_do}") from None
     try:
-        dd = datasets.load_dataset(repo_id, config, streaming=True, revision=revision)
+        return datasets.load_dataset(repo_id, config, streaming=True, revision=revision)
     except Exception as e:  # the hub answered: its error is the user's to see, in one line naming the dataset
         raise DataError(f"could not load {described} from {hub_endpoint()} ({hub_cause(e)}): {what_to_do}") from None
+
+
+def _check_split_and_field(dd, repo_id: str, config: Optional[str], split: str, text_field: str) -> None:
     names = list(dd)
     if split not in names:
         raise DataError(f"{repo_id}{f' ({config})' if config else ''} has no split {split!r} (splits: "
@@ -339,27 +358,36 @@ def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "te
     if features is not None and text_field not in features:
         raise DataError(f"{repo_id}{f' ({config})' if config else ''} has no field {text_field!r} (fields: "
                         f"{', '.join(list(features)[:8])}): pass the text field's name")
+
+
+def _own_splits(names: list[str], split: str) -> dict[str, str]:
+    """Our split -> the dataset's: ``split`` trains, and its own validation and test splits where it has them."""
     own = {"train": split}
     v = next((n for n in VALID_NAMES if n in names and n != split), None)
     if v:
         own["valid"] = v
     if "test" in names and split != "test":
         own["test"] = "test"
-    name = described
-    fp = _h(_hub_version(repo_id, revision, local), config, text_field, split, v or valid_frac, max_docs)
+    return own
 
-    def rows(hub_split: str, keep=None) -> Iterator[tuple[list, int]]:
-        i = 0
-        for batch in dd[hub_split].iter(batch_size=1000):
-            if text_field not in batch:
-                raise DataError(f"{repo_id} split {hub_split} has no field {text_field!r} (fields: "
-                                f"{', '.join(list(batch)[:8])}): pass the text field's name")
-            texts = [t if isinstance(t, str) else "" for t in batch[text_field]]
-            if keep is not None:
-                texts = [t for j, t in enumerate(texts, i) if keep(j)]
-            i += len(batch[text_field])
-            yield texts, sum(len(t.encode("utf-8")) for t in texts)
 
+def _hub_rows(stream, described: str, text_field: str, keep=None) -> Iterator[tuple[list, int]]:
+    """(texts, their UTF-8 bytes) a batch of 1000 rows of ``stream``; ``keep(row index)`` picks rows."""
+    i = 0
+    for batch in stream.iter(batch_size=1000):
+        if text_field not in batch:
+            raise DataError(f"{described} has no field {text_field!r} (fields: "
+                            f"{', '.join(list(batch)[:8])}): pass the text field's name")
+        texts = [t if isinstance(t, str) else "" for t in batch[text_field]]
+        if keep is not None:
+            texts = [t for j, t in enumerate(texts, i) if keep(j)]
+        i += len(batch[text_field])
+        yield texts, sum(len(t.encode("utf-8")) for t in texts)
+
+
+def _hub_passes(rows, own: dict[str, str], split: str, valid_frac: float, max_docs: Optional[int]) -> dict:
+    """Our split -> a function starting a pass over it. Without a validation split of its own, every
+    ``1/valid_frac``-th row of ``split`` is validation and the rest train."""
     every = max(2, round(1 / valid_frac)) if valid_frac > 0 else 0
 
     def not_held_out(j: int) -> bool:
@@ -373,7 +401,7 @@ def hub_corpus(repo_id: str, config: Optional[str] = None, text_field: str = "te
     if "valid" not in own and every:
         passes["valid"] = (lambda: _capped(_batched(rows(split, lambda j: j % every == every - 1), "valid"),
                                             _cap_for("valid", max_docs)))
-    return Corpus(name, fp, None, passes)
+    return passes
 
 
 def _cap_for(split: str, max_docs: Optional[int]) -> Optional[int]:

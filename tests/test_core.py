@@ -23,7 +23,7 @@ GOLDEN = Path(__file__).with_name("golden_losses.json")
 # face (newllm_nb/__init__.py) re-exports from below and is not a layer.
 LAYERS = {"config": 0, "repository": 0, "runtime": 1, "data": 2, "kernels": 2, "models": 3, "train": 4, "infer": 4,
           "experiments": 5, "notebook": 6, "cli": 6, "__main__": 7}
-OPTIONAL_INSIDE = {"kernels.fused"}  # needs Triton: imported inside the functions that use it
+OPTIONAL_INSIDE = {"kernels.fused", "kernels.persistent"}  # need Triton: imported inside the functions that use them
 
 
 def _module_name(path: Path) -> str:

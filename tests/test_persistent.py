@@ -86,12 +86,12 @@ def _check_phases_one_launch_each_with_many_programs():
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.persistent import PersistentDecoder
 
-    for i in (0, 2, 4, 8):
+    for i, counts in ((0, (3, 7)), (4, (5,)), (8, (5,))):
         kw, name = _CELLS[i]
         m = _model(**kw)
         prompt = torch.randint(4, 150, (2, 3))
         ref = decode_ids(m, prompt, 6, use_graph=False)
-        for programs in (3, 7):
+        for programs in counts:
             out = PersistentDecoder(m, batch_size=2, chunk=4, programs=programs, persistent=False).run(prompt, 6)
             assert torch.equal(out, ref), f"{name}, {programs} programs: {out} != {ref}"
 
@@ -129,7 +129,26 @@ def _check_barrier_that_cannot_be_met_raises():
         raise AssertionError("a barrier that cannot be met went unnoticed")
 
 
+def _check_ties_go_to_the_first_index():
+    """A head whose second half repeats its first: every maximum occurs twice, in different programs; the decoder
+    takes the first, as torch.argmax does."""
+    from newllm_nb.infer.generate import decode_ids
+    from newllm_nb.kernels.persistent import PersistentDecoder
+
+    m = _model()
+    with torch.no_grad():
+        m.head.weight[75:] = m.head.weight[:75]
+        m.head.bias[75:] = m.head.bias[:75]
+    prompt = torch.randint(4, 150, (2, 3))
+    ref = decode_ids(m, prompt, 6, use_graph=False)
+    assert int(ref.max()) < 75
+    for programs, persistent in ((1, True), (7, False)):
+        out = PersistentDecoder(m, batch_size=2, chunk=3, programs=programs, persistent=persistent).run(prompt, 6)
+        assert torch.equal(out, ref), (programs, out, ref)
+
+
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
+    _check_ties_go_to_the_first_index,
     _check_persistent_kernel_one_program, _check_phases_one_launch_each_with_many_programs,
     _check_head_read_in_chunks, _check_barrier_that_cannot_be_met_raises)}
 

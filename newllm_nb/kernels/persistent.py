@@ -109,6 +109,20 @@ def _state_norm(x, cc, m, w, b, C, eps, SLOW: tl.constexpr):
 
 
 @triton.jit
+def _pack_max(value, idx):
+    """(fp32 value, index < 2^31) -> an int64 key whose signed order is the value's order, then the smaller index:
+    the maximum key over the head programs is the argmax with torch's tie rule, found in one load and one max."""
+    bits = value.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: larger magnitude, smaller key
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - idx.to(tl.int64))
+
+
+@triton.jit
+def _unpack_index(key):
+    return 0x7FFFFFFF - (key & 0xFFFFFFFF)
+
+
+@triton.jit
 def _grid_sync(bar_ptr, target, spin_limit):
     """Grid-wide barrier: every program adds one to the counter bar[0] (release: its writes before it are visible
     to whoever acquires the count), then waits until the count reaches ``target`` (P x the barrier's number in
@@ -133,7 +147,7 @@ def _grid_sync(bar_ptr, target, spin_limit):
 # -- the phases: each program computes its rows of one matrix product for every row of the batch ----------------
 @triton.jit
 def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
-              tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr, ctx_ptr, rd_ptr, table_ptr, hs_ptr,
+              tok_ptr, out_ptr, pkey_ptr, xs_ptr, ctx_ptr, rd_ptr, table_ptr, hs_ptr,
               lnw, lnb, wc, ncol, nm, cc, cm,
               NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr, STORE_READ: tl.constexpr, SLOW: tl.constexpr,
               BP: tl.constexpr):
@@ -141,14 +155,13 @@ def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
     partial maxima and x_{t-1} are loaded while the row before it computes."""
     first = fresh & (t == 0)
     pp = tl.arange(0, BP)
-    pm = tl.load(pmax_ptr + pp * B, mask=pp < NPH, other=float("-inf"), cache_modifier=".cg")
+    pk = tl.load(pkey_ptr + pp * B, mask=pp < NPH, other=-(2**63), cache_modifier=".cg")
     x = tl.load(xs_ptr + cc, mask=cm, other=0.0, cache_modifier=".cg")
     for b in range(B):
         bn = b + 1 - (b + 1) // B  # the next row (the last row again at the end)
-        pm_next = tl.load(pmax_ptr + pp * B + bn, mask=pp < NPH, other=float("-inf"), cache_modifier=".cg")
+        pk_next = tl.load(pkey_ptr + pp * B + bn, mask=pp < NPH, other=-(2**63), cache_modifier=".cg")
         x_next = tl.load(xs_ptr + bn * C + cc, mask=cm, other=0.0, cache_modifier=".cg")
-        best = tl.argmax(pm, 0)  # the first head program holding the maximum: torch.argmax's tie rule
-        tok = tl.load(pidx_ptr + best * B + b, cache_modifier=".cg")
+        tok = _unpack_index(tl.max(pk, 0))  # the largest logit, the first index among equals: torch.argmax's rule
         y = x
         if NORM_OUT:
             y = _state_norm(x, cc, cm, lnw, lnb, C, eps, SLOW)
@@ -169,7 +182,7 @@ def _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps,
         acc = tl.load(table_ptr + tok.to(tl.int64) * H + ncol, mask=nm, other=0.0).to(tl.float32)
         acc += _gemv(wc, r.to(tl.float32))
         tl.store(hs_ptr + b * H + ncol, tl.maximum(acc, 0.0).to(hs_ptr.dtype.element_ty), mask=nm)
-        pm = pm_next
+        pk = pk_next
         x = x_next
 
 
@@ -219,11 +232,11 @@ def _gates(b64, C, a, r, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu,
 
 
 @triton.jit
-def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pkey_ptr, wh, hbr, vr, kc, km,
           RESIDENT: tl.constexpr, BV: tl.constexpr):
     """This program's head rows [pid HV, pid HV + HV) for one batch row, from its input a [BKH] (fp32): their
-    logits (rounded to the model dtype ``dt``, as the torch head returns them), the maximum and its first index
-    into pmax / pidx [P, B]."""
+    logits (rounded to the model dtype ``dt``, as the torch head returns them), the maximum and its first index,
+    packed into one key of pkey [P, B]."""
     if RESIDENT:
         vm = (vr < HV) & (pid * HV + vr < V)
         lg = tl.where(vm, (hbr.to(tl.float32) + _gemv(wh, a)).to(dt).to(tl.float32), float("-inf"))
@@ -242,12 +255,11 @@ def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pmax_p
             up = m > best  # strictly greater: the first chunk with the maximum keeps it
             idx = tl.where(up, (pid * HV + v0 + tl.argmax(lg, 0)).to(tl.int64), idx)
             best = tl.where(up, m, best)
-    tl.store(pmax_ptr + pid * B + b64, best)
-    tl.store(pidx_ptr + pid * B + b64, idx)
+    tl.store(pkey_ptr + pid * B + b64, _pack_max(best, idx))
 
 
 @triton.jit
-def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_ptr, rd_ptr, hs_ptr,
+def _decode_kernel(tok_ptr, out_ptr, pkey_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_ptr, rd_ptr, hs_ptr,
                    vs_ptr, z_ptr, table_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, wv_ptr, wp_ptr, whead_ptr,
                    hb_ptr, lnw_ptr, lnb_ptr, fnw_ptr, fnb_ptr,
                    n_tokens, n_out, phase, t_step, spin_limit,
@@ -326,7 +338,7 @@ def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_p
     fresh = tl.load(flag_ptr) != 0
     if PERSISTENT:
         for t in range(n_tokens):
-            _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
+            _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pkey_ptr, xs_ptr,
                       ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
                       GATE_CTX, SLOW, BP)
             _grid_sync(bar_ptr, (t * NB + 1) * P, spin_limit)
@@ -334,32 +346,32 @@ def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_p
                 _phase_layer(j, B, H, LB, eps, hs_ptr, wl, bl, fnw, fnb, ncol, nm, hc, hm, LP, RES)
                 _grid_sync(bar_ptr, (t * NB + j + 1) * P, spin_limit)
             _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
-                        whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
+                        whead_ptr, hb_ptr, pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                         wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
                         wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
                         cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
             _grid_sync(bar_ptr, (t * NB + L + 1) * P, spin_limit)
             if RANK or PROJ:
                 _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
-                            pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
+                            pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
                             rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
                 _grid_sync(bar_ptr, (t * NB + L + 2) * P, spin_limit)
     else:
         if phase == 0:
-            _phase_in(t_step, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pmax_ptr, pidx_ptr, xs_ptr,
+            _phase_in(t_step, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pkey_ptr, xs_ptr,
                       ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
                       GATE_CTX, SLOW, BP)
         elif phase < L:
             _phase_layer(phase, B, H, LB, eps, hs_ptr, wl, bl, fnw, fnb, ncol, nm, hc, hm, LP, RES)
         elif phase == L:
             _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
-                        whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
+                        whead_ptr, hb_ptr, pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                         wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
                         wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
                         cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
         else:
             _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
-                        pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
+                        pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
                         rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
     # Every program read the flag before the first barrier passed (one launch a phase: before phase G's launch).
     if pid == 0:
@@ -371,7 +383,7 @@ def _decode_kernel(tok_ptr, out_ptr, pmax_ptr, pidx_ptr, flag_ptr, bar_ptr, xs_p
 
 @triton.jit
 def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
-                whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
+                whead_ptr, hb_ptr, pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                 wvh, wvr, vrow, vrm, wp, erow, erm, wh, hbr, vr, kc, km, hc, hm, cc, cm,
                 GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
                 BV: tl.constexpr, TANH: tl.constexpr):
@@ -395,15 +407,15 @@ def _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, x
         if PROJ:
             tl.store(z_ptr + b * E + erow, _gemv(wp, h).to(z_ptr.dtype.element_ty), mask=erm)
         else:
-            _head(pid, b, B, V, HV, KH, h, dt, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+            _head(pid, b, B, V, HV, KH, h, dt, whead_ptr, hb_ptr, pkey_ptr, wh, hbr, vr, kc, km,
                   HEAD_RESIDENT, BV)
         h = h_next.to(tl.float32)
         r = r_next.to(tl.float32)
 
 
 @triton.jit
-def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr, pmax_ptr,
-                pidx_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km, rc, rcm, cc, cm,
+def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr, pkey_ptr,
+                wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km, rc, rcm, cc, cm,
                 RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr, BV: tl.constexpr,
                 TANH: tl.constexpr):
     """H: the gates from V [h_L ; r] (low rank), and the head from P h_L (a projected tied head). A row's inputs
@@ -418,7 +430,7 @@ def _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head
         if RANK:
             _gates(b, C, v, v, ctx_ptr, xs_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, False, TANH)
         if PROJ:
-            _head(pid, b, B, V, HV, KH, z, dt, whead_ptr, hb_ptr, pmax_ptr, pidx_ptr, wh, hbr, vr, kc, km,
+            _head(pid, b, B, V, HV, KH, z, dt, whead_ptr, hb_ptr, pkey_ptr, wh, hbr, vr, kc, km,
                   HEAD_RESIDENT, BV)
         v = v_next.to(tl.float32)
         z = z_next.to(tl.float32)
@@ -533,8 +545,7 @@ class PersistentDecoder(ChunkDecoder):
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # what ChunkDecoder.run primes with
         self.cur = torch.zeros(B, dtype=torch.long, device=dev)  # the kernel's current token
         self.out = torch.zeros(B, self.chunk, dtype=torch.long, device=dev)
-        self.pmax = torch.zeros(P, B, dtype=torch.float32, device=dev)
-        self.pidx = torch.zeros(P, B, dtype=torch.long, device=dev)
+        self.pkey = torch.zeros(P, B, dtype=torch.long, device=dev)  # each head program's packed (max, index)
         self.flag = torch.ones(1, dtype=torch.int32, device=dev)
         self.bar = torch.zeros(2, dtype=torch.int32, device=dev)  # the barrier's count, its sticky error word
         self.xs = torch.zeros(B, C, dtype=torch.float32, device=dev)
@@ -564,7 +575,7 @@ class PersistentDecoder(ChunkDecoder):
         return y.clamp(-CONTEXT_CLAMP, CONTEXT_CLAMP)
 
     def _args(self, n_tokens: int, phase: int = 0, t_step: int = 0) -> tuple:
-        return (self.cur, self.out, self.pmax, self.pidx, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
+        return (self.cur, self.out, self.pkey, self.flag, self.bar, self.xs, self.ctx, self.rd, self.hs,
                 self.vs, self.z, self.table, self.Wc, self.Wl, self.bl, self.Wg, self.bg, self.Wv, self.Wp, self.Wh,
                 self.bh, self.lnw, self.lnb, self.fnw, self.fnb, n_tokens, self.chunk, phase, t_step, self.spin_limit,
                 self.B, *self.sizes,

@@ -25,7 +25,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py sits beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py and figures.py sit beside this file
 from quality import DEFAULT_FILE, load_recipe, load_splits, run_one  # noqa: E402
 
 from newllm_nb.data.batching import wikitext_stream  # noqa: E402
@@ -34,6 +34,8 @@ from newllm_nb.experiments.memory import loss_by_position, perturbation_fade  # 
 from newllm_nb.experiments.parallel import spread  # noqa: E402
 from newllm_nb.models.build import matched_config  # noqa: E402
 from newllm_nb.train.checkpoint import load_model  # noqa: E402
+
+from figures import save, subplots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,15 +68,10 @@ def choose(screen: pd.DataFrame, base: str = "base", lstm: str = "lstm") -> list
 
 def plot(out: Path, models: list[str], png: Optional[Path] = None) -> Path:
     """Draw loss by position (carried solid, reset dashed) and the fade of a changed token for ``models``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pos = pd.read_csv(out / "position.csv").groupby(["model", "context", "position_lo", "position_hi"],
                                                     as_index=False)[["loss", "tokens"]].mean()
     fade = pd.read_csv(out / "fade.csv").groupby(["model", "distance"], as_index=False)[["rel_diff", "kl"]].mean()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = subplots(1, 3, figsize=(16, 4.6))
     colors = dict(zip(models, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
     for m in models:
         for ctx, style in (("carried", "-"), (None, "--")):
@@ -92,13 +89,7 @@ def plot(out: Path, models: list[str], png: Optional[Path] = None) -> Path:
                 title="(b) a changed token fading from the state")
     axes[2].set(yscale="log", xlabel="tokens after the changed token", ylabel="KL(p || p') (nats)",
                 title="(c) its effect on the next-token distribution")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = png or out / "context_memory.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, axes, png or out / "context_memory.png", dpi=120, legend_size=7)
 
 
 def main() -> None:

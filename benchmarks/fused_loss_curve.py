@@ -25,6 +25,8 @@ from newllm_nb.experiments.bench import device_name
 from newllm_nb.models.build import build_model
 from newllm_nb.train.trainer import Trainer
 
+from figures import save, subplots
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,12 +91,7 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     df = pd.DataFrame({"step": range(1, n + 1), **{k: v[:n] for k, v in curves.items()}})
     df.to_csv(os.path.join(args.out_dir, "fused_vs_graph_loss.csv"), index=False)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     for (k, v), color in zip(curves.items(), ("tab:blue", "tab:orange")):
         ax.plot(range(1, len(v) + 1), v, color=color, alpha=0.25, lw=0.8)
         ax.plot(range(1, len(v) + 1), smooth(v), color=color, lw=2, label=f"{k} (20-step mean)")
@@ -102,11 +99,7 @@ def main() -> None:
     ax.set_ylabel("training loss (token-weighted CE)")
     ax.set_title(f"{args.preset}, WikiText-2, seed {args.seed}: fused vs graph on {dev}\n"
                  f"mean |gap| of smoothed curves {gap:.3f}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = os.path.join(args.out_dir, "fused_vs_graph_loss.png")
-    fig.savefig(png, dpi=110)
+    png = save(fig, [ax], os.path.join(args.out_dir, "fused_vs_graph_loss.png"))
     print(f"wrote {png}")
 
 

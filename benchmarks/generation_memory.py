@@ -36,6 +36,8 @@ from newllm_nb.kernels.available import fused_kernels
 from newllm_nb.models.baselines import TransformerLM
 from newllm_nb.models.build import matched_config
 
+from figures import save, subplots
+
 
 def _mem_reset(dev):
     if dev.type == "cuda":
@@ -195,12 +197,7 @@ def print_table(df: pd.DataFrame, args: argparse.Namespace, dev) -> None:
 
 def plot(df: pd.DataFrame, device: str, png: str) -> None:
     """Peak memory and tokens/s against length, one line per model, written to ``png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b) = subplots(1, 2, figsize=(10, 3.6))
     for name, g in df.groupby("model"):
         a.plot(g.tokens, g.peak_mem_mb, "o-", label=name)
         b.plot(g.tokens, g.tokens_per_s, "o-", label=name)
@@ -208,12 +205,9 @@ def plot(df: pd.DataFrame, device: str, png: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("generated tokens")
         ax.set_ylabel(yl)
-        ax.grid(alpha=0.3)
-        ax.legend()
     a.set_yscale("log")
     fig.suptitle(f"Generation vs length on {device}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save(fig, (a, b), png)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from newllm_nb.config import PLUS_CELL
 from newllm_nb.experiments.bench import probe_throughput
 from newllm_nb.models.build import matched_config
 
+from figures import save, subplots
+
 
 def models(layers: int) -> list[tuple[str, ModelConfig]]:
     base = ModelConfig(num_layers=layers)
@@ -58,27 +60,18 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     csv = os.path.join(args.out_dir, "step_scaling.csv")
     df.to_csv(csv, index=False)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4))
     for ax, sweep, key in ((a, "batch", "batch"), (b, "layers", "layers")):
         for name, g in df[df.sweep == sweep].groupby("model"):
             ax.plot(g[key], g.step_ms, "o-", label=name)
         ax.set_xlabel(key if key == "layers" else "batch (sequences)")
         ax.set_ylabel("training step (ms)")
-        ax.grid(alpha=0.3)
-        ax.legend()
     a.set_xscale("log", base=2)
     a.set_yscale("log")
     a.set_title(f"{args.batch_layers} layer(s), T={args.seq_len}")
     b.set_title(f"batch {args.layer_batch}, T={args.seq_len}")
     fig.suptitle(f"Training step time on {dev} ({df.precision[0]})")
-    fig.tight_layout()
-    png = os.path.join(args.out_dir, "step_scaling.png")
-    fig.savefig(png, dpi=110)
+    png = save(fig, (a, b), os.path.join(args.out_dir, "step_scaling.png"))
     print(f"wrote {csv} and {png}")
 
 

@@ -71,12 +71,19 @@ class HubServer:
             return self._file(h, repo, rev, name, body)
         self._error(h, 404, None, body)
 
-    def _file(self, h, repo: str, rev: str, name: str, body: bool) -> None:
+    def _found(self, h, repo: str, rev: str, body: bool):
+        """(commit, folder) of the repo at ``rev``, or None once the hub's 404 for it is sent."""
         if repo not in self.repos:
             return self._error(h, 404, "RepoNotFound", body)
         found = self._resolve(repo, rev)
         if found is None:
             return self._error(h, 404, "RevisionNotFound", body)
+        return found
+
+    def _file(self, h, repo: str, rev: str, name: str, body: bool) -> None:
+        found = self._found(h, repo, rev, body)
+        if found is None:
+            return
         commit, folder = found
         f = folder / name
         if not f.is_file():
@@ -92,11 +99,9 @@ class HubServer:
             h.wfile.write(data)
 
     def _model_info(self, h, repo: str, rev: str, body: bool) -> None:
-        if repo not in self.repos:
-            return self._error(h, 404, "RepoNotFound", body)
-        found = self._resolve(repo, rev)
+        found = self._found(h, repo, rev, body)
         if found is None:
-            return self._error(h, 404, "RevisionNotFound", body)
+            return
         commit, folder = found
         info = {"_id": commit[:24], "id": repo, "modelId": repo, "sha": commit, "private": False, "disabled": False,
                 "gated": False, "downloads": 0, "likes": 0, "tags": [], "library_name": "newllm-nb",

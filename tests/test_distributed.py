@@ -48,8 +48,8 @@ def _torchrun(mode, run_dir, sleep, out, nproc=2, **env_extra):
                             text=True)
 
 
-def _kill_all(proc) -> None:
-    """SIGKILL torchrun and its ranks (which it starts in process groups of their own, so killpg would miss them)."""
+def _ranks(proc) -> list[int]:
+    """The pids of torchrun's ranks (its children), in start order."""
     ranks = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -58,6 +58,12 @@ def _kill_all(proc) -> None:
             continue
         if int(fields[1]) == proc.pid:  # the parent pid
             ranks.append(int(stat.parent.name))
+    return sorted(ranks)
+
+
+def _kill_all(proc) -> None:
+    """SIGKILL torchrun and its ranks (which it starts in process groups of their own, so killpg would miss them)."""
+    ranks = _ranks(proc)
     assert len(ranks) == 2, ranks
     for pid in ranks + [proc.pid]:
         os.kill(pid, signal.SIGKILL)
@@ -121,19 +127,6 @@ def test_killed_ranks_resume_from_the_last_checkpoint(tmp_path):
     log = _finish(resumed)
     assert log.count("resumed ") == 1
     _assert_same_run(single, weights, tmp_path / "resumed.json")
-
-
-def _ranks(proc) -> list[int]:
-    """The pids of torchrun's ranks (its children), in start order."""
-    ranks = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == proc.pid:
-            ranks.append(int(stat.parent.name))
-    return sorted(ranks)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")

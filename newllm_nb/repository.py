@@ -1,6 +1,6 @@
 """Where the project lives: the one place that names the repository the Colab badges open, the notebooks'
 set-up cell clones and a shared model's card links to. A fork sets its own owner/name (and branch) here and
-runs ``python -m newllm_nb.notebook.colab --relink``; tests/test_notebooks.py checks that every link matches."""
+runs ``python -m newllm_nb.notebook.links``; tests/test_notebooks.py checks that every link matches."""
 
 REPOSITORY = "newllm-nb/newllm-nb"
 BRANCH = "main"

@@ -174,16 +174,17 @@ def test_text_table_shows_whole_left_aligned_text_without_touching_pandas_option
 
 
 def test_every_badge_and_clone_line_names_the_one_repository():
-    from newllm_nb.notebook import colab
+    from newllm_nb.notebook import links
+    from newllm_nb.repository import REPOSITORY, badge_url, clone_url
 
-    assert colab.stale_links() == [], "run `python -m newllm_nb.notebook.colab --relink`"
+    assert links.stale_links() == [], "run `python -m newllm_nb.notebook.links`"
     for nb in NOTEBOOKS:
         for path in (nb, nb.with_suffix(".py")):
             text = path.read_text()
-            assert colab.badge_url(nb.stem) in text, f"{path.name} has no Colab badge for {colab.REPOSITORY}"
-            assert f"git clone -q --depth 1 {colab.clone_url()} " in text, f"{path.name} clones another repository"
-    fork = colab.relink_text(NOTEBOOKS[1].read_text(), "someone/fork", "dev")
-    assert colab.REPOSITORY not in fork and "github/someone/fork/blob/dev/notebooks/01_wikitext" in fork
+            assert badge_url(nb.stem) in text, f"{path.name} has no Colab badge for {REPOSITORY}"
+            assert f"git clone -q --depth 1 {clone_url()} " in text, f"{path.name} clones another repository"
+    fork = links.relink_text(NOTEBOOKS[1].read_text(), "someone/fork", "dev")
+    assert REPOSITORY not in fork and "github/someone/fork/blob/dev/notebooks/01_wikitext" in fork
     assert "git clone -q --depth 1 -b dev https://github.com/someone/fork " in fork
 
 

@@ -15,11 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..repository import BRANCH, REPOSITORY, badge_url, clone_url
-
 DRIVE_ROOT = Path("/content/drive/MyDrive/newllm-nb")
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def in_colab() -> bool:
@@ -89,49 +85,11 @@ def drive_checkbox():
     return box
 
 
-# What a badge / clone line looks like for any repository, so --relink can rewrite another repository's links.
-_BADGE = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[\w./-]+?/notebooks/"
-                    r"(?P<nb>[\w-]+)\.ipynb")
-_CLONE = re.compile(r"git clone -q --depth 1 (?:-b [\w./-]+ )?https://github\.com/[\w.-]+/[\w.-]+ ")
-
-
-def link_files(root: Path = PROJECT_ROOT) -> list[Path]:
-    """The files that carry badges or clone lines: every notebook (both halves of each pair) and README."""
-    nbs = sorted((root / "notebooks").glob("*.ipynb")) + sorted((root / "notebooks").glob("*.py"))
-    return nbs + [root / "README.md"]
-
-
-def relink_text(text: str, repository: str = REPOSITORY, branch: str = BRANCH) -> str:
-    """``text`` with every Colab badge and set-up clone line pointing at ``repository`` / ``branch``."""
-    text = _BADGE.sub(lambda m: badge_url(m["nb"], repository, branch), text)
-    branch_flag = "" if branch == "main" else f"-b {branch} "
-    return _CLONE.sub(f"git clone -q --depth 1 {branch_flag}{clone_url(repository)} ", text)
-
-
-def stale_links(root: Path = PROJECT_ROOT) -> list[str]:
-    """Files whose badges or clone lines name another repository than ``REPOSITORY`` (empty: all agree)."""
-    return [str(p.relative_to(root)) for p in link_files(root) if relink_text(p.read_text()) != p.read_text()]
-
-
-def relink(root: Path = PROJECT_ROOT) -> list[Path]:
-    """Rewrite badges and clone lines to ``REPOSITORY`` / ``BRANCH``; returns the files changed."""
-    changed = []
-    for p in link_files(root):
-        old = p.read_text()
-        new = relink_text(old)
-        if new != old:
-            p.write_text(new)
-            changed.append(p)
-    return changed
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["--relink"]:
-        files = relink()
-        print(f"{clone_url()} ({BRANCH}):", ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in files)
-              if files else "every badge and clone line already points here")
+        sys.exit("--relink is now its own command: python -m newllm_nb.notebook.links")
     elif sys.argv[1:]:
-        sys.exit("usage: python -m newllm_nb.notebook.colab [--relink]")
+        sys.exit("usage: python -m newllm_nb.notebook.colab")
     else:
         installed = ensure_requirements()
         print("installed: " + (", ".join(installed) if installed else "nothing (all present)"))

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 
 import pytest
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from newllm_nb import ModelConfig, NewLLM
 from newllm_nb.config import CONTEXT_CLAMP, LN_EPS
-from newllm_nb.kernels.recurrence import NewLLMRecurrence
+from newllm_nb.kernels.recurrence import Dropout, Matmul, NewLLMRecurrence
 from newllm_nb.models.newllm import count_parameters
 
 ORIGINAL_PARAMS = {1: 1_426_152, 4: 2_214_120, 6: 2_739_432}
@@ -159,6 +160,60 @@ def test_hand_written_bptt_equals_the_reference_loop(layers, with_reset):
     c0 = torch.randn(3, 10, requires_grad=True)
     reset = (torch.rand(3, 9) < 0.3) if with_reset else None
     _assert_fused_matches_autograd(m, ids, c0, reset)
+
+
+@contextlib.contextmanager
+def onednn_enabled(enabled: bool):
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+@pytest.mark.parametrize("layers,with_reset", [(1, False), (3, True)])
+def test_hand_written_bptt_without_onednn_equals_the_reference_loop(layers, with_reset):
+    """The mm / addmm products (the path off CPU, or with oneDNN off) against the reference too."""
+    torch.manual_seed(0)
+    m = _away_from_init(NewLLM(small(num_layers=layers)))
+    ids = torch.randint(0, 50, (3, 9))
+    reset = (torch.rand(3, 9) < 0.3) if with_reset else None
+    with onednn_enabled(False):
+        assert Matmul(torch.device("cpu"), torch.float32).op is None
+        _assert_fused_matches_autograd(m, ids, torch.randn(3, 10, requires_grad=True), reset)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_recurrence_matmul_computes_every_form_it_is_asked_for(onednn):
+    torch.manual_seed(0)
+    x, w, b, other = torch.randn(5, 12), torch.randn(7, 12), torch.randn(7), torch.randn(5, 7)
+    with onednn_enabled(onednn):
+        mm = Matmul(torch.device("cpu"), torch.float32)
+        assert (mm.op is not None) == (onednn and torch.backends.mkldnn.is_available())
+        out = torch.empty(5, 7)
+        cases = {(None, False): x @ w.t(), ("b", False): x @ w.t() + b, ("b", True): F.relu(x @ w.t() + b),
+                 ("o", False): x @ w.t() + other, ("o", True): F.relu(x @ w.t() + other)}
+        for (add, relu), want in cases.items():
+            a = {None: None, "b": b, "o": other}[add]
+            torch.testing.assert_close(mm(x, w, a, relu=relu), want)
+            got = mm(x, w, a, relu=relu, out=out)
+            assert got.data_ptr() == out.data_ptr()
+            torch.testing.assert_close(out, want)
+        torch.testing.assert_close(mm(x.t(), other.t()), x.t() @ other)  # strided operands: the weight gradients
+
+
+def test_cpu_dropout_drops_its_fraction_and_scales_the_rest():
+    torch.manual_seed(0)
+    drop = Dropout((256, 64), 0.1, torch.float32, torch.device("cpu"))
+    assert drop.bits and abs(drop.p - 0.1) <= 2 ** -17
+    a = drop(torch.ones(256, 64))
+    kept = a != 0
+    assert 0.08 < 1 - kept.float().mean().item() < 0.12
+    torch.testing.assert_close(a[kept], torch.full_like(a[kept], 1 / (1 - drop.p)))
+    assert not torch.equal(kept, drop(torch.ones(256, 64)) != 0)  # fresh draws each call
+    total = sum(drop(torch.ones(256, 64)).sum() for _ in range(20)) / (20 * 256 * 64)
+    assert abs(total.item() - 1) < 0.01  # unbiased: the mean is kept
 
 
 @pytest.mark.parametrize("ctx_drop", [0.0, 0.3])

@@ -19,6 +19,30 @@ from typing import Optional
 import torch
 
 from ..config import CONTEXT_CLAMP, LN_EPS
+from .linear import Matmul
+
+
+class Dropout:
+    """In-place dropout of one step's [B, H] units, ``p`` the fraction dropped. On CPU each unit's draw is 16 bits
+    of a 64-bit one (four units a draw: half the time of ``bernoulli_``'s, which draws one MT19937 number a unit), so
+    a unit drops with probability q = p rounded to a multiple of 1/65536 (|q - p| <= 2^-17); elsewhere q = p, by
+    ``bernoulli_``. Kept units are scaled by 1 / (1 - q)."""
+
+    def __init__(self, shape: tuple, p: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.bits = device.type == "cpu" and shape[-1] % 4 == 0
+        if self.bits:
+            self.threshold = -32768 + round(p * 65536)
+            self.draw = torch.empty(*shape[:-1], shape[-1] // 4, dtype=torch.int64, device=device)
+            p = round(p * 65536) / 65536
+        else:
+            self.mask = torch.empty(shape, dtype=dtype, device=device)
+        self.p, self.scale = p, 1 / (1 - p)
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        if self.bits:
+            dropped = self.draw.random_(-2**63, None).view(torch.int16) < self.threshold
+            return a.masked_fill_(dropped, 0).mul_(self.scale)
+        return a.mul_(self.mask.bernoulli_(1 - self.p)).mul_(self.scale)
 
 
 class NewLLMRecurrence(torch.autograd.Function):
@@ -35,11 +59,13 @@ class NewLLMRecurrence(torch.autograd.Function):
         C = c0.shape[1]
         dt = x_proj.dtype  # matmul dtype: bf16 / fp16 under autocast, else fp32
         f32 = torch.float32
-        WcT, WgT, bg = W_c.to(dt).t(), W_g.to(dt).t(), b_g.to(dt)
+        Wc, Wg, bg = W_c.to(dt).contiguous(), W_g.to(dt), b_g.to(dt)  # W_c is a column slice: oneDNN wants it dense
         Ws = [(layers[k].to(dt), layers[k + 1].to(dt)) for k in range(0, len(layers), 2)]
         L = 1 + len(Ws)
         dev = x_proj.device
-        XP = x_proj.transpose(0, 1)  # [T, B, H] view: step t's rows
+        mm = Matmul(dev, dt)
+        XP = x_proj.transpose(0, 1)  # [T, B, H]: step t's rows (contiguous for oneDNN, which adds them)
+        XP = XP.contiguous() if mm.op is not None else XP
         Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)  # layer outputs (after ReLU and dropout)
         Cin = torch.empty(T, B, C, dtype=f32, device=dev)  # c_{t-1} after resets
         G = torch.empty(T, B, 3 * C, dtype=f32, device=dev)  # [sigmoid(f) | sigmoid(i) | u]
@@ -50,7 +76,7 @@ class NewLLMRecurrence(torch.autograd.Function):
         drop = training and p > 0
         ctx_drop = training and p_ctx > 0  # dropout on the context path into layer 1 (not on the gate product)
         MC = torch.empty(T, B, C, dtype=f32, device=dev) if ctx_drop else None
-        M = torch.empty(B, H, dtype=dt, device=dev) if drop else None
+        dropout = Dropout((B, H), p, dt, dev) if drop else None
         for t in range(T):
             if keep is not None:
                 c = torch.mul(c, keep[:, t], out=Cin[t])
@@ -61,20 +87,11 @@ class NewLLMRecurrence(torch.autograd.Function):
             else:
                 h = c.to(dt)
             for j in range(L):
-                a = Hs[j, t]
-                if j == 0:
-                    torch.addmm(XP[t], h, WcT, out=a)
-                else:
-                    torch.addmm(Ws[j - 1][1], h, Ws[j - 1][0].t(), out=a)
-                a.relu_()
+                w, add = (Wc, XP[t]) if j == 0 else Ws[j - 1]
+                h = mm(h, w, add, relu=True, out=Hs[j, t])
                 if drop:
-                    a.mul_(M.bernoulli_(1 - p)).div_(1 - p)
-                h = a
-            g = G[t]
-            if dt == f32:
-                torch.addmm(bg, h, WgT, out=g)
-            else:
-                g.copy_(torch.addmm(bg, h, WgT))
+                    dropout(h)
+            g = mm(h, Wg, bg, out=G[t])
             g[:, :2 * C].sigmoid_()
             x = torch.mul(g[:, :C], c, out=X[t]).addcmul_(g[:, C:2 * C], g[:, 2 * C:])
             y, mu, rs = torch.native_layer_norm(x, (C,), ln_w, ln_b, LN_EPS)
@@ -83,7 +100,7 @@ class NewLLMRecurrence(torch.autograd.Function):
         ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
                               MC if ctx_drop else torch.empty(0, device=dev), W_c.to(dt), W_g.to(dt), ln_w, ln_b,
                               Hs, Cin, G, X, MU, RS, *[w for w, _ in Ws])
-        ctx.ctx_drop, ctx.scale = ctx_drop, 1 / (1 - p) if drop else 1.0
+        ctx.ctx_drop, ctx.scale = ctx_drop, dropout.scale if drop else 1.0
         ctx.has_keep, ctx.dtypes = keep is not None, (c0.dtype, W_c.dtype)
         return Hs[L - 1].transpose(0, 1), c
 
@@ -105,6 +122,9 @@ class NewLLMRecurrence(torch.autograd.Function):
         dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
         DY = torch.empty(T, B, C, dtype=torch.float32, device=dev)
         no_affine_grads = [True, False, False]
+        mm = Matmul(dev, dt)  # x @ w.T: the activation gradients take the weights transposed (contiguous for oneDNN)
+        WgT, WcT = (w.t().contiguous() if mm.op is not None else w.t() for w in (Wg, Wc))
+        WsT = [w.t().contiguous() if mm.op is not None else w.t() for w in Ws]
         for t in range(T - 1, -1, -1):
             dy = torch.mul(dc, YM[t], out=DY[t])
             dx = torch.ops.aten.native_layer_norm_backward(dy, X[t], [C], MU[t], RS[t], ln_w, ln_b,
@@ -116,12 +136,12 @@ class NewLLMRecurrence(torch.autograd.Function):
                 torch.mul(dx, SI[t], out=dg[:, 2 * C:])
             else:
                 dg.copy_(torch.cat([dx * GF[t], dx * GI[t], dx * SI[t]], -1))
-            dh = torch.addmm(dHL[t], dg, Wg) if dHL is not None else dg @ Wg
+            dh = mm(dg, WgT, dHL[t] if dHL is not None else None)
             for j in range(L - 1, -1, -1):
                 da = torch.mul(dh, DM[j, t], out=dA[j, t])
                 if j:
-                    dh = da @ Ws[j - 1]
-            d_in = (da @ Wc).float()
+                    dh = mm(da, WsT[j - 1])
+            d_in = mm(da, WcT).float()
             if ctx.ctx_drop:
                 d_in = d_in.mul_(MC[t])
             dc = d_in.addcmul_(dx, SF[t])
@@ -129,13 +149,13 @@ class NewLLMRecurrence(torch.autograd.Function):
                 dc = dc.mul_(keep[:, t])
         # Weight gradients: one matmul each over all T*B positions.
         flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
-        d_Wg = (flatG.t() @ Hs[L - 1].reshape(-1, H)).float()
+        d_Wg = mm(flatG.t(), Hs[L - 1].reshape(-1, H).t()).float()
         d_bg = flatG.float().sum(0)
         c_in = Cin * MC if ctx.ctx_drop else Cin  # what layer 1 actually read
-        d_Wc = (flatA[0].t() @ c_in.reshape(-1, C).to(dt)).float()
+        d_Wc = mm(flatA[0].t(), c_in.reshape(-1, C).to(dt).t()).float()
         layer_grads = []
         for j in range(1, L):
-            layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
+            layer_grads += [mm(flatA[j].t(), Hs[j - 1].reshape(-1, H).t()).float(), flatA[j].float().sum(0)]
         d_lnw = (DY * XH).sum((0, 1))
         d_lnb = DY.sum((0, 1))
         d_x = dA[0].transpose(0, 1)

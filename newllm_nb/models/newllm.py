@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..config import LN_EPS, ModelConfig
 from ..kernels import reference
+from ..kernels.linear import linear
 
 
 def embed_lookup(embed: nn.Embedding, ids: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -59,8 +60,8 @@ class TiedHead(nn.Module):
         self._embed = [embed]  # a list: not a submodule
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.proj(h) if self.proj is not None else h
-        return F.linear(x, self._embed[0].weight, self.bias)
+        x = linear(h, self.proj.weight) if self.proj is not None else h
+        return linear(x, self._embed[0].weight, self.bias)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -148,7 +149,11 @@ class NewLLM(nn.Module):
     def _embed_proj(self, ids: torch.Tensor) -> torch.Tensor:
         W_e = self.fnn[0].weight[:, : self.config.embed_dim]
         e = embed_lookup(self.embed, ids, self.config.embed_dropout, self.training)
-        return F.linear(self.in_drop(e), W_e, self.fnn[0].bias)
+        return linear(self.in_drop(e), W_e, self.fnn[0].bias)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """logits = W_out h at every position, one matmul (kernels.linear: oneDNN on CPU)."""
+        return linear(h, self.head.weight, self.head.bias) if isinstance(self.head, nn.Linear) else self.head(h)
 
     def step(self, token_ids: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance one token: ``token_ids`` [B] -> (logits [B, V], new context [B, C])."""
@@ -196,7 +201,7 @@ class NewLLM(nn.Module):
                                cfg.context_dropout, self.training, *layers, **options)
             # [B, T, H] in the autograd loop's memory order (the head's matmul would copy it anyway): output
             # dropout draws its mask in memory order, so both loops drop the same units for the same seed.
-            return self.head(self.out_drop(hs.contiguous())), c
+            return self._logits(self.out_drop(hs.contiguous())), c
         W_c = self._context_weight(x_proj.dtype)
         hs, cs = [], []
         for t in range(T):
@@ -206,7 +211,7 @@ class NewLLM(nn.Module):
             hs.append(h)
             if return_trajectory:
                 cs.append(c)
-        logits = self.head(self.out_drop(torch.stack(hs, dim=1)))  # hoisted: one matmul over all hidden states
+        logits = self._logits(self.out_drop(torch.stack(hs, dim=1)))  # hoisted: one matmul over all hidden states
         if return_trajectory:
             return logits, c, torch.stack(cs, dim=1)
         return logits, c

@@ -116,10 +116,33 @@ class Batch(NamedTuple):
     carry: bool  # True: start from the previous batch's final context (stateful streams)
 
 
-class WindowData:
-    """Independent sequences (original): rows of [N, S] tokens -> inputs [:, :-1], targets [:, 1:]."""
+class WindowLayout:
+    """Batches of whole windows in a (seeded) shuffled order, lists and memory maps alike: a subclass gives
+    ``__len__`` and ``_xy(idx)``, the inputs and targets of the windows at ``idx`` (a LongTensor)."""
 
     stateful = False
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """Global batches of ``batch_size`` rows in a (seeded) shuffled order; with ``world`` > 1 processes,
+        rank ``rank``'s share of each (every rank draws the same order from the same seed)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else torch.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            idx = window_rows(order[i:i + batch_size], rank, world)
+            if len(idx) == 0:  # a last batch shorter than the ranks: one row whose targets count nothing
+                x, y = self._xy(order[i:i + 1])
+                yield Batch(x, torch.full_like(y, PAD_ID), None, False)
+                continue
+            x, y = self._xy(idx)
+            yield Batch(x, y, None, False)
+
+
+class WindowData(WindowLayout):
+    """Independent sequences (original): rows of [N, S] tokens -> inputs [:, :-1], targets [:, 1:]."""
 
     def __init__(self, tokens: torch.Tensor, target_tokens: Optional[torch.Tensor] = None) -> None:
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
@@ -142,22 +165,8 @@ class WindowData:
     def content_hash(self) -> str:
         return tensor_sha256(self.x, self.y)
 
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
-
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
-                ) -> Iterator[Batch]:
-        """Global batches of ``batch_size`` rows in a (seeded) shuffled order; with ``world`` > 1 processes,
-        rank ``rank``'s share of each (every rank draws the same order from the same seed)."""
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
-            else torch.arange(len(self))
-        for i in range(0, len(self), batch_size):
-            idx = window_rows(order[i:i + batch_size], rank, world)
-            if len(idx) == 0:  # a last batch shorter than the ranks: one row whose targets count nothing
-                row = order[i:i + 1]
-                yield Batch(self.x[row], torch.full_like(self.y[row], PAD_ID), None, False)
-                continue
-            yield Batch(self.x[idx], self.y[idx], None, False)
+    def _xy(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[idx], self.y[idx]
 
 
 class StreamLayout:

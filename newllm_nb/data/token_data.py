@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ..config import BOS_ID, PAD_ID
-from ..runtime.distributed import stream_rows, window_rows
-from .batching import Batch, StreamLayout
+from ..runtime.distributed import stream_rows
+from .batching import Batch, StreamLayout, WindowLayout
 from .sources import MIN_WORDS, DataError
 from .token_cache import HEADING, LONG, TokenFile
 
@@ -30,11 +30,9 @@ def _int64(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
-class TokenWindows:
+class TokenWindows(WindowLayout):
     """The original windows over each document of >= 5 words: ``max_seq_length`` tokens, stride half of
     it, PAD-padded, one more window where the last full one stops short (``batching.make_windows``)."""
-
-    stateful = False
 
     def __init__(self, tf: TokenFile, max_seq_length: int) -> None:
         S, stride = max_seq_length, max(1, max_seq_length // 2)
@@ -72,8 +70,8 @@ class TokenWindows:
         w[self._offsets >= (ends - starts)[:, None]] = PAD_ID
         return w
 
-    def _xy(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.rows(idx)
+    def _xy(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.rows(idx.numpy())
         y = w[:, 1:]
         y = np.where(y == BOS_ID, PAD_ID, y)  # BOS is never a prediction target
         return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(y))
@@ -87,23 +85,6 @@ class TokenWindows:
 
     def content_hash(self) -> str:
         return _hash(self.tf, "windows", self.S)
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
-
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
-                ) -> Iterator[Batch]:
-        """As ``WindowData.batches``: the same order for the same seed, rank ``rank``'s rows of each."""
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
-            else torch.arange(len(self))
-        for i in range(0, len(self), batch_size):
-            idx = window_rows(order[i:i + batch_size], rank, world)
-            if len(idx) == 0:
-                x, y = self._xy(order[i:i + 1].numpy())
-                yield Batch(x, torch.full_like(y, PAD_ID), None, False)
-                continue
-            x, y = self._xy(idx.numpy())
-            yield Batch(x, y, None, False)
 
 
 class TokenStream(StreamLayout):

@@ -158,7 +158,7 @@ def fast_decoders(newllm, models: list[str], preset_name, dev) -> tuple[dict, di
     for key, batch in (("persistent", 1), ("persistent64", 64)):
         if key in models:
             t0 = time.perf_counter()
-            dec = persistent_decoder(newllm, batch)  # its first use (compile + one launch) is inside
+            dec = persistent_decoder(newllm, batch, max_batch=batch)  # first use (compile + a launch) inside
             name = "New-LLM persistent" + (f" x{batch}" if batch > 1 else "")
             fused[name], keys[name] = (dec, batch), key
             info = getattr(dec, "kernel_info", None)  # registers, spills, programs an SM holds

@@ -7,6 +7,7 @@ memory) and every new token costs one cell update, however long the text or conv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -217,14 +218,21 @@ def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, tempe
     return GraphDecoder(model, batch_size, chunk or 32, temperature)
 
 
-def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None):
+# Rows up to which the weight-stationary decoder is the faster greedy decoder: it works through a batch row by row,
+# while the fused decoder's matrix products take many rows at once (NEWLLM_PDEC_MAX_BATCH overrides).
+PERSISTENT_MAX_BATCH = 8
+
+
+def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, max_batch: Optional[int] = None):
     """Greedy decoding with the weights kept on chip (``persistent.PersistentDecoder``: one cooperative Triton
-    launch a chunk of tokens) where it runs, else ``graph_decoder``'s choice, with one printed line saying why
-    (no GPU or Triton, a Triton without the cooperative launch, a cell or head it lacks, a grid that cannot be
+    launch a chunk of tokens) for batches up to ``max_batch`` rows (default PERSISTENT_MAX_BATCH) where it runs,
+    else ``graph_decoder``'s choice: past ``max_batch`` silently, otherwise after one printed line saying why (no
+    GPU or Triton, a Triton without the cooperative launch, a cell or head it lacks, a grid that cannot be
     co-resident)."""
     device = next(model.parameters()).device
     fused, _ = fused_kernels(device)
-    if fused is None:
+    limit = max_batch or int(os.environ.get("NEWLLM_PDEC_MAX_BATCH", "0") or 0) or PERSISTENT_MAX_BATCH
+    if fused is None or batch_size > limit:
         return graph_decoder(model, batch_size, chunk)  # which says in one line why it has no fused kernels
     from ..kernels import persistent  # optional: needs triton
 

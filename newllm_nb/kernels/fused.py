@@ -32,7 +32,7 @@ Triton is an optional dependency: import this module only where ``import triton`
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -545,6 +545,26 @@ def fused_cell_supported(cfg) -> tuple[bool, str]:
     return (not lacking), ("the fused kernels have no " + ", ".join(lacking)) if lacking else "ok"
 
 
+class CellOptions(NamedTuple):
+    """The cell options as the kernels take them, training and decoding alike."""
+    norm_read: bool  # LayerNorm on what the cell reads of c_{t-1} (state_norm "read")
+    norm_out: bool  # LayerNorm on the way out (state_norm "layernorm" / "noaffine")
+    gate_ctx: bool  # the gates also read c_{t-1}
+    R: int  # rank of the low-rank gates (0: full rank)
+    GIN: int  # width of the gate input [h_L ; c]: H, or H + C when the gates read the context
+    lnw: torch.Tensor  # the norm's gain [C] fp32 (ones without an affine)
+    lnb: torch.Tensor  # its shift [C] fp32 (zeros without an affine)
+
+
+def cell_options(state_norm: str, gate_context: bool, W_v: Optional[torch.Tensor], ln_w: Optional[torch.Tensor],
+                 ln_b: Optional[torch.Tensor], H: int, C: int, device: torch.device) -> CellOptions:
+    # No affine ("noaffine", "none"): the kernels apply an identity gain and zero shift.
+    lnw = ln_w.detach().float().contiguous() if ln_w is not None else torch.ones(C, device=device)
+    lnb = ln_b.detach().float().contiguous() if ln_b is not None else torch.zeros(C, device=device)
+    return CellOptions(state_norm == "read", state_norm in ("layernorm", "noaffine"), bool(gate_context),
+                       W_v.shape[0] if W_v is not None else 0, H + C if gate_context else H, lnw, lnb)
+
+
 def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx, training, state_norm, gate_context,
                  layers):
     B, T, H = x_proj.shape
@@ -553,9 +573,8 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     if dt == torch.bfloat16 and not bf16_supported(dev):
         raise RuntimeError("the fused kernels need sm_80+ for bf16 matmuls: train this GPU in fp16 or fp32")
     L = 1 + len(layers) // 2
-    R = W_v.shape[0] if W_v is not None else 0
-    GIN = H + C if gate_context else H
-    norm_read, norm_out = state_norm == "read", state_norm in ("layernorm", "noaffine")
+    norm_read, norm_out, gate_ctx, R, GIN, lnw, lnb = cell_options(state_norm, gate_context, W_v, ln_w, ln_b, H, C,
+                                                                   dev)
     xp = x_proj.contiguous()
     Wc = W_c.to(dt).contiguous()
     Wg, bg = W_g.to(dt).contiguous(), b_g.to(dt).contiguous()
@@ -565,9 +584,6 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
         bl = torch.stack([layers[k + 1].to(dt) for k in range(0, len(layers), 2)]).contiguous()
     else:
         Wl = bl = torch.zeros(1, dtype=dt, device=dev)
-    # No affine ("noaffine", "none"): the kernels apply an identity gain and zero shift.
-    lnw = ln_w.float().contiguous() if ln_w is not None else torch.ones(C, device=dev)
-    lnb = ln_b.float().contiguous() if ln_b is not None else torch.zeros(C, device=dev)
     drop, ctx_drop = bool(training and p > 0), bool(training and p_ctx > 0)
     # A fresh seed per call, drawn on the device: graph-safe, so every replay gets new masks too.
     seed = torch.randint(0, 2**31 - 1 - 2 * L, (1,), device=dev, dtype=torch.int64) if drop or ctx_drop \
@@ -587,11 +603,11 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
                       B, T, C, H, R, GIN, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
                       L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop, NORM_READ=norm_read,
-                      NORM_OUT=norm_out, GATE_CTX=bool(gate_context), RANK=R > 0,
+                      NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0,
                       IEEE=dt == torch.float32, **_kernel_kwargs(blk))
     ctx.save_for_backward(kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS)
     ctx.cfg = (L, R, GIN, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype, norm_read, norm_out,
-               bool(gate_context), ln_w is not None)
+               gate_ctx, ln_w is not None)
     return Hs[L - 1].transpose(0, 1), c
 
 
@@ -938,15 +954,10 @@ class FusedCell:
         self.Wc = W1[:, E:].contiguous()
         self.layers = [(m.weight.detach().contiguous(), m.bias.detach().contiguous()) for m in model.fnn[1:]]
         self.Wg, self.bg = model.gates.weight.detach().contiguous(), model.gates.bias.detach().contiguous()
-        affine = model.norm.weight is not None
-        self.lnw = model.norm.weight.detach().float().contiguous() if affine else torch.ones(C, device=dev)
-        self.lnb = model.norm.bias.detach().float().contiguous() if affine else torch.zeros(C, device=dev)
         # The cell options: where the norm sits, whether the gates read the context, low-rank gates (V).
-        self.norm_out, self.norm_read = cfg.state_norm in ("layernorm", "noaffine"), cfg.state_norm == "read"
-        self.gate_ctx = cfg.gate_context
         self.Wv = model.gate_down.weight.detach().contiguous() if model.gate_down is not None else None
-        self.R = self.Wv.shape[0] if self.Wv is not None else 0
-        self.gin = H + C if cfg.gate_context else H  # width of the gate input [h_L ; r]
+        self.norm_read, self.norm_out, self.gate_ctx, self.R, self.gin, self.lnw, self.lnb = cell_options(
+            cfg.state_norm, cfg.gate_context, self.Wv, model.norm.weight, model.norm.bias, H, C, dev)
         self.rd = torch.zeros(batch_size, C, dtype=dt, device=dev)  # r: what the cell read this token
         self.vs = torch.zeros(batch_size, max(self.R, 1), dtype=dt, device=dev)  # V [h_L ; r]
         hw = _head_weights(model)

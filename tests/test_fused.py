@@ -265,13 +265,10 @@ def _check_option_cells_with_every_dropout():
             raise AssertionError(f"{kw}: {e}") from None
 
 
-def _check_decode_cell_matches_model_step():
-    from newllm_nb import ModelConfig, NewLLM
+def _assert_decode_cell_follows_step(m, label: str) -> None:
+    """FusedCell's logits and contexts against ``m.step`` (the reference cell) over three tokens of 3 rows."""
     from newllm_nb.kernels.fused import FusedCell
 
-    torch.manual_seed(0)
-    m = NewLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
-                                     init_std=0.3)).eval()
     cell = FusedCell(m, batch_size=3)
     c = torch.randn(3, 12)
     cell.set_context(c)
@@ -280,29 +277,29 @@ def _check_decode_cell_matches_model_step():
             tok = torch.randint(4, 40, (3,))
             ref_logits, c = m.step(tok, c)
             logits = m.head(cell(tok))
-            _close([logits, cell.context()], [ref_logits, c], ["logits", "context"])
+            try:
+                _close([logits, cell.context()], [ref_logits, c], ["logits", "context"])
+            except AssertionError as e:
+                raise AssertionError(f"{label}: {e}") from None
+
+
+def _check_decode_cell_matches_model_step():
+    from newllm_nb import ModelConfig, NewLLM
+
+    torch.manual_seed(0)
+    m = NewLLM(ModelConfig(vocab_size=40, embed_dim=8, context_dim=12, hidden_dim=20, num_layers=2,
+                                     init_std=0.3)).eval()
+    _assert_decode_cell_follows_step(m, "the original cell")
 
 
 def _check_option_decode_matches_model_step():
     """The decode cell of each option cell against ``model.step`` (contexts and logits over three tokens), and
     greedy decoding of the plus cell against the eager model's tokens."""
     from newllm_nb.infer.generate import decode_ids
-    from newllm_nb.kernels.fused import FusedCell, FusedDecoder
+    from newllm_nb.kernels.fused import FusedDecoder
 
     for kw in _OPTION_CELLS:
-        m = _option_model(**kw).eval()
-        cell = FusedCell(m, batch_size=3)
-        c = torch.randn(3, 12)
-        cell.set_context(c)
-        with torch.no_grad():
-            for _ in range(3):
-                tok = torch.randint(4, 40, (3,))
-                ref_logits, c = m.step(tok, c)
-                logits = m.head(cell(tok))
-                try:
-                    _close([logits, cell.context()], [ref_logits, c], ["logits", "context"])
-                except AssertionError as e:
-                    raise AssertionError(f"{kw}: {e}") from None
+        _assert_decode_cell_follows_step(_option_model(**kw).eval(), str(kw))
     torch.manual_seed(1)
     m = _option_model(**_OPTION_CELLS[0], init_std=0.5).eval()
     prompt = torch.randint(4, 40, (3, 4))

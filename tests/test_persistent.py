@@ -64,14 +64,14 @@ def _reference_context(m, prompt, ids):
 
 def _check_persistent_kernel_one_program():
     """The persistent kernel (one program: every weight slice is the whole matrix) decodes the eager tokens
-    across launches (chunk 5 of 10 tokens), and leaves the reference's context."""
+    across launches (10 tokens, 4 a launch), and leaves the reference's context after exactly those tokens."""
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.persistent import PersistentDecoder
 
     for kw, name in _CELLS:
         m = _model(**kw)
         prompt = torch.randint(4, 150, (3, 4))
-        dec = PersistentDecoder(m, batch_size=3, chunk=5, programs=1, persistent=True)
+        dec = PersistentDecoder(m, batch_size=3, chunk=4, programs=1, persistent=True)  # launches of 4, 4, 2
         out = dec.run(prompt, 10)
         ref = decode_ids(m, prompt, 10, use_graph=False)
         assert torch.equal(out, ref), f"{name}: {out} != {ref}"
@@ -208,25 +208,32 @@ _GPU, _WHY = _gpu_ok()
 gpu = pytest.mark.skipif(not _GPU, reason=_WHY)
 
 
+def _stable_model(cell: int):
+    """A model of the cell at init 0.1: greedy decoding is stable there (the fp32 and fp64 reference decode the same
+    300 tokens), so any difference is the kernel's. At larger weights the recurrence is chaotic: fp32 and fp64
+    references part after 6 to 80 tokens, and a token-by-token comparison would test rounding, not the kernel."""
+    return _model(**_CELLS[cell][0], vocab_size=1000, embed_dim=64, context_dim=64, hidden_dim=128, init_std=0.1)
+
+
 @gpu
+@pytest.mark.parametrize("programs", [None, 64])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("cell", [0, 1, 2, 4, 8])
-def test_cooperative_launch_matches_eager_greedy_decode(batch, cell):
+def test_cooperative_launch_matches_eager_greedy_decode(batch, cell, programs):
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.persistent import PersistentDecoder
 
-    m = _model(**_CELLS[cell][0], vocab_size=1000, embed_dim=64, context_dim=64, hidden_dim=128).cuda()
-    with torch.no_grad():  # weights away from init, so greedy tokens are not near-ties
-        for p in m.parameters():
-            p.add_(torch.randn_like(p), alpha=0.2)
+    m = _stable_model(cell).cuda()
     prompt = torch.randint(4, 1000, (batch, 5))
     ref = decode_ids(m, prompt, 300, use_graph=False)
-    dec = PersistentDecoder(m, batch_size=batch, chunk=128)
-    assert dec.persistent and dec.P == torch.cuda.get_device_properties(0).multi_processor_count
+    dec = PersistentDecoder(m, batch_size=batch, chunk=128, programs=programs)
+    assert dec.persistent and dec.P == (programs or torch.cuda.get_device_properties(0).multi_processor_count)
     out = dec.run(prompt, 300)  # three launches, the last one cut short
     assert out.shape == (batch, 300)
-    assert float((out == ref).float().mean()) > 0.9, (out, ref)  # fp32 both; rounding may flip a rare near-tie
-    assert torch.equal(out[:, :20], ref[:, :20])
+    assert torch.equal(out, ref), f"{_CELLS[cell][1]}: {(out == ref).float().mean():.3f} of the tokens agree"
+    c = _reference_context(m, prompt.cuda(), out.cuda())
+    err = float((dec.context() - c).abs().max()) / max(1.0, float(c.abs().max()))
+    assert err < 1e-3, f"{_CELLS[cell][1]}: context off by {err} (relative) after 300 tokens"
 
 
 @gpu

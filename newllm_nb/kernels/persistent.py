@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..config import CONTEXT_CLAMP, LN_EPS
-from .decoding import ChunkDecoder
+from .decoding import prime
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Stationary elements per program above which the weights would spill out of registers: the decoder then says so
@@ -458,7 +458,7 @@ def _env(name: str, default: int) -> int:
     return int(raw)
 
 
-class PersistentDecoder(ChunkDecoder):
+class PersistentDecoder:
     """Greedy decoding with the weights kept on chip: one cooperative launch of ``programs`` programs (default: one
     per SM) decodes ``chunk`` tokens; device memory is constant (ids leave chunk by chunk into host memory).
     ``persistent=False`` runs the same phases one launch each (what the interpreter can run with many programs).
@@ -477,7 +477,6 @@ class PersistentDecoder(ChunkDecoder):
             raise ValueError(f"invalid chunk={chunk!r}: must be an integer >= 1 (tokens per launch)")
         self.model, self.B, self.temperature = model.eval(), batch_size, 0.0
         self.chunk = chunk or _env("CHUNK", 512)
-        self.use_graph, self.graph = False, None
         self.persistent = (not _INTERPRET) if persistent is None else persistent
         E, C, H, V, L = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim, cfg.vocab_size, cfg.num_layers
         W1 = model.fnn[0].weight.detach()
@@ -542,7 +541,6 @@ class PersistentDecoder(ChunkDecoder):
                           BP=_p2(NPH), **blocks)
         self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", 4)}
         B = batch_size
-        self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # what ChunkDecoder.run primes with
         self.cur = torch.zeros(B, dtype=torch.long, device=dev)  # the kernel's current token
         self.out = torch.zeros(B, self.chunk, dtype=torch.long, device=dev)
         self.pkey = torch.zeros(P, B, dtype=torch.long, device=dev)  # each head program's packed (max, index)
@@ -611,31 +609,37 @@ class PersistentDecoder(ChunkDecoder):
                                f"{fit * props.multi_processor_count}: {regs} registers a thread, {warps} warps)")
 
     @torch.no_grad()
-    def _body(self) -> None:
-        """``chunk`` greedy tokens into ``out``: one cooperative launch, or (``persistent=False``) one launch a
-        phase."""
+    def _decode(self, n: int) -> None:
+        """``n`` (<= chunk) greedy tokens into ``out[:, :n]``: one cooperative launch, or (``persistent=False``)
+        one launch a phase."""
         if self.persistent:
             self.bar[:1].zero_()
-            self._launch(self.chunk)
+            self._launch(n)
             return
         phases = self.L + 1 + (self.NB > self.L + 1)
-        for t in range(self.chunk):
+        for t in range(n):
             for ph in range(phases):
                 self._launch(1, ph, t)
 
+    @torch.no_grad()
     def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
-        """Token ids [B, max_new_tokens] on the CPU after ``prompt_ids`` [B, T] (T >= 1); greedy."""
-        out = super().run(prompt_ids, max_new_tokens, seed)
+        """Greedy token ids [B, max_new_tokens] on the CPU after ``prompt_ids`` [B, T] (T >= 1), as
+        ``ChunkDecoder.run`` (``seed`` is unused: greedy draws nothing); the last launch decodes only the tokens
+        still wanted."""
+        logits, ctx = prime(self.model, prompt_ids.to(self.out.device))
+        self.set_context(ctx, logits.argmax(-1))
+        cuda = self.out.device.type == "cuda"
+        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=cuda)
+        for i in range(0, max_new_tokens, self.chunk):
+            n = min(self.chunk, max_new_tokens - i)
+            self._decode(n)
+            out[:, i:i + n].copy_(self.out[:, :n], non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
         if int(self.bar[1]) != 0:
             raise RuntimeError("the persistent decoder's grid barrier timed out (the grid was not co-resident): its "
                                "tokens are not valid")
         return out
-
-    def _capture(self) -> None:  # no CUDA graph: a chunk is one launch already
-        pass
-
-    def _start(self, context: torch.Tensor) -> None:
-        self.set_context(context, self.tok)
 
 
 def _embed_table(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -262,16 +262,22 @@ def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pkey_p
     else:
         best = tl.full([], float("-inf"), tl.float32)
         idx = tl.full([], 0, tl.int64) + pid * HV
-        for v0 in range(0, HV, BV):
-            rows = pid * HV + v0 + vr
-            vm = (v0 + vr < HV) & (rows < V)
-            w = _tile(whead_ptr, rows, vm, KH, kc, km)
-            hb = tl.load(hb_ptr + rows, mask=vm, other=0.0).to(tl.float32)
-            lg = tl.where(vm, (hb + _gemv(w, a)).to(dt).to(tl.float32), float("-inf"))
+        rows = pid * HV + vr
+        vm = (vr < HV) & (rows < V)
+        w = _tile(whead_ptr, rows, vm, KH, kc, km)
+        hb = tl.load(hb_ptr + rows, mask=vm, other=0.0)
+        for v0 in range(0, HV, BV):  # each tile's rows are loaded while the tile before them computes
+            rows_next = pid * HV + v0 + BV + vr
+            vm_next = (v0 + BV + vr < HV) & (rows_next < V)
+            w_next = _tile(whead_ptr, rows_next, vm_next, KH, kc, km)
+            hb_next = tl.load(hb_ptr + rows_next, mask=vm_next, other=0.0)
+            vm = (v0 + vr < HV) & (pid * HV + v0 + vr < V)
+            lg = tl.where(vm, (hb.to(tl.float32) + _gemv(w, a)).to(dt).to(tl.float32), float("-inf"))
             m = tl.max(lg, 0)
             up = m > best  # strictly greater: the first chunk with the maximum keeps it
             idx = tl.where(up, (pid * HV + v0 + tl.argmax(lg, 0)).to(tl.int64), idx)
             best = tl.where(up, m, best)
+            w, hb = w_next, hb_next
     tl.store(pkey_ptr + pid * B + b64, _pack_max(best, idx))
 
 

@@ -21,20 +21,21 @@ from newllm_nb.kernels.persistent import _grid_sync
 
 
 @triton.jit
-def _barriers_kernel(bar_ptr, n, P, spin_limit, SYNC: tl.constexpr, FLAG: tl.constexpr):
+def _barriers_kernel(bar_ptr, n, P, spin_limit, SYNC: tl.constexpr, FLAG: tl.constexpr, GROUP: tl.constexpr):
     for i in range(n):
         if SYNC:
-            _grid_sync(bar_ptr, (i + 1) * P, spin_limit, P, FLAG)
+            _grid_sync(bar_ptr, (i + 1) * P, spin_limit, P, FLAG, GROUP)
 
 
-def _time(P: int, n: int, warps: int, sync: bool, flag: bool) -> float:
-    bar = torch.zeros(64, dtype=torch.int32, device="cuda")
+def _time(P: int, n: int, warps: int, sync: bool, variant: int) -> float:
+    bar = torch.zeros(128 + 32 * triton.cdiv(P, 16), dtype=torch.int32, device="cuda")
+    flag, group = variant >= 2, 16 if variant == 3 else 0
     launch = dict(num_warps=warps, launch_cooperative_grid=True)
-    _barriers_kernel[(P,)](bar, 10, P, 1 << 22, SYNC=sync, FLAG=flag, **launch)  # compile
+    _barriers_kernel[(P,)](bar, 10, P, 1 << 22, SYNC=sync, FLAG=flag, GROUP=group, **launch)  # compile
     bar.zero_()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    _barriers_kernel[(P,)](bar, n, P, 1 << 22, SYNC=sync, FLAG=flag, **launch)
+    _barriers_kernel[(P,)](bar, n, P, 1 << 22, SYNC=sync, FLAG=flag, GROUP=group, **launch)
     torch.cuda.synchronize()
     s = time.perf_counter() - t0
     if int(bar[1]) != 0:
@@ -54,13 +55,14 @@ def main() -> None:
     counts = [int(x) for x in args.programs.split(",")] if args.programs else sorted({16, 32, 64, sms})
     print(f"device: {device_name(torch.device('cuda'))} | Triton {triton.__version__} | {args.barriers:,} barriers")
     print(f"{'barrier':>8s} {'programs':>8s} {'warps':>5s} {'us / barrier':>13s} {'launch ms':>10s}")
-    for flag in (False, True):  # NEWLLM_PDEC_BARRIER 1 (all poll the count) and 2 (the last arrival's flag)
+    # NEWLLM_PDEC_BARRIER 1: all poll the count; 2: the last arrival's flag; 3: counters per 16 programs, then flag
+    for variant, label in ((1, "count"), (2, "flag"), (3, "grouped")):
         for w in [int(x) for x in args.warps.split(",")]:
             for P in counts:
-                base = _time(P, args.barriers, w, False, flag)
-                s = _time(P, args.barriers, w, True, flag)
-                print(f"{'flag' if flag else 'count':>8s} {P:8d} {w:5d} {1e6 * (s - base) / args.barriers:13.3f} "
-                      f"{1e3 * base:10.3f}", flush=True)
+                base = _time(P, args.barriers, w, False, variant)
+                s = _time(P, args.barriers, w, True, variant)
+                print(f"{label:>8s} {P:8d} {w:5d} {1e6 * (s - base) / args.barriers:13.3f} {1e3 * base:10.3f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

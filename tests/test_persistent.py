@@ -147,33 +147,35 @@ def _check_ties_go_to_the_first_index():
         assert torch.equal(out, ref), (programs, out, ref)
 
 
-def _check_flag_barrier():
-    """The barrier that waits on the last arrival's flag (NEWLLM_PDEC_BARRIER=2): same tokens; and a barrier that
-    cannot be met still raises."""
+def _check_flag_barriers():
+    """The barriers that wait on the last arrival's flag (NEWLLM_PDEC_BARRIER=2) and that count arrivals per group
+    of programs first (=3): same tokens; and a barrier that cannot be met still raises."""
     from newllm_nb.infer.generate import decode_ids
     from newllm_nb.kernels.persistent import PersistentDecoder
 
-    os.environ["NEWLLM_PDEC_BARRIER"] = "2"
     try:
-        for i in (0, 4):
-            m = _model(**_CELLS[i][0])
-            prompt = torch.randint(4, 150, (2, 3))
-            dec = PersistentDecoder(m, batch_size=2, chunk=4, programs=1, persistent=True)
-            assert dec.flags["FLAG"]
-            assert torch.equal(dec.run(prompt, 6), decode_ids(m, prompt, 6, use_graph=False)), _CELLS[i][1]
-        dec = PersistentDecoder(_model(), batch_size=1, chunk=2, programs=2, persistent=True, spin_limit=50)
-        try:
-            dec.run(torch.randint(4, 150, (1, 2)), 2)
-        except RuntimeError as e:
-            assert "timed out" in str(e), e
-        else:
-            raise AssertionError("a flag barrier that cannot be met went unnoticed")
+        for variant in ("2", "3"):
+            os.environ["NEWLLM_PDEC_BARRIER"] = variant
+            for i in (0, 4):
+                m = _model(**_CELLS[i][0])
+                prompt = torch.randint(4, 150, (2, 3))
+                dec = PersistentDecoder(m, batch_size=2, chunk=4, programs=1, persistent=True)
+                assert dec.flags["FLAG"] and dec.flags["GROUP"] == (16 if variant == "3" else 0)
+                out = dec.run(prompt, 6)
+                assert torch.equal(out, decode_ids(m, prompt, 6, use_graph=False)), (variant, _CELLS[i][1])
+            dec = PersistentDecoder(_model(), batch_size=1, chunk=2, programs=2, persistent=True, spin_limit=50)
+            try:
+                dec.run(torch.randint(4, 150, (1, 2)), 2)
+            except RuntimeError as e:
+                assert "timed out" in str(e), e
+            else:
+                raise AssertionError(f"barrier {variant}: a barrier that cannot be met went unnoticed")
     finally:
-        os.environ.pop("NEWLLM_PDEC_BARRIER")
+        os.environ.pop("NEWLLM_PDEC_BARRIER", None)
 
 
 _CHECKS = {f.__name__[len("_check_"):]: f for f in (
-    _check_ties_go_to_the_first_index, _check_flag_barrier,
+    _check_ties_go_to_the_first_index, _check_flag_barriers,
     _check_persistent_kernel_one_program, _check_phases_one_launch_each_with_many_programs,
     _check_head_read_in_chunks, _check_barrier_that_cannot_be_met_raises)}
 

@@ -123,12 +123,15 @@ def _unpack_index(key):
 
 
 @triton.jit
-def _grid_sync(bar_ptr, target, spin_limit, P, FLAG: tl.constexpr):
+def _grid_sync(bar_ptr, target, spin_limit, P, FLAG: tl.constexpr, GROUP: tl.constexpr):
     """Grid-wide barrier: every program adds one to the counter bar[0] (release: its writes before it are visible
     to whoever acquires the count), then waits until the count reaches ``target`` (P x the barrier's number in
     this launch) and acquires it. FLAG: the program whose arrival completes the count publishes the barrier's
     number in bar[32] (another cache line, release) and the others wait on that line, which then takes no
-    read-modify-writes while they poll. Needs the whole grid co-resident: the cooperative launch guarantees it or
+    read-modify-writes while they poll. GROUP > 0 (with FLAG): programs arrive on a counter per GROUP programs
+    (each on its own cache line, bar[128 + 32 g]); the last of a group arrives on bar[0] for it, the last group
+    publishes the flag, so no counter takes more than max(GROUP, P / GROUP) serialised arrivals instead of P.
+    Needs the whole grid co-resident: the cooperative launch guarantees it or
     refuses. A wait past ``spin_limit`` polls (2^22 by default: seconds; a real one takes microseconds) sets the
     sticky error word bar[1], which releases every later wait at once, so a grid that is somehow not co-resident
     ends with an error the host raises instead of hanging the GPU."""
@@ -136,9 +139,16 @@ def _grid_sync(bar_ptr, target, spin_limit, P, FLAG: tl.constexpr):
     err = tl.load(bar_ptr + 1, volatile=True)
     if FLAG:
         number = target // P
-        last = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu") + 1 == target
-        if last:
-            tl.atomic_xchg(bar_ptr + 32, number, sem="release", scope="gpu")
+        if GROUP > 0:
+            g = tl.program_id(0) // GROUP
+            groups = (P + GROUP - 1) // GROUP
+            size = tl.minimum(P - g * GROUP, GROUP)
+            if tl.atomic_add(bar_ptr + 128 + 32 * g, 1, sem="acq_rel", scope="gpu") + 1 == number * size:
+                if tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu") + 1 == number * groups:
+                    tl.atomic_xchg(bar_ptr + 32, number, sem="release", scope="gpu")
+        else:
+            if tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu") + 1 == target:
+                tl.atomic_xchg(bar_ptr + 32, number, sem="release", scope="gpu")
         seen = tl.load(bar_ptr + 32, volatile=True)
         polls = seen * 0
         while (seen < number) & (err == 0):
@@ -290,6 +300,7 @@ def _decode_kernel(tok_ptr, out_ptr, pkey_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_pt
                    PERSISTENT: tl.constexpr, NORM_OUT: tl.constexpr, NORM_READ: tl.constexpr,
                    GATE_CTX: tl.constexpr, RANK: tl.constexpr, PROJ: tl.constexpr, HEAD_RESIDENT: tl.constexpr,
                    RES: tl.constexpr, TANH: tl.constexpr, SLOW: tl.constexpr, FLAG: tl.constexpr,
+                   GROUP: tl.constexpr,
                    BN: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, LP: tl.constexpr, BG: tl.constexpr,
                    BR: tl.constexpr, BRO: tl.constexpr, BEO: tl.constexpr, BKH: tl.constexpr,
                    BV: tl.constexpr, BP: tl.constexpr):
@@ -364,21 +375,21 @@ def _decode_kernel(tok_ptr, out_ptr, pkey_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_pt
             _phase_in(t, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pkey_ptr, xs_ptr,
                       ctx_ptr, rd_ptr, table_ptr, hs_ptr, lnw, lnb, wc, ncol, nm, cc, cm, NORM_OUT, NORM_READ,
                       GATE_CTX, SLOW, BP)
-            _grid_sync(bar_ptr, (t * NB + 1) * P, spin_limit, P, FLAG)
+            _grid_sync(bar_ptr, (t * NB + 1) * P, spin_limit, P, FLAG, GROUP)
             for j in range(1, L):
                 _phase_layer(j, B, H, LB, eps, hs_ptr, wl, bl, fnw, fnb, ncol, nm, hc, hm, LP, RES)
-                _grid_sync(bar_ptr, (t * NB + j + 1) * P, spin_limit, P, FLAG)
+                _grid_sync(bar_ptr, (t * NB + j + 1) * P, spin_limit, P, FLAG, GROUP)
             _phase_gate(pid, B, C, H, R, E, V, HV, KH, LB, L, hs_ptr, rd_ptr, ctx_ptr, xs_ptr, vs_ptr, z_ptr, a_head,
                         whead_ptr, hb_ptr, pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm,
                         wvh if RANK else wf, wvr if RANK else wfr, vrow if RANK else gcol, vrm if RANK else gm,
                         wp if PROJ else wf, erow if PROJ else gcol, erm if PROJ else gm, wh, hbr, vr, kc, km, hc, hm,
                         cc, cm, GATE_CTX, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
-            _grid_sync(bar_ptr, (t * NB + L + 1) * P, spin_limit, P, FLAG)
+            _grid_sync(bar_ptr, (t * NB + L + 1) * P, spin_limit, P, FLAG, GROUP)
             if RANK or PROJ:
                 _phase_late(pid, B, C, R, V, HV, KH, vs_ptr, rd_ptr, ctx_ptr, xs_ptr, a_head, whead_ptr, hb_ptr,
                             pkey_ptr, wf, wi, wu, wfr, wir, wur, bf, bi, bu, gcol, gm, wh, hbr, vr, kc, km,
                             rc if RANK else cc, rcm if RANK else cm, cc, cm, RANK, PROJ, HEAD_RESIDENT, BV, TANH)
-                _grid_sync(bar_ptr, (t * NB + L + 2) * P, spin_limit, P, FLAG)
+                _grid_sync(bar_ptr, (t * NB + L + 2) * P, spin_limit, P, FLAG, GROUP)
     else:
         if phase == 0:
             _phase_in(t_step, fresh, pid, B, C, H, NPH, n_out, clamp, eps, tok_ptr, out_ptr, pkey_ptr, xs_ptr,
@@ -560,7 +571,8 @@ class PersistentDecoder:
         self.flags = dict(NORM_OUT=cfg.state_norm in ("layernorm", "noaffine"), NORM_READ=cfg.state_norm == "read",
                           GATE_CTX=bool(cfg.gate_context), RANK=R > 0, PROJ=proj, HEAD_RESIDENT=resident,
                           RES=("none", "residual", "prenorm").index(cfg.fnn_residual), TANH=bool(cfg.context_tanh),
-                          SLOW=bool(cfg.slow_forget_bias), FLAG=_env("BARRIER", 1) == 2,
+                          SLOW=bool(cfg.slow_forget_bias), FLAG=_env("BARRIER", 1) >= 2,
+                          GROUP=16 if _env("BARRIER", 1) == 3 else 0,
                           BP=_p2(NPH), **blocks)
         self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", 4)}
         B = batch_size
@@ -568,8 +580,9 @@ class PersistentDecoder:
         self.out = torch.zeros(B, self.chunk, dtype=torch.long, device=dev)
         self.pkey = torch.zeros(P, B, dtype=torch.long, device=dev)  # each head program's packed (max, index)
         self.flag = torch.ones(1, dtype=torch.int32, device=dev)
-        # The barrier's count [0], its sticky error word [1] and (FLAG) its release flag [32], a cache line apart.
-        self.bar = torch.zeros(64, dtype=torch.int32, device=dev)
+        # The barrier's count [0], its sticky error word [1], (FLAG) its release flag [32] and (GROUP) the group
+        # counters [128 + 32 g], a cache line apart.
+        self.bar = torch.zeros(128 + 32 * triton.cdiv(P, 16), dtype=torch.int32, device=dev)
         self.xs = torch.zeros(B, C, dtype=torch.float32, device=dev)
         self.ctx = torch.zeros(B, C, dtype=torch.float32, device=dev)
         self.rd = torch.zeros(B, C, dtype=dt, device=dev)
@@ -637,7 +650,7 @@ class PersistentDecoder:
         """``n`` (<= chunk) greedy tokens into ``out[:, :n]``: one cooperative launch, or (``persistent=False``)
         one launch a phase."""
         if self.persistent:
-            self.bar[::32].zero_()  # the count and the flag
+            self.bar[::32].zero_()  # the counts and the flag
             self._launch(n)
             return
         phases = self.L + 1 + (self.NB > self.L + 1)

@@ -47,6 +47,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Stationary elements per program above which the weights would spill out of registers: the decoder then says so
 # and the caller falls back to fused.FusedDecoder.
 _MAX_RESIDENT = int(os.environ.get("NEWLLM_PDEC_MAX_RESIDENT", 48 * 1024))
+# Defaults of the NEWLLM_PDEC_* knobs, measured on an H200 (benchmarks/RESULTS.md): programs (0: one per SM, at most
+# MAX_PROGRAMS), warps a program, the grid barrier (1: all poll the count; 2: the last arrival's flag; 3: counters
+# per 16 programs, then the flag).
+DEFAULT_PROGRAMS, MAX_PROGRAMS, DEFAULT_WARPS, DEFAULT_BARRIER = 0, 1024, 4, 1
 
 
 def _p2(n: int) -> int:
@@ -516,8 +520,8 @@ class PersistentDecoder:
         W1 = model.fnn[0].weight.detach()
         dt, dev = W1.dtype, W1.device
         if programs is None:
-            programs = _env("PROGRAMS", torch.cuda.get_device_properties(dev).multi_processor_count
-                            if dev.type == "cuda" else 1)
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+            programs = _env("PROGRAMS", DEFAULT_PROGRAMS or min(sms, MAX_PROGRAMS))
         P = programs
         self.spin_limit = spin_limit or 1 << 22  # polls before a barrier gives up (see _grid_sync)
         if self.persistent and _INTERPRET and P != 1 and spin_limit is None:
@@ -571,10 +575,10 @@ class PersistentDecoder:
         self.flags = dict(NORM_OUT=cfg.state_norm in ("layernorm", "noaffine"), NORM_READ=cfg.state_norm == "read",
                           GATE_CTX=bool(cfg.gate_context), RANK=R > 0, PROJ=proj, HEAD_RESIDENT=resident,
                           RES=("none", "residual", "prenorm").index(cfg.fnn_residual), TANH=bool(cfg.context_tanh),
-                          SLOW=bool(cfg.slow_forget_bias), FLAG=_env("BARRIER", 1) >= 2,
-                          GROUP=16 if _env("BARRIER", 1) == 3 else 0,
+                          SLOW=bool(cfg.slow_forget_bias), FLAG=_env("BARRIER", DEFAULT_BARRIER) >= 2,
+                          GROUP=16 if _env("BARRIER", DEFAULT_BARRIER) == 3 else 0,
                           BP=_p2(NPH), **blocks)
-        self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", 4)}
+        self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", DEFAULT_WARPS)}
         B = batch_size
         self.cur = torch.zeros(B, dtype=torch.long, device=dev)  # the kernel's current token
         self.out = torch.zeros(B, self.chunk, dtype=torch.long, device=dev)

@@ -274,12 +274,20 @@ def _save_reload_check(driver, name: str) -> None:
     _assert_clean(driver, f"{name} after a page reload")
 
 
-def _run_all(driver, url, token, name, timeout) -> None:
+def _run_all(driver, url, token, name, timeout, live_plot: str | None = None) -> None:
+    """Open ``name``, run every cell, check every output; with ``live_plot`` (a part of the training cell's
+    source), also that the cell's plot was redrawn at least twice while the cell was still running."""
     _open(driver, url, token, name)
+    if live_plot:
+        _watch_plot(driver, live_plot)
     driver.execute_script(NB + "nb.execute_all_cells();")
     time.sleep(1.0)
     _idle(driver, timeout, f"{name} to run all cells")
     _assert_clean(driver, name)
+    if live_plot:
+        plots = driver.execute_script("return window.__plots;")
+        assert sum(p["running"] for p in plots) >= 2, f"{name}: the live plot was not redrawn while training ran: " \
+            f"{plots}"
 
 
 def test_setup_notebook_in_classic_notebook(server, browser):
@@ -291,15 +299,8 @@ def test_setup_notebook_in_classic_notebook(server, browser):
 
 def test_wikitext_notebook_in_classic_notebook(server, browser):
     url, token, work, shots = server
-    _open(browser, url, token, "01_wikitext")
     train_cell = "result = train_live("
-    _watch_plot(browser, train_cell)
-    browser.execute_script(NB + "nb.execute_all_cells();")
-    time.sleep(1.0)
-    _idle(browser, 1500, "01_wikitext to run all cells")
-    _assert_clean(browser, "01_wikitext")
-    plots = browser.execute_script("return window.__plots;")
-    assert sum(p["running"] for p in plots) >= 2, f"the live plot was not redrawn while training ran: {plots}"
+    _run_all(browser, url, token, "01_wikitext", 1500, live_plot=train_cell)
     assert "epochs 2 |" in _outputs(browser, train_cell), "smoke mode trains 2 epochs by default"
     _assert_bars_drawn(browser, "01_wikitext", "New-LLM on WikiText-2")
     growth = _outputs(browser, "curves, gap = grow_live(")
@@ -317,7 +318,7 @@ def test_wikitext_notebook_in_classic_notebook(server, browser):
 
 def test_dolly_notebook_in_classic_notebook(server, browser):
     url, token, work, shots = server
-    _run_all(browser, url, token, "02_dolly", 900)
+    _run_all(browser, url, token, "02_dolly", 900, live_plot="result = train_live(")
     assert "| data: " in _outputs(browser, "result = train_live(")  # the summary names its data
     _assert_bars_drawn(browser, "02_dolly", "New-LLM on Dolly-15k")
     _save_reload_check(browser, "02_dolly")
@@ -326,7 +327,7 @@ def test_dolly_notebook_in_classic_notebook(server, browser):
 
 def test_layer_sweep_notebook_in_classic_notebook(server, browser):
     url, token, work, shots = server
-    _run_all(browser, url, token, "03_layer_sweep", 1500)
+    _run_all(browser, url, token, "03_layer_sweep", 1500, live_plot="results = sweep_live(")
     by_option = _outputs(browser, "by_option = option_sweep_live(")
     for label in ("state_norm=layernorm (1/2) · newllm, 1 layer", "state_norm=noaffine (2/2) · newllm, 1 layer"):
         assert label in by_option, f"the option sweep's bars do not name {label!r}"
@@ -341,7 +342,8 @@ def test_chat_notebook_in_classic_notebook(server, browser):
 
     url, token, work, shots = server
     _run_all(browser, url, token, "04_chat", 600)
-    assert "runs" in _outputs(browser, "model, tokenizer, ckpt = load_model("), "02_dolly's checkpoint was not loaded"
+    loaded = _outputs(browser, "model, tokenizer, ckpt = load_model(")
+    assert "loaded " in loaded and "/runs/dolly-" in loaded, "02_dolly's checkpoint was not loaded: " + loaded[-600:]
 
     box = browser.find_element(By.CSS_SELECTOR, "input[placeholder='Ask something, then press Enter']")
     transcript = box.find_element(By.XPATH, "ancestor::div[contains(@class, 'widget-vbox')][1]")
@@ -361,8 +363,11 @@ def test_chat_notebook_in_classic_notebook(server, browser):
     assert "you: Name three birds that live by rivers." in text, "Enter did not send the message: " + text
     reply = text.split("model:", 1)[1].strip() if "model:" in text else ""
     assert reply, "no reply appeared in the transcript: " + text
-    states = [s for s in browser.execute_script("return window.__chat;") if "model:" in s]
-    assert len(set(states)) >= 2, f"the reply did not stream (transcript states seen: {len(set(states))})"
+    # Streamed: the page showed the reply growing, in at least two partial states before the whole of it.
+    partial = {s.split("model:", 1)[1].strip() for s in browser.execute_script("return window.__chat;")
+               if "model:" in s} - {"", reply}
+    assert sum(reply.startswith(p) for p in partial) >= 2, \
+        f"the reply did not stream: the page never showed it part-way (states: {sorted(partial)[:5]}, final {reply!r})"
     bounded = browser.execute_script("""return [...arguments[0].querySelectorAll('div')].some(d => {
         const s = getComputedStyle(d); return s.maxHeight !== 'none' && s.overflowY === 'auto'; });""", transcript)
     assert bounded, "the transcript is not a bounded, scrolling box"

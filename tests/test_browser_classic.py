@@ -290,6 +290,23 @@ def _run_all(driver, url, token, name, timeout, live_plot: str | None = None) ->
             f"{plots}"
 
 
+def test_the_checks_see_a_widget_that_cannot_display(server, browser):
+    """The page checks can fail: a widget view whose model the kernel does not hold makes this front end say so
+    ("widget state could not be found"), before and after a reload, and _assert_clean reports it."""
+    import nbformat
+
+    url, token, work, shots = server
+    view = {"application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                         "model_id": "0" * 32}, "text/plain": "a lost widget"}
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        f"from IPython.display import display\ndisplay({view!r}, raw=True)")])
+    nbformat.write(nb, work / "lost_widget.ipynb")
+    with pytest.raises(AssertionError, match="widget state could not be found"):
+        _run_all(browser, url, token, "lost_widget", 120)
+    with pytest.raises(AssertionError, match="widget state could not be found"):
+        _save_reload_check(browser, "lost_widget")
+
+
 def test_setup_notebook_in_classic_notebook(server, browser):
     url, token, work, shots = server
     _run_all(browser, url, token, "00_setup", 240)

@@ -264,6 +264,22 @@ def test_cooperative_launch_matches_eager_greedy_decode(batch, cell, programs):
 
 
 @gpu
+def test_a_new_token_count_compiles_nothing():
+    """Runs of any length reuse the one compiled kernel (the last launch of a run decodes only the tokens still
+    wanted: its count must not be specialised on, or every new reply length would compile again)."""
+    from newllm_nb.kernels import persistent
+
+    dec = persistent.PersistentDecoder(_stable_model(0).cuda(), chunk=64)
+    prompt = torch.randint(4, 1000, (1, 3))
+    dec.run(prompt, 5)
+    caches = persistent._decode_kernel.device_caches
+    before = sum(len(c[0]) for c in caches.values())
+    for n in (1, 16, 17, 64, 100, 333):
+        assert dec.run(prompt, n).shape == (1, n)
+    assert sum(len(c[0]) for c in caches.values()) == before
+
+
+@gpu
 def test_grid_that_cannot_be_co_resident_falls_back_in_one_line(monkeypatch, capsys):
     from newllm_nb.infer.generate import persistent_decoder
     from newllm_nb.kernels.fused import FusedDecoder

@@ -297,7 +297,8 @@ def _head(pid, b64, B, V, HV, KH, a, dt: tl.constexpr, whead_ptr, hb_ptr, pkey_p
 
 # The token count and the phase change from launch to launch (a last launch of the tokens still wanted): not
 # specialised on, so they never compile another kernel.
-@triton.jit(do_not_specialize=["n_tokens", "phase", "t_step"])
+@triton.jit(do_not_specialize=["n_tokens", "phase", "t_step"],
+            do_not_specialize_on_alignment=["n_tokens", "phase", "t_step"])
 def _decode_kernel(tok_ptr, out_ptr, pkey_ptr, flag_ptr, bar_ptr, xs_ptr, ctx_ptr, rd_ptr, hs_ptr,
                    vs_ptr, z_ptr, table_ptr, wc_ptr, wl_ptr, bl_ptr, wg_ptr, bg_ptr, wv_ptr, wp_ptr, whead_ptr,
                    hb_ptr, lnw_ptr, lnb_ptr, fnw_ptr, fnb_ptr,

@@ -13,13 +13,9 @@ eager greedy decode.
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
+import interpreter_checks
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +23,6 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="triton is not installed: the fused kernels (an optional dependency) "
                                      "cannot be checked here")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the reference cell, with the kernels' own dropout masks ------------------------------------------------------
@@ -362,29 +357,9 @@ _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_greedy_decode_with_other_tiles)}
 
 
-def _interpreter_main() -> None:
-    results = {}
-    for name, fn in _CHECKS.items():
-        try:
-            results[name] = fn() or "ok"
-        except Exception:
-            results[name] = traceback.format_exc(limit=6)
-    print("RESULTS " + json.dumps(results))
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
-    import triton
-
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
-        # 3.6's interpreter turns scalar kernel arguments into 1-element arrays that numpy 2 refuses as
-        # loop bounds (checked: 3.6 fails, 3.7 / 3.8 / 3.9 pass).
-        pytest.skip(f"the Triton interpreter needs triton >= 3.7 for these kernels (found {triton.__version__})")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert lines, f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interpreter_checks.results(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("check", list(_CHECKS))
@@ -553,7 +528,7 @@ def test_fused_decoder_matches_eager_greedy_decode(batch, cell):
 
 
 if __name__ == "__main__":
-    _interpreter_main()
+    interpreter_checks.main(_CHECKS)
 
 
 @pytest.mark.parametrize("name,value", [("BN", "24"), ("BK", "8"), ("BV", "abc"), ("WARPS", "3"), ("CHUNK", "0")])

@@ -12,20 +12,15 @@ cannot be co-resident.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
+import interpreter_checks
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the persistent kernel (an optional dependency) "
                                      "cannot be checked here")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The cells the checks decode: (config overrides, a short name).
 _CELLS = [
@@ -163,13 +158,7 @@ def _check_flag_barriers():
                 assert dec.flags["FLAG"] and dec.flags["GROUP"] == (16 if variant == "3" else 0)
                 out = dec.run(prompt, 6)
                 assert torch.equal(out, decode_ids(m, prompt, 6, use_graph=False)), (variant, _CELLS[i][1])
-            dec = PersistentDecoder(_model(), batch_size=1, chunk=2, programs=2, persistent=True, spin_limit=50)
-            try:
-                dec.run(torch.randint(4, 150, (1, 2)), 2)
-            except RuntimeError as e:
-                assert "timed out" in str(e), e
-            else:
-                raise AssertionError(f"barrier {variant}: a barrier that cannot be met went unnoticed")
+            _check_barrier_that_cannot_be_met_raises()
     finally:
         os.environ.pop("NEWLLM_PDEC_BARRIER", None)
 
@@ -180,27 +169,9 @@ _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_head_read_in_chunks, _check_barrier_that_cannot_be_met_raises)}
 
 
-def _interpreter_main() -> None:
-    results = {}
-    for name, fn in _CHECKS.items():
-        try:
-            results[name] = fn() or "ok"
-        except Exception:
-            results[name] = traceback.format_exc(limit=6)
-    print("RESULTS " + json.dumps(results))
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
-    import triton
-
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip(f"the Triton interpreter needs triton >= 3.7 for these kernels (found {triton.__version__})")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert lines, f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interpreter_checks.results(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("check", list(_CHECKS))
@@ -292,4 +263,4 @@ def test_grid_that_cannot_be_co_resident_falls_back_in_one_line(monkeypatch, cap
 
 
 if __name__ == "__main__":
-    _interpreter_main()
+    interpreter_checks.main(_CHECKS)

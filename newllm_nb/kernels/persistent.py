@@ -519,7 +519,6 @@ class PersistentDecoder:
         self.model, self.B, self.temperature = model.eval(), batch_size, 0.0
         self.chunk = chunk or _env("CHUNK", 512)
         self.persistent = (not _INTERPRET) if persistent is None else persistent
-        E, C, H, V, L = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim, cfg.vocab_size, cfg.num_layers
         W1 = model.fnn[0].weight.detach()
         dt, dev = W1.dtype, W1.device
         if programs is None:
@@ -530,6 +529,19 @@ class PersistentDecoder:
         if self.persistent and _INTERPRET and P != 1 and spin_limit is None:
             raise ValueError("under TRITON_INTERPRET=1 the persistent kernel runs with one program (programs run one "
                              "after another, so a grid barrier would wait forever); use persistent=False")
+        W_proj = self._take_weights(model)
+        self._choose_tiles(cfg, P, W_proj is not None)
+        self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", DEFAULT_WARPS)}
+        self._allocate(batch_size, cfg, dt, dev, W_proj is not None)
+        self.kernel_info: Optional[dict] = None  # registers, spills, programs an SM holds (after the first launch)
+
+    def _take_weights(self, model) -> Optional[torch.Tensor]:
+        """Every matrix and vector the kernel reads, contiguous, in the model's dtype (norms in fp32); returns the
+        tied head's projection (None without one)."""
+        cfg = model.config
+        E, C, L = cfg.embed_dim, cfg.context_dim, cfg.num_layers
+        W1 = model.fnn[0].weight.detach()
+        dt, dev = W1.dtype, W1.device
         W_head, b_head, W_proj = _head_parts(model)
         with torch.no_grad():
             self.table = _embed_table(model.embed.weight.detach(), W1[:, :E], model.fnn[0].bias.detach())
@@ -552,9 +564,14 @@ class PersistentDecoder:
         affine = model.norm.weight is not None
         self.lnw = model.norm.weight.detach().float().contiguous() if affine else torch.ones(C, device=dev)
         self.lnb = model.norm.bias.detach().float().contiguous() if affine else torch.zeros(C, device=dev)
+        return W_proj
+
+    def _choose_tiles(self, cfg, P: int, proj: bool) -> None:
+        """Block sizes for ``P`` programs, whether the head stays on chip, the weights a program holds (refused
+        past what stays on chip) and the kernel's sizes and flags."""
+        E, C, H, V, L = cfg.embed_dim, cfg.context_dim, cfg.hidden_dim, cfg.vocab_size, cfg.num_layers
         R = cfg.gate_rank
         GIN = H + C if cfg.gate_context else H
-        proj = W_proj is not None
         KH = E if proj else H
         HV = triton.cdiv(V, P)
         blocks = dict(BN=_p2(triton.cdiv(H, P)), BC=_p2(C), BH=_p2(H), LP=_p2(L - 1), BG=_p2(triton.cdiv(C, P)),
@@ -581,8 +598,11 @@ class PersistentDecoder:
                           SLOW=bool(cfg.slow_forget_bias), FLAG=_env("BARRIER", DEFAULT_BARRIER) >= 2,
                           GROUP=16 if _env("BARRIER", DEFAULT_BARRIER) == 3 else 0,
                           BP=_p2(NPH), **blocks)
-        self.launch = {} if _INTERPRET else {"num_warps": _env("WARPS", DEFAULT_WARPS)}
-        B = batch_size
+
+    def _allocate(self, B: int, cfg, dt: torch.dtype, dev: torch.device, proj: bool) -> None:
+        """The buffers the kernel reads and writes between tokens and phases, for ``B`` rows."""
+        C, H, R, E, L = cfg.context_dim, cfg.hidden_dim, cfg.gate_rank, cfg.embed_dim, cfg.num_layers
+        P = self.P
         self.cur = torch.zeros(B, dtype=torch.long, device=dev)  # the kernel's current token
         self.out = torch.zeros(B, self.chunk, dtype=torch.long, device=dev)
         self.pkey = torch.zeros(P, B, dtype=torch.long, device=dev)  # each head program's packed (max, index)
@@ -597,7 +617,6 @@ class PersistentDecoder:
         self.vs = torch.zeros(B, max(R, 1), dtype=dt, device=dev)
         self.z = torch.zeros(B, E if proj else 1, dtype=dt, device=dev)
         self.C, self.norm_out, self.slow = C, self.flags["NORM_OUT"], bool(cfg.slow_forget_bias)
-        self.kernel_info: Optional[dict] = None  # registers, spills, programs an SM holds (after the first launch)
 
     def set_context(self, context: torch.Tensor, tok: torch.Tensor) -> None:
         """Start from ``context`` [B, C] with ``tok`` [B] the next token."""

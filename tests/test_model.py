@@ -188,32 +188,53 @@ def test_hand_written_bptt_without_onednn_equals_the_reference_loop(layers, with
 def test_recurrence_matmul_computes_every_form_it_is_asked_for(onednn):
     torch.manual_seed(0)
     x, w, b, other = torch.randn(5, 12), torch.randn(7, 12), torch.randn(7), torch.randn(5, 7)
+    mask = (torch.rand(5, 7) < 0.7).float() / 0.7
     with onednn_enabled(onednn):
         mm = Matmul(torch.device("cpu"), torch.float32)
         assert (mm.op is not None) == (onednn and torch.backends.mkldnn.is_available())
         out = torch.empty(5, 7)
-        cases = {(None, False): x @ w.t(), ("b", False): x @ w.t() + b, ("b", True): F.relu(x @ w.t() + b),
-                 ("o", False): x @ w.t() + other, ("o", True): F.relu(x @ w.t() + other)}
-        for (add, relu), want in cases.items():
-            a = {None: None, "b": b, "o": other}[add]
-            torch.testing.assert_close(mm(x, w, a, relu=relu), want)
-            got = mm(x, w, a, relu=relu, out=out)
-            assert got.data_ptr() == out.data_ptr()
-            torch.testing.assert_close(out, want)
-        torch.testing.assert_close(mm(x.t(), other.t()), x.t() @ other)  # strided operands: the weight gradients
+        cases = {(None, False, None): x @ w.t(), ("b", False, None): x @ w.t() + b,
+                 ("b", True, None): F.relu(x @ w.t() + b), ("o", False, None): x @ w.t() + other,
+                 ("o", True, None): F.relu(x @ w.t() + other), ("b", True, "m"): F.relu(x @ w.t() + b) * mask,
+                 ("o", True, "m"): F.relu(x @ w.t() + other) * mask, (None, True, "m"): F.relu(x @ w.t()) * mask}
+        for weight in (w, mm.pack(w, 5)):
+            for (add, relu, m), want in cases.items():
+                kw = dict(add={None: None, "b": b, "o": other}[add], relu=relu, mask=mask if m else None)
+                torch.testing.assert_close(mm(x, weight, **kw), want)
+                got = mm(x, weight, out=out, **kw)
+                assert got.data_ptr() == out.data_ptr()
+                torch.testing.assert_close(out, want)
+        torch.testing.assert_close(mm(x.t(), other.t()), x.t() @ other)  # strided operands
+        torch.testing.assert_close(mm.weight_grad(other, x), other.t() @ x)  # a weight's gradient over 5 rows
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_a_packed_weight_gives_the_plain_weights_products_for_any_rows(onednn):
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    with onednn_enabled(onednn):
+        mm = Matmul(torch.device("cpu"), torch.float32)
+        packed = mm.pack(w, 8)
+        assert (packed is w) == (mm.op is None)  # oneDNN off: the weight itself
+        for rows in (8, 3, 40):
+            x = torch.randn(rows, 16)
+            assert torch.equal(mm(x, packed, b, relu=True), mm(x, w, b, relu=True))
+            torch.testing.assert_close(mm(x, packed, b), x @ w.t() + b)
 
 
 def test_cpu_dropout_drops_its_fraction_and_scales_the_rest():
     torch.manual_seed(0)
-    drop = Dropout((256, 64), 0.1, torch.float32, torch.device("cpu"))
+    drop = Dropout(20, 2, 64, 128, 0.1, torch.float32, torch.device("cpu"), chunk=8)
     assert drop.bits and abs(drop.p - 0.1) <= 2 ** -17
-    a = drop(torch.ones(256, 64))
-    kept = a != 0
+    masks = torch.stack([drop(t).clone() for t in range(20)])  # [T, L, B, H]
+    kept = masks != 0
     assert 0.08 < 1 - kept.float().mean().item() < 0.12
-    torch.testing.assert_close(a[kept], torch.full_like(a[kept], 1 / (1 - drop.p)))
-    assert not torch.equal(kept, drop(torch.ones(256, 64)) != 0)  # fresh draws each call
-    total = sum(drop(torch.ones(256, 64)).sum() for _ in range(20)) / (20 * 256 * 64)
-    assert abs(total.item() - 1) < 0.01  # unbiased: the mean is kept
+    torch.testing.assert_close(masks[kept], torch.full_like(masks[kept], 1 / (1 - drop.p)))
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[0, 0], kept[0, 1])  # fresh draws
+    assert abs(masks.mean().item() - 1) < 0.01  # unbiased: the mean is kept
+    torch.manual_seed(0)
+    one = Dropout(20, 2, 64, 128, 0.1, torch.float32, torch.device("cpu"), chunk=1)
+    torch.testing.assert_close(torch.stack([one(t).clone() for t in range(20)]), masks, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("ctx_drop", [0.0, 0.3])
@@ -228,6 +249,20 @@ def test_hand_written_bptt_dropout_is_active_only_in_training(ctx_drop):
     m.eval()
     a, b = (m(ids, recurrence=NewLLMRecurrence.apply)[0] for _ in range(2))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_hand_written_bptt_with_fnn_dropout_matches_the_reference_on_the_same_masks(layers):
+    """A hidden size not a multiple of 4 makes the BPTT draw its masks by ``bernoulli_``, layer by layer and step
+    by step as the reference's ``nn.Dropout`` does: re-seeded, both drop the same units, so the gradients through
+    the kept units (relu' x 1 / (1 - p)) are compared."""
+    torch.manual_seed(0)
+    m = _away_from_init(NewLLM(dataclasses.replace(small(num_layers=layers), hidden_dim=18, dropout=0.4)))
+    assert not Dropout(2, layers, 3, 18, 0.4, torch.float32, torch.device("cpu")).bits
+    ids, c0 = torch.randint(0, 50, (3, 7)), torch.randn(3, 10, requires_grad=True)
+    logits = _assert_fused_matches_autograd(m, ids, c0, mask_seed=3)
+    m.eval()
+    assert not torch.allclose(m(ids, c0)[0], logits)  # the masks were in force
 
 
 def test_hand_written_bptt_with_context_dropout_matches_the_reference_on_the_same_masks():

@@ -8,18 +8,28 @@ Elsewhere (CUDA, half precision, oneDNN off) everything here is the plain torch 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import workspace
 
-def _onednn_linear():
-    """oneDNN's linear op (``x @ W.T``, with a fused bias, ReLU or add) where torch has it and oneDNN is on."""
+
+@functools.cache
+def _mkldnn_op(name: str):
+    """``torch.ops.mkldnn.<name>``, looked up once per process (None where this torch build lacks it)."""
     try:
-        op = torch.ops.mkldnn._linear_pointwise
+        return getattr(torch.ops.mkldnn, name)
     except (AttributeError, RuntimeError):
         return None
+
+
+def _onednn_linear():
+    """oneDNN's linear op (``x @ W.T``, with a fused bias, ReLU or add) where torch has it and oneDNN is on
+    (``torch.backends.mkldnn.enabled`` is read on each call: it may be switched at any time)."""
+    op = _mkldnn_op("_linear_pointwise")
     return op if op is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else None
 
 
@@ -30,22 +40,55 @@ class Matmul:
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.op = _onednn_linear() if device.type == "cpu" and dtype == torch.float32 else None
 
+    def pack(self, w: torch.Tensor, rows: int) -> torch.Tensor:
+        """``w`` [N, K] reordered once into oneDNN's blocked layout for products of ``rows`` rows, so the per-step
+        products of the time loop skip the reorder each call otherwise makes (their results are the same, to the
+        bit, for any number of rows); ``w`` itself where the products are not oneDNN's."""
+        if self.op is None:
+            return w
+        reorder = _mkldnn_op("_reorder_linear_weight")
+        return reorder(w.contiguous(), rows) if reorder is not None else w.contiguous()
+
+    def weight_grad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``dy.T @ x`` ([M, N], [M, K] -> [N, K]): a weight's gradient over all M positions."""
+        return weight_grad(self.op, dy, x) if self.op is not None else torch.mm(dy.t(), x)
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None, relu: bool = False,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 out: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask`` (>= 0, shaped like the result) multiplies it before the ReLU: a dropout's scaled keep mask."""
         if self.op is not None:
-            if add is not None and add.dim() > 1:
-                y = self.op.binary(x, add, w, None, "add")
-                y = y.relu_() if relu else y
-            else:
-                y = self.op(x, w, add, "relu" if relu else "none", [], "")
+            y = self._onednn(x, w, add, relu, mask)
         else:
             direct = out is not None and out.dtype == x.dtype
             kw = {"out": out} if direct else {}
             y = torch.mm(x, w.t(), **kw) if add is None else torch.addmm(add, x, w.t(), **kw)
+            y = y if mask is None else y.mul_(mask)
             y = y.relu_() if relu else y
             if direct:
                 return y
         return y if out is None else out.copy_(y)
+
+    def _onednn(self, x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor], relu: bool,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if add is not None and add.dim() > 1:
+            y = self.op.binary(x, add, w, None, "add")
+            y = y if mask is None else y.mul_(mask)
+        elif mask is not None:  # the bias added and the mask multiplied in the product's own pass
+            y = self.op.binary(x, mask, w, add, "mul")
+        else:
+            return self.op(x, w, add, "relu" if relu else "none", [], "")
+        return y.relu_() if relu else y
+
+
+def transposed(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, K] as a contiguous [K, M], in the workspace's buffer ``name``."""
+    return workspace.empty(name, (x.shape[1], x.shape[0]), x.dtype, x.device).copy_(x.t())
+
+
+def weight_grad(op, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dy.T @ x`` ([M, N], [M, K] -> [N, K]) by oneDNN's ``op``, both operands transposed into kept buffers (the op
+    would copy them into fresh ones: same work, but paged in anew each step)."""
+    return op(transposed("grad_rows", dy), transposed("grad_cols", x), None, "none", [], "")
 
 
 def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -69,7 +112,7 @@ class _Linear(torch.autograd.Function):
         op = _onednn_linear()
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = op(dy2, w.t().contiguous(), None, "none", [], "").view(ctx.shape) if ctx.needs_input_grad[0] else None
-        dw = op(dy2.t(), x2.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
+        dw = weight_grad(op, dy2, x2) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

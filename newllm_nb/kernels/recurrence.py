@@ -19,37 +19,52 @@ from typing import Optional
 import torch
 
 from ..config import CONTEXT_CLAMP, LN_EPS
+from . import workspace
 from .linear import Matmul
 
 
 class Dropout:
-    """In-place dropout of one step's [B, H] units, ``p`` the fraction dropped. On CPU each unit's draw is 16 bits
-    of a 64-bit one (four units a draw: half the time of ``bernoulli_``'s, which draws one MT19937 number a unit), so
-    a unit drops with probability q = p rounded to a multiple of 1/65536 (|q - p| <= 2^-17); elsewhere q = p, by
-    ``bernoulli_``. Kept units are scaled by 1 / (1 - q)."""
+    """The FNN's dropout masks, scaled (each unit 0 or 1 / (1 - q), q the fraction dropped), for the L layers of
+    ``steps`` time steps: ``dropout(t)`` is step t's [L, B, H]. On CPU each unit's draw is 16 bits of a 64-bit one
+    (four units a draw: half the time of ``bernoulli_``'s, which draws one MT19937 number a unit), a unit drops
+    with probability q = p rounded to a multiple of 1/65536 (|q - p| <= 2^-17), and the draws for ``chunk`` steps
+    are made at once (a few large ops instead of some per layer and step, in the same order: the same masks as
+    one step at a time, unless something else draws between the steps); off CPU (or H not a multiple of 4) q = p,
+    by ``bernoulli_`` per layer and step, the draws ``nn.Dropout`` makes."""
 
-    def __init__(self, shape: tuple, p: float, dtype: torch.dtype, device: torch.device) -> None:
-        self.bits = device.type == "cpu" and shape[-1] % 4 == 0
+    def __init__(self, steps: int, layers: int, rows: int, H: int, p: float, dtype: torch.dtype,
+                 device: torch.device, chunk: int = 16) -> None:
+        self.bits = device.type == "cpu" and H % 4 == 0
+        self.steps, self.chunk = steps, min(chunk, steps) if self.bits else 1
+        self.masks = workspace.empty("dropout", (self.chunk, layers, rows, H), dtype, device)
         if self.bits:
             self.threshold = -32768 + round(p * 65536)
-            self.draw = torch.empty(*shape[:-1], shape[-1] // 4, dtype=torch.int64, device=device)
+            self.draw = workspace.empty("dropout_bits", (self.chunk, layers, rows, H // 4), torch.int64, device)
             p = round(p * 65536) / 65536
-        else:
-            self.mask = torch.empty(shape, dtype=dtype, device=device)
         self.p, self.scale = p, 1 / (1 - p)
 
-    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: int) -> torch.Tensor:
+        k = t % self.chunk
+        if k == 0:
+            self._draw(min(self.chunk, self.steps - t))
+        return self.masks[k]
+
+    def _draw(self, n: int) -> None:
         if self.bits:
-            dropped = self.draw.random_(-2**63, None).view(torch.int16) < self.threshold
-            return a.masked_fill_(dropped, 0).mul_(self.scale)
-        return a.mul_(self.mask.bernoulli_(1 - self.p)).mul_(self.scale)
+            kept = self.draw[:n].random_(-2**63, None).view(torch.int16) >= self.threshold
+            torch.mul(kept, self.scale, out=self.masks[:n])
+        else:
+            for m in self.masks[0]:
+                m.bernoulli_(1 - self.p).mul_(self.scale)
 
 
 class NewLLMRecurrence(torch.autograd.Function):
     """Few ops per step (a CPU step is bound by them as much as by the matmuls): results written into their
     saved buffers (``out=``, in place), LayerNorm forward and backward one op each, and whatever does not depend
-    on the carried gradient (x-hat, the clamp mask, relu' x dropout scale, the gate derivatives) computed for all
-    steps at once outside the loops. The kept FNN units are exactly those with a stored output > 0."""
+    on the carried gradient (x-hat, the clamp mask, the gate derivatives) computed for all steps at once outside
+    the loops. The kept FNN units are exactly those with a stored output > 0. On CPU the per-step products take
+    their weights prepacked (``Matmul.pack``) and the big buffers are kept from one call to the next
+    (``workspace``)."""
 
     @staticmethod
     def forward(ctx, x_proj: torch.Tensor, c0: torch.Tensor, keep: Optional[torch.Tensor], W_c: torch.Tensor,
@@ -59,24 +74,27 @@ class NewLLMRecurrence(torch.autograd.Function):
         C = c0.shape[1]
         dt = x_proj.dtype  # matmul dtype: bf16 / fp16 under autocast, else fp32
         f32 = torch.float32
-        Wc, Wg, bg = W_c.to(dt).contiguous(), W_g.to(dt), b_g.to(dt)  # W_c is a column slice: oneDNN wants it dense
-        Ws = [(layers[k].to(dt), layers[k + 1].to(dt)) for k in range(0, len(layers), 2)]
-        L = 1 + len(Ws)
         dev = x_proj.device
         mm = Matmul(dev, dt)
+        Wc, Wg, bg = W_c.to(dt), W_g.to(dt), b_g.to(dt)
+        Ws = [(layers[k].to(dt), layers[k + 1].to(dt)) for k in range(0, len(layers), 2)]
+        packed = [(mm.pack(Wc, B), None)] + [(mm.pack(w, B), b) for w, b in Ws]
+        packed_g = mm.pack(Wg, B)
+        L = 1 + len(Ws)
         XP = x_proj.transpose(0, 1)  # [T, B, H]: step t's rows (contiguous for oneDNN, which adds them)
-        XP = XP.contiguous() if mm.op is not None else XP
-        Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)  # layer outputs (after ReLU and dropout)
-        Cin = torch.empty(T, B, C, dtype=f32, device=dev)  # c_{t-1} after resets
-        G = torch.empty(T, B, 3 * C, dtype=f32, device=dev)  # [sigmoid(f) | sigmoid(i) | u]
-        X = torch.empty(T, B, C, dtype=f32, device=dev)  # LayerNorm's input
-        MU = torch.empty(T, B, 1, dtype=f32, device=dev)
-        RS = torch.empty(T, B, 1, dtype=f32, device=dev)
+        XP = workspace.empty("XP", (T, B, H), dt, dev).copy_(XP) if mm.op is not None else XP
+        Hs = workspace.empty("Hs", (L, T, B, H), dt, dev)  # layer outputs (after ReLU and dropout)
+        Cin = workspace.empty("Cin", (T, B, C), f32, dev)  # c_{t-1} after resets
+        G = workspace.empty("G", (T, B, 3 * C), f32, dev)  # [sigmoid(f) | sigmoid(i) | u]
+        X = workspace.empty("X", (T, B, C), f32, dev)  # LayerNorm's input
+        MU = workspace.empty("MU", (T, B, 1), f32, dev)
+        RS = workspace.empty("RS", (T, B, 1), f32, dev)
         c = c0.float()
         drop = training and p > 0
         ctx_drop = training and p_ctx > 0  # dropout on the context path into layer 1 (not on the gate product)
-        MC = torch.empty(T, B, C, dtype=f32, device=dev) if ctx_drop else None
-        dropout = Dropout((B, H), p, dt, dev) if drop else None
+        MC = workspace.empty("MC", (T, B, C), f32, dev) if ctx_drop else None
+        # The context path's masks are drawn step by step: the FNN's then are too, so both keep their order.
+        dropout = Dropout(T, L, B, H, p, dt, dev, chunk=1 if ctx_drop else 16) if drop else None
         for t in range(T):
             if keep is not None:
                 c = torch.mul(c, keep[:, t], out=Cin[t])
@@ -86,19 +104,17 @@ class NewLLMRecurrence(torch.autograd.Function):
                 h = (c * MC[t].bernoulli_(1 - p_ctx).div_(1 - p_ctx)).to(dt)
             else:
                 h = c.to(dt)
-            for j in range(L):
-                w, add = (Wc, XP[t]) if j == 0 else Ws[j - 1]
-                h = mm(h, w, add, relu=True, out=Hs[j, t])
-                if drop:
-                    dropout(h)
-            g = mm(h, Wg, bg, out=G[t])
+            masks = dropout(t) if drop else [None] * L
+            for j, (w, b) in enumerate(packed):
+                h = mm(h, w, XP[t] if j == 0 else b, relu=True, out=Hs[j, t], mask=masks[j])
+            g = mm(h, packed_g, bg, out=G[t])
             g[:, :2 * C].sigmoid_()
             x = torch.mul(g[:, :C], c, out=X[t]).addcmul_(g[:, C:2 * C], g[:, 2 * C:])
             y, mu, rs = torch.native_layer_norm(x, (C,), ln_w, ln_b, LN_EPS)
             MU[t], RS[t] = mu, rs
             c = y.clamp_(-CONTEXT_CLAMP, CONTEXT_CLAMP)
         ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
-                              MC if ctx_drop else torch.empty(0, device=dev), W_c.to(dt), W_g.to(dt), ln_w, ln_b,
+                              MC if ctx_drop else torch.empty(0, device=dev), Wc, Wg, ln_w, ln_b,
                               Hs, Cin, G, X, MU, RS, *[w for w, _ in Ws])
         ctx.ctx_drop, ctx.scale = ctx_drop, dropout.scale if drop else 1.0
         ctx.has_keep, ctx.dtypes = keep is not None, (c0.dtype, W_c.dtype)
@@ -109,22 +125,21 @@ class NewLLMRecurrence(torch.autograd.Function):
         keep, MC, Wc, Wg, ln_w, ln_b, Hs, Cin, G, X, MU, RS, *Ws = ctx.saved_tensors
         L, T, B, H = Hs.shape
         C = Cin.shape[-1]
-        dt, dev = Hs.dtype, Hs.device
-        dHL = d_hs.transpose(0, 1).to(dt) if d_hs is not None else None
+        dt, dev, s = Hs.dtype, Hs.device, ctx.scale
+        mm = Matmul(dev, dt)
+        dHL = _time_major("dHL", d_hs.to(dt), mm) if d_hs is not None else None
         dc = d_c.float() if d_c is not None else torch.zeros(B, C, device=dev)
-        # Everything that does not depend on the carried gradient, for all steps at once.
-        SF, SI, U = G[..., :C], G[..., C:2 * C], G[..., 2 * C:]
-        XH = (X - MU) * RS
-        YM = ((XH * ln_w + ln_b).abs() <= CONTEXT_CLAMP).float()  # where the clamp let y through
-        GF, GI = Cin * SF * (1 - SF), U * SI * (1 - SI)
-        DM = (Hs > 0).to(dt).mul_(ctx.scale)  # relu' x dropout scale: kept units are those with output > 0
-        dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
-        dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
-        DY = torch.empty(T, B, C, dtype=torch.float32, device=dev)
+        XH = _x_hat(X, MU, RS)
+        YM, GF, GI, SF, SI = _gradient_factors(G, XH, Cin, ln_w, ln_b)
+        dG = workspace.empty("dG", (T, B, 3 * C), dt, dev)
+        # Each layer's pre-activation gradient: relu' x dropout = s 1[h > 0] (kept units are those with output > 0),
+        # s the dropout scale (1 without dropout).
+        dA = workspace.empty("dA", (L, T, B, H), dt, dev)
+        DY = workspace.empty("DY", (T, B, C), torch.float32, dev)
         no_affine_grads = [True, False, False]
-        mm = Matmul(dev, dt)  # x @ w.T: the activation gradients take the weights transposed (contiguous for oneDNN)
-        WgT, WcT = (w.t().contiguous() if mm.op is not None else w.t() for w in (Wg, Wc))
-        WsT = [w.t().contiguous() if mm.op is not None else w.t() for w in Ws]
+        # x @ w.T: the activation gradients take the weights transposed (packed for oneDNN).
+        WgT = mm.pack(Wg.t(), B)
+        WT = [mm.pack(w.t(), B) for w in [Wc, *Ws]]
         for t in range(T - 1, -1, -1):
             dy = torch.mul(dc, YM[t], out=DY[t])
             dx = torch.ops.aten.native_layer_norm_backward(dy, X[t], [C], MU[t], RS[t], ln_w, ln_b,
@@ -138,25 +153,57 @@ class NewLLMRecurrence(torch.autograd.Function):
                 dg.copy_(torch.cat([dx * GF[t], dx * GI[t], dx * SI[t]], -1))
             dh = mm(dg, WgT, dHL[t] if dHL is not None else None)
             for j in range(L - 1, -1, -1):
-                da = torch.mul(dh, DM[j, t], out=dA[j, t])
-                if j:
-                    dh = mm(da, WsT[j - 1])
-            d_in = mm(da, WcT).float()
+                dh = torch.ops.aten.threshold_backward.grad_input(dh, Hs[j, t], 0, grad_input=dA[j, t])
+                dh = dh.mul_(s) if s != 1 else dh
+                dh = mm(dh, WT[j])
+            d_in = dh.float()
             if ctx.ctx_drop:
                 d_in = d_in.mul_(MC[t])
             dc = d_in.addcmul_(dx, SF[t])
             if ctx.has_keep:
                 dc = dc.mul_(keep[:, t])
-        # Weight gradients: one matmul each over all T*B positions.
-        flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
-        d_Wg = mm(flatG.t(), Hs[L - 1].reshape(-1, H).t()).float()
-        d_bg = flatG.float().sum(0)
-        c_in = Cin * MC if ctx.ctx_drop else Cin  # what layer 1 actually read
-        d_Wc = mm(flatA[0].t(), c_in.reshape(-1, C).to(dt).t()).float()
-        layer_grads = []
-        for j in range(1, L):
-            layer_grads += [mm(flatA[j].t(), Hs[j - 1].reshape(-1, H).t()).float(), flatA[j].float().sum(0)]
+        d_Wc, d_Wg, d_bg, layer_grads = _weight_grads(mm, dG, dA, Hs, Cin, MC if ctx.ctx_drop else None)
         d_lnw = (DY * XH).sum((0, 1))
         d_lnb = DY.sum((0, 1))
-        d_x = dA[0].transpose(0, 1)
+        d_x = workspace.empty("dX", (B, T, H), dt, dev).copy_(dA[0].transpose(0, 1))  # the layout x_proj has
         return (d_x, dc.to(ctx.dtypes[0]), None, d_Wc, d_Wg, d_bg, d_lnw, d_lnb, None, None, None, *layer_grads)
+
+
+def _time_major(name: str, a: torch.Tensor, mm: Matmul) -> torch.Tensor:
+    """[B, T, N] as [T, B, N]: a view, or for oneDNN (which adds step t's rows) a contiguous copy."""
+    at = a.transpose(0, 1)
+    return workspace.empty(name, at.shape, a.dtype, a.device).copy_(at) if mm.op is not None else at
+
+
+def _x_hat(X: torch.Tensor, MU: torch.Tensor, RS: torch.Tensor) -> torch.Tensor:
+    """LayerNorm's normalised input (x - mu) * rstd at every step, in a kept buffer."""
+    return torch.sub(X, MU, out=workspace.empty("XH", X.shape, X.dtype, X.device)).mul_(RS)
+
+
+def _gradient_factors(G: torch.Tensor, XH: torch.Tensor, Cin: torch.Tensor, ln_w: torch.Tensor,
+                      ln_b: torch.Tensor) -> tuple:
+    """What the backward loop multiplies the carried gradient by, for all steps at once: the clamp's pass mask
+    (1 where y = LN(x) was not clamped), sigma'(f) c_{t-1} and sigma'(i) u, and sigma(f), sigma(i)."""
+    C = Cin.shape[-1]
+    SF, SI, U = G[..., :C], G[..., C:2 * C], G[..., 2 * C:]
+    ws = {name: workspace.empty(name, Cin.shape, Cin.dtype, Cin.device) for name in ("YM", "GF", "GI")}
+    YM = torch.mul(XH, ln_w, out=ws["YM"]).add_(ln_b).abs_().le_(CONTEXT_CLAMP)
+    GF = torch.addcmul(SF, SF, SF, value=-1, out=ws["GF"]).mul_(Cin)  # sigma (1 - sigma) c
+    GI = torch.addcmul(SI, SI, SI, value=-1, out=ws["GI"]).mul_(U)
+    return YM, GF, GI, SF, SI
+
+
+def _weight_grads(mm: Matmul, dG: torch.Tensor, dA: torch.Tensor, Hs: torch.Tensor, Cin: torch.Tensor,
+                  MC: Optional[torch.Tensor]) -> tuple:
+    """Every weight's gradient as one product over all T*B positions."""
+    L, H, C = Hs.shape[0], Hs.shape[-1], Cin.shape[-1]
+    dt = Hs.dtype
+    flatG, flatA, flatH = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H), Hs.reshape(L, -1, H)
+    d_Wg = mm.weight_grad(flatG, flatH[L - 1]).float()
+    d_bg = flatG.float().sum(0)
+    c_in = Cin * MC if MC is not None else Cin  # what layer 1 actually read
+    d_Wc = mm.weight_grad(flatA[0], c_in.reshape(-1, C).to(dt)).float()
+    layer_grads = []
+    for j in range(1, L):
+        layer_grads += [mm.weight_grad(flatA[j], flatH[j - 1]).float(), flatA[j].float().sum(0)]
+    return d_Wc, d_Wg, d_bg, layer_grads

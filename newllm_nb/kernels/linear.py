@@ -57,27 +57,27 @@ class Matmul:
                  out: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``mask`` (>= 0, shaped like the result) multiplies it before the ReLU: a dropout's scaled keep mask."""
         if self.op is not None:
-            y = self._onednn(x, w, add, relu, mask)
-        else:
-            direct = out is not None and out.dtype == x.dtype
-            kw = {"out": out} if direct else {}
-            y = torch.mm(x, w.t(), **kw) if add is None else torch.addmm(add, x, w.t(), **kw)
-            y = y if mask is None else y.mul_(mask)
-            y = y.relu_() if relu else y
-            if direct:
-                return y
-        return y if out is None else out.copy_(y)
+            return self._onednn(x, w, add, relu, mask, out)
+        direct = out is not None and out.dtype == x.dtype
+        kw = {"out": out} if direct else {}
+        y = torch.mm(x, w.t(), **kw) if add is None else torch.addmm(add, x, w.t(), **kw)
+        y = y if mask is None else y.mul_(mask)
+        y = y.relu_() if relu else y
+        return y if out is None or direct else out.copy_(y)
 
     def _onednn(self, x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor], relu: bool,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if add is not None and add.dim() > 1:
-            y = self.op.binary(x, add, w, None, "add")
-            y = y if mask is None else y.mul_(mask)
-        elif mask is not None:  # the bias added and the mask multiplied in the product's own pass
-            y = self.op.binary(x, mask, w, add, "mul")
-        else:
-            return self.op(x, w, add, "relu" if relu else "none", [], "")
-        return y.relu_() if relu else y
+                mask: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+        # A [B, N] addend and the mask are applied after the product, the last op writing into ``out``: oneDNN's
+        # fused add / multiply of a tensor measured slower here than the plain product and one elementwise op.
+        rows = add is not None and add.dim() > 1
+        y = self.op(x, w, None if rows else add, "relu" if relu and not rows else "none", [], "")
+        last = y if out is None else out
+        if rows:
+            y = torch.add(y, add, out=last if mask is None else y)
+            y = y.relu_() if relu else y
+        if mask is not None:
+            return torch.mul(y, mask, out=last)
+        return y if y is last else last.copy_(y)
 
 
 def transposed(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -86,9 +86,7 @@ class NewLLMRecurrence(torch.autograd.Function):
         Hs = workspace.empty("Hs", (L, T, B, H), dt, dev)  # layer outputs (after ReLU and dropout)
         Cin = workspace.empty("Cin", (T, B, C), f32, dev)  # c_{t-1} after resets
         G = workspace.empty("G", (T, B, 3 * C), f32, dev)  # [sigmoid(f) | sigmoid(i) | u]
-        X = workspace.empty("X", (T, B, C), f32, dev)  # LayerNorm's input
-        MU = workspace.empty("MU", (T, B, 1), f32, dev)
-        RS = workspace.empty("RS", (T, B, 1), f32, dev)
+        X = workspace.empty("X", (T, B, C), f32, dev)  # LayerNorm's input (its mean and rstd: backward computes them)
         c = c0.float()
         drop = training and p > 0
         ctx_drop = training and p_ctx > 0  # dropout on the context path into layer 1 (not on the gate product)
@@ -110,27 +108,27 @@ class NewLLMRecurrence(torch.autograd.Function):
             g = mm(h, packed_g, bg, out=G[t])
             g[:, :2 * C].sigmoid_()
             x = torch.mul(g[:, :C], c, out=X[t]).addcmul_(g[:, C:2 * C], g[:, 2 * C:])
-            y, mu, rs = torch.native_layer_norm(x, (C,), ln_w, ln_b, LN_EPS)
-            MU[t], RS[t] = mu, rs
-            c = y.clamp_(-CONTEXT_CLAMP, CONTEXT_CLAMP)
+            c = torch.native_layer_norm(x, (C,), ln_w, ln_b, LN_EPS)[0].clamp_(-CONTEXT_CLAMP, CONTEXT_CLAMP)
         ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
                               MC if ctx_drop else torch.empty(0, device=dev), Wc, Wg, ln_w, ln_b,
-                              Hs, Cin, G, X, MU, RS, *[w for w, _ in Ws])
+                              Hs, Cin, G, X, *[w for w, _ in Ws])
         ctx.ctx_drop, ctx.scale = ctx_drop, dropout.scale if drop else 1.0
         ctx.has_keep, ctx.dtypes = keep is not None, (c0.dtype, W_c.dtype)
         return Hs[L - 1].transpose(0, 1), c
 
     @staticmethod
     def backward(ctx, d_hs: torch.Tensor, d_c: Optional[torch.Tensor]):
-        keep, MC, Wc, Wg, ln_w, ln_b, Hs, Cin, G, X, MU, RS, *Ws = ctx.saved_tensors
+        keep, MC, Wc, Wg, ln_w, ln_b, Hs, Cin, G, X, *Ws = ctx.saved_tensors
         L, T, B, H = Hs.shape
         C = Cin.shape[-1]
         dt, dev, s = Hs.dtype, Hs.device, ctx.scale
         mm = Matmul(dev, dt)
         dHL = _time_major("dHL", d_hs.to(dt), mm) if d_hs is not None else None
         dc = d_c.float() if d_c is not None else torch.zeros(B, C, device=dev)
+        # LayerNorm's mean and rstd of every step at once: the same numbers (per row) as the forward's.
+        _, MU, RS = torch.native_layer_norm(X, (C,), ln_w, ln_b, LN_EPS)
         XH = _x_hat(X, MU, RS)
-        YM, GF, GI, SF, SI = _gradient_factors(G, XH, Cin, ln_w, ln_b)
+        YM, GG, SF = _gradient_factors(G, XH, Cin, ln_w, ln_b)
         dG = workspace.empty("dG", (T, B, 3 * C), dt, dev)
         # Each layer's pre-activation gradient: relu' x dropout = s 1[h > 0] (kept units are those with output > 0),
         # s the dropout scale (1 without dropout).
@@ -144,13 +142,7 @@ class NewLLMRecurrence(torch.autograd.Function):
             dy = torch.mul(dc, YM[t], out=DY[t])
             dx = torch.ops.aten.native_layer_norm_backward(dy, X[t], [C], MU[t], RS[t], ln_w, ln_b,
                                                            no_affine_grads)[0]
-            dg = dG[t]
-            if dt == torch.float32:
-                torch.mul(dx, GF[t], out=dg[:, :C])
-                torch.mul(dx, GI[t], out=dg[:, C:2 * C])
-                torch.mul(dx, SI[t], out=dg[:, 2 * C:])
-            else:
-                dg.copy_(torch.cat([dx * GF[t], dx * GI[t], dx * SI[t]], -1))
+            dg = torch.mul(dx.unsqueeze(1), GG[t], out=dG[t].view(B, 3, C)).view(B, 3 * C)
             dh = mm(dg, WgT, dHL[t] if dHL is not None else None)
             for j in range(L - 1, -1, -1):
                 dh = torch.ops.aten.threshold_backward.grad_input(dh, Hs[j, t], 0, grad_input=dA[j, t])
@@ -182,15 +174,18 @@ def _x_hat(X: torch.Tensor, MU: torch.Tensor, RS: torch.Tensor) -> torch.Tensor:
 
 def _gradient_factors(G: torch.Tensor, XH: torch.Tensor, Cin: torch.Tensor, ln_w: torch.Tensor,
                       ln_b: torch.Tensor) -> tuple:
-    """What the backward loop multiplies the carried gradient by, for all steps at once: the clamp's pass mask
-    (1 where y = LN(x) was not clamped), sigma'(f) c_{t-1} and sigma'(i) u, and sigma(f), sigma(i)."""
-    C = Cin.shape[-1]
+    """What the backward loop multiplies the carried gradient by, for all steps at once: the clamp's pass mask YM
+    (1 where y = LN(x) was not clamped); GG [T, B, 3, C] = [sigma'(f) c_{t-1} | sigma'(i) u | sigma(i)], the gate
+    pre-activations' gradients over x's; and sigma(f), x's over c_{t-1}'s."""
+    T, B, C = Cin.shape
     SF, SI, U = G[..., :C], G[..., C:2 * C], G[..., 2 * C:]
-    ws = {name: workspace.empty(name, Cin.shape, Cin.dtype, Cin.device) for name in ("YM", "GF", "GI")}
-    YM = torch.mul(XH, ln_w, out=ws["YM"]).add_(ln_b).abs_().le_(CONTEXT_CLAMP)
-    GF = torch.addcmul(SF, SF, SF, value=-1, out=ws["GF"]).mul_(Cin)  # sigma (1 - sigma) c
-    GI = torch.addcmul(SI, SI, SI, value=-1, out=ws["GI"]).mul_(U)
-    return YM, GF, GI, SF, SI
+    YM = torch.mul(XH, ln_w, out=workspace.empty("YM", Cin.shape, Cin.dtype, Cin.device))
+    YM = YM.add_(ln_b).abs_().le_(CONTEXT_CLAMP)
+    GG = workspace.empty("GG", (T, B, 3, C), Cin.dtype, Cin.device)
+    torch.addcmul(SF, SF, SF, value=-1, out=GG[:, :, 0]).mul_(Cin)  # sigma (1 - sigma) c
+    torch.addcmul(SI, SI, SI, value=-1, out=GG[:, :, 1]).mul_(U)
+    GG[:, :, 2] = SI
+    return YM, GG, SF
 
 
 def _weight_grads(mm: Matmul, dG: torch.Tensor, dA: torch.Tensor, Hs: torch.Tensor, Cin: torch.Tensor,

@@ -99,10 +99,10 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
                 IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     """Forward over all T steps for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32 holds c_0 on entry
-    and c_T on exit. Saved for backward: layer outputs hs [L, T, B, H], what layer 1 (and, GATE_CTX, the gates)
-    read xin [T, B, C] (after reset, the read norm and context dropout, matmul dtype), cin [T, B, C] (after
-    reset, fp32), the low-rank gate input vs [T, B, R] (RANK), raw gates g [T, B, 3C] fp32, and the LayerNorm's
-    mean / rstd [T, B] (of c_{t-1} with NORM_READ, of x_t with NORM_OUT). xs [B, C] is scratch for LayerNorm's
+    and c_T on exit. Saved for backward: layer outputs hs [L, B, T, H], what layer 1 (and, GATE_CTX, the gates)
+    read xin [B, T, C] (after reset, the read norm and context dropout, matmul dtype), cin [B, T, C] (after
+    reset, fp32), the low-rank gate input vs [B, T, R] (RANK), raw gates g [B, T, 3C] fp32, and the LayerNorm's
+    mean / rstd [B, T] (of c_{t-1} with NORM_READ, of x_t with NORM_OUT). xs [B, C] is scratch for LayerNorm's
     input. The gate input is [h_L ; xin] of width GIN (H, or H + C with GATE_CTX); W_g's rows are GIN wide, or
     with RANK, V's are and W_g (U) reads the R-wide V [h_L ; xin]."""
     pid = tl.program_id(0)
@@ -117,7 +117,7 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
     WS = R if RANK else GIN  # row stride of the gate weight
     for t in range(T):
         tB = t * B
-        srow = tB + r64  # this step's rows in the [T, B, ...] buffers
+        srow = r64 * T + t  # this step's rows in the [B, T, ...] buffers
         # -- c_{t-1} after the reset; the layer-1 operand after the read norm and context dropout -------------
         s1 = tl.zeros([BB], tl.float32)
         for c0 in range(0, C, BC):
@@ -145,8 +145,8 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
                              - mean[:, None], 0.0)
                 s2 += tl.sum(d * d, 1)
             rstd = 1.0 / tl.sqrt(s2 / C + eps)
-            tl.store(mu_ptr + tB + r64, mean, mask=rm)
-            tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+            tl.store(mu_ptr + srow, mean, mask=rm)
+            tl.store(rs_ptr + srow, rstd, mask=rm)
             for c0 in range(0, C, BC):
                 cols = c0 + tl.arange(0, BC)
                 cm = cols < C
@@ -274,8 +274,8 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
                 d = tl.where(m2, x - mean[:, None], 0.0)
                 s2 += tl.sum(d * d, 1)
             rstd = 1.0 / tl.sqrt(s2 / C + eps)
-            tl.store(mu_ptr + tB + r64, mean, mask=rm)
-            tl.store(rs_ptr + tB + r64, rstd, mask=rm)
+            tl.store(mu_ptr + srow, mean, mask=rm)
+            tl.store(rs_ptr + srow, rstd, mask=rm)
             for c0 in range(0, C, BC):
                 cols = c0 + tl.arange(0, BC)
                 cm = cols < C
@@ -321,7 +321,7 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_p
                 RANK: tl.constexpr, IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     """Reverse loop for rows [pid*BB, pid*BB + BB). ``dc_ptr`` [B, C] fp32: dL/dc_T on entry, dL/dc_0 on
-    exit. Writes the per-step pre-activation gradients dG [T, B, 3C], dV [T, B, R] (RANK) and dA [L, T, B, H]
+    exit. Writes the per-step pre-activation gradients dG [B, T, 3C], dV [B, T, R] (RANK) and dA [L, B, T, H]
     (matmul dtype) for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias gradients
     (pw, pb [programs, C]). dr [B, C] is scratch for the read norm's input gradient."""
     pid = tl.program_id(0)
@@ -334,8 +334,8 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_p
     scale_ctx = 1.0 / (1.0 - p_ctx)
     for tt in range(T):
         t = T - 1 - tt
-        tB = t * B
-        srow = tB + r64
+        tB = t * B  # the dropout masks' keys count positions step-major
+        srow = r64 * T + t
         mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
         rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
         if NORM_OUT:
@@ -524,10 +524,10 @@ def _blocks(B: int, C: int, H: int, device: torch.device) -> dict:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         bb = 16 if B <= 16 * sms else 32 if B <= 32 * sms else 64
-        # 128-wide output tiles, 64-deep K steps, 3-4 stages: the fastest of a small grid on an H100
-        # (L1-T127, B=2048, bf16: recurrence forward + backward 12.6 ms vs 15.7 ms with 64-wide tiles).
-        return dict(BB=env("BLOCK_B", bb), BN=env("BN", p2(H, 128)), BK=env("BK", p2(max(C, H), 64)),
-                    BC=env("BC", p2(C, 128)), num_warps=env("WARPS", 4), num_stages=env("STAGES", 3))
+        # 256-wide output tiles, 64-deep K steps, 8 warps: the fastest of a grid on an H200 for the presets' cells
+        # (benchmarks/RESULTS.md, "fused kernel tiles").
+        return dict(BB=env("BLOCK_B", bb), BN=env("BN", p2(H, 256)), BK=env("BK", p2(max(C, H), 64)),
+                    BC=env("BC", p2(C, 128)), num_warps=env("WARPS", 8), num_stages=env("STAGES", 3))
     return dict(BB=16, BN=p2(H, 32), BK=p2(max(C, H), 32), BC=p2(C, 32))
 
 
@@ -590,13 +590,15 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
         else torch.zeros(1, dtype=torch.int64, device=dev)
     kp = keep.reshape(B, T).float().contiguous() if keep is not None else torch.zeros(1, device=dev)
     c = c0.float().clone().contiguous()
-    Hs = torch.empty(L, T, B, H, dtype=dt, device=dev)
-    Xin = torch.empty(T, B, C, dtype=dt, device=dev)
-    Cin = torch.empty(T, B, C, dtype=torch.float32, device=dev)
-    VS = torch.empty(T, B, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
-    G = torch.empty(T, B, 3 * C, dtype=torch.float32, device=dev)
-    MU = torch.zeros(T, B, dtype=torch.float32, device=dev)
-    RS = torch.zeros(T, B, dtype=torch.float32, device=dev)
+    # Per-position buffers batch-major, as x_proj: the layer outputs are the head's input and their gradients
+    # x_proj's, with no transposing copy either way.
+    Hs = torch.empty(L, B, T, H, dtype=dt, device=dev)
+    Xin = torch.empty(B, T, C, dtype=dt, device=dev)
+    Cin = torch.empty(B, T, C, dtype=torch.float32, device=dev)
+    VS = torch.empty(B, T, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
+    G = torch.empty(B, T, 3 * C, dtype=torch.float32, device=dev)
+    MU = torch.zeros(B, T, dtype=torch.float32, device=dev)
+    RS = torch.zeros(B, T, dtype=torch.float32, device=dev)
     XS = torch.empty(B, C, dtype=torch.float32, device=dev)
     blk = _blocks(B, C, H, dev)
     grid = (triton.cdiv(B, blk["BB"]),)
@@ -608,7 +610,7 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     ctx.save_for_backward(kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS)
     ctx.cfg = (L, R, GIN, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype, norm_read, norm_out,
                gate_ctx, ln_w is not None)
-    return Hs[L - 1].transpose(0, 1), c
+    return Hs[L - 1], c
 
 
 def _run_backward(ctx, d_hs, d_c):
@@ -616,14 +618,14 @@ def _run_backward(ctx, d_hs, d_c):
     ln_w / ln_b's None without an affine."""
     kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS = ctx.saved_tensors
     L, R, GIN, p, p_ctx, drop, ctx_drop, has_keep, c_dtype, norm_read, norm_out, gate_ctx, affine = ctx.cfg
-    _, T, B, H = Hs.shape
+    _, B, T, H = Hs.shape
     C = Cin.shape[-1]
     dt, dev = Hs.dtype, Hs.device
     dhs = d_hs.to(dt).contiguous() if d_hs is not None else torch.zeros(1, dtype=dt, device=dev)
     dc = d_c.float().clone().contiguous() if d_c is not None else torch.zeros(B, C, device=dev)
-    dG = torch.empty(T, B, 3 * C, dtype=dt, device=dev)
-    dV = torch.empty(T, B, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
-    dA = torch.empty(L, T, B, H, dtype=dt, device=dev)
+    dG = torch.empty(B, T, 3 * C, dtype=dt, device=dev)
+    dV = torch.empty(B, T, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
+    dA = torch.empty(L, B, T, H, dtype=dt, device=dev)
     DR = torch.empty(B, C, dtype=torch.float32, device=dev) if norm_read else torch.zeros(1, device=dev)
     blk = _blocks(B, C, H, dev)
     nprog = triton.cdiv(B, blk["BB"])
@@ -642,7 +644,7 @@ def _run_backward(ctx, d_hs, d_c):
         d = d_out.t() @ h_last
         return torch.cat([d, d_out.t() @ x_in], 1) if gate_ctx else d
 
-    d_bg = flatG.float().sum(0)
+    d_bg = flatG.sum(0, dtype=torch.float32)  # summed in fp32 as read: no fp32 copy of the [T*B, 3C] gradients
     if R:
         d_Wg = (flatG.t() @ VS.reshape(-1, R)).float()
         d_Wv = d_gate_input(dV.reshape(-1, R)).float()
@@ -651,8 +653,8 @@ def _run_backward(ctx, d_hs, d_c):
     d_Wc = (flatA[0].t() @ x_in).float()  # Xin: exactly what layer 1 read
     layer_grads = []
     for j in range(1, L):
-        layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].float().sum(0)]
-    d_x = dA[0].transpose(0, 1)
+        layer_grads += [(flatA[j].t() @ Hs[j - 1].reshape(-1, H)).float(), flatA[j].sum(0, dtype=torch.float32)]
+    d_x = dA[0]
     d_lnw, d_lnb = (PW.sum(0), PB.sum(0)) if affine else (None, None)
     return d_x, dc.to(c_dtype), d_Wc, d_Wv, d_Wg, d_bg, d_lnw, d_lnb, layer_grads
 

@@ -511,7 +511,7 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_p
             tl.debug_barrier()
 
 
-def _blocks(B: int, C: int, H: int, device: torch.device) -> dict:
+def _blocks(B: int, C: int, H: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Tile sizes. BLOCK_B rows per program: small enough to spread the batch over all SMs (16 is tl.dot's
     minimum and measured fastest on an H100 at B=2048: 128 programs); NEWLLM_FUSED_{BLOCK_B,BN,BK,BC,WARPS,
     STAGES} override them for tuning on another GPU."""
@@ -524,10 +524,12 @@ def _blocks(B: int, C: int, H: int, device: torch.device) -> dict:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         bb = 16 if B <= 16 * sms else 32 if B <= 32 * sms else 64
-        # 256-wide output tiles, 64-deep K steps, 8 warps: the fastest of a grid on an H200 for the presets' cells
-        # (benchmarks/RESULTS.md, "fused kernel tiles").
-        return dict(BB=env("BLOCK_B", bb), BN=env("BN", p2(H, 256)), BK=env("BK", p2(max(C, H), 64)),
-                    BC=env("BC", p2(C, 128)), num_warps=env("WARPS", 8), num_stages=env("STAGES", 3))
+        # 16-bit operands: 256-wide output tiles, 64-deep K steps, 8 warps, the fastest of a grid on an H200 for
+        # the presets' cells (benchmarks/RESULTS.md, "Fused kernel tiles"). fp32 operands take twice the shared
+        # memory a stage: 128-wide tiles and 4 warps.
+        wide = dtype.itemsize == 2
+        return dict(BB=env("BLOCK_B", bb), BN=env("BN", p2(H, 256 if wide else 128)), BK=env("BK", p2(max(C, H), 64)),
+                    BC=env("BC", p2(C, 128)), num_warps=env("WARPS", 8 if wide else 4), num_stages=env("STAGES", 3))
     return dict(BB=16, BN=p2(H, 32), BK=p2(max(C, H), 32), BC=p2(C, 32))
 
 
@@ -600,7 +602,7 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     MU = torch.zeros(B, T, dtype=torch.float32, device=dev)
     RS = torch.zeros(B, T, dtype=torch.float32, device=dev)
     XS = torch.empty(B, C, dtype=torch.float32, device=dev)
-    blk = _blocks(B, C, H, dev)
+    blk = _blocks(B, C, H, dev, dt)
     grid = (triton.cdiv(B, blk["BB"]),)
     _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
                       B, T, C, H, R, GIN, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
@@ -627,7 +629,7 @@ def _run_backward(ctx, d_hs, d_c):
     dV = torch.empty(B, T, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
     dA = torch.empty(L, B, T, H, dtype=dt, device=dev)
     DR = torch.empty(B, C, dtype=torch.float32, device=dev) if norm_read else torch.zeros(1, device=dev)
-    blk = _blocks(B, C, H, dev)
+    blk = _blocks(B, C, H, dev, dt)
     nprog = triton.cdiv(B, blk["BB"])
     PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
     PB = torch.zeros(nprog, C, dtype=torch.float32, device=dev)

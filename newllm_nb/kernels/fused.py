@@ -91,6 +91,23 @@ def _mm(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _ln_stats(x_ptr, xrow, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB: tl.constexpr, BC: tl.constexpr):
+    """LayerNorm's mean and rstd of the rows ``x_ptr + xrow * C`` (fp32, C wide) given their sums ``s1``, with
+    torch's two-pass variance; stored for backward at ``srow`` of mu / rs."""
+    mean = s1 / C
+    s2 = tl.zeros([BB], tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        m2 = rm[:, None] & (cols < C)[None, :]
+        d = tl.where(m2, tl.load(x_ptr + xrow[:, None] * C + cols[None, :], mask=m2, other=0.0) - mean[:, None], 0.0)
+        s2 += tl.sum(d * d, 1)
+    rstd = 1.0 / tl.sqrt(s2 / C + eps)
+    tl.store(mu_ptr + srow, mean, mask=rm)
+    tl.store(rs_ptr + srow, rstd, mask=rm)
+    return mean, rstd
+
+
+@triton.jit
 def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr, bg_ptr, lnw_ptr, lnb_ptr,
                 seed_ptr, hs_ptr, xin_ptr, cin_ptr, vs_ptr, g_ptr, mu_ptr, rs_ptr, xs_ptr,
                 B, T, C, H, R, GIN, p, p_ctx, clamp, eps,
@@ -134,19 +151,9 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
                     r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
                     c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
                 tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
-        if NORM_READ:  # r = LayerNorm(c_{t-1}), two-pass variance as torch
-            mean = s1 / C
+        if NORM_READ:  # r = LayerNorm(c_{t-1})
             tl.debug_barrier()
-            s2 = tl.zeros([BB], tl.float32)
-            for c0 in range(0, C, BC):
-                cols = c0 + tl.arange(0, BC)
-                m2 = rm[:, None] & (cols < C)[None, :]
-                d = tl.where(m2, tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                             - mean[:, None], 0.0)
-                s2 += tl.sum(d * d, 1)
-            rstd = 1.0 / tl.sqrt(s2 / C + eps)
-            tl.store(mu_ptr + srow, mean, mask=rm)
-            tl.store(rs_ptr + srow, rstd, mask=rm)
+            mean, rstd = _ln_stats(cin_ptr, srow, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB, BC)
             for c0 in range(0, C, BC):
                 cols = c0 + tl.arange(0, BC)
                 cm = cols < C
@@ -264,18 +271,8 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
                 tl.store(c_ptr + r64[:, None] * C + cols[None, :], tl.minimum(tl.maximum(x, -clamp), clamp), mask=m2)
         tl.debug_barrier()
         if NORM_OUT:
-            # -- LayerNorm (two-pass variance, as torch) and clamp -> c_t ----------------------------------
-            mean = s1 / C
-            s2 = tl.zeros([BB], tl.float32)
-            for c0 in range(0, C, BC):
-                cols = c0 + tl.arange(0, BC)
-                m2 = rm[:, None] & (cols < C)[None, :]
-                x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                d = tl.where(m2, x - mean[:, None], 0.0)
-                s2 += tl.sum(d * d, 1)
-            rstd = 1.0 / tl.sqrt(s2 / C + eps)
-            tl.store(mu_ptr + srow, mean, mask=rm)
-            tl.store(rs_ptr + srow, rstd, mask=rm)
+            # -- LayerNorm and clamp -> c_t ------------------------------------------------------------------
+            mean, rstd = _ln_stats(xs_ptr, r64, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB, BC)
             for c0 in range(0, C, BC):
                 cols = c0 + tl.arange(0, BC)
                 cm = cols < C

@@ -566,3 +566,16 @@ def test_fused_option_cells_match_the_reference_cell_on_gpu(precision, cell):
     opt = torch.optim.Adam(m.parameters())
     step = make_step("auto", m, opt, torch.amp.GradScaler("cuda", enabled=False), torch.device("cuda"), precision)
     assert step.mode == "cuda-graph+fused" and step.recurrence is fused_recurrence
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the one-line refusal without a GPU")
+def test_fused_tiles_benchmark_refuses_without_a_gpu_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fused_tiles.py"
+    r = subprocess.run([sys.executable, str(script), "--presets", "original_wikitext"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "fused_tiles.py times the Triton training kernels: it needs a CUDA GPU"], r.stderr

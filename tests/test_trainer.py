@@ -6,6 +6,7 @@ import torch
 from newllm_nb import NewLLM
 from newllm_nb.data import prepare
 from newllm_nb.data.batching import WindowData
+from newllm_nb.kernels import workspace
 from newllm_nb.train.checkpoint import CheckpointError, load_checkpoint
 from newllm_nb.train.metrics import Metrics, evaluate
 from newllm_nb.train.optim import lr_at
@@ -29,6 +30,14 @@ def test_loss_falls_on_the_bundled_sample(prepared):
     assert math.log(prepared.tokenizer.vocab_size) > hist[-1]["val_loss"]
     for k in ("train_loss", "val_loss", "val_ppl", "val_acc", "tokens_per_s", "seconds", "lr"):
         assert math.isfinite(hist[-1][k]), k
+
+
+def test_the_cpu_steps_kept_buffers_go_back_when_training_ends(prepared):
+    kept = []
+    t = make(tiny(train__epochs=1), prepared, step_callbacks=[lambda r: kept.append(len(workspace._buffers()))])
+    t.fit()
+    assert t.step.used == "eager+bptt" and kept and min(kept) > 0  # the BPTT step keeps its buffers between steps
+    assert not workspace._buffers()
 
 
 def _losses(h):

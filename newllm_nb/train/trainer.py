@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, original_lr
 from ..data.batching import Dataset
+from ..kernels import workspace
 from ..runtime.distributed import (
     agreed,
     barrier,
@@ -266,6 +267,7 @@ class Trainer:
         """Train until ``epochs`` run out or validation stops improving; returns the history. ``resume=False``
         starts this configuration's run over; ``overwrite`` also replaces another configuration's run."""
         with contextlib.ExitStack() as held:  # holds the run folder's lock (rank 0) until training ends
+            held.callback(workspace.release)  # the CPU step's kept buffers: not needed once training ends
             ckpt = agreed(lambda: self._claim(held, resume, overwrite),
                           share=lambda c: None if c is None else str(c.path),
                           receive=lambda path: None if path is None else load_checkpoint(path))

@@ -93,21 +93,26 @@ class NewLLMRecurrence(torch.autograd.Function):
         MC = workspace.empty("MC", (T, B, C), f32, dev) if ctx_drop else None
         # The context path's masks are drawn step by step: the FNN's then are too, so both keep their order.
         dropout = Dropout(T, L, B, H, p, dt, dev, chunk=1 if ctx_drop else 16) if drop else None
+        # Every step's views made up front (a list each, one call): indexing in the loop costs more than its ops.
+        cin, xp, gates, xs = Cin.unbind(0), XP.unbind(0), G.unbind(0), X.unbind(0)
+        sig_fi, sig_f, sig_i, u = (G[..., a:b].unbind(0) for a, b in ((0, 2 * C), (0, C), (C, 2 * C), (2 * C, 3 * C)))
+        hs = [Hs[j].unbind(0) for j in range(L)]
+        no_masks = [None] * L
         for t in range(T):
             if keep is not None:
-                c = torch.mul(c, keep[:, t], out=Cin[t])
+                c = torch.mul(c, keep[:, t], out=cin[t])
             else:
-                c = Cin[t].copy_(c)
+                c = cin[t].copy_(c)
             if ctx_drop:
                 h = (c * MC[t].bernoulli_(1 - p_ctx).div_(1 - p_ctx)).to(dt)
             else:
                 h = c.to(dt)
-            masks = dropout(t) if drop else [None] * L
+            masks = dropout(t) if drop else no_masks
             for j, (w, b) in enumerate(packed):
-                h = mm(h, w, XP[t] if j == 0 else b, relu=True, out=Hs[j, t], mask=masks[j])
-            g = mm(h, packed_g, bg, out=G[t])
-            g[:, :2 * C].sigmoid_()
-            x = torch.mul(g[:, :C], c, out=X[t]).addcmul_(g[:, C:2 * C], g[:, 2 * C:])
+                h = mm(h, w, xp[t] if j == 0 else b, relu=True, out=hs[j][t], mask=masks[j])
+            mm(h, packed_g, bg, out=gates[t])
+            sig_fi[t].sigmoid_()
+            x = torch.mul(sig_f[t], c, out=xs[t]).addcmul_(sig_i[t], u[t])
             c = torch.native_layer_norm(x, (C,), ln_w, ln_b, LN_EPS)[0].clamp_(-CONTEXT_CLAMP, CONTEXT_CLAMP)
         ctx.save_for_backward(keep if keep is not None else torch.empty(0, device=dev),
                               MC if ctx_drop else torch.empty(0, device=dev), Wc, Wg, ln_w, ln_b,
@@ -138,20 +143,25 @@ class NewLLMRecurrence(torch.autograd.Function):
         # x @ w.T: the activation gradients take the weights transposed (packed for oneDNN).
         WgT = mm.pack(Wg.t(), B)
         WT = [mm.pack(w.t(), B) for w in [Wc, *Ws]]
+        # Every step's views made up front, as in the forward.
+        ym, xs, mu, rs, gg, dys, sf = (a.unbind(0) for a in (YM, X, MU, RS, GG, DY, SF))
+        dgs, dhl = dG.view(T, B, 3, C).unbind(0), dHL.unbind(0) if dHL is not None else [None] * T
+        hs, das = [Hs[j].unbind(0) for j in range(L)], [dA[j].unbind(0) for j in range(L)]
+        threshold_backward = torch.ops.aten.threshold_backward.grad_input
         for t in range(T - 1, -1, -1):
-            dy = torch.mul(dc, YM[t], out=DY[t])
-            dx = torch.ops.aten.native_layer_norm_backward(dy, X[t], [C], MU[t], RS[t], ln_w, ln_b,
+            dy = torch.mul(dc, ym[t], out=dys[t])
+            dx = torch.ops.aten.native_layer_norm_backward(dy, xs[t], [C], mu[t], rs[t], ln_w, ln_b,
                                                            no_affine_grads)[0]
-            dg = torch.mul(dx.unsqueeze(1), GG[t], out=dG[t].view(B, 3, C)).view(B, 3 * C)
-            dh = mm(dg, WgT, dHL[t] if dHL is not None else None)
+            dg = torch.mul(dx.unsqueeze(1), gg[t], out=dgs[t]).view(B, 3 * C)
+            dh = mm(dg, WgT, dhl[t])
             for j in range(L - 1, -1, -1):
-                dh = torch.ops.aten.threshold_backward.grad_input(dh, Hs[j, t], 0, grad_input=dA[j, t])
+                dh = threshold_backward(dh, hs[j][t], 0, grad_input=das[j][t])
                 dh = dh.mul_(s) if s != 1 else dh
                 dh = mm(dh, WT[j])
             d_in = dh.float()
             if ctx.ctx_drop:
                 d_in = d_in.mul_(MC[t])
-            dc = d_in.addcmul_(dx, SF[t])
+            dc = d_in.addcmul_(dx, sf[t])
             if ctx.has_keep:
                 dc = dc.mul_(keep[:, t])
         d_Wc, d_Wg, d_bg, layer_grads = _weight_grads(mm, dG, dA, Hs, Cin, MC if ctx.ctx_drop else None)

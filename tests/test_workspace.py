@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from newllm_nb.kernels import workspace
-from newllm_nb.kernels.linear import _aten_op, _onednn_linear, backward_weights, linear, transposed, transposed_product
+from newllm_nb.kernels.linear import _onednn_linear, _torch_op, backward_weights, linear, transposed, transposed_product
 
 
 def test_a_kept_buffer_is_handed_out_again_only_once_nothing_refers_to_it():
@@ -67,7 +67,7 @@ def test_transposed_copies_and_the_onednn_linear_backward_matches_autograd():
 def test_both_ways_to_a_weight_gradient_give_dy_t_x():
     torch.manual_seed(0)
     dy, x = torch.randn(40, 6), torch.randn(40, 9)
-    op, bw = _onednn_linear(), _aten_op("mkldnn_linear_backward_weights")
+    op, bw = _onednn_linear(), _torch_op("aten", "mkldnn_linear_backward_weights")
     if op is None or bw is None:
         pytest.skip("this torch build has no oneDNN")
     torch.testing.assert_close(transposed_product(op, dy, x), dy.t() @ x)

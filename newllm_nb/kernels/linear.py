@@ -18,10 +18,10 @@ from . import workspace
 
 
 @functools.cache
-def _mkldnn_op(name: str):
-    """``torch.ops.mkldnn.<name>``, looked up once per process (None where this torch build lacks it)."""
+def _torch_op(namespace: str, name: str):
+    """``torch.ops.<namespace>.<name>``, looked up once per process (None where this torch build lacks it)."""
     try:
-        return getattr(torch.ops.mkldnn, name)
+        return getattr(getattr(torch.ops, namespace), name)
     except (AttributeError, RuntimeError):
         return None
 
@@ -29,7 +29,7 @@ def _mkldnn_op(name: str):
 def _onednn_linear():
     """oneDNN's linear op (``x @ W.T``, with a fused bias, ReLU or add) where torch has it and oneDNN is on
     (``torch.backends.mkldnn.enabled`` is read on each call: it may be switched at any time)."""
-    op = _mkldnn_op("_linear_pointwise")
+    op = _torch_op("mkldnn", "_linear_pointwise")
     return op if op is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else None
 
 
@@ -46,7 +46,7 @@ class Matmul:
         bit, for any number of rows); ``w`` itself where the products are not oneDNN's."""
         if self.op is None:
             return w
-        reorder = _mkldnn_op("_reorder_linear_weight")
+        reorder = _torch_op("mkldnn", "_reorder_linear_weight")
         return reorder(w.contiguous(), rows) if reorder is not None else w.contiguous()
 
     def weight_grad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def weight_grad(op, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dy.T @ x`` ([M, N], [M, K] -> [N, K]) through oneDNN: its inner-product backward-weights primitive where
     torch has it (it reads both operands as they lie, rows of positions: 20% faster here than transposing them for
     the forward product), else ``op`` on the transposed operands."""
-    bw = _aten_op("mkldnn_linear_backward_weights")
+    bw = _torch_op("aten", "mkldnn_linear_backward_weights")
     return backward_weights(bw, dy, x) if bw is not None else transposed_product(op, dy, x)
 
 
@@ -104,15 +104,6 @@ def transposed_product(op, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dy.T @ x`` by oneDNN's linear ``op`` on both operands transposed into kept buffers (the op would copy them
     into fresh ones: the same work, but paged in anew each step)."""
     return op(transposed("grad_rows", dy), transposed("grad_cols", x), None, "none", [], "")
-
-
-@functools.cache
-def _aten_op(name: str):
-    """``torch.ops.aten.<name>``, looked up once per process (None where this torch build lacks it)."""
-    try:
-        return getattr(torch.ops.aten, name)
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -81,8 +81,7 @@ class NewLLMRecurrence(torch.autograd.Function):
         packed = [(mm.pack(Wc, B), None)] + [(mm.pack(w, B), b) for w, b in Ws]
         packed_g = mm.pack(Wg, B)
         L = 1 + len(Ws)
-        XP = x_proj.transpose(0, 1)  # [T, B, H]: step t's rows (contiguous for oneDNN, which adds them)
-        XP = workspace.empty("XP", (T, B, H), dt, dev).copy_(XP) if mm.op is not None else XP
+        XP = _time_major("XP", x_proj, mm)  # [T, B, H]: step t's rows
         Hs = workspace.empty("Hs", (L, T, B, H), dt, dev)  # layer outputs (after ReLU and dropout)
         Cin = workspace.empty("Cin", (T, B, C), f32, dev)  # c_{t-1} after resets
         G = workspace.empty("G", (T, B, 3 * C), f32, dev)  # [sigmoid(f) | sigmoid(i) | u]
@@ -205,10 +204,10 @@ def _weight_grads(mm: Matmul, dG: torch.Tensor, dA: torch.Tensor, Hs: torch.Tens
     dt = Hs.dtype
     flatG, flatA, flatH = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H), Hs.reshape(L, -1, H)
     d_Wg = mm.weight_grad(flatG, flatH[L - 1]).float()
-    d_bg = flatG.float().sum(0)
+    d_bg = flatG.sum(0, dtype=torch.float32)  # summed in fp32 as read: no fp32 copy of a half-precision gradient
     c_in = Cin * MC if MC is not None else Cin  # what layer 1 actually read
     d_Wc = mm.weight_grad(flatA[0], c_in.reshape(-1, C).to(dt)).float()
     layer_grads = []
     for j in range(1, L):
-        layer_grads += [mm.weight_grad(flatA[j], flatH[j - 1]).float(), flatA[j].float().sum(0)]
+        layer_grads += [mm.weight_grad(flatA[j], flatH[j - 1]).float(), flatA[j].sum(0, dtype=torch.float32)]
     return d_Wc, d_Wg, d_bg, layer_grads

@@ -10,6 +10,7 @@ else refers to its memory (no tensor, view or tensor saved for a backward pass),
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -36,9 +37,7 @@ def empty(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = _buffers()
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     buf = buffers.get((name, dtype))
     if buf is None or buf.numel() < numel or _use_count(buf) != _free_count():
         buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, device=device)

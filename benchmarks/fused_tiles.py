@@ -45,15 +45,9 @@ def recurrence_call(name: str):
     with torch.autocast("cuda", torch.bfloat16):
         x_proj = model._embed_proj(ids).detach().requires_grad_()
     c0 = model.init_context(B).cuda()
-    layers = [p for layer in model.fnn[1:] for p in (layer.weight, layer.bias)]
-    options = dict(W_v=None if model.gate_down is None else model.gate_down.weight, state_norm=mc.state_norm,
-                   gate_context=mc.gate_context)
 
-    def call() -> None:
-        hs, c = fused_recurrence(x_proj, c0, None, model.fnn[0].weight[:, mc.embed_dim:], model.gates.weight,
-                                 model.gates.bias, model.norm.weight, model.norm.bias, mc.dropout, mc.context_dropout,
-                                 True, *layers, **options)
-        return hs, c
+    def call() -> tuple[torch.Tensor, torch.Tensor]:
+        return model.run_recurrence(fused_recurrence, x_proj, c0, None)
     return call, B, T, mc.num_layers
 
 

@@ -166,6 +166,19 @@ class NewLLM(nn.Module):
         self._cell = torch.compile(self._cell, dynamic=False)
 
     # -- a whole sequence -----------------------------------------------------------------------------
+    def run_recurrence(self, recurrence: Callable, x_proj: torch.Tensor, c: torch.Tensor,
+                       keep: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole time loop through ``recurrence`` (``forward``'s, see there) from the hoisted embedding
+        projection ``x_proj`` [B, T, H], c_0 ``c`` and the reset mask ``keep``: (hs [B, T, H], c_T)."""
+        cfg = self.config
+        layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
+        options = {} if getattr(recurrence, "implements", None) is None else dict(
+            W_v=None if self.gate_down is None else self.gate_down.weight, state_norm=cfg.state_norm,
+            gate_context=cfg.gate_context)
+        return recurrence(x_proj, c, keep, self.fnn[0].weight[:, cfg.embed_dim:], self.gates.weight,
+                          self.gates.bias, self.norm.weight, self.norm.bias, cfg.dropout, cfg.context_dropout,
+                          self.training, *layers, **options)
+
     def forward(self, ids: torch.Tensor, context: Optional[torch.Tensor] = None,
                 reset: Optional[torch.Tensor] = None, return_trajectory: bool = False,
                 recurrence: Optional[Callable] = None):
@@ -192,13 +205,7 @@ class NewLLM(nn.Module):
         if recurrence is not None and (cfg.context_tanh or (implements(cfg) if implements else cfg.original_cell)):
             if return_trajectory or cfg.context_tanh:
                 raise ValueError("a whole-loop recurrence returns no trajectory and has no context_tanh")
-            layers = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
-            options = {} if implements is None else dict(
-                W_v=None if self.gate_down is None else self.gate_down.weight, state_norm=cfg.state_norm,
-                gate_context=cfg.gate_context)
-            hs, c = recurrence(x_proj, c, keep, self.fnn[0].weight[:, cfg.embed_dim:], self.gates.weight,
-                               self.gates.bias, self.norm.weight, self.norm.bias, cfg.dropout,
-                               cfg.context_dropout, self.training, *layers, **options)
+            hs, c = self.run_recurrence(recurrence, x_proj, c, keep)
             # [B, T, H] in the autograd loop's memory order (the head's matmul would copy it anyway): output
             # dropout draws its mask in memory order, so both loops drop the same units for the same seed.
             return self._logits(self.out_drop(hs.contiguous())), c

@@ -1,14 +1,18 @@
 """Tile sizes of the fused training kernels: forward and backward time of each preset's recurrence per setting,
 every row in one run.
 
-Each program owns BLOCK_B batch rows for all steps and streams the cell's weights through ``tl.dot`` every step,
-so the output tile ``BN``, the K step ``BK``, the warps and the pipeline stages set how fast the weights reach
-the tensor cores. Each row sets ``NEWLLM_FUSED_*``, runs the preset's recurrence (its own cell options, batch,
-window, dropout, bf16) forward and backward on the same inputs and reports the median of --steps calls.
-The backward includes its weight-gradient GEMMs. "default" is what ``fused._blocks`` picks with nothing set.
+``--schedule persistent``: each program owns BLOCK_B batch rows for all steps and streams the cell's weights
+through ``tl.dot`` every step, so the output tile ``BN``, the K step ``BK``, the warps and the pipeline stages set
+how fast the weights reach the tensor cores (settings 'warps,BN,BK,stages', ``NEWLLM_FUSED_*``).
+``--schedule layered``: a launch a phase a step, each program a BB x BN tile of a layer (BB x BC of the gates);
+settings 'BB,BN,BC,warps,stages' (``NEWLLM_FUSED_LAYERED_*``).
+Each row runs the preset's recurrence (its own cell options, batch, window, dropout, bf16) forward and backward on
+the same inputs, both captured in CUDA graphs as in training, and reports the median of --steps replays. The
+backward includes its weight-gradient GEMMs. "default" is what ``fused`` picks with nothing set.
 
     python benchmarks/fused_tiles.py                                   # the presets and grid below
     python benchmarks/fused_tiles.py --presets original_wikitext --grid 8,256,64,3 16,512,64,3
+    python benchmarks/fused_tiles.py --schedule layered --grid default 64,128,64,8,3
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from newllm_nb import preset  # noqa: E402
 from newllm_nb.experiments.bench import device_name  # noqa: E402
 from newllm_nb.models.build import build_model  # noqa: E402
 
-KNOBS = ("WARPS", "BN", "BK", "STAGES")
+KNOBS = {"persistent": ("NEWLLM_FUSED_", ("WARPS", "BN", "BK", "STAGES")),
+         "layered": ("NEWLLM_FUSED_LAYERED_", ("BB", "BN", "BC", "WARPS", "STAGES"))}
 GRID = ["default", "4,128,64,3", "8,256,64,3", "8,256,64,4", "8,512,64,3", "16,512,64,3", "8,256,32,3",
         "8,256,128,3"]
 
@@ -52,29 +57,48 @@ def recurrence_call(name: str):
 
 
 def time_setting(call, steps: int) -> tuple[float, float]:
-    """Median forward and backward milliseconds of ``steps`` calls after two warm-up calls."""
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-    fwd, bwd = [], []
-    for i in range(steps + 2):
-        ev[0].record()
+    """Median forward and backward milliseconds of ``steps`` replays of CUDA graphs of the forward alone and of
+    the forward with its backward (captured after two warm-up calls); backward = the second minus the first."""
+    def both() -> None:
         hs, c = call()
-        ev[1].record()
         (hs.float().sum() + c.sum()).backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = []
+    with torch.cuda.stream(stream):
+        for fn in (call, both):
+            fn()
+            fn()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graphs.append(g)
+    torch.cuda.current_stream().wait_stream(stream)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    fwd, total = [], []
+    for _ in range(steps):
+        ev[0].record()
+        graphs[0].replay()
+        ev[1].record()
+        graphs[1].replay()
         ev[2].record()
         torch.cuda.synchronize()
-        if i >= 2:
-            fwd.append(ev[0].elapsed_time(ev[1]))
-            bwd.append(ev[1].elapsed_time(ev[2]))
-    return sorted(fwd)[steps // 2], sorted(bwd)[steps // 2]
+        fwd.append(ev[0].elapsed_time(ev[1]))
+        total.append(ev[1].elapsed_time(ev[2]))
+    f, t = sorted(fwd)[steps // 2], sorted(total)[steps // 2]
+    return f, t - f
 
 
-def sweep(name: str, grid: list[str], steps: int) -> list[dict]:
+def sweep(name: str, schedule: str, grid: list[str], steps: int) -> list[dict]:
     call, B, T, L = recurrence_call(name)
+    prefix, knobs = KNOBS[schedule]
     rows = []
+    os.environ["NEWLLM_FUSED_SCHEDULE"] = schedule
     for setting in grid:
-        values = {} if setting == "default" else dict(zip(KNOBS, setting.split(",")))
+        values = {} if setting == "default" else dict(zip(knobs, setting.split(",")))
         for k, v in values.items():
-            os.environ["NEWLLM_FUSED_" + k] = v
+            os.environ[prefix + k] = v
         try:
             fwd, bwd = time_setting(call, steps)
             row = {"forward_ms": round(fwd, 3), "backward_ms": round(bwd, 3), "total_ms": round(fwd + bwd, 3)}
@@ -82,22 +106,26 @@ def sweep(name: str, grid: list[str], steps: int) -> list[dict]:
             row = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
         finally:
             for k in values:
-                os.environ.pop("NEWLLM_FUSED_" + k, None)
-        rows.append({"preset": name, "batch": B, "steps": T, "layers": L, "tiles (warps,BN,BK,stages)": setting,
-                     **row})
+                os.environ.pop(prefix + k, None)
+        rows.append({"preset": name, "batch": B, "steps": T, "layers": L, "schedule": schedule,
+                     f"tiles ({','.join(knobs).lower()})": setting, **row})
         print(rows[-1], flush=True)
+    os.environ.pop("NEWLLM_FUSED_SCHEDULE")
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="original_wikitext,original_dolly,newllm_plus,newllm_plus_10k")
-    ap.add_argument("--grid", nargs="+", default=GRID, help="settings 'warps,BN,BK,stages', or 'default'")
+    ap.add_argument("--schedule", default="persistent", choices=list(KNOBS))
+    ap.add_argument("--grid", nargs="+", default=None, help="settings 'warps,BN,BK,stages' (persistent) or "
+                                                             "'BB,BN,BC,warps,stages' (layered), or 'default'")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("fused_tiles.py times the Triton training kernels: it needs a CUDA GPU")
-    rows = [r for name in args.presets.split(",") for r in sweep(name, args.grid, args.steps)]
+    grid = args.grid or (GRID if args.schedule == "persistent" else ["default"])
+    rows = [r for name in args.presets.split(",") for r in sweep(name, args.schedule, grid, args.steps)]
     print(f"\ndevice: {device_name(torch.device('cuda'))}, torch {torch.__version__}")
     print(pd.DataFrame(rows).to_string(index=False))
 

@@ -14,6 +14,8 @@ load then falls on all variants alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 
 import pandas as pd
@@ -32,29 +34,48 @@ CONFIGS = {"L1-T127": (1, 127), "L4-T63": (4, 63)}  # Dolly and WikiText configs
 WIKITEXT2_TRAIN_TOKENS = 2_088_628  # WikiText-2's train split, word level: the epoch of --epoch-presets
 
 
-def preset_rows(names: list[str], steps: int, rounds: int) -> list[dict]:
-    """Each preset at its own batch and window length: its step on this device's default path, the autograd
-    CUDA graph (the path the cell options took before the fused kernels covered them) and the equal-parameter
-    LSTM on the same batch, window and precision."""
+def preset_rows(names: list[str], steps: int, rounds: int, schedules: tuple[str, ...] = (),
+                graph_row: bool = True) -> list[dict]:
+    """Each preset at its own batch and window length: its step on this device's default path, the fused kernels in
+    each of ``schedules`` (``fused.fused_schedule``), the autograd CUDA graph (``graph_row``: the path the cell
+    options took before the fused kernels covered them) and the equal-parameter LSTM on the same batch, window
+    and precision."""
     rows = []
     for name in names:
         cfg = preset(name)
         B, T = cfg.train.batch_size, cfg.data.max_seq_length
-        variants = [("New-LLM, fast_path auto", cfg.model, "auto")]
+        variants = [("New-LLM, fast_path auto", cfg.model, "auto", "")]
         if torch.cuda.is_available():
-            variants.append(("New-LLM, CUDA graph of the autograd loop", cfg.model, "graph-autograd"))
-        variants.append(("LSTM, equal params", matched_config(cfg.model, "lstm"), "off"))
+            variants += [(f"New-LLM, fused, {s} schedule", cfg.model, "fused", s) for s in schedules]
+            if graph_row:
+                variants.append(("New-LLM, CUDA graph of the autograd loop", cfg.model, "graph-autograd", ""))
+        variants.append(("LSTM, equal params", matched_config(cfg.model, "lstm"), "off", ""))
         runs: dict = {}
         for _ in range(rounds):
-            for label, mcfg, fp in variants:
-                runs.setdefault(label, []).append(probe_throughput(mcfg, B, T, steps=steps, fast_path=fp))
-        for label, _, _ in variants:
+            for label, mcfg, fp, schedule in variants:
+                with _schedule(schedule):
+                    runs.setdefault(label, []).append(probe_throughput(mcfg, B, T, steps=steps, fast_path=fp))
+        for label, _, _, _ in variants:
             r = sorted(runs[label], key=lambda r: r["step_ms"])[(len(runs[label]) - 1) // 2]
             rows.append({"preset": name, "batch": B, "seq_len": T, "variant": label, "path": r["path"],
                          "params": r["params"], "step_ms": round(r["step_ms"], 3), "warmup_s": round(r["warmup_s"], 2),
                          "precision": r["precision"], "device": r["device"]})
             print(f"{name:18s} B{B:<5d} T{T:<4d} {label:42s} {r['step_ms']:8.3f} ms  path {r['path']}", flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _schedule(schedule: str):
+    """The fused kernels' schedule set for the block (NEWLLM_FUSED_SCHEDULE), "" for the default."""
+    old = os.environ.pop("NEWLLM_FUSED_SCHEDULE", None)
+    if schedule:
+        os.environ["NEWLLM_FUSED_SCHEDULE"] = schedule
+    try:
+        yield
+    finally:
+        os.environ.pop("NEWLLM_FUSED_SCHEDULE", None)
+        if old is not None:
+            os.environ["NEWLLM_FUSED_SCHEDULE"] = old
 
 
 def epoch_rows(names: list[str]) -> list[dict]:
@@ -110,13 +131,19 @@ def _parse_args() -> argparse.Namespace:
                                       "LSTM of equal parameters on the same recipe (then the configs are skipped)")
     ap.add_argument("--epoch-presets", help="comma-separated presets: two epochs each on WikiText-2-sized random "
                                             "tokens, beside the LSTM")
+    ap.add_argument("--schedules", default="", help="with --presets: also a row per fused schedule named here "
+                                                     "(comma-separated: persistent, layered)")
+    ap.add_argument("--graph-row", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --presets: the autograd CUDA graph's row")
     ap.add_argument("--csv", help="write the table here too")
     return ap.parse_args()
 
 
 def _preset_tables(args: argparse.Namespace) -> None:
     """The --presets and --epoch-presets tables, each printed and optionally written beside --csv."""
-    for part, fn, suffix in ((args.presets, lambda n: preset_rows(n, args.steps, args.rounds), "_presets.csv"),
+    schedules = tuple(filter(None, args.schedules.split(",")))
+    for part, fn, suffix in ((args.presets, lambda n: preset_rows(n, args.steps, args.rounds, schedules,
+                                                                  args.graph_row), "_presets.csv"),
                              (args.epoch_presets, epoch_rows, "_epochs.csv")):
         if part:
             df = pd.DataFrame(fn(part.split(",")))

@@ -260,6 +260,54 @@ def _check_option_cells_with_every_dropout():
             raise AssertionError(f"{kw}: {e}") from None
 
 
+class _Schedule:
+    """Runs the fused kernels in one schedule (``fused.fused_schedule``) inside the block."""
+
+    def __init__(self, schedule: str) -> None:
+        self.schedule = schedule
+
+    def __enter__(self):
+        from newllm_nb.kernels.fused import fused_schedule
+
+        os.environ["NEWLLM_FUSED_SCHEDULE"] = self.schedule
+        assert fused_schedule(4096, torch.device("cpu")) == self.schedule
+
+    def __exit__(self, *exc):
+        os.environ.pop("NEWLLM_FUSED_SCHEDULE")
+
+
+def _check_layered_schedule_matches_reference():
+    """The layered schedule (a launch a phase a step over row x column blocks; 16-wide tiles under the
+    interpreter, so 40 hidden and 40 context columns split into three blocks each and 19 rows into two) against
+    the reference: the original cell with every dropout and resets against the masked reference; each option cell
+    against the model's autograd loop, and the plus cell with every dropout against the reference given the
+    kernels' masks."""
+    from newllm_nb.kernels.fused import FusedRecurrence, fused_recurrence
+
+    with _Schedule("layered"):
+        args, layers = _raw_args(B=19, T=4, C=40, H=40, L=3, keep=True, seed=3)
+        _close(_run(FusedRecurrence.apply, args, layers, 0.3, 0.2), _run(masked_reference, args, layers, 0.3, 0.2),
+               _NAMES)
+        ids = torch.randint(4, 40, (19, 5))
+        reset = torch.rand(19, 5) < 0.2
+        c0 = torch.randn(19, 40)
+        for kw in _OPTION_CELLS:
+            m = _option_model(**{**kw, "context_dim": 40, "hidden_dim": 40, "gate_rank": 2 * kw["gate_rank"]}
+                              if "gate_rank" in kw else {**kw, "context_dim": 40, "hidden_dim": 40})
+            names = ["logits", "c_T"] + [n for n, _ in m.named_parameters()]
+            try:
+                _close(_model_outputs(m, ids, c0, reset, fused_recurrence), _model_outputs(m, ids, c0, reset, None),
+                       names)
+            except AssertionError as e:
+                raise AssertionError(f"{kw}: {e}") from None
+        m = _option_model(**_OPTION_CELLS[0], context_dim=40, hidden_dim=40, dropout=0.3, context_dropout=0.2,
+                          embed_dropout=0.1, input_dropout=0.2, output_dropout=0.2).train()
+        fused = _model_outputs(m, ids, c0, reset, fused_recurrence)
+        masks = _KernelMasks(5, 19, 40, 40, m.config.num_layers, 0.3, 0.2)
+        m.drop, m.ctx_drop = masks, masks
+        _close(fused, _model_outputs(m, ids, c0, reset, None), ["logits", "c_T"] + [n for n, _ in m.named_parameters()])
+
+
 def _assert_decode_cell_follows_step(m, label: str) -> None:
     """FusedCell's logits and contexts against ``m.step`` (the reference cell) over three tokens of 3 rows."""
     from newllm_nb.kernels.fused import FusedCell
@@ -352,6 +400,7 @@ _CHECKS = {f.__name__[len("_check_"):]: f for f in (
     _check_matches_reference_and_bptt_with_resets, _check_matches_reference_one_layer_hs_only,
     _check_dropout_matches_masked_reference, _check_model_loop_with_every_dropout,
     _check_option_cells_match_the_reference_cell, _check_option_cells_with_every_dropout,
+    _check_layered_schedule_matches_reference,
     _check_decode_cell_matches_model_step, _check_option_decode_matches_model_step,
     _check_greedy_decode_matches_eager,
     _check_greedy_decode_with_other_tiles)}
@@ -579,3 +628,47 @@ def test_fused_tiles_benchmark_refuses_without_a_gpu_in_one_line():
                        timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "fused_tiles.py times the Triton training kernels: it needs a CUDA GPU"], r.stderr
+
+
+def test_fused_schedule_takes_layered_for_large_batches_and_refuses_bad_values(monkeypatch):
+    from newllm_nb.kernels import fused
+
+    monkeypatch.delenv("NEWLLM_FUSED_SCHEDULE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused.fused_schedule(fused.LAYERED_MIN_ROWS, cuda) == "layered"
+    assert fused.fused_schedule(fused.LAYERED_MIN_ROWS - 1, cuda) == "persistent"
+    assert fused.fused_schedule(4096, cpu) == "persistent"  # the interpreter: one launch each way
+    monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "layered")
+    assert fused.fused_schedule(8, cuda) == "layered"
+    monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "tiled")
+    with pytest.raises(ValueError, match="NEWLLM_FUSED_SCHEDULE='tiled'") as e:
+        fused.fused_schedule(8, cuda)
+    assert "\n" not in str(e.value)
+
+
+def test_launch_retries_with_fewer_stages_where_shared_memory_is_short():
+    """An L4 has 99 KB of shared memory a block: a tile pipeline that does not fit is launched again with one stage
+    fewer, and the depth that fitted is kept for the next launch of the same kernel and tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    from newllm_nb.kernels import fused
+
+    class Kernel:  # stands in for a JITFunction: kernel[grid](*args, **kw)
+        def __init__(self, fits: int) -> None:
+            self.fits, self.calls = fits, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                self.calls.append(kw["num_stages"])
+                if kw["num_stages"] > self.fits:
+                    raise OutOfResources(kw["num_stages"] * 40_000, 99_000, "shared memory")
+            return launch
+
+    k = Kernel(fits=2)
+    fused._launch(k, (1,), 0, BB=64, num_warps=4, num_stages=3)
+    fused._launch(k, (1,), 0, BB=64, num_warps=4, num_stages=3)
+    assert k.calls == [3, 2, 2]
+    never = Kernel(fits=0)
+    with pytest.raises(OutOfResources):
+        fused._launch(never, (1,), 0, BB=64, num_warps=4, num_stages=2)
+    assert never.calls == [2, 1]

@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..config import CONTEXT_CLAMP, LN_EPS
 from .decoding import ChunkDecoder, capture_graph, sample_ids
@@ -91,9 +92,14 @@ def _mm(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _ln_stats(x_ptr, xrow, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB: tl.constexpr, BC: tl.constexpr):
-    """LayerNorm's mean and rstd of the rows ``x_ptr + xrow * C`` (fp32, C wide) given their sums ``s1``, with
-    torch's two-pass variance; stored for backward at ``srow`` of mu / rs."""
+def _ln_stats(x_ptr, xrow, rm, mu_ptr, rs_ptr, srow, sm, C, eps, BB: tl.constexpr, BC: tl.constexpr):
+    """LayerNorm's mean and rstd of the rows ``x_ptr + xrow * C`` (fp32, C wide), with torch's two-pass
+    variance; stored for backward at ``srow`` of mu / rs where ``sm``."""
+    s1 = tl.zeros([BB], tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        m2 = rm[:, None] & (cols < C)[None, :]
+        s1 += tl.sum(tl.load(x_ptr + xrow[:, None] * C + cols[None, :], mask=m2, other=0.0), 1)
     mean = s1 / C
     s2 = tl.zeros([BB], tl.float32)
     for c0 in range(0, C, BC):
@@ -102,9 +108,210 @@ def _ln_stats(x_ptr, xrow, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB: tl.constexp
         d = tl.where(m2, tl.load(x_ptr + xrow[:, None] * C + cols[None, :], mask=m2, other=0.0) - mean[:, None], 0.0)
         s2 += tl.sum(d * d, 1)
     rstd = 1.0 / tl.sqrt(s2 / C + eps)
-    tl.store(mu_ptr + srow, mean, mask=rm)
-    tl.store(rs_ptr + srow, rstd, mask=rm)
+    tl.store(mu_ptr + srow, mean, mask=sm)
+    tl.store(rs_ptr + srow, rstd, mask=sm)
     return mean, rstd
+
+
+# -- the forward step in phases --------------------------------------------------------------------------------
+# Each phase computes, for the rows ``r64`` (mask ``rm``), the output columns [n_lo, n_hi) of one stage of step t.
+# The persistent kernel runs every phase of every step in one program over all columns; the layered schedule
+# launches each phase of each step over a grid of row blocks x column blocks. Phases that need whole rows of
+# c (LayerNorm, the read of c_{t-1}) are computed by every column program of a row block alike; each stores
+# what it computed, the same values, and reads back only its own stores.
+@triton.jit
+def _fwd_read(t, n_lo, n_hi, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, hs_ptr, xin_ptr,
+              cin_ptr, mu_ptr, rs_ptr, xs_ptr, B, T, C, H, p, p_ctx, clamp, eps,
+              L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
+              NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, IEEE: tl.constexpr,
+              BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """c_{t-1} (with NORM_OUT and t > 0: clamp(LayerNorm(x_{t-1})) from xs, its mean / rstd stored at step t-1),
+    after the reset; the layer-1 operand xin after the read norm and context dropout; then layer 1."""
+    dt = xin_ptr.dtype.element_ty
+    tB = t * B
+    srow = r64 * T + t  # this step's rows in the [B, T, ...] buffers
+    scale_ctx = 1.0 / (1.0 - p_ctx)
+    mean = tl.zeros([BB], tl.float32)
+    rstd = tl.zeros([BB], tl.float32)
+    if NORM_OUT:
+        if t > 0:
+            mean, rstd = _ln_stats(xs_ptr, r64, rm, mu_ptr, rs_ptr, srow - 1, rm, C, eps, BB, BC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < C
+        m2 = rm[:, None] & cm[None, :]
+        c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        if NORM_OUT:
+            if t > 0:
+                x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+                lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+                c = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+                c = tl.minimum(tl.maximum(c, -clamp), clamp)
+        if HAS_KEEP:
+            c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+        tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
+        if not NORM_READ:
+            if CTX_DROP:
+                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
+            tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+    if NORM_READ:  # xin = LayerNorm(c_{t-1})
+        tl.debug_barrier()
+        mean, rstd = _ln_stats(cin_ptr, srow, rm, mu_ptr, rs_ptr, srow, rm, C, eps, BB, BC)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < C
+            m2 = rm[:, None] & cm[None, :]
+            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+            lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+            c = (c - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+            if CTX_DROP:
+                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
+            tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+    tl.debug_barrier()
+    _fwd_layer(0, t, n_lo, n_hi, rm, r64, seed, xp_ptr, wc_ptr, wc_ptr, wc_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
+               True, DROP, IEEE, BB, BN, BK)
+
+
+@triton.jit
+def _fwd_layer(j, t, n_lo, n_hi, rm, r64, seed, xp_ptr, wc_ptr, wl_ptr, bl_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
+               FIRST: tl.constexpr, DROP: tl.constexpr, IEEE: tl.constexpr,
+               BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """FNN layer j + 1 (j = 0, FIRST: x_proj + W_c xin; else relu'd W_j h_j + b_j), then ReLU and dropout."""
+    dt = xin_ptr.dtype.element_ty
+    tB = t * B
+    srow = r64 * T + t
+    LS = T * B  # layer stride of hs
+    scale = 1.0 / (1.0 - p)
+    K = C if FIRST else H
+    for n0 in range(n_lo, n_hi, BN):
+        ncol = n0 + tl.arange(0, BN)
+        nm = ncol < n_hi
+        if FIRST:
+            acc = tl.load(xp_ptr + srow[:, None] * H + ncol[None, :], mask=rm[:, None] & nm[None, :],
+                          other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BB, BN], tl.float32) + tl.load(bl_ptr + (j - 1) * H + ncol, mask=nm,
+                                                             other=0.0).to(tl.float32)[None, :]
+        for k0 in range(0, K, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < K
+            if FIRST:
+                a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                w = tl.load(wc_ptr + ncol[None, :] * C + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+            else:
+                a = tl.load(hs_ptr + ((j - 1) * LS + srow)[:, None] * H + kc[None, :],
+                            mask=rm[:, None] & km[None, :], other=0.0)
+                w = tl.load(wl_ptr + (j - 1) * H * H + ncol[None, :] * H + kc[:, None],
+                            mask=km[:, None] & nm[None, :], other=0.0)
+            acc = _mm(a, w, acc, IEEE)
+        h = tl.maximum(acc, 0.0)
+        if DROP:
+            r = tl.rand(seed + j, (tB + r64)[:, None] * H + ncol[None, :])
+            h = tl.where(r >= p, h * scale, 0.0)
+        tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt), mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _fwd_rank(t, n_lo, n_hi, rm, r64, wv_ptr, hs_ptr, xin_ptr, vs_ptr, B, T, C, H, R, GIN,
+              L: tl.constexpr, GATE_CTX: tl.constexpr, IEEE: tl.constexpr,
+              BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Low-rank gates: vs = V [h_L ; xin], columns [n_lo, n_hi) of R."""
+    dt = xin_ptr.dtype.element_ty
+    srow = r64 * T + t
+    LS = T * B
+    for n0 in range(n_lo, n_hi, BN):
+        ncol = n0 + tl.arange(0, BN)
+        nm = ncol < n_hi
+        acc = tl.zeros([BB, BN], tl.float32)
+        for k0 in range(0, H, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < H
+            a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :],
+                        other=0.0)
+            w = tl.load(wv_ptr + ncol[None, :] * GIN + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+            acc = _mm(a, w, acc, IEEE)
+        if GATE_CTX:
+            for k0 in range(0, C, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < C
+                a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                w = tl.load(wv_ptr + ncol[None, :] * GIN + H + kc[:, None], mask=km[:, None] & nm[None, :],
+                            other=0.0)
+                acc = _mm(a, w, acc, IEEE)
+        tl.store(vs_ptr + srow[:, None] * R + ncol[None, :], acc.to(dt), mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _fwd_gates(t, c_lo, c_hi, rm, r64, c_ptr, wg_ptr, bg_ptr, hs_ptr, xin_ptr, cin_ptr, vs_ptr, g_ptr, xs_ptr,
+               B, T, C, H, R, GIN, clamp,
+               L: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr, RANK: tl.constexpr,
+               IEEE: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Gates for context columns [c_lo, c_hi): x = sigmoid(f) c + sigmoid(i) u (c after the reset, before the read
+    norm and dropout) into xs (NORM_OUT), or c_t = clamp(x) into c."""
+    srow = r64 * T + t
+    LS = T * B
+    WS = R if RANK else GIN  # row stride of the gate weight
+    for c0 in range(c_lo, c_hi, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < c_hi
+        m2 = rm[:, None] & cm[None, :]
+        f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm,
+                                                     other=0.0).to(tl.float32)[None, :]
+        K1 = R if RANK else H
+        for k0 in range(0, K1, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < K1
+            if RANK:
+                a = tl.load(vs_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            else:
+                a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
+                            mask=rm[:, None] & km[None, :], other=0.0)
+            wm = km[:, None] & cm[None, :]
+            f = _mm(a, tl.load(wg_ptr + cols[None, :] * WS + kc[:, None], mask=wm, other=0.0), f, IEEE)
+            i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), i, IEEE)
+            u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), u, IEEE)
+        if GATE_CTX and not RANK:
+            for k0 in range(0, C, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < C
+                a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                wm = km[:, None] & cm[None, :]
+                wp = wg_ptr + H + kc[:, None]
+                f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
+                i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
+                u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
+        gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+        tl.store(gp, f, mask=m2)
+        tl.store(gp + C, i, mask=m2)
+        tl.store(gp + 2 * C, u, mask=m2)
+        c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        x = tl.sigmoid(f) * c + tl.sigmoid(i) * u
+        if NORM_OUT:
+            tl.store(xs_ptr + r64[:, None] * C + cols[None, :], x, mask=m2)
+        else:  # no norm on the way out: c_t = clamp(x)
+            tl.store(c_ptr + r64[:, None] * C + cols[None, :], tl.minimum(tl.maximum(x, -clamp), clamp), mask=m2)
+
+
+@triton.jit
+def _fwd_norm_out(rm, r64, c_ptr, lnw_ptr, lnb_ptr, mu_ptr, rs_ptr, xs_ptr, T, C, clamp, eps,
+                  BB: tl.constexpr, BC: tl.constexpr):
+    """After the last step: c_T = clamp(LayerNorm(x_T)), its mean / rstd stored at step T - 1."""
+    mean, rstd = _ln_stats(xs_ptr, r64, rm, mu_ptr, rs_ptr, r64 * T + T - 1, rm, C, eps, BB, BC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < C
+        m2 = rm[:, None] & cm[None, :]
+        x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
+        lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
+        y = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+        tl.store(c_ptr + r64[:, None] * C + cols[None, :], tl.minimum(tl.maximum(y, -clamp), clamp), mask=m2)
 
 
 @triton.jit
@@ -115,177 +322,91 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
                 NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr, RANK: tl.constexpr,
                 IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
-    """Forward over all T steps for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32 holds c_0 on entry
-    and c_T on exit. Saved for backward: layer outputs hs [L, B, T, H], what layer 1 (and, GATE_CTX, the gates)
-    read xin [B, T, C] (after reset, the read norm and context dropout, matmul dtype), cin [B, T, C] (after
-    reset, fp32), the low-rank gate input vs [B, T, R] (RANK), raw gates g [B, T, 3C] fp32, and the LayerNorm's
-    mean / rstd [B, T] (of c_{t-1} with NORM_READ, of x_t with NORM_OUT). xs [B, C] is scratch for LayerNorm's
-    input. The gate input is [h_L ; xin] of width GIN (H, or H + C with GATE_CTX); W_g's rows are GIN wide, or
-    with RANK, V's are and W_g (U) reads the R-wide V [h_L ; xin]."""
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
+    """The persistent forward: every step, every phase, for rows [pid*BB, pid*BB + BB). ``c_ptr`` [B, C] fp32
+    holds c_0 on entry and c_T on exit. Saved for backward: layer outputs hs [L, B, T, H], what layer 1 (and,
+    GATE_CTX, the gates) read xin [B, T, C] (after reset, the read norm and context dropout, matmul dtype), cin
+    [B, T, C] (after reset, fp32), the low-rank gate input vs [B, T, R] (RANK), raw gates g [B, T, 3C] fp32, and
+    the LayerNorm's mean / rstd [B, T] (of c_{t-1} with NORM_READ, of x_t with NORM_OUT). xs [B, C] holds x_t for
+    the next step's LayerNorm. The gate input is [h_L ; xin] of width GIN (H, or H + C with GATE_CTX); W_g's rows
+    are GIN wide, or with RANK, V's are and W_g (U) reads the R-wide V [h_L ; xin]."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
     rm = rows < B
     r64 = rows.to(tl.int64)
     seed = tl.load(seed_ptr)
-    dt = xin_ptr.dtype.element_ty
-    scale = 1.0 / (1.0 - p)
-    scale_ctx = 1.0 / (1.0 - p_ctx)
-    LS = T * B  # layer stride of hs
-    WS = R if RANK else GIN  # row stride of the gate weight
     for t in range(T):
-        tB = t * B
-        srow = r64 * T + t  # this step's rows in the [B, T, ...] buffers
-        # -- c_{t-1} after the reset; the layer-1 operand after the read norm and context dropout -------------
-        s1 = tl.zeros([BB], tl.float32)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            m2 = rm[:, None] & (cols < C)[None, :]
-            c = tl.load(c_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            if HAS_KEEP:
-                c = c * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
-            tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
-            if NORM_READ:
-                s1 += tl.sum(c, 1)
-            else:
-                if CTX_DROP:
-                    r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
-                    c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
-                tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
-        if NORM_READ:  # r = LayerNorm(c_{t-1})
-            tl.debug_barrier()
-            mean, rstd = _ln_stats(cin_ptr, srow, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB, BC)
-            for c0 in range(0, C, BC):
-                cols = c0 + tl.arange(0, BC)
-                cm = cols < C
-                m2 = rm[:, None] & cm[None, :]
-                c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
-                lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-                c = (c - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-                if CTX_DROP:
-                    r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
-                    c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
-                tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
+        _fwd_read(t, 0, H, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, hs_ptr, xin_ptr,
+                  cin_ptr, mu_ptr, rs_ptr, xs_ptr, B, T, C, H, p, p_ctx, clamp, eps,
+                  L, HAS_KEEP, DROP, CTX_DROP, NORM_READ, NORM_OUT, IEEE, BB, BN, BK, BC)
         tl.debug_barrier()
-        # -- FNN layer 1: x_proj + W_c c, then layers 2..L ------------------------------------------------
-        for j in tl.static_range(L):
-            K = C if j == 0 else H
-            for n0 in range(0, H, BN):
-                ncol = n0 + tl.arange(0, BN)
-                nm = ncol < H
-                if j == 0:
-                    acc = tl.load(xp_ptr + (r64[:, None] * T + t) * H + ncol[None, :],
-                                  mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
-                else:
-                    acc = tl.zeros([BB, BN], tl.float32) + tl.load(bl_ptr + (j - 1) * H + ncol, mask=nm,
-                                                                     other=0.0).to(tl.float32)[None, :]
-                for k0 in range(0, K, BK):
-                    kc = k0 + tl.arange(0, BK)
-                    km = kc < K
-                    if j == 0:
-                        a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :],
-                                    other=0.0)
-                        w = tl.load(wc_ptr + ncol[None, :] * C + kc[:, None], mask=km[:, None] & nm[None, :],
-                                    other=0.0)
-                    else:
-                        a = tl.load(hs_ptr + ((j - 1) * LS + srow)[:, None] * H + kc[None, :],
-                                    mask=rm[:, None] & km[None, :], other=0.0)
-                        w = tl.load(wl_ptr + (j - 1) * H * H + ncol[None, :] * H + kc[:, None],
-                                    mask=km[:, None] & nm[None, :], other=0.0)
-                    acc = _mm(a, w, acc, IEEE)
-                h = tl.maximum(acc, 0.0)
-                if DROP:
-                    r = tl.rand(seed + j, (tB + r64)[:, None] * H + ncol[None, :])
-                    h = tl.where(r >= p, h * scale, 0.0)
-                tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt),
-                         mask=rm[:, None] & nm[None, :])
+        for j in tl.static_range(1, L):
+            _fwd_layer(j, t, 0, H, rm, r64, seed, xp_ptr, wc_ptr, wl_ptr, bl_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
+                       False, DROP, IEEE, BB, BN, BK)
             tl.debug_barrier()
-        # -- low-rank gates: vs = V [h_L ; xin] --------------------------------------------------------------
         if RANK:
-            for n0 in range(0, R, BN):
-                ncol = n0 + tl.arange(0, BN)
-                nm = ncol < R
-                acc = tl.zeros([BB, BN], tl.float32)
-                for k0 in range(0, H, BK):
-                    kc = k0 + tl.arange(0, BK)
-                    km = kc < H
-                    a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
-                                mask=rm[:, None] & km[None, :], other=0.0)
-                    w = tl.load(wv_ptr + ncol[None, :] * GIN + kc[:, None], mask=km[:, None] & nm[None, :], other=0.0)
-                    acc = _mm(a, w, acc, IEEE)
-                if GATE_CTX:
-                    for k0 in range(0, C, BK):
-                        kc = k0 + tl.arange(0, BK)
-                        km = kc < C
-                        a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :],
-                                    other=0.0)
-                        w = tl.load(wv_ptr + ncol[None, :] * GIN + H + kc[:, None], mask=km[:, None] & nm[None, :],
-                                    other=0.0)
-                        acc = _mm(a, w, acc, IEEE)
-                tl.store(vs_ptr + srow[:, None] * R + ncol[None, :], acc.to(dt), mask=rm[:, None] & nm[None, :])
+            _fwd_rank(t, 0, R, rm, r64, wv_ptr, hs_ptr, xin_ptr, vs_ptr, B, T, C, H, R, GIN,
+                      L, GATE_CTX, IEEE, BB, BN, BK)
             tl.debug_barrier()
-        # -- gates, x = sigmoid(f) c + sigmoid(i) u (c: after reset, before the read norm and dropout) -------
-        s1 = tl.zeros([BB], tl.float32)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            cm = cols < C
-            m2 = rm[:, None] & cm[None, :]
-            f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-            i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-            u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm,
-                                                         other=0.0).to(tl.float32)[None, :]
-            K1 = R if RANK else H
-            for k0 in range(0, K1, BK):
-                kc = k0 + tl.arange(0, BK)
-                km = kc < K1
-                if RANK:
-                    a = tl.load(vs_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                else:
-                    a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
-                                mask=rm[:, None] & km[None, :], other=0.0)
-                wm = km[:, None] & cm[None, :]
-                f = _mm(a, tl.load(wg_ptr + cols[None, :] * WS + kc[:, None], mask=wm, other=0.0), f, IEEE)
-                i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), i, IEEE)
-                u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), u, IEEE)
-            if GATE_CTX and not RANK:
-                for k0 in range(0, C, BK):
-                    kc = k0 + tl.arange(0, BK)
-                    km = kc < C
-                    a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                    wm = km[:, None] & cm[None, :]
-                    wp = wg_ptr + H + kc[:, None]
-                    f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
-                    i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
-                    u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
-            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
-            tl.store(gp, f, mask=m2)
-            tl.store(gp + C, i, mask=m2)
-            tl.store(gp + 2 * C, u, mask=m2)
-            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            x = tl.sigmoid(f) * c + tl.sigmoid(i) * u
-            x = tl.where(m2, x, 0.0)
-            if NORM_OUT:
-                tl.store(xs_ptr + r64[:, None] * C + cols[None, :], x, mask=m2)
-                s1 += tl.sum(x, 1)
-            else:  # no norm on the way out: c_t = clamp(x)
-                tl.store(c_ptr + r64[:, None] * C + cols[None, :], tl.minimum(tl.maximum(x, -clamp), clamp), mask=m2)
+        _fwd_gates(t, 0, C, rm, r64, c_ptr, wg_ptr, bg_ptr, hs_ptr, xin_ptr, cin_ptr, vs_ptr, g_ptr, xs_ptr,
+                   B, T, C, H, R, GIN, clamp, L, NORM_OUT, GATE_CTX, RANK, IEEE, BB, BK, BC)
         tl.debug_barrier()
-        if NORM_OUT:
-            # -- LayerNorm and clamp -> c_t ------------------------------------------------------------------
-            mean, rstd = _ln_stats(xs_ptr, r64, rm, s1, mu_ptr, rs_ptr, srow, C, eps, BB, BC)
-            for c0 in range(0, C, BC):
-                cols = c0 + tl.arange(0, BC)
-                cm = cols < C
-                m2 = rm[:, None] & cm[None, :]
-                x = tl.load(xs_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                lw = tl.load(lnw_ptr + cols, mask=cm, other=0.0)
-                lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
-                y = (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-                y = tl.minimum(tl.maximum(y, -clamp), clamp)
-                tl.store(c_ptr + r64[:, None] * C + cols[None, :], y, mask=m2)
-            tl.debug_barrier()
+    if NORM_OUT:
+        _fwd_norm_out(rm, r64, c_ptr, lnw_ptr, lnb_ptr, mu_ptr, rs_ptr, xs_ptr, T, C, clamp, eps, BB, BC)
 
 
+# -- the layered schedule: one launch a phase a step, over row blocks x column blocks ---------------------------
+@triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
+def _fwd_read_launch(t, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, seed_ptr, hs_ptr, xin_ptr, cin_ptr,
+                     mu_ptr, rs_ptr, xs_ptr, B, T, C, H, p, p_ctx, clamp, eps,
+                     L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
+                     NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    n_lo = tl.program_id(1) * BN
+    _fwd_read(t, n_lo, tl.minimum(n_lo + BN, H), rows < B, rows.to(tl.int64), tl.load(seed_ptr), xp_ptr, c_ptr,
+              keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, hs_ptr, xin_ptr, cin_ptr, mu_ptr, rs_ptr, xs_ptr,
+              B, T, C, H, p, p_ctx, clamp, eps, L, HAS_KEEP, DROP, CTX_DROP, NORM_READ, NORM_OUT, IEEE, BB, BN, BK, BC)
+
+
+@triton.jit(do_not_specialize=["j", "t"], do_not_specialize_on_alignment=["j", "t"])
+def _fwd_layer_launch(j, t, wl_ptr, bl_ptr, seed_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
+                      DROP: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    n_lo = tl.program_id(1) * BN
+    _fwd_layer(j, t, n_lo, tl.minimum(n_lo + BN, H), rows < B, rows.to(tl.int64), tl.load(seed_ptr), wl_ptr, wl_ptr,
+               wl_ptr, bl_ptr, hs_ptr, xin_ptr, B, T, C, H, p, False, DROP, IEEE, BB, BN, BK)
+
+
+@triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
+def _fwd_rank_launch(t, wv_ptr, hs_ptr, xin_ptr, vs_ptr, B, T, C, H, R, GIN,
+                     L: tl.constexpr, GATE_CTX: tl.constexpr, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    n_lo = tl.program_id(1) * BN
+    _fwd_rank(t, n_lo, tl.minimum(n_lo + BN, R), rows < B, rows.to(tl.int64), wv_ptr, hs_ptr, xin_ptr, vs_ptr,
+              B, T, C, H, R, GIN, L, GATE_CTX, IEEE, BB, BN, BK)
+
+
+@triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
+def _fwd_gates_launch(t, c_ptr, wg_ptr, bg_ptr, hs_ptr, xin_ptr, cin_ptr, vs_ptr, g_ptr, xs_ptr,
+                      B, T, C, H, R, GIN, clamp,
+                      L: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr, RANK: tl.constexpr,
+                      IEEE: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    c_lo = tl.program_id(1) * BC
+    _fwd_gates(t, c_lo, tl.minimum(c_lo + BC, C), rows < B, rows.to(tl.int64), c_ptr, wg_ptr, bg_ptr, hs_ptr,
+               xin_ptr, cin_ptr, vs_ptr, g_ptr, xs_ptr, B, T, C, H, R, GIN, clamp, L, NORM_OUT, GATE_CTX, RANK, IEEE,
+               BB, BK, BC)
+
+
+@triton.jit
+def _fwd_norm_out_launch(c_ptr, lnw_ptr, lnb_ptr, mu_ptr, rs_ptr, xs_ptr, B, T, C, clamp, eps,
+                         BB: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    _fwd_norm_out(rows < B, rows.to(tl.int64), c_ptr, lnw_ptr, lnb_ptr, mu_ptr, rs_ptr, xs_ptr, T, C, clamp, eps,
+                  BB, BC)
+
+
+# -- the backward step in phases, in the same two schedules ------------------------------------------------------
 @triton.jit
 def _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0, srow, r64, rm, mu, rs, C, clamp, BC: tl.constexpr):
     """One column tile of a backward step, recomputed from the saved gates (both passes over LayerNorm need
@@ -310,6 +431,210 @@ def _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0, srow, r64, rm, mu, rs
 
 
 @triton.jit
+def _bwd_read_norm(t, pid, rm, r64, dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr, pw_ptr, pb_ptr,
+                   T, C, HAS_KEEP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """Step t's read norm backward, r = LayerNorm(c_{t-1}): dr -> dc_{t-1}, then the reset; LayerNorm weight /
+    bias gradients into this row block's partial sums (pw, pb row ``pid``)."""
+    srow = r64 * T + t
+    mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
+    rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
+    s1 = tl.zeros([BB], tl.float32)
+    s2 = tl.zeros([BB], tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < C
+        m2 = rm[:, None] & cm[None, :]
+        dr = tl.load(dr_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        xh = tl.where(m2, (tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                           - mu[:, None]) * rs[:, None], 0.0)
+        pwp = pw_ptr + pid * C + cols
+        tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dr * xh, 0), mask=cm)
+        pbp = pb_ptr + pid * C + cols
+        tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dr, 0), mask=cm)
+        dxh = dr * tl.load(lnw_ptr + cols, mask=cm, other=0.0)[None, :]
+        s1 += tl.sum(dxh, 1)
+        s2 += tl.sum(dxh * xh, 1)
+    m1 = s1 / C
+    m2s = s2 / C
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < C
+        m2 = rm[:, None] & cm[None, :]
+        dr = tl.load(dr_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        xh = (c - mu[:, None]) * rs[:, None]
+        dxh = dr * tl.load(lnw_ptr + cols, mask=cm, other=0.0)[None, :]
+        dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+        dc = tl.load(dcp, mask=m2, other=0.0) + rs[:, None] * (dxh - m1[:, None] - xh * m2s[:, None])
+        if HAS_KEEP:
+            dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+        tl.store(dcp, dc, mask=m2)
+
+
+@triton.jit
+def _bwd_gates(t, pid, rm, r64, dc_ptr, lnw_ptr, lnb_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, pw_ptr, pb_ptr,
+               T, C, clamp, NORM_OUT: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """Through clamp (and LayerNorm, NORM_OUT): the gate gradients dG [B, T, 3C], and the direct path
+    dc = dx * sigmoid(f)."""
+    dt = dg_ptr.dtype.element_ty
+    srow = r64 * T + t
+    mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
+    rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
+    m1 = tl.zeros([BB], tl.float32)
+    m2s = tl.zeros([BB], tl.float32)
+    if NORM_OUT:  # row sums of dxhat and dxhat * xhat
+        s1 = tl.zeros([BB], tl.float32)
+        s2 = tl.zeros([BB], tl.float32)
+        for c0 in range(0, C, BC):
+            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
+            pwp = pw_ptr + pid * C + cols
+            tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
+            pbp = pb_ptr + pid * C + cols
+            tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dy, 0), mask=cm)
+            dxh = dy * lw[None, :]
+            s1 += tl.sum(dxh, 1)
+            s2 += tl.sum(dxh * xh, 1)
+        m1 = s1 / C
+        m2s = s2 / C
+    for c0 in range(0, C, BC):
+        if NORM_OUT:
+            cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
+                                                                  srow, r64, rm, mu, rs, C, clamp, BC)
+            dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
+        else:
+            cols = c0 + tl.arange(0, BC)
+            m2 = rm[:, None] & (cols < C)[None, :]
+            gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
+            sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
+            si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
+            u = tl.load(gp + 2 * C, mask=m2, other=0.0)
+            c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            x = sf * c + si * u
+            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+            dx = tl.where(m2 & (x >= -clamp) & (x <= clamp), tl.load(dcp, mask=m2, other=0.0), 0.0)
+        dgp = dg_ptr + srow[:, None] * (3 * C) + cols[None, :]
+        tl.store(dgp, (dx * c * sf * (1.0 - sf)).to(dt), mask=m2)
+        tl.store(dgp + C, (dx * u * si * (1.0 - si)).to(dt), mask=m2)
+        tl.store(dgp + 2 * C, (dx * si).to(dt), mask=m2)
+        tl.store(dcp, dx * sf, mask=m2)
+
+
+@triton.jit
+def _bwd_rank(t, n_lo, n_hi, rm, r64, wg_ptr, dg_ptr, dv_ptr, T, C, R, IEEE: tl.constexpr,
+              BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Low-rank gates: dV = dG U, columns [n_lo, n_hi) of R."""
+    dt = dg_ptr.dtype.element_ty
+    srow = r64 * T + t
+    for n0 in range(n_lo, n_hi, BN):
+        ncol = n0 + tl.arange(0, BN)
+        nm = ncol < n_hi
+        acc = tl.zeros([BB, BN], tl.float32)
+        for k0 in range(0, 3 * C, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < 3 * C
+            a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(wg_ptr + kc[:, None] * R + ncol[None, :], mask=km[:, None] & nm[None, :], other=0.0)
+            acc = _mm(a, w, acc, IEEE)
+        tl.store(dv_ptr + srow[:, None] * R + ncol[None, :], acc.to(dt), mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _bwd_layer(j, t, n_lo, n_hi, rm, r64, dhs_ptr, wl_ptr, wv_ptr, wg_ptr, hs_ptr, dg_ptr, dv_ptr, da_ptr,
+               B, T, C, H, R, GIN, p, LAST: tl.constexpr, HAS_DH: tl.constexpr, DROP: tl.constexpr,
+               RANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """da_j = dh_j * relu' * mask for columns [n_lo, n_hi) of H: dh_L = dhs_t + (gate input gradient)[:H] (LAST),
+    else dh_j = da_{j+1} W_{j+1}."""
+    dt = dg_ptr.dtype.element_ty
+    srow = r64 * T + t
+    scale = 1.0 / (1.0 - p)
+    K = (R if RANK else 3 * C) if LAST else H
+    for n0 in range(n_lo, n_hi, BN):
+        ncol = n0 + tl.arange(0, BN)
+        nm = ncol < n_hi
+        o2 = rm[:, None] & nm[None, :]
+        if LAST and HAS_DH:
+            acc = tl.load(dhs_ptr + srow[:, None] * H + ncol[None, :], mask=o2, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BB, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < K
+            if LAST:
+                if RANK:
+                    a = tl.load(dv_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                    w = tl.load(wv_ptr + kc[:, None] * GIN + ncol[None, :], mask=km[:, None] & nm[None, :],
+                                other=0.0)
+                else:
+                    a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
+                                other=0.0)
+                    w = tl.load(wg_ptr + kc[:, None] * GIN + ncol[None, :], mask=km[:, None] & nm[None, :],
+                                other=0.0)
+            else:
+                a = tl.load(da_ptr + ((j + 1) * T * B + srow)[:, None] * H + kc[None, :],
+                            mask=rm[:, None] & km[None, :], other=0.0)
+                w = tl.load(wl_ptr + j * H * H + kc[:, None] * H + ncol[None, :], mask=km[:, None] & nm[None, :],
+                            other=0.0)
+            acc = _mm(a, w, acc, IEEE)
+        h = tl.load(hs_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], mask=o2, other=0.0)
+        if DROP:
+            acc = acc * scale
+        da = tl.where(h > 0, acc, 0.0)
+        tl.store(da_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], da.to(dt), mask=o2)
+
+
+@triton.jit
+def _bwd_read(t, c_lo, c_hi, rm, r64, seed, dc_ptr, keep_ptr, wc_ptr, wv_ptr, wg_ptr, dg_ptr, dv_ptr, da_ptr,
+              dr_ptr, B, T, C, H, R, GIN, p_ctx,
+              L: tl.constexpr, HAS_KEEP: tl.constexpr, CTX_DROP: tl.constexpr, NORM_READ: tl.constexpr,
+              GATE_CTX: tl.constexpr, RANK: tl.constexpr, IEEE: tl.constexpr,
+              BB: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """d(what layer 1 and the gates read) = da_1 W_c (+ the gate input gradient's context half) for context
+    columns [c_lo, c_hi), through context dropout; into dr for the read norm's backward, or straight into
+    dc_{t-1}, then the reset."""
+    tB = t * B
+    srow = r64 * T + t
+    scale_ctx = 1.0 / (1.0 - p_ctx)
+    for c0 in range(c_lo, c_hi, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < c_hi
+        m2 = rm[:, None] & cm[None, :]
+        acc = tl.zeros([BB, BC], tl.float32)
+        for k0 in range(0, H, BK):
+            kc = k0 + tl.arange(0, BK)
+            km = kc < H
+            a = tl.load(da_ptr + srow[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(wc_ptr + kc[:, None] * C + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+            acc = _mm(a, w, acc, IEEE)
+        if GATE_CTX:
+            KG = R if RANK else 3 * C
+            for k0 in range(0, KG, BK):
+                kc = k0 + tl.arange(0, BK)
+                km = kc < KG
+                if RANK:
+                    a = tl.load(dv_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                    w = tl.load(wv_ptr + kc[:, None] * GIN + H + cols[None, :], mask=km[:, None] & cm[None, :],
+                                other=0.0)
+                else:
+                    a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
+                                other=0.0)
+                    w = tl.load(wg_ptr + kc[:, None] * GIN + H + cols[None, :], mask=km[:, None] & cm[None, :],
+                                other=0.0)
+                acc = _mm(a, w, acc, IEEE)
+        if CTX_DROP:
+            r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+            acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
+        if NORM_READ:
+            tl.store(dr_ptr + r64[:, None] * C + cols[None, :], acc, mask=m2)
+        else:
+            dcp = dc_ptr + r64[:, None] * C + cols[None, :]
+            dc = tl.load(dcp, mask=m2, other=0.0) + acc
+            if HAS_KEEP:
+                dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
+            tl.store(dcp, dc, mask=m2)
+
+
+@triton.jit
 def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_ptr, lnb_ptr, seed_ptr,
                 hs_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, dv_ptr, da_ptr, dr_ptr, pw_ptr, pb_ptr,
                 B, T, C, H, R, GIN, p, p_ctx, clamp,
@@ -317,195 +642,101 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_p
                 CTX_DROP: tl.constexpr, NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr,
                 RANK: tl.constexpr, IEEE: tl.constexpr,
                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
-    """Reverse loop for rows [pid*BB, pid*BB + BB). ``dc_ptr`` [B, C] fp32: dL/dc_T on entry, dL/dc_0 on
-    exit. Writes the per-step pre-activation gradients dG [B, T, 3C], dV [B, T, R] (RANK) and dA [L, B, T, H]
-    (matmul dtype) for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias gradients
-    (pw, pb [programs, C]). dr [B, C] is scratch for the read norm's input gradient."""
+    """The persistent reverse loop for rows [pid*BB, pid*BB + BB). ``dc_ptr`` [B, C] fp32: dL/dc_T on entry,
+    dL/dc_0 on exit. Writes the per-step pre-activation gradients dG [B, T, 3C], dV [B, T, R] (RANK) and dA
+    [L, B, T, H] (matmul dtype) for the weight-gradient GEMMs, and this program's partial LayerNorm weight / bias
+    gradients (pw, pb [programs, C]). dr [B, C] holds the read norm's input gradient for the step before."""
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     rm = rows < B
     r64 = rows.to(tl.int64)
     seed = tl.load(seed_ptr)
-    dt = dg_ptr.dtype.element_ty
-    scale = 1.0 / (1.0 - p)
-    scale_ctx = 1.0 / (1.0 - p_ctx)
     for tt in range(T):
         t = T - 1 - tt
-        tB = t * B  # the dropout masks' keys count positions step-major
-        srow = r64 * T + t
-        mu = tl.load(mu_ptr + srow, mask=rm, other=0.0)
-        rs = tl.load(rs_ptr + srow, mask=rm, other=0.0)
-        if NORM_OUT:
-            # -- through clamp and LayerNorm: row sums of dxhat and dxhat * xhat -----------------------------
-            s1 = tl.zeros([BB], tl.float32)
-            s2 = tl.zeros([BB], tl.float32)
-            for c0 in range(0, C, BC):
-                cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
-                                                                      srow, r64, rm, mu, rs, C, clamp, BC)
-                pwp = pw_ptr + pid * C + cols
-                tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dy * xh, 0), mask=cm)
-                pbp = pb_ptr + pid * C + cols
-                tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dy, 0), mask=cm)
-                dxh = dy * lw[None, :]
-                s1 += tl.sum(dxh, 1)
-                s2 += tl.sum(dxh * xh, 1)
-            m1 = s1 / C
-            m2s = s2 / C
-        # -- dx, gate gradients dG, and the direct path dc = dx * sigmoid(f) --------------------------------
-        for c0 in range(0, C, BC):
-            if NORM_OUT:
-                cols, cm, m2, sf, si, u, c, lw, xh, dcp, dy = _ln_tile(g_ptr, cin_ptr, lnw_ptr, lnb_ptr, dc_ptr, c0,
-                                                                      srow, r64, rm, mu, rs, C, clamp, BC)
-                dx = rs[:, None] * (dy * lw[None, :] - m1[:, None] - xh * m2s[:, None])
-            else:
-                cols = c0 + tl.arange(0, BC)
-                m2 = rm[:, None] & (cols < C)[None, :]
-                gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
-                sf = tl.sigmoid(tl.load(gp, mask=m2, other=0.0))
-                si = tl.sigmoid(tl.load(gp + C, mask=m2, other=0.0))
-                u = tl.load(gp + 2 * C, mask=m2, other=0.0)
-                c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                x = sf * c + si * u
-                dcp = dc_ptr + r64[:, None] * C + cols[None, :]
-                dx = tl.where(m2 & (x >= -clamp) & (x <= clamp), tl.load(dcp, mask=m2, other=0.0), 0.0)
-            dgp = dg_ptr + srow[:, None] * (3 * C) + cols[None, :]
-            tl.store(dgp, (dx * c * sf * (1.0 - sf)).to(dt), mask=m2)
-            tl.store(dgp + C, (dx * u * si * (1.0 - si)).to(dt), mask=m2)
-            tl.store(dgp + 2 * C, (dx * si).to(dt), mask=m2)
-            tl.store(dcp, dx * sf, mask=m2)
+        if NORM_READ:
+            if tt > 0:
+                _bwd_read_norm(t + 1, pid, rm, r64, dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr,
+                               pw_ptr, pb_ptr, T, C, HAS_KEEP, BB, BC)
+                tl.debug_barrier()
+        _bwd_gates(t, pid, rm, r64, dc_ptr, lnw_ptr, lnb_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, pw_ptr, pb_ptr,
+                   T, C, clamp, NORM_OUT, BB, BC)
         tl.debug_barrier()
-        # -- low-rank gates: dV = dG U ------------------------------------------------------------------------
         if RANK:
-            for n0 in range(0, R, BN):
-                ncol = n0 + tl.arange(0, BN)
-                nm = ncol < R
-                acc = tl.zeros([BB, BN], tl.float32)
-                for k0 in range(0, 3 * C, BK):
-                    kc = k0 + tl.arange(0, BK)
-                    km = kc < 3 * C
-                    a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
-                                other=0.0)
-                    w = tl.load(wg_ptr + kc[:, None] * R + ncol[None, :], mask=km[:, None] & nm[None, :], other=0.0)
-                    acc = _mm(a, w, acc, IEEE)
-                tl.store(dv_ptr + srow[:, None] * R + ncol[None, :], acc.to(dt), mask=rm[:, None] & nm[None, :])
+            _bwd_rank(t, 0, R, rm, r64, wg_ptr, dg_ptr, dv_ptr, T, C, R, IEEE, BB, BN, BK)
             tl.debug_barrier()
-        # -- dh_L = dhs_t + (gate input gradient)[:H], then down the layers: da_j = dh_j * relu' * mask,
-        # dh_{j-1} = da_j W_j ------------------------------------------------------------------------------------
-        for jj in tl.static_range(L):
-            j = L - 1 - jj
-            if j == L - 1:
-                K = R if RANK else 3 * C
-            else:
-                K = H
-            for n0 in range(0, H, BN):
-                ncol = n0 + tl.arange(0, BN)
-                nm = ncol < H
-                o2 = rm[:, None] & nm[None, :]
-                if j == L - 1 and HAS_DH:
-                    acc = tl.load(dhs_ptr + (r64[:, None] * T + t) * H + ncol[None, :], mask=o2,
-                                  other=0.0).to(tl.float32)
-                else:
-                    acc = tl.zeros([BB, BN], tl.float32)
-                for k0 in range(0, K, BK):
-                    kc = k0 + tl.arange(0, BK)
-                    km = kc < K
-                    if j == L - 1:
-                        if RANK:
-                            a = tl.load(dv_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :],
-                                        other=0.0)
-                            w = tl.load(wv_ptr + kc[:, None] * GIN + ncol[None, :], mask=km[:, None] & nm[None, :],
-                                        other=0.0)
-                        else:
-                            a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :],
-                                        mask=rm[:, None] & km[None, :], other=0.0)
-                            w = tl.load(wg_ptr + kc[:, None] * GIN + ncol[None, :], mask=km[:, None] & nm[None, :],
-                                        other=0.0)
-                    else:
-                        a = tl.load(da_ptr + ((j + 1) * T * B + srow)[:, None] * H + kc[None, :],
-                                    mask=rm[:, None] & km[None, :], other=0.0)
-                        w = tl.load(wl_ptr + j * H * H + kc[:, None] * H + ncol[None, :],
-                                    mask=km[:, None] & nm[None, :], other=0.0)
-                    acc = _mm(a, w, acc, IEEE)
-                h = tl.load(hs_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], mask=o2, other=0.0)
-                if DROP:
-                    acc = acc * scale
-                da = tl.where(h > 0, acc, 0.0)
-                tl.store(da_ptr + (j * T * B + srow)[:, None] * H + ncol[None, :], da.to(dt), mask=o2)
-            tl.debug_barrier()
-        # -- d(what layer 1 and the gates read) = da_1 W_c (+ the gate input gradient's context half), through
-        # context dropout; then the read norm's backward or straight into dc_{t-1}, then the reset --------------
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            cm = cols < C
-            m2 = rm[:, None] & cm[None, :]
-            acc = tl.zeros([BB, BC], tl.float32)
-            for k0 in range(0, H, BK):
-                kc = k0 + tl.arange(0, BK)
-                km = kc < H
-                a = tl.load(da_ptr + srow[:, None] * H + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                w = tl.load(wc_ptr + kc[:, None] * C + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-                acc = _mm(a, w, acc, IEEE)
-            if GATE_CTX:
-                KG = R if RANK else 3 * C
-                for k0 in range(0, KG, BK):
-                    kc = k0 + tl.arange(0, BK)
-                    km = kc < KG
-                    if RANK:
-                        a = tl.load(dv_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :],
-                                    other=0.0)
-                        w = tl.load(wv_ptr + kc[:, None] * GIN + H + cols[None, :], mask=km[:, None] & cm[None, :],
-                                    other=0.0)
-                    else:
-                        a = tl.load(dg_ptr + srow[:, None] * (3 * C) + kc[None, :], mask=rm[:, None] & km[None, :],
-                                    other=0.0)
-                        w = tl.load(wg_ptr + kc[:, None] * GIN + H + cols[None, :], mask=km[:, None] & cm[None, :],
-                                    other=0.0)
-                    acc = _mm(a, w, acc, IEEE)
-            if CTX_DROP:
-                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
-                acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
-            if NORM_READ:
-                tl.store(dr_ptr + r64[:, None] * C + cols[None, :], acc, mask=m2)
-            else:
-                dcp = dc_ptr + r64[:, None] * C + cols[None, :]
-                dc = tl.load(dcp, mask=m2, other=0.0) + acc
-                if HAS_KEEP:
-                    dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
-                tl.store(dcp, dc, mask=m2)
+        _bwd_layer(L - 1, t, 0, H, rm, r64, dhs_ptr, wl_ptr, wv_ptr, wg_ptr, hs_ptr, dg_ptr, dv_ptr, da_ptr,
+                   B, T, C, H, R, GIN, p, True, HAS_DH, DROP, RANK, IEEE, BB, BN, BK)
         tl.debug_barrier()
-        if NORM_READ:  # through r = LayerNorm(c_{t-1}): dr -> dc_{t-1}
-            s1 = tl.zeros([BB], tl.float32)
-            s2 = tl.zeros([BB], tl.float32)
-            for c0 in range(0, C, BC):
-                cols = c0 + tl.arange(0, BC)
-                cm = cols < C
-                m2 = rm[:, None] & cm[None, :]
-                dr = tl.load(dr_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                xh = tl.where(m2, (tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                                   - mu[:, None]) * rs[:, None], 0.0)
-                pwp = pw_ptr + pid * C + cols
-                tl.store(pwp, tl.load(pwp, mask=cm, other=0.0) + tl.sum(dr * xh, 0), mask=cm)
-                pbp = pb_ptr + pid * C + cols
-                tl.store(pbp, tl.load(pbp, mask=cm, other=0.0) + tl.sum(dr, 0), mask=cm)
-                dxh = dr * tl.load(lnw_ptr + cols, mask=cm, other=0.0)[None, :]
-                s1 += tl.sum(dxh, 1)
-                s2 += tl.sum(dxh * xh, 1)
-            m1 = s1 / C
-            m2s = s2 / C
-            for c0 in range(0, C, BC):
-                cols = c0 + tl.arange(0, BC)
-                cm = cols < C
-                m2 = rm[:, None] & cm[None, :]
-                dr = tl.load(dr_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                c = tl.load(cin_ptr + srow[:, None] * C + cols[None, :], mask=m2, other=0.0)
-                xh = (c - mu[:, None]) * rs[:, None]
-                dxh = dr * tl.load(lnw_ptr + cols, mask=cm, other=0.0)[None, :]
-                dcp = dc_ptr + r64[:, None] * C + cols[None, :]
-                dc = tl.load(dcp, mask=m2, other=0.0) + rs[:, None] * (dxh - m1[:, None] - xh * m2s[:, None])
-                if HAS_KEEP:
-                    dc = dc * tl.load(keep_ptr + r64 * T + t, mask=rm, other=0.0)[:, None]
-                tl.store(dcp, dc, mask=m2)
+        for jj in tl.static_range(1, L):
+            _bwd_layer(L - 1 - jj, t, 0, H, rm, r64, dhs_ptr, wl_ptr, wv_ptr, wg_ptr, hs_ptr, dg_ptr, dv_ptr, da_ptr,
+                       B, T, C, H, R, GIN, p, False, HAS_DH, DROP, RANK, IEEE, BB, BN, BK)
             tl.debug_barrier()
+        _bwd_read(t, 0, C, rm, r64, seed, dc_ptr, keep_ptr, wc_ptr, wv_ptr, wg_ptr, dg_ptr, dv_ptr, da_ptr, dr_ptr,
+                  B, T, C, H, R, GIN, p_ctx, L, HAS_KEEP, CTX_DROP, NORM_READ, GATE_CTX, RANK, IEEE, BB, BK, BC)
+        tl.debug_barrier()
+    if NORM_READ:
+        _bwd_read_norm(0, pid, rm, r64, dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr, pw_ptr, pb_ptr,
+                       T, C, HAS_KEEP, BB, BC)
+
+
+@triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
+def _bwd_gates_launch(t, dc_ptr, keep_ptr, lnw_ptr, lnb_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, dr_ptr,
+                      pw_ptr, pb_ptr, T, C, B, clamp, HAS_KEEP: tl.constexpr, NORM_READ: tl.constexpr,
+                      NORM_OUT: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """Step t + 1's read norm backward (NORM_READ, t < T - 1), then step t's gate gradients: whole rows."""
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    rm = rows < B
+    r64 = rows.to(tl.int64)
+    if NORM_READ:
+        if t < T - 1:
+            _bwd_read_norm(t + 1, pid, rm, r64, dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr, pw_ptr,
+                           pb_ptr, T, C, HAS_KEEP, BB, BC)
+            tl.debug_barrier()
+    _bwd_gates(t, pid, rm, r64, dc_ptr, lnw_ptr, lnb_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, pw_ptr, pb_ptr,
+               T, C, clamp, NORM_OUT, BB, BC)
+
+
+@triton.jit
+def _bwd_read_norm_launch(dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr, pw_ptr, pb_ptr, T, C, B,
+                          HAS_KEEP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """After the last (first in time) step: step 0's read norm backward -> dL/dc_0."""
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    _bwd_read_norm(0, pid, rows < B, rows.to(tl.int64), dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr,
+                   pw_ptr, pb_ptr, T, C, HAS_KEEP, BB, BC)
+
+
+@triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
+def _bwd_rank_launch(t, wg_ptr, dg_ptr, dv_ptr, B, T, C, R, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    n_lo = tl.program_id(1) * BN
+    _bwd_rank(t, n_lo, tl.minimum(n_lo + BN, R), rows < B, rows.to(tl.int64), wg_ptr, dg_ptr, dv_ptr, T, C, R, IEEE,
+              BB, BN, BK)
+
+
+@triton.jit(do_not_specialize=["j", "t"], do_not_specialize_on_alignment=["j", "t"])
+def _bwd_layer_launch(j, t, dhs_ptr, wl_ptr, wv_ptr, wg_ptr, hs_ptr, dg_ptr, dv_ptr, da_ptr, B, T, C, H, R, GIN, p,
+                      LAST: tl.constexpr, HAS_DH: tl.constexpr, DROP: tl.constexpr, RANK: tl.constexpr,
+                      IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    n_lo = tl.program_id(1) * BN
+    _bwd_layer(j, t, n_lo, tl.minimum(n_lo + BN, H), rows < B, rows.to(tl.int64), dhs_ptr, wl_ptr, wv_ptr, wg_ptr,
+               hs_ptr, dg_ptr, dv_ptr, da_ptr, B, T, C, H, R, GIN, p, LAST, HAS_DH, DROP, RANK, IEEE, BB, BN, BK)
+
+
+@triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
+def _bwd_read_launch(t, seed_ptr, dc_ptr, keep_ptr, wc_ptr, wv_ptr, wg_ptr, dg_ptr, dv_ptr, da_ptr, dr_ptr,
+                     B, T, C, H, R, GIN, p_ctx,
+                     L: tl.constexpr, HAS_KEEP: tl.constexpr, CTX_DROP: tl.constexpr, NORM_READ: tl.constexpr,
+                     GATE_CTX: tl.constexpr, RANK: tl.constexpr, IEEE: tl.constexpr,
+                     BB: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    c_lo = tl.program_id(1) * BC
+    _bwd_read(t, c_lo, tl.minimum(c_lo + BC, C), rows < B, rows.to(tl.int64), tl.load(seed_ptr), dc_ptr, keep_ptr,
+              wc_ptr, wv_ptr, wg_ptr, dg_ptr, dv_ptr, da_ptr, dr_ptr, B, T, C, H, R, GIN, p_ctx,
+              L, HAS_KEEP, CTX_DROP, NORM_READ, GATE_CTX, RANK, IEEE, BB, BK, BC)
 
 
 def _blocks(B: int, C: int, H: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -532,6 +763,117 @@ def _blocks(B: int, C: int, H: int, device: torch.device, dtype: torch.dtype) ->
 
 def _kernel_kwargs(blocks: dict) -> dict:
     return {k: v for k, v in blocks.items() if k not in ("num_warps", "num_stages") or not _INTERPRET}
+
+
+# The layered schedule takes over from this many rows on a GPU: below it a step's phases are too small to fill
+# the GPU, and the persistent kernel's single launch wins (benchmarks/RESULTS.md, "Fused schedules").
+LAYERED_MIN_ROWS = 256
+
+
+def fused_schedule(B: int, device: torch.device) -> str:
+    """How the fused kernels walk the time loop at batch ``B``. "persistent": one launch each way, each program
+    owning a block of rows for all T steps and reading every weight of the cell at every step. "layered": one
+    launch a phase a step (layer 1 with the read of c_{t-1}, each further layer, the gates; backward the same in
+    reverse), each over row blocks x column blocks, so that each program reads a slice of a layer's weights and
+    the weights cross the L2 far fewer times (T * (L + 1) launches a pass, captured in the step's CUDA graph).
+    NEWLLM_FUSED_SCHEDULE sets it."""
+    forced = os.environ.get("NEWLLM_FUSED_SCHEDULE", "")
+    if forced:
+        if forced not in ("persistent", "layered"):
+            raise ValueError(f"NEWLLM_FUSED_SCHEDULE={forced!r}: use 'persistent' or 'layered'")
+        return forced
+    return "layered" if device.type == "cuda" and B >= LAYERED_MIN_ROWS else "persistent"
+
+
+def _layered_blocks(C: int, H: int, device: torch.device) -> dict:
+    """The layered schedule's tiles: BB rows x BN columns (layers, the low-rank factor) or x BC context columns
+    (gates, the read's backward) a matmul program; BR rows and BCR-wide steps for the whole-row phases.
+    NEWLLM_FUSED_LAYERED_{BB,BN,BC,BK,WARPS,STAGES} override them."""
+    def env(name: str, default: int) -> int:
+        return int(os.environ.get("NEWLLM_FUSED_LAYERED_" + name, 0)) or default
+
+    def p2(n: int, cap: int) -> int:
+        return max(16, min(cap, triton.next_power_of_2(n)))
+
+    if device.type == "cuda":
+        return dict(BB=env("BB", 64), BN=env("BN", p2(H, 128)), BC=env("BC", p2(C, 64)), BK=env("BK", 64),
+                    BR=16, BCR=p2(C, 128), num_warps=env("WARPS", 4), num_stages=env("STAGES", 3))
+    return dict(BB=env("BB", 16), BN=env("BN", 16), BC=env("BC", 16), BK=env("BK", 16), BR=16, BCR=p2(C, 32))
+
+
+def _warp_kwargs(lay: dict) -> dict:
+    return {} if _INTERPRET else {k: lay[k] for k in ("num_warps", "num_stages") if k in lay}
+
+
+_FITTED_STAGES: dict = {}  # (kernel, its constexprs) -> the pipeline depth this GPU's shared memory holds
+
+
+def _launch(kernel, grid, *args, **kw) -> None:
+    """``kernel[grid](*args, **kw)``; where the tiles' pipeline does not fit this GPU's shared memory (an L4 has
+    99 KB a block, an H200 227 KB), again with one stage fewer, down to one, and remembered for the next launch."""
+    if "num_stages" not in kw:
+        kernel[grid](*args, **kw)
+        return
+    key = (kernel, tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, (bool, int)))))
+    kw["num_stages"] = _FITTED_STAGES.get(key, kw["num_stages"])
+    while True:
+        try:
+            kernel[grid](*args, **kw)
+            return
+        except OutOfResources:
+            if kw["num_stages"] <= 1:
+                raise
+            kw["num_stages"] -= 1
+            _FITTED_STAGES[key] = kw["num_stages"]
+
+
+def _forward_layered(lay, xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
+                     B, T, C, H, R, GIN, p, p_ctx, L, has_keep, drop, ctx_drop, norm_read, norm_out, gate_ctx):
+    """The forward pass as T * (L + 1 + rank) launches (the buffers as the persistent kernel fills them)."""
+    BB, BN, BK, BC, BR, BCR = (lay[k] for k in ("BB", "BN", "BK", "BC", "BR", "BCR"))
+    ieee, w = Xin.dtype == torch.float32, _warp_kwargs(lay)
+    nrb = triton.cdiv(B, BB)
+    g_h, g_r, g_c = (nrb, triton.cdiv(H, BN)), (nrb, triton.cdiv(max(R, 1), BN)), (nrb, triton.cdiv(C, BC))
+    for t in range(T):
+        _launch(_fwd_read_launch, g_h, t, xp, c, kp, Wc, lnw, lnb, seed, Hs, Xin, Cin, MU, RS, XS, B, T, C, H, p, p_ctx,
+                CONTEXT_CLAMP, LN_EPS, L=L, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
+                NORM_READ=norm_read, NORM_OUT=norm_out, IEEE=ieee, BB=BB, BN=BN, BK=BK, BC=BCR, **w)
+        for j in range(1, L):
+            _launch(_fwd_layer_launch, g_h, j, t, Wl, bl, seed, Hs, Xin, B, T, C, H, p, DROP=drop, IEEE=ieee,
+                    BB=BB, BN=BN, BK=BK, **w)
+        if R:
+            _launch(_fwd_rank_launch, g_r, t, Wv, Hs, Xin, VS, B, T, C, H, R, GIN, L=L, GATE_CTX=gate_ctx,
+                    IEEE=ieee, BB=BB, BN=BN, BK=BK, **w)
+        _launch(_fwd_gates_launch, g_c, t, c, Wg, bg, Hs, Xin, Cin, VS, G, XS, B, T, C, H, R, GIN, CONTEXT_CLAMP, L=L,
+                NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0, IEEE=ieee, BB=BB, BK=BK, BC=BC, **w)
+    if norm_out:
+        _launch(_fwd_norm_out_launch, (triton.cdiv(B, BR),), c, lnw, lnb, MU, RS, XS, B, T, C, CONTEXT_CLAMP,
+                LN_EPS, BB=BR, BC=BCR)
+
+
+def _backward_layered(lay, dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dV, dA, DR, PW, PB,
+                      B, T, C, H, R, GIN, p, p_ctx, L, has_dh, has_keep, drop, ctx_drop, norm_read, norm_out,
+                      gate_ctx):
+    """The backward pass as T * (L + 2 + rank) launches; PW / PB have one row per BR-row block."""
+    BB, BN, BK, BC, BR, BCR = (lay[k] for k in ("BB", "BN", "BK", "BC", "BR", "BCR"))
+    ieee, w = Hs.dtype == torch.float32, _warp_kwargs(lay)
+    nrb = triton.cdiv(B, BB)
+    g_rows = (triton.cdiv(B, BR),)
+    g_h, g_r, g_c = (nrb, triton.cdiv(H, BN)), (nrb, triton.cdiv(max(R, 1), BN)), (nrb, triton.cdiv(C, BC))
+    for t in reversed(range(T)):
+        _launch(_bwd_gates_launch, g_rows, t, dc, kp, lnw, lnb, Cin, G, MU, RS, dG, DR, PW, PB, T, C, B, CONTEXT_CLAMP,
+                HAS_KEEP=has_keep, NORM_READ=norm_read, NORM_OUT=norm_out, BB=BR, BC=BCR)
+        if R:
+            _launch(_bwd_rank_launch, g_r, t, Wg, dG, dV, B, T, C, R, IEEE=ieee, BB=BB, BN=BN, BK=BK, **w)
+        for j in reversed(range(L)):
+            _launch(_bwd_layer_launch, g_h, j, t, dhs, Wl, Wv, Wg, Hs, dG, dV, dA, B, T, C, H, R, GIN, p,
+                    LAST=j == L - 1, HAS_DH=has_dh, DROP=drop, RANK=R > 0, IEEE=ieee, BB=BB, BN=BN, BK=BK, **w)
+        _launch(_bwd_read_launch, g_c, t, seed, dc, kp, Wc, Wv, Wg, dG, dV, dA, DR, B, T, C, H, R, GIN, p_ctx, L=L,
+                HAS_KEEP=has_keep, CTX_DROP=ctx_drop, NORM_READ=norm_read, GATE_CTX=gate_ctx,
+                RANK=R > 0, IEEE=ieee, BB=BB, BK=BK, BC=BC, **w)
+    if norm_read:
+        _launch(_bwd_read_norm_launch, g_rows, dc, kp, lnw, Cin, MU, RS, DR, PW, PB, T, C, B, HAS_KEEP=has_keep, BB=BR,
+                BC=BCR)
 
 
 def fused_cell_supported(cfg) -> tuple[bool, str]:
@@ -598,14 +940,20 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     G = torch.empty(B, T, 3 * C, dtype=torch.float32, device=dev)
     MU = torch.zeros(B, T, dtype=torch.float32, device=dev)
     RS = torch.zeros(B, T, dtype=torch.float32, device=dev)
-    XS = torch.empty(B, C, dtype=torch.float32, device=dev)
-    blk = _blocks(B, C, H, dev, dt)
-    grid = (triton.cdiv(B, blk["BB"]),)
-    _fwd_kernel[grid](xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
-                      B, T, C, H, R, GIN, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
-                      L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop, NORM_READ=norm_read,
-                      NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0,
-                      IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+    XS = torch.zeros(B, C, dtype=torch.float32, device=dev)
+    schedule = fused_schedule(B, dev)
+    if schedule == "layered":
+        _forward_layered(_layered_blocks(C, H, dev), xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin,
+                         VS, G, MU, RS, XS, B, T, C, H, R, GIN, float(p), float(p_ctx), L, keep is not None, drop,
+                         ctx_drop, norm_read, norm_out, gate_ctx)
+    else:
+        blk = _blocks(B, C, H, dev, dt)
+        _launch(_fwd_kernel, (triton.cdiv(B, blk["BB"]),),
+            xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
+            B, T, C, H, R, GIN, float(p), float(p_ctx), CONTEXT_CLAMP, LN_EPS,
+            L=L, HAS_KEEP=keep is not None, DROP=drop, CTX_DROP=ctx_drop, NORM_READ=norm_read,
+            NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0, IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+    ctx.schedule = schedule
     ctx.save_for_backward(kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS)
     ctx.cfg = (L, R, GIN, float(p), float(p_ctx), drop, ctx_drop, keep is not None, c0.dtype, norm_read, norm_out,
                gate_ctx, ln_w is not None)
@@ -626,15 +974,23 @@ def _run_backward(ctx, d_hs, d_c):
     dV = torch.empty(B, T, R, dtype=dt, device=dev) if R else torch.zeros(1, dtype=dt, device=dev)
     dA = torch.empty(L, B, T, H, dtype=dt, device=dev)
     DR = torch.empty(B, C, dtype=torch.float32, device=dev) if norm_read else torch.zeros(1, device=dev)
-    blk = _blocks(B, C, H, dev, dt)
-    nprog = triton.cdiv(B, blk["BB"])
-    PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
-    PB = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
-    _bwd_kernel[(nprog,)](dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dV, dA, DR, PW, PB,
-                          B, T, C, H, R, GIN, p, p_ctx, CONTEXT_CLAMP,
-                          L=L, HAS_DH=d_hs is not None, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
-                          NORM_READ=norm_read, NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0,
-                          IEEE=dt == torch.float32, **_kernel_kwargs(blk))
+    if ctx.schedule == "layered":
+        lay = _layered_blocks(C, H, dev)
+        PW = torch.zeros(triton.cdiv(B, lay["BR"]), C, dtype=torch.float32, device=dev)
+        PB = torch.zeros_like(PW)
+        _backward_layered(lay, dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dV, dA, DR, PW, PB,
+                          B, T, C, H, R, GIN, p, p_ctx, L, d_hs is not None, has_keep, drop, ctx_drop, norm_read,
+                          norm_out, gate_ctx)
+    else:
+        blk = _blocks(B, C, H, dev, dt)
+        nprog = triton.cdiv(B, blk["BB"])
+        PW = torch.zeros(nprog, C, dtype=torch.float32, device=dev)
+        PB = torch.zeros_like(PW)
+        _launch(_bwd_kernel, (nprog,), dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dV, dA,
+                DR, PW, PB, B, T, C, H, R, GIN, p, p_ctx, CONTEXT_CLAMP,
+                L=L, HAS_DH=d_hs is not None, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
+                NORM_READ=norm_read, NORM_OUT=norm_out, GATE_CTX=gate_ctx, RANK=R > 0,
+                IEEE=dt == torch.float32, **_kernel_kwargs(blk))
     # Weight gradients: one matmul each over all T*B positions (as recurrence.py).
     flatG, flatA = dG.reshape(-1, 3 * C), dA.reshape(L, -1, H)
     h_last, x_in = Hs[L - 1].reshape(-1, H), Xin.reshape(-1, C)  # the gate input [h_L ; xin]

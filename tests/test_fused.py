@@ -140,6 +140,9 @@ def _check_dropout_matches_masked_reference():
     u = kernel_uniforms(torch.tensor([123], dtype=torch.int64), 0, (4096,))
     assert abs(float((u >= 0.3).float().mean()) - 0.7) < 0.03, "kept fraction must be 1 - p"
     assert not torch.equal(u, kernel_uniforms(torch.tensor([123], dtype=torch.int64), 1, (4096,)))
+    quads = kernel_uniforms(torch.tensor([5], dtype=torch.int64), 0, (64, 256)).view(-1, 4)  # one Philox call each
+    corr = torch.corrcoef(quads.T) - torch.eye(4)
+    assert float(corr.abs().max()) < 0.05, "the four columns of one draw must be independent"
 
 
 def _check_model_loop_with_every_dropout():

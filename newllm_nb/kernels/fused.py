@@ -10,7 +10,7 @@
 * inside one step everything is fused: the recurrent matmul plus the hoisted embedding projection,
   ReLU, dropout, the further FNN layers, the gate matmul, sigmoids, ``f*c + i*u``, LayerNorm, clamp
   and the resets; backward the same in reverse.
-* dropout masks come from Philox (``tl.rand``) keyed by a seed tensor drawn on the device in each
+* dropout masks come from Philox (``tl.rand4x``, four columns a call) keyed by a seed tensor drawn on the device in each
   forward, so they are fresh on every call and on every CUDA-graph replay; backward needs no mask:
   a kept FNN unit is exactly one whose stored output is > 0 (ReLU), and the context mask is regenerated
   from the saved seed.
@@ -31,6 +31,7 @@ Triton is an optional dependency: import this module only where ``import triton`
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -92,9 +93,18 @@ def _mm(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _ln_stats(x_ptr, xrow, rm, mu_ptr, rs_ptr, srow, sm, C, eps, BB: tl.constexpr, BC: tl.constexpr):
+def _uniforms(seed, rows, n0, W, BN: tl.constexpr):
+    """The dropout uniforms of columns [n0, n0 + BN) of a W-wide draw, for the flat (t * B + b) rows ``rows``.
+    One Philox call gives four neighbouring columns (n0 a multiple of 4), a quarter of ``tl.rand``'s work."""
+    q = n0 // 4 + tl.arange(0, BN // 4)
+    r0, r1, r2, r3 = tl.rand4x(seed, rows[:, None] * ((W + 3) // 4) + q[None, :])
+    return tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4q + k is r_k[q]
+
+
+@triton.jit
+def _ln_stats(x_ptr, xrow, rm, mu_ptr, rs_ptr, srow, C, eps, BB: tl.constexpr, BC: tl.constexpr):
     """LayerNorm's mean and rstd of the rows ``x_ptr + xrow * C`` (fp32, C wide), with torch's two-pass
-    variance; stored for backward at ``srow`` of mu / rs where ``sm``."""
+    variance; stored for backward at ``srow`` of mu / rs."""
     s1 = tl.zeros([BB], tl.float32)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
@@ -108,25 +118,23 @@ def _ln_stats(x_ptr, xrow, rm, mu_ptr, rs_ptr, srow, sm, C, eps, BB: tl.constexp
         d = tl.where(m2, tl.load(x_ptr + xrow[:, None] * C + cols[None, :], mask=m2, other=0.0) - mean[:, None], 0.0)
         s2 += tl.sum(d * d, 1)
     rstd = 1.0 / tl.sqrt(s2 / C + eps)
-    tl.store(mu_ptr + srow, mean, mask=sm)
-    tl.store(rs_ptr + srow, rstd, mask=sm)
+    tl.store(mu_ptr + srow, mean, mask=rm)
+    tl.store(rs_ptr + srow, rstd, mask=rm)
     return mean, rstd
 
 
 # -- the forward step in phases --------------------------------------------------------------------------------
-# Each phase computes, for the rows ``r64`` (mask ``rm``), the output columns [n_lo, n_hi) of one stage of step t.
-# The persistent kernel runs every phase of every step in one program over all columns; the layered schedule
-# launches each phase of each step over a grid of row blocks x column blocks. Phases that need whole rows of
-# c (LayerNorm, the read of c_{t-1}) are computed by every column program of a row block alike; each stores
-# what it computed, the same values, and reads back only its own stores.
+# Each phase computes, for the rows ``r64`` (mask ``rm``), one stage of step t: the state phase whole rows, the
+# matmul phases the output columns [n_lo, n_hi). The persistent kernel runs every phase of every step in one
+# program over all columns; the layered schedule launches each phase of each step, the state phase over row
+# blocks, the others over row blocks x column blocks.
 @triton.jit
-def _fwd_read(t, n_lo, n_hi, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, hs_ptr, xin_ptr,
-              cin_ptr, mu_ptr, rs_ptr, xs_ptr, B, T, C, H, p, p_ctx, clamp, eps,
-              L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
-              NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, IEEE: tl.constexpr,
-              BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+def _fwd_state(t, rm, r64, seed, c_ptr, keep_ptr, lnw_ptr, lnb_ptr, xin_ptr, cin_ptr, mu_ptr, rs_ptr, xs_ptr,
+               B, T, C, p_ctx, clamp, eps,
+               L: tl.constexpr, HAS_KEEP: tl.constexpr, CTX_DROP: tl.constexpr, NORM_READ: tl.constexpr,
+               NORM_OUT: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
     """c_{t-1} (with NORM_OUT and t > 0: clamp(LayerNorm(x_{t-1})) from xs, its mean / rstd stored at step t-1),
-    after the reset; the layer-1 operand xin after the read norm and context dropout; then layer 1."""
+    after the reset, into cin; what layer 1 reads, after the read norm and context dropout, into xin."""
     dt = xin_ptr.dtype.element_ty
     tB = t * B
     srow = r64 * T + t  # this step's rows in the [B, T, ...] buffers
@@ -135,7 +143,7 @@ def _fwd_read(t, n_lo, n_hi, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw
     rstd = tl.zeros([BB], tl.float32)
     if NORM_OUT:
         if t > 0:
-            mean, rstd = _ln_stats(xs_ptr, r64, rm, mu_ptr, rs_ptr, srow - 1, rm, C, eps, BB, BC)
+            mean, rstd = _ln_stats(xs_ptr, r64, rm, mu_ptr, rs_ptr, srow - 1, C, eps, BB, BC)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         cm = cols < C
@@ -153,12 +161,12 @@ def _fwd_read(t, n_lo, n_hi, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw
         tl.store(cin_ptr + srow[:, None] * C + cols[None, :], c, mask=m2)
         if not NORM_READ:
             if CTX_DROP:
-                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                r = _uniforms(seed + L, tB + r64, c0, C, BC)
                 c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
             tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
     if NORM_READ:  # xin = LayerNorm(c_{t-1})
         tl.debug_barrier()
-        mean, rstd = _ln_stats(cin_ptr, srow, rm, mu_ptr, rs_ptr, srow, rm, C, eps, BB, BC)
+        mean, rstd = _ln_stats(cin_ptr, srow, rm, mu_ptr, rs_ptr, srow, C, eps, BB, BC)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < C
@@ -168,12 +176,9 @@ def _fwd_read(t, n_lo, n_hi, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw
             lb = tl.load(lnb_ptr + cols, mask=cm, other=0.0)
             c = (c - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
             if CTX_DROP:
-                r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+                r = _uniforms(seed + L, tB + r64, c0, C, BC)
                 c = tl.where(r >= p_ctx, c * scale_ctx, 0.0)
             tl.store(xin_ptr + srow[:, None] * C + cols[None, :], c.to(dt), mask=m2)
-    tl.debug_barrier()
-    _fwd_layer(0, t, n_lo, n_hi, rm, r64, seed, xp_ptr, wc_ptr, wc_ptr, wc_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
-               True, DROP, IEEE, BB, BN, BK)
 
 
 @triton.jit
@@ -210,7 +215,7 @@ def _fwd_layer(j, t, n_lo, n_hi, rm, r64, seed, xp_ptr, wc_ptr, wl_ptr, bl_ptr, 
             acc = _mm(a, w, acc, IEEE)
         h = tl.maximum(acc, 0.0)
         if DROP:
-            r = tl.rand(seed + j, (tB + r64)[:, None] * H + ncol[None, :])
+            r = _uniforms(seed + j, tB + r64, n0, H, BN)
             h = tl.where(r >= p, h * scale, 0.0)
         tl.store(hs_ptr + (j * LS + srow)[:, None] * H + ncol[None, :], h.to(dt), mask=rm[:, None] & nm[None, :])
 
@@ -302,7 +307,7 @@ def _fwd_gates(t, c_lo, c_hi, rm, r64, c_ptr, wg_ptr, bg_ptr, hs_ptr, xin_ptr, c
 def _fwd_norm_out(rm, r64, c_ptr, lnw_ptr, lnb_ptr, mu_ptr, rs_ptr, xs_ptr, T, C, clamp, eps,
                   BB: tl.constexpr, BC: tl.constexpr):
     """After the last step: c_T = clamp(LayerNorm(x_T)), its mean / rstd stored at step T - 1."""
-    mean, rstd = _ln_stats(xs_ptr, r64, rm, mu_ptr, rs_ptr, r64 * T + T - 1, rm, C, eps, BB, BC)
+    mean, rstd = _ln_stats(xs_ptr, r64, rm, mu_ptr, rs_ptr, r64 * T + T - 1, C, eps, BB, BC)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         cm = cols < C
@@ -334,13 +339,12 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
     r64 = rows.to(tl.int64)
     seed = tl.load(seed_ptr)
     for t in range(T):
-        _fwd_read(t, 0, H, rm, r64, seed, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, hs_ptr, xin_ptr,
-                  cin_ptr, mu_ptr, rs_ptr, xs_ptr, B, T, C, H, p, p_ctx, clamp, eps,
-                  L, HAS_KEEP, DROP, CTX_DROP, NORM_READ, NORM_OUT, IEEE, BB, BN, BK, BC)
+        _fwd_state(t, rm, r64, seed, c_ptr, keep_ptr, lnw_ptr, lnb_ptr, xin_ptr, cin_ptr, mu_ptr, rs_ptr, xs_ptr,
+                   B, T, C, p_ctx, clamp, eps, L, HAS_KEEP, CTX_DROP, NORM_READ, NORM_OUT, BB, BC)
         tl.debug_barrier()
-        for j in tl.static_range(1, L):
+        for j in tl.static_range(L):
             _fwd_layer(j, t, 0, H, rm, r64, seed, xp_ptr, wc_ptr, wl_ptr, bl_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
-                       False, DROP, IEEE, BB, BN, BK)
+                       j == 0, DROP, IEEE, BB, BN, BK)
             tl.debug_barrier()
         if RANK:
             _fwd_rank(t, 0, R, rm, r64, wv_ptr, hs_ptr, xin_ptr, vs_ptr, B, T, C, H, R, GIN,
@@ -355,25 +359,24 @@ def _fwd_kernel(xp_ptr, c_ptr, keep_ptr, wc_ptr, wl_ptr, bl_ptr, wv_ptr, wg_ptr,
 
 # -- the layered schedule: one launch a phase a step, over row blocks x column blocks ---------------------------
 @triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
-def _fwd_read_launch(t, xp_ptr, c_ptr, keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, seed_ptr, hs_ptr, xin_ptr, cin_ptr,
-                     mu_ptr, rs_ptr, xs_ptr, B, T, C, H, p, p_ctx, clamp, eps,
-                     L: tl.constexpr, HAS_KEEP: tl.constexpr, DROP: tl.constexpr, CTX_DROP: tl.constexpr,
-                     NORM_READ: tl.constexpr, NORM_OUT: tl.constexpr, IEEE: tl.constexpr,
-                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+def _fwd_state_launch(t, c_ptr, keep_ptr, lnw_ptr, lnb_ptr, seed_ptr, xin_ptr, cin_ptr, mu_ptr, rs_ptr, xs_ptr,
+                      B, T, C, p_ctx, clamp, eps,
+                      L: tl.constexpr, HAS_KEEP: tl.constexpr, CTX_DROP: tl.constexpr, NORM_READ: tl.constexpr,
+                      NORM_OUT: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    n_lo = tl.program_id(1) * BN
-    _fwd_read(t, n_lo, tl.minimum(n_lo + BN, H), rows < B, rows.to(tl.int64), tl.load(seed_ptr), xp_ptr, c_ptr,
-              keep_ptr, wc_ptr, lnw_ptr, lnb_ptr, hs_ptr, xin_ptr, cin_ptr, mu_ptr, rs_ptr, xs_ptr,
-              B, T, C, H, p, p_ctx, clamp, eps, L, HAS_KEEP, DROP, CTX_DROP, NORM_READ, NORM_OUT, IEEE, BB, BN, BK, BC)
+    _fwd_state(t, rows < B, rows.to(tl.int64), tl.load(seed_ptr), c_ptr, keep_ptr, lnw_ptr, lnb_ptr, xin_ptr,
+               cin_ptr, mu_ptr, rs_ptr, xs_ptr, B, T, C, p_ctx, clamp, eps, L, HAS_KEEP, CTX_DROP, NORM_READ,
+               NORM_OUT, BB, BC)
 
 
 @triton.jit(do_not_specialize=["j", "t"], do_not_specialize_on_alignment=["j", "t"])
-def _fwd_layer_launch(j, t, wl_ptr, bl_ptr, seed_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
-                      DROP: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _fwd_layer_launch(j, t, xp_ptr, wc_ptr, wl_ptr, bl_ptr, seed_ptr, hs_ptr, xin_ptr, B, T, C, H, p,
+                      FIRST: tl.constexpr, DROP: tl.constexpr, IEEE: tl.constexpr,
+                      BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     n_lo = tl.program_id(1) * BN
-    _fwd_layer(j, t, n_lo, tl.minimum(n_lo + BN, H), rows < B, rows.to(tl.int64), tl.load(seed_ptr), wl_ptr, wl_ptr,
-               wl_ptr, bl_ptr, hs_ptr, xin_ptr, B, T, C, H, p, False, DROP, IEEE, BB, BN, BK)
+    _fwd_layer(j, t, n_lo, tl.minimum(n_lo + BN, H), rows < B, rows.to(tl.int64), tl.load(seed_ptr), xp_ptr, wc_ptr,
+               wl_ptr, bl_ptr, hs_ptr, xin_ptr, B, T, C, H, p, FIRST, DROP, IEEE, BB, BN, BK)
 
 
 @triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
@@ -622,7 +625,7 @@ def _bwd_read(t, c_lo, c_hi, rm, r64, seed, dc_ptr, keep_ptr, wc_ptr, wv_ptr, wg
                                 other=0.0)
                 acc = _mm(a, w, acc, IEEE)
         if CTX_DROP:
-            r = tl.rand(seed + L, (tB + r64)[:, None] * C + cols[None, :])
+            r = _uniforms(seed + L, tB + r64, c0, C, BC)
             acc = tl.where(r >= p_ctx, acc * scale_ctx, 0.0)
         if NORM_READ:
             tl.store(dr_ptr + r64[:, None] * C + cols[None, :], acc, mask=m2)
@@ -829,18 +832,18 @@ def _launch(kernel, grid, *args, **kw) -> None:
 
 def _forward_layered(lay, xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin, VS, G, MU, RS, XS,
                      B, T, C, H, R, GIN, p, p_ctx, L, has_keep, drop, ctx_drop, norm_read, norm_out, gate_ctx):
-    """The forward pass as T * (L + 1 + rank) launches (the buffers as the persistent kernel fills them)."""
+    """The forward pass as T * (L + 2 + rank) launches (the buffers as the persistent kernel fills them)."""
     BB, BN, BK, BC, BR, BCR = (lay[k] for k in ("BB", "BN", "BK", "BC", "BR", "BCR"))
     ieee, w = Xin.dtype == torch.float32, _warp_kwargs(lay)
     nrb = triton.cdiv(B, BB)
     g_h, g_r, g_c = (nrb, triton.cdiv(H, BN)), (nrb, triton.cdiv(max(R, 1), BN)), (nrb, triton.cdiv(C, BC))
     for t in range(T):
-        _launch(_fwd_read_launch, g_h, t, xp, c, kp, Wc, lnw, lnb, seed, Hs, Xin, Cin, MU, RS, XS, B, T, C, H, p, p_ctx,
-                CONTEXT_CLAMP, LN_EPS, L=L, HAS_KEEP=has_keep, DROP=drop, CTX_DROP=ctx_drop,
-                NORM_READ=norm_read, NORM_OUT=norm_out, IEEE=ieee, BB=BB, BN=BN, BK=BK, BC=BCR, **w)
-        for j in range(1, L):
-            _launch(_fwd_layer_launch, g_h, j, t, Wl, bl, seed, Hs, Xin, B, T, C, H, p, DROP=drop, IEEE=ieee,
-                    BB=BB, BN=BN, BK=BK, **w)
+        _launch(_fwd_state_launch, (triton.cdiv(B, BR),), t, c, kp, lnw, lnb, seed, Xin, Cin, MU, RS, XS, B, T, C,
+                p_ctx, CONTEXT_CLAMP, LN_EPS, L=L, HAS_KEEP=has_keep, CTX_DROP=ctx_drop, NORM_READ=norm_read,
+                NORM_OUT=norm_out, BB=BR, BC=BCR)
+        for j in range(L):
+            _launch(_fwd_layer_launch, g_h, j, t, xp, Wc, Wl, bl, seed, Hs, Xin, B, T, C, H, p, FIRST=j == 0,
+                    DROP=drop, IEEE=ieee, BB=BB, BN=BN, BK=BK, **w)
         if R:
             _launch(_fwd_rank_launch, g_r, t, Wv, Hs, Xin, VS, B, T, C, H, R, GIN, L=L, GATE_CTX=gate_ctx,
                     IEEE=ieee, BB=BB, BN=BN, BK=BK, **w)
@@ -1063,20 +1066,22 @@ fused_recurrence.implements = lambda cfg: fused_cell_supported(cfg)[0]
 
 # -- dropout masks, as the kernels draw them (tests rebuild the reference with these) ---------------------------
 @triton.jit
-def _rand_kernel(seed_ptr, out_ptr, n, stream, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    r = tl.rand(tl.load(seed_ptr) + stream, offs)
-    tl.store(out_ptr + offs, r, mask=offs < n)
+def _rand_kernel(seed_ptr, out_ptr, N, W, stream, BR: tl.constexpr, BW: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    n0 = tl.program_id(1) * BW
+    cols = n0 + tl.arange(0, BW)
+    r = _uniforms(tl.load(seed_ptr) + stream, rows.to(tl.int64), n0, W, BW)
+    tl.store(out_ptr + rows[:, None] * W + cols[None, :], r, mask=(rows < N)[:, None] & (cols < W)[None, :])
 
 
 def kernel_uniforms(seed: torch.Tensor, stream: int, shape: tuple) -> torch.Tensor:
     """The uniforms the kernels compare with p: stream j < L is FNN layer j+1's dropout over [T, B, H],
-    stream L the context dropout over [T, B, C]; a unit is kept where the uniform is >= p."""
-    n = 1
-    for s in shape:
-        n *= s
-    out = torch.empty(n, dtype=torch.float32, device=seed.device)
-    _rand_kernel[(triton.cdiv(n, 1024),)](seed, out, n, stream, BLOCK=1024)
+    stream L the context dropout over [T, B, C]; a unit is kept where the uniform is >= p. The last dimension
+    is the draw's width; the ones before it are flattened into its rows."""
+    W = shape[-1]
+    N = math.prod(shape[:-1])
+    out = torch.empty(N * W, dtype=torch.float32, device=seed.device)
+    _rand_kernel[(triton.cdiv(N, 16), triton.cdiv(W, 64))](seed, out, N, W, stream, BR=16, BW=64)
     return out.view(shape)
 
 
@@ -1330,7 +1335,8 @@ class FusedCell:
         # (benchmarks/decode_tiles.py).
         self.BB = 16 if batch_size <= 16 else 32 if batch_size <= 64 else 64
         self.BN, self.BK, self.BV = _dec_env("BN", 32), _dec_env("BK", 64), _dec_env("BV", 64)
-        self.launch = {} if _INTERPRET else {"num_warps": _dec_env("WARPS", 4)}
+        warps = _dec_env("WARPS", 4)  # checked under the interpreter too, which takes no warps
+        self.launch = {} if _INTERPRET else {"num_warps": warps}
         self.V = self.head_w.shape[0] if self.head_w is not None else 0
         self.NV = triton.cdiv(self.V, self.BV)
         self.pmax = torch.zeros(max(self.NV, 1), batch_size, dtype=torch.float32, device=dev)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from newllm_nb.config import ModelConfig  # noqa: E402
-from newllm_nb.experiments.bench import device_name  # noqa: E402
+from newllm_nb.experiments.bench import device_name, environment  # noqa: E402
 from newllm_nb.models.newllm import NewLLM  # noqa: E402
 
 KNOBS = ("BN", "BK", "BV", "WARPS")
@@ -35,9 +34,7 @@ def decode(model, tiles: dict, chunk: int, tokens: int) -> tuple[float, torch.Te
     """(tokens/s, the ids, first-use seconds) of one setting."""
     from newllm_nb.kernels.fused import FusedDecoder
 
-    for k in KNOBS:
-        os.environ["NEWLLM_DEC_" + k] = str(tiles[k])
-    try:
+    with environment({"NEWLLM_DEC_" + k: str(tiles[k]) for k in KNOBS}):
         t0 = time.perf_counter()
         dec = FusedDecoder(model, 1, chunk=chunk)
         dec.run(torch.tensor([[2]]), 2 * chunk)  # compile + capture
@@ -47,9 +44,6 @@ def decode(model, tiles: dict, chunk: int, tokens: int) -> tuple[float, torch.Te
         ids = dec.run(torch.tensor([[2]]), tokens)
         torch.cuda.synchronize()
         return tokens / (time.perf_counter() - t0), ids, first
-    finally:
-        for k in KNOBS:
-            os.environ.pop("NEWLLM_DEC_" + k, None)
 
 
 def main() -> None:

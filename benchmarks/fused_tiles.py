@@ -18,7 +18,6 @@ backward includes its weight-gradient GEMMs. "default" is what ``fused`` picks w
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from newllm_nb import preset  # noqa: E402
-from newllm_nb.experiments.bench import device_name  # noqa: E402
+from newllm_nb.experiments.bench import device_name, environment  # noqa: E402
 from newllm_nb.models.build import build_model  # noqa: E402
 
 KNOBS = {"persistent": ("NEWLLM_FUSED_", ("WARPS", "BN", "BK", "STAGES")),
@@ -94,23 +93,17 @@ def sweep(name: str, schedule: str, grid: list[str], steps: int) -> list[dict]:
     call, B, T, L = recurrence_call(name)
     prefix, knobs = KNOBS[schedule]
     rows = []
-    os.environ["NEWLLM_FUSED_SCHEDULE"] = schedule
     for setting in grid:
         values = {} if setting == "default" else dict(zip(knobs, setting.split(",")))
-        for k, v in values.items():
-            os.environ[prefix + k] = v
         try:
-            fwd, bwd = time_setting(call, steps)
+            with environment({"NEWLLM_FUSED_SCHEDULE": schedule, **{prefix + k: v for k, v in values.items()}}):
+                fwd, bwd = time_setting(call, steps)
             row = {"forward_ms": round(fwd, 3), "backward_ms": round(bwd, 3), "total_ms": round(fwd + bwd, 3)}
         except Exception as e:  # a setting the GPU cannot run (e.g. out of shared memory) is a row, not the end
             row = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
-        finally:
-            for k in values:
-                os.environ.pop(prefix + k, None)
         rows.append({"preset": name, "batch": B, "steps": T, "layers": L, "schedule": schedule,
                      f"tiles ({','.join(knobs).lower()})": setting, **row})
         print(rows[-1], flush=True)
-    os.environ.pop("NEWLLM_FUSED_SCHEDULE")
     return rows
 
 

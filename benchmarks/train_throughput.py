@@ -14,8 +14,6 @@ load then falls on all variants alike.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
 
 import pandas as pd
@@ -24,7 +22,7 @@ import torch
 from newllm_nb import ModelConfig, preset
 from newllm_nb.config import apply_overrides
 from newllm_nb.data.batching import StreamData
-from newllm_nb.experiments.bench import probe_throughput
+from newllm_nb.experiments.bench import environment, probe_throughput
 from newllm_nb.models.build import build_model, matched_config
 from newllm_nb.train.trainer import Trainer
 
@@ -53,7 +51,7 @@ def preset_rows(names: list[str], steps: int, rounds: int, schedules: tuple[str,
         runs: dict = {}
         for _ in range(rounds):
             for label, mcfg, fp, schedule in variants:
-                with _schedule(schedule):
+                with environment({"NEWLLM_FUSED_SCHEDULE": schedule}):
                     runs.setdefault(label, []).append(probe_throughput(mcfg, B, T, steps=steps, fast_path=fp))
         for label, _, _, _ in variants:
             r = sorted(runs[label], key=lambda r: r["step_ms"])[(len(runs[label]) - 1) // 2]
@@ -62,20 +60,6 @@ def preset_rows(names: list[str], steps: int, rounds: int, schedules: tuple[str,
                          "precision": r["precision"], "device": r["device"]})
             print(f"{name:18s} B{B:<5d} T{T:<4d} {label:42s} {r['step_ms']:8.3f} ms  path {r['path']}", flush=True)
     return rows
-
-
-@contextlib.contextmanager
-def _schedule(schedule: str):
-    """The fused kernels' schedule set for the block (NEWLLM_FUSED_SCHEDULE), "" for the default."""
-    old = os.environ.pop("NEWLLM_FUSED_SCHEDULE", None)
-    if schedule:
-        os.environ["NEWLLM_FUSED_SCHEDULE"] = schedule
-    try:
-        yield
-    finally:
-        os.environ.pop("NEWLLM_FUSED_SCHEDULE", None)
-        if old is not None:
-            os.environ["NEWLLM_FUSED_SCHEDULE"] = old
 
 
 def epoch_rows(names: list[str]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,18 @@ def test_the_trainer_draws_its_bars_with_the_progress_class_it_is_given(tiny_pre
 
     make_trainer(tiny_config(train__epochs=2), tiny_prepared, progress=Recording).fit()
     assert made == [("epochs", True), ("epoch 1", False), ("epoch 2", False)]
+
+
+def test_environment_sets_unsets_and_restores_each_variable(monkeypatch):
+    from newllm_nb.experiments.bench import environment
+
+    monkeypatch.setenv("NEWLLM_TEST_A", "before")
+    monkeypatch.delenv("NEWLLM_TEST_B", raising=False)
+    monkeypatch.setenv("NEWLLM_TEST_C", "kept")
+    with pytest.raises(RuntimeError):
+        with environment({"NEWLLM_TEST_A": "inside", "NEWLLM_TEST_B": "new", "NEWLLM_TEST_C": ""}):
+            assert (os.environ["NEWLLM_TEST_A"], os.environ["NEWLLM_TEST_B"]) == ("inside", "new")
+            assert "NEWLLM_TEST_C" not in os.environ
+            raise RuntimeError("a measurement that fails still restores the environment")
+    assert os.environ["NEWLLM_TEST_A"] == "before" and os.environ["NEWLLM_TEST_C"] == "kept"
+    assert "NEWLLM_TEST_B" not in os.environ

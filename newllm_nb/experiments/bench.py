@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -16,6 +19,26 @@ from ..train.trainer import Trainer
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, Optional[str]]) -> Iterator[None]:
+    """The environment variables ``values`` set for the block (None or "" unsets one), each restored after: how
+    benchmarks pick a kernel's tiles or schedule (``NEWLLM_FUSED_*``, ``NEWLLM_DEC_*``) for one measurement."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v:
+                os.environ[k] = str(v)
+            else:
+                os.environ.pop(k, None)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def probe_throughput(model_cfg: ModelConfig, batch_size: int, seq_len: int, steps: int = 10,

@@ -251,6 +251,32 @@ def _fwd_rank(t, n_lo, n_hi, rm, r64, wv_ptr, hs_ptr, xin_ptr, vs_ptr, B, T, C, 
 
 
 @triton.jit
+def _gate_bias(bg_ptr, cols, cm, C, BB: tl.constexpr, BC: tl.constexpr):
+    """The gate accumulators f, i, u [BB, BC] of the context columns ``cols``, started at their biases."""
+    f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    return f, i, u
+
+
+@triton.jit
+def _gate_dots(f, i, u, a_ptr, arow, rm, K, w_ptr, WS, cols, cm, C, IEEE: tl.constexpr, BK: tl.constexpr):
+    """f, i, u += a W^T for the K-wide operand rows ``a_ptr + arow * K`` and the weight rows of f, i and u
+    (``w_ptr`` + row * WS, the row blocks [0, C), [C, 2C), [2C, 3C) at ``cols``; ``w_ptr`` points at the
+    operand's first column in W_g)."""
+    for k0 in range(0, K, BK):
+        kc = k0 + tl.arange(0, BK)
+        km = kc < K
+        a = tl.load(a_ptr + arow[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        wm = km[:, None] & cm[None, :]
+        wp = w_ptr + kc[:, None]
+        f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
+        i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
+        u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
+    return f, i, u
+
+
+@triton.jit
 def _fwd_gates(t, c_lo, c_hi, rm, r64, c_ptr, wg_ptr, bg_ptr, hs_ptr, xin_ptr, cin_ptr, vs_ptr, g_ptr, xs_ptr,
                B, T, C, H, R, GIN, clamp,
                L: tl.constexpr, NORM_OUT: tl.constexpr, GATE_CTX: tl.constexpr, RANK: tl.constexpr,
@@ -264,33 +290,13 @@ def _fwd_gates(t, c_lo, c_hi, rm, r64, c_ptr, wg_ptr, bg_ptr, hs_ptr, xin_ptr, c
         cols = c0 + tl.arange(0, BC)
         cm = cols < c_hi
         m2 = rm[:, None] & cm[None, :]
-        f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-        i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-        u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm,
-                                                     other=0.0).to(tl.float32)[None, :]
-        K1 = R if RANK else H
-        for k0 in range(0, K1, BK):
-            kc = k0 + tl.arange(0, BK)
-            km = kc < K1
-            if RANK:
-                a = tl.load(vs_ptr + srow[:, None] * R + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            else:
-                a = tl.load(hs_ptr + ((L - 1) * LS + srow)[:, None] * H + kc[None, :],
-                            mask=rm[:, None] & km[None, :], other=0.0)
-            wm = km[:, None] & cm[None, :]
-            f = _mm(a, tl.load(wg_ptr + cols[None, :] * WS + kc[:, None], mask=wm, other=0.0), f, IEEE)
-            i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), i, IEEE)
-            u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), u, IEEE)
-        if GATE_CTX and not RANK:
-            for k0 in range(0, C, BK):
-                kc = k0 + tl.arange(0, BK)
-                km = kc < C
-                a = tl.load(xin_ptr + srow[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                wm = km[:, None] & cm[None, :]
-                wp = wg_ptr + H + kc[:, None]
-                f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
-                i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
-                u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
+        f, i, u = _gate_bias(bg_ptr, cols, cm, C, BB, BC)
+        if RANK:
+            f, i, u = _gate_dots(f, i, u, vs_ptr, srow, rm, R, wg_ptr, WS, cols, cm, C, IEEE, BK)
+        else:
+            f, i, u = _gate_dots(f, i, u, hs_ptr, (L - 1) * LS + srow, rm, H, wg_ptr, WS, cols, cm, C, IEEE, BK)
+            if GATE_CTX:
+                f, i, u = _gate_dots(f, i, u, xin_ptr, srow, rm, C, wg_ptr + H, WS, cols, cm, C, IEEE, BK)
         gp = g_ptr + srow[:, None] * (3 * C) + cols[None, :]
         tl.store(gp, f, mask=m2)
         tl.store(gp + C, i, mask=m2)
@@ -684,7 +690,7 @@ def _bwd_kernel(dhs_ptr, dc_ptr, keep_ptr, wc_ptr, wl_ptr, wv_ptr, wg_ptr, lnw_p
 
 @triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["t"])
 def _bwd_gates_launch(t, dc_ptr, keep_ptr, lnw_ptr, lnb_ptr, cin_ptr, g_ptr, mu_ptr, rs_ptr, dg_ptr, dr_ptr,
-                      pw_ptr, pb_ptr, T, C, B, clamp, HAS_KEEP: tl.constexpr, NORM_READ: tl.constexpr,
+                      pw_ptr, pb_ptr, B, T, C, clamp, HAS_KEEP: tl.constexpr, NORM_READ: tl.constexpr,
                       NORM_OUT: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
     """Step t + 1's read norm backward (NORM_READ, t < T - 1), then step t's gate gradients: whole rows."""
     pid = tl.program_id(0)
@@ -701,7 +707,7 @@ def _bwd_gates_launch(t, dc_ptr, keep_ptr, lnw_ptr, lnb_ptr, cin_ptr, g_ptr, mu_
 
 
 @triton.jit
-def _bwd_read_norm_launch(dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr, pw_ptr, pb_ptr, T, C, B,
+def _bwd_read_norm_launch(dc_ptr, keep_ptr, lnw_ptr, cin_ptr, mu_ptr, rs_ptr, dr_ptr, pw_ptr, pb_ptr, B, T, C,
                           HAS_KEEP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
     """After the last (first in time) step: step 0's read norm backward -> dL/dc_0."""
     pid = tl.program_id(0)
@@ -864,7 +870,7 @@ def _backward_layered(lay, dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin,
     g_rows = (triton.cdiv(B, BR),)
     g_h, g_r, g_c = (nrb, triton.cdiv(H, BN)), (nrb, triton.cdiv(max(R, 1), BN)), (nrb, triton.cdiv(C, BC))
     for t in reversed(range(T)):
-        _launch(_bwd_gates_launch, g_rows, t, dc, kp, lnw, lnb, Cin, G, MU, RS, dG, DR, PW, PB, T, C, B, CONTEXT_CLAMP,
+        _launch(_bwd_gates_launch, g_rows, t, dc, kp, lnw, lnb, Cin, G, MU, RS, dG, DR, PW, PB, B, T, C, CONTEXT_CLAMP,
                 HAS_KEEP=has_keep, NORM_READ=norm_read, NORM_OUT=norm_out, BB=BR, BC=BCR)
         if R:
             _launch(_bwd_rank_launch, g_r, t, Wg, dG, dV, B, T, C, R, IEEE=ieee, BB=BB, BN=BN, BK=BK, **w)
@@ -875,7 +881,7 @@ def _backward_layered(lay, dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin,
                 HAS_KEEP=has_keep, CTX_DROP=ctx_drop, NORM_READ=norm_read, GATE_CTX=gate_ctx,
                 RANK=R > 0, IEEE=ieee, BB=BB, BK=BK, BC=BC, **w)
     if norm_read:
-        _launch(_bwd_read_norm_launch, g_rows, dc, kp, lnw, Cin, MU, RS, DR, PW, PB, T, C, B, HAS_KEEP=has_keep, BB=BR,
+        _launch(_bwd_read_norm_launch, g_rows, dc, kp, lnw, Cin, MU, RS, DR, PW, PB, B, T, C, HAS_KEEP=has_keep, BB=BR,
                 BC=BCR)
 
 
@@ -1198,27 +1204,10 @@ def _gate_tile(pid_c, pid_b, a_ptr, rd_ptr, wg_ptr, bg_ptr, ctx_ptr, xs_ptr, fla
     rows = pid_b * BB + tl.arange(0, BB)
     rm, cm = rows < B, cols < C
     m2 = rm[:, None] & cm[None, :]
-    f = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    i = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    u = tl.zeros([BB, BC], tl.float32) + tl.load(bg_ptr + 2 * C + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    for k0 in range(0, K, BK):
-        kc = k0 + tl.arange(0, BK)
-        km = kc < K
-        a = tl.load(a_ptr + rows[:, None] * K + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-        wm = km[:, None] & cm[None, :]
-        f = _mm(a, tl.load(wg_ptr + cols[None, :] * WS + kc[:, None], mask=wm, other=0.0), f, IEEE)
-        i = _mm(a, tl.load(wg_ptr + (C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), i, IEEE)
-        u = _mm(a, tl.load(wg_ptr + (2 * C + cols)[None, :] * WS + kc[:, None], mask=wm, other=0.0), u, IEEE)
+    f, i, u = _gate_bias(bg_ptr, cols, cm, C, BB, BC)
+    f, i, u = _gate_dots(f, i, u, a_ptr, rows, rm, K, wg_ptr, WS, cols, cm, C, IEEE, BK)
     if READ_CTX:
-        for k0 in range(0, C, BK):
-            kc = k0 + tl.arange(0, BK)
-            km = kc < C
-            a = tl.load(rd_ptr + rows[:, None] * C + kc[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            wm = km[:, None] & cm[None, :]
-            wp = wg_ptr + K + kc[:, None]
-            f = _mm(a, tl.load(wp + cols[None, :] * WS, mask=wm, other=0.0), f, IEEE)
-            i = _mm(a, tl.load(wp + (C + cols)[None, :] * WS, mask=wm, other=0.0), i, IEEE)
-            u = _mm(a, tl.load(wp + (2 * C + cols)[None, :] * WS, mask=wm, other=0.0), u, IEEE)
+        f, i, u = _gate_dots(f, i, u, rd_ptr, rows, rm, C, wg_ptr + K, WS, cols, cm, C, IEEE, BK)
     c = tl.load(ctx_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
     tl.store(xs_ptr + rows[:, None] * C + cols[None, :], tl.sigmoid(f) * c + tl.sigmoid(i) * u, mask=m2)
     if pid_c + pid_b == 0:

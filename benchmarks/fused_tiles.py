@@ -37,11 +37,12 @@ GRID = ["default", "4,128,64,3", "8,256,64,3", "8,256,64,4", "8,512,64,3", "16,5
         "8,256,128,3"]
 
 
-def recurrence_call(name: str):
-    """A function running ``name``'s recurrence forward and backward once, on fixed random inputs."""
+def recurrence_call(name: str, dropout: bool = True):
+    """A function running ``name``'s recurrence once, on fixed random inputs (``dropout`` False: every dropout of
+    the cell off, to see what the masks cost)."""
     from newllm_nb.kernels.fused import fused_recurrence
 
-    cfg = preset(name)
+    cfg = preset(name) if dropout else preset(name, model__dropout=0.0, model__context_dropout=0.0)
     B, T, mc = cfg.train.batch_size, cfg.data.max_seq_length - 1, cfg.model
     torch.manual_seed(0)
     model = build_model(mc).cuda().train()
@@ -57,7 +58,25 @@ def recurrence_call(name: str):
 
 def time_setting(call, steps: int) -> tuple[float, float]:
     """Median forward and backward milliseconds of ``steps`` replays of CUDA graphs of the forward alone and of
-    the forward with its backward (captured after two warm-up calls); backward = the second minus the first."""
+    the forward with its backward; backward = the second minus the first."""
+    graphs = capture(call)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    fwd, total = [], []
+    for _ in range(steps):
+        ev[0].record()
+        graphs[0].replay()
+        ev[1].record()
+        graphs[1].replay()
+        ev[2].record()
+        torch.cuda.synchronize()
+        fwd.append(ev[0].elapsed_time(ev[1]))
+        total.append(ev[1].elapsed_time(ev[2]))
+    f, t = sorted(fwd)[steps // 2], sorted(total)[steps // 2]
+    return f, t - f
+
+
+def capture(call) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+    """CUDA graphs of the forward alone and of the forward with its backward, captured after two warm-up calls."""
     def both() -> None:
         hs, c = call()
         (hs.float().sum() + c.sum()).backward()
@@ -74,23 +93,25 @@ def time_setting(call, steps: int) -> tuple[float, float]:
                 fn()
             graphs.append(g)
     torch.cuda.current_stream().wait_stream(stream)
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-    fwd, total = [], []
-    for _ in range(steps):
-        ev[0].record()
-        graphs[0].replay()
-        ev[1].record()
-        graphs[1].replay()
-        ev[2].record()
+    return graphs[0], graphs[1]
+
+
+def profile(name: str, schedule: str, dropout: bool) -> None:
+    """The kernels of one forward + backward replay, by CUDA time (torch.profiler)."""
+    call, B, T, L = recurrence_call(name, dropout)
+    with environment({"NEWLLM_FUSED_SCHEDULE": schedule}):
+        _, both = capture(call)
+        both.replay()
         torch.cuda.synchronize()
-        fwd.append(ev[0].elapsed_time(ev[1]))
-        total.append(ev[1].elapsed_time(ev[2]))
-    f, t = sorted(fwd)[steps // 2], sorted(total)[steps // 2]
-    return f, t - f
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            both.replay()
+            torch.cuda.synchronize()
+    print(f"\n{name} (B {B}, T {T}, L {L}), {schedule} schedule, dropout {'as the preset' if dropout else 'off'}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
-def sweep(name: str, schedule: str, grid: list[str], steps: int) -> list[dict]:
-    call, B, T, L = recurrence_call(name)
+def sweep(name: str, schedule: str, grid: list[str], steps: int, dropout: bool = True) -> list[dict]:
+    call, B, T, L = recurrence_call(name, dropout)
     prefix, knobs = KNOBS[schedule]
     rows = []
     for setting in grid:
@@ -101,7 +122,7 @@ def sweep(name: str, schedule: str, grid: list[str], steps: int) -> list[dict]:
             row = {"forward_ms": round(fwd, 3), "backward_ms": round(bwd, 3), "total_ms": round(fwd + bwd, 3)}
         except Exception as e:  # a setting the GPU cannot run (e.g. out of shared memory) is a row, not the end
             row = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
-        rows.append({"preset": name, "batch": B, "steps": T, "layers": L, "schedule": schedule,
+        rows.append({"preset": name, "batch": B, "steps": T, "layers": L, "schedule": schedule, "dropout": dropout,
                      f"tiles ({','.join(knobs).lower()})": setting, **row})
         print(rows[-1], flush=True)
     return rows
@@ -114,13 +135,21 @@ def main() -> None:
     ap.add_argument("--grid", nargs="+", default=None, help="settings 'warps,BN,BK,stages' (persistent) or "
                                                              "'BB,BN,BC,warps,stages' (layered), or 'default'")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dropout", default="preset", choices=["preset", "off"],
+                    help="off: every dropout of the cell off, to see what drawing the masks costs")
+    ap.add_argument("--profile", action="store_true", help="also print each preset's kernels in one forward + "
+                                                           "backward replay (torch.profiler), default tiles")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("fused_tiles.py times the Triton training kernels: it needs a CUDA GPU")
     grid = args.grid or (GRID if args.schedule == "persistent" else ["default"])
-    rows = [r for name in args.presets.split(",") for r in sweep(name, args.schedule, grid, args.steps)]
+    dropout = args.dropout == "preset"
+    rows = [r for name in args.presets.split(",") for r in sweep(name, args.schedule, grid, args.steps, dropout)]
     print(f"\ndevice: {device_name(torch.device('cuda'))}, torch {torch.__version__}")
     print(pd.DataFrame(rows).to_string(index=False))
+    if args.profile:
+        for name in args.presets.split(","):
+            profile(name, args.schedule, dropout)
 
 
 if __name__ == "__main__":

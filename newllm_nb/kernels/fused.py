@@ -805,7 +805,7 @@ def _layered_blocks(C: int, H: int, device: torch.device) -> dict:
         return max(16, min(cap, triton.next_power_of_2(n)))
 
     if device.type == "cuda":
-        return dict(BB=env("BB", 64), BN=env("BN", p2(H, 128)), BC=env("BC", p2(C, 64)), BK=env("BK", 64),
+        return dict(BB=env("BB", 64), BN=env("BN", p2(H, 64)), BC=env("BC", p2(C, 64)), BK=env("BK", 64),
                     BR=16, BCR=p2(C, 128), num_warps=env("WARPS", 4), num_stages=env("STAGES", 3))
     return dict(BB=env("BB", 16), BN=env("BN", 16), BC=env("BC", 16), BK=env("BK", 16), BR=16, BCR=p2(C, 32))
 

@@ -633,16 +633,17 @@ def test_fused_tiles_benchmark_refuses_without_a_gpu_in_one_line():
         "fused_tiles.py times the Triton training kernels: it needs a CUDA GPU"], r.stderr
 
 
-def test_fused_schedule_takes_layered_for_large_batches_and_refuses_bad_values(monkeypatch):
+def test_fused_schedule_takes_layered_on_a_gpu_and_refuses_bad_values(monkeypatch):
     from newllm_nb.kernels import fused
 
     monkeypatch.delenv("NEWLLM_FUSED_SCHEDULE", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fused.fused_schedule(fused.LAYERED_MIN_ROWS, cuda) == "layered"
-    assert fused.fused_schedule(fused.LAYERED_MIN_ROWS - 1, cuda) == "persistent"
+    assert fused.fused_schedule(8, cuda) == fused.fused_schedule(2048, cuda) == "layered"
     assert fused.fused_schedule(4096, cpu) == "persistent"  # the interpreter: one launch each way
+    monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "persistent")
+    assert fused.fused_schedule(2048, cuda) == "persistent"
     monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "layered")
-    assert fused.fused_schedule(8, cuda) == "layered"
+    assert fused.fused_schedule(8, cpu) == "layered"
     monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "tiled")
     with pytest.raises(ValueError, match="NEWLLM_FUSED_SCHEDULE='tiled'") as e:
         fused.fused_schedule(8, cuda)

@@ -774,9 +774,6 @@ def _kernel_kwargs(blocks: dict) -> dict:
     return {k: v for k, v in blocks.items() if k not in ("num_warps", "num_stages") or not _INTERPRET}
 
 
-# The layered schedule takes over from this many rows on a GPU: below it a step's phases are too small to fill
-# the GPU, and the persistent kernel's single launch wins (benchmarks/RESULTS.md, "Fused schedules").
-LAYERED_MIN_ROWS = 256
 
 
 def fused_schedule(B: int, device: torch.device) -> str:
@@ -784,14 +781,15 @@ def fused_schedule(B: int, device: torch.device) -> str:
     owning a block of rows for all T steps and reading every weight of the cell at every step. "layered": one
     launch a phase a step (layer 1 with the read of c_{t-1}, each further layer, the gates; backward the same in
     reverse), each over row blocks x column blocks, so that each program reads a slice of a layer's weights and
-    the weights cross the L2 far fewer times (T * (L + 1) launches a pass, captured in the step's CUDA graph).
-    NEWLLM_FUSED_SCHEDULE sets it."""
+    the weights cross the L2 far fewer times (T * (L + 2) launches a pass, captured in the step's CUDA graph).
+    A GPU takes the layered schedule at every batch (on an H200 it is the faster one from batch 8 to 2048,
+    benchmarks/RESULTS.md); the interpreter the persistent kernel. NEWLLM_FUSED_SCHEDULE sets it."""
     forced = os.environ.get("NEWLLM_FUSED_SCHEDULE", "")
     if forced:
         if forced not in ("persistent", "layered"):
             raise ValueError(f"NEWLLM_FUSED_SCHEDULE={forced!r}: use 'persistent' or 'layered'")
         return forced
-    return "layered" if device.type == "cuda" and B >= LAYERED_MIN_ROWS else "persistent"
+    return "layered" if device.type == "cuda" else "persistent"
 
 
 def _layered_blocks(C: int, H: int, device: torch.device) -> dict:

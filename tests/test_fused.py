@@ -650,6 +650,20 @@ def test_fused_schedule_takes_layered_on_a_gpu_and_refuses_bad_values(monkeypatc
     assert "\n" not in str(e.value)
 
 
+def test_layered_tiles_follow_the_batch_and_the_knobs(monkeypatch):
+    from newllm_nb.kernels.fused import _layered_blocks
+
+    for k in ("BB", "BN", "BC"):
+        monkeypatch.delenv("NEWLLM_FUSED_LAYERED_" + k, raising=False)
+    cuda = torch.device("cuda")
+    small, large = _layered_blocks(8, 256, 512, cuda), _layered_blocks(2048, 256, 512, cuda)
+    assert (small["BB"], small["BN"], small["BC"]) == (16, 32, 32)  # one row block, weights over more programs
+    assert (large["BB"], large["BN"], large["BC"]) == (64, 64, 64)
+    assert _layered_blocks(48, 256, 512, cuda)["BB"] == 64 and _layered_blocks(48, 256, 512, cuda)["BN"] == 64
+    monkeypatch.setenv("NEWLLM_FUSED_LAYERED_BN", "128")
+    assert _layered_blocks(8, 256, 512, cuda)["BN"] == 128
+
+
 def test_launch_retries_with_fewer_stages_where_shared_memory_is_short():
     """An L4 has 99 KB of shared memory a block: a tile pipeline that does not fit is launched again with one stage
     fewer, and the depth that fitted is kept for the next launch of the same kernel and tiles."""

@@ -792,10 +792,11 @@ def fused_schedule(B: int, device: torch.device) -> str:
     return "layered" if device.type == "cuda" else "persistent"
 
 
-def _layered_blocks(C: int, H: int, device: torch.device) -> dict:
+def _layered_blocks(B: int, C: int, H: int, device: torch.device) -> dict:
     """The layered schedule's tiles: BB rows x BN columns (layers, the low-rank factor) or x BC context columns
-    (gates, the read's backward) a matmul program; BR rows and BCR-wide steps for the whole-row phases.
-    NEWLLM_FUSED_LAYERED_{BB,BN,BC,BK,WARPS,STAGES} override them."""
+    (gates, the read's backward) a matmul program; BR rows and BCR-wide steps for the whole-row phases. Up to 32
+    rows the batch is one row block of its own height, and 32-column tiles spread each layer's weights over more
+    programs (H200, benchmarks/RESULTS.md). NEWLLM_FUSED_LAYERED_{BB,BN,BC,BK,WARPS,STAGES} override them."""
     def env(name: str, default: int) -> int:
         return int(os.environ.get("NEWLLM_FUSED_LAYERED_" + name, 0)) or default
 
@@ -803,7 +804,8 @@ def _layered_blocks(C: int, H: int, device: torch.device) -> dict:
         return max(16, min(cap, triton.next_power_of_2(n)))
 
     if device.type == "cuda":
-        return dict(BB=env("BB", 64), BN=env("BN", p2(H, 64)), BC=env("BC", p2(C, 64)), BK=env("BK", 64),
+        cols = 32 if B <= 32 else 64
+        return dict(BB=env("BB", p2(B, 64)), BN=env("BN", p2(H, cols)), BC=env("BC", p2(C, cols)), BK=env("BK", 64),
                     BR=16, BCR=p2(C, 128), num_warps=env("WARPS", 4), num_stages=env("STAGES", 3))
     return dict(BB=env("BB", 16), BN=env("BN", 16), BC=env("BC", 16), BK=env("BK", 16), BR=16, BCR=p2(C, 32))
 
@@ -950,7 +952,7 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     XS = torch.zeros(B, C, dtype=torch.float32, device=dev)
     schedule = fused_schedule(B, dev)
     if schedule == "layered":
-        _forward_layered(_layered_blocks(C, H, dev), xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin,
+        _forward_layered(_layered_blocks(B, C, H, dev), xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin,
                          VS, G, MU, RS, XS, B, T, C, H, R, GIN, float(p), float(p_ctx), L, keep is not None, drop,
                          ctx_drop, norm_read, norm_out, gate_ctx)
     else:
@@ -982,7 +984,7 @@ def _run_backward(ctx, d_hs, d_c):
     dA = torch.empty(L, B, T, H, dtype=dt, device=dev)
     DR = torch.empty(B, C, dtype=torch.float32, device=dev) if norm_read else torch.zeros(1, device=dev)
     if ctx.schedule == "layered":
-        lay = _layered_blocks(C, H, dev)
+        lay = _layered_blocks(B, C, H, dev)
         PW = torch.zeros(triton.cdiv(B, lay["BR"]), C, dtype=torch.float32, device=dev)
         PB = torch.zeros_like(PW)
         _backward_layered(lay, dhs, dc, kp, Wc, Wl, Wv, Wg, lnw, lnb, seed, Hs, Cin, G, MU, RS, dG, dV, dA, DR, PW, PB,

@@ -1,3 +1,6 @@
+import importlib
+import types
+
 import pytest
 import torch
 
@@ -129,6 +132,26 @@ def test_decode_ids_greedy_equals_streaming_greedy(lm):
     a = decode_ids(model, prompt, 30, temperature=1.0, seed=5, use_graph=False)
     b = decode_ids(model, prompt, 30, temperature=1.0, seed=5, use_graph=False)
     assert torch.equal(a, b) and not torch.equal(a, ids[:, :30])
+
+
+def test_decode_ids_takes_the_weight_stationary_decoder_for_greedy_only(lm, monkeypatch):
+    generate = importlib.import_module("newllm_nb.infer.generate")  # the module: the package exports a function
+    model, tok = lm
+    asked = []
+
+    def spy(name):
+        def decoder(m, batch_size, chunk=None, temperature=0.0):
+            asked.append((name, batch_size))
+            return types.SimpleNamespace(run=lambda p, n, seed=0: generate.decode_ids(
+                m, p, n, temperature, seed, use_graph=False))
+        return decoder
+    monkeypatch.setattr(generate, "persistent_decoder", spy("persistent"))
+    monkeypatch.setattr(generate, "graph_decoder", spy("graph"))
+    prompt = torch.tensor([encode_prompt(tok, "the cat sat")])
+    greedy = generate.decode_ids(model, prompt, 12, use_graph=True)
+    assert asked == [("persistent", 1)] and torch.equal(greedy, generate.decode_ids(model, prompt, 12, use_graph=False))
+    generate.decode_ids(model, prompt, 12, temperature=1.0, use_graph=True)
+    assert asked[1:] == [("graph", 1)], "sampling is not the persistent decoder's: it decodes greedily only"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -221,6 +221,7 @@ def graph_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, tempe
 # Rows up to which the weight-stationary decoder is the faster greedy decoder: it works through a batch row by row,
 # while the fused decoder's matrix products take many rows at once (NEWLLM_PDEC_MAX_BATCH overrides).
 PERSISTENT_MAX_BATCH = 8
+_SAID: set = set()  # the reasons persistent_decoder has printed
 
 
 def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, max_batch: Optional[int] = None):
@@ -246,7 +247,9 @@ def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, 
             return dec
         except Exception as e:  # ValueError: what it lacks; RuntimeError: the driver refused the grid
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    print(f"persistent decoder unavailable ({why}); decoding with graph_decoder's choice")
+    if why not in _SAID:  # once a reason a session: decode_ids asks again on every call
+        _SAID.add(why)
+        print(f"persistent decoder unavailable ({why}); decoding with graph_decoder's choice")
     return graph_decoder(model, batch_size, chunk)
 
 
@@ -254,12 +257,15 @@ def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, 
 def decode_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                use_graph: Optional[bool] = None, chunk: Optional[int] = None) -> torch.Tensor:
     """Bulk generation of token ids [B, max_new_tokens] (returned on the CPU), no stop conditions.
-    On CUDA it uses the fused Triton decoder where it runs (fused.py), else a ``GraphDecoder``; elsewhere
-    (or ``use_graph=False``) the eager step loop."""
+    On CUDA, greedy decoding of up to ``PERSISTENT_MAX_BATCH`` rows keeps the weights on chip
+    (``persistent_decoder``); otherwise, or where that does not run, the fused Triton decoder (fused.py), else a
+    ``GraphDecoder``. Elsewhere (or ``use_graph=False``) the eager step loop."""
     device = next(model.parameters()).device
     model.eval()
     if use_graph if use_graph is not None else device.type == "cuda":
-        return graph_decoder(model, prompt_ids.shape[0], chunk, temperature).run(prompt_ids, max_new_tokens, seed)
+        B = prompt_ids.shape[0]
+        dec = persistent_decoder(model, B, chunk) if temperature == 0 else graph_decoder(model, B, chunk, temperature)
+        return dec.run(prompt_ids, max_new_tokens, seed)
     logits, ctx = prime(model, prompt_ids.to(device))
     gen = torch.Generator(device=device).manual_seed(seed)
     tok = sample_ids(logits, temperature, gen)

@@ -72,7 +72,11 @@ def _check_persistent_kernel_one_program():
         assert torch.equal(out, ref), f"{name}: {out} != {ref}"
         c = _reference_context(m, prompt, out)
         err = float((dec.context() - c).abs().max()) / max(1.0, float(c.abs().max()))
-        assert err < 1e-3, f"{name}: context off by {err} (relative)"  # fp32 sums in another order
+        # fp32 sums in another order, over the prompt's last token and the 10 ids (init_std 0.5 amplifies them)
+        assert err < 2e-3, f"{name}: context off by {err} (relative)"
+    one = torch.randint(4, 150, (3, 1))  # a one-token prompt: the kernel reads it, no model launch before
+    out = PersistentDecoder(_model(), batch_size=3, chunk=4, programs=1, persistent=True).run(one, 6)
+    assert torch.equal(out, decode_ids(_model(), one, 6, use_graph=False)), "one-token prompt"
 
 
 def _check_phases_one_launch_each_with_many_programs():

@@ -688,13 +688,19 @@ class PersistentDecoder:
     def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
         """Greedy token ids [B, max_new_tokens] on the CPU after ``prompt_ids`` [B, T] (T >= 1), as
         ``ChunkDecoder.run`` (``seed`` is unused: greedy draws nothing); the last launch decodes only the tokens
-        still wanted."""
-        logits, ctx = prime(self.model, prompt_ids.to(self.out.device))
-        self.set_context(ctx, logits.argmax(-1))
+        still wanted. The prompt's last token is the kernel's first input (out[:, 0], dropped), so a one-token
+        prompt costs no launch of the model's own."""
+        ids = prompt_ids.to(self.out.device)
+        if ids.shape[1] > 1:
+            _, ctx = prime(self.model, ids[:, :-1])
+        else:
+            ctx = self.model.init_context(self.B)
+        self.set_context(ctx, ids[:, -1])
         cuda = self.out.device.type == "cuda"
-        out = torch.empty(self.B, max_new_tokens, dtype=torch.long, pin_memory=cuda)
-        for i in range(0, max_new_tokens, self.chunk):
-            n = min(self.chunk, max_new_tokens - i)
+        total = max_new_tokens + 1
+        out = torch.empty(self.B, total, dtype=torch.long, pin_memory=cuda)
+        for i in range(0, total, self.chunk):
+            n = min(self.chunk, total - i)
             self._decode(n)
             out[:, i:i + n].copy_(self.out[:, :n], non_blocking=cuda)
         if cuda:
@@ -702,7 +708,7 @@ class PersistentDecoder:
         if int(self.bar[1]) != 0:
             raise RuntimeError("the persistent decoder's grid barrier timed out (the grid was not co-resident): its "
                                "tokens are not valid")
-        return out
+        return out[:, 1:].clone()
 
 
 def _embed_table(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -273,7 +273,7 @@ class _Schedule:
         from newllm_nb.kernels.fused import fused_schedule
 
         os.environ["NEWLLM_FUSED_SCHEDULE"] = self.schedule
-        assert fused_schedule(4096, torch.device("cpu")) == self.schedule
+        assert fused_schedule(torch.device("cpu")) == self.schedule
 
     def __exit__(self, *exc):
         os.environ.pop("NEWLLM_FUSED_SCHEDULE")
@@ -638,15 +638,15 @@ def test_fused_schedule_takes_layered_on_a_gpu_and_refuses_bad_values(monkeypatc
 
     monkeypatch.delenv("NEWLLM_FUSED_SCHEDULE", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fused.fused_schedule(8, cuda) == fused.fused_schedule(2048, cuda) == "layered"
-    assert fused.fused_schedule(4096, cpu) == "persistent"  # the interpreter: one launch each way
+    assert fused.fused_schedule(cuda) == "layered"
+    assert fused.fused_schedule(cpu) == "persistent"  # the interpreter: one launch each way
     monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "persistent")
-    assert fused.fused_schedule(2048, cuda) == "persistent"
+    assert fused.fused_schedule(cuda) == "persistent"
     monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "layered")
-    assert fused.fused_schedule(8, cpu) == "layered"
+    assert fused.fused_schedule(cpu) == "layered"
     monkeypatch.setenv("NEWLLM_FUSED_SCHEDULE", "tiled")
     with pytest.raises(ValueError, match="NEWLLM_FUSED_SCHEDULE='tiled'") as e:
-        fused.fused_schedule(8, cuda)
+        fused.fused_schedule(cuda)
     assert "\n" not in str(e.value)
 
 

@@ -776,14 +776,15 @@ def _kernel_kwargs(blocks: dict) -> dict:
 
 
 
-def fused_schedule(B: int, device: torch.device) -> str:
-    """How the fused kernels walk the time loop at batch ``B``. "persistent": one launch each way, each program
+def fused_schedule(device: torch.device) -> str:
+    """How the fused kernels walk the time loop on ``device``. "persistent": one launch each way, each program
     owning a block of rows for all T steps and reading every weight of the cell at every step. "layered": one
-    launch a phase a step (layer 1 with the read of c_{t-1}, each further layer, the gates; backward the same in
-    reverse), each over row blocks x column blocks, so that each program reads a slice of a layer's weights and
-    the weights cross the L2 far fewer times (T * (L + 2) launches a pass, captured in the step's CUDA graph).
-    A GPU takes the layered schedule at every batch (on an H200 it is the faster one from batch 8 to 2048,
-    benchmarks/RESULTS.md); the interpreter the persistent kernel. NEWLLM_FUSED_SCHEDULE sets it."""
+    launch a phase a step (the state phase: c_{t-1} and what layer 1 reads; each FNN layer; the low-rank factor;
+    the gates; backward the same in reverse), each over row blocks (x column blocks for the products), so that each
+    program reads a slice of a layer's weights and the weights cross the L2 far fewer times (T * (L + 2) launches
+    a pass, captured in the step's CUDA graph). A GPU takes the layered schedule at every batch (on an H200 it is
+    the faster one from batch 8 to 2048, benchmarks/RESULTS.md); the interpreter the persistent kernel.
+    NEWLLM_FUSED_SCHEDULE sets it."""
     forced = os.environ.get("NEWLLM_FUSED_SCHEDULE", "")
     if forced:
         if forced not in ("persistent", "layered"):
@@ -950,7 +951,7 @@ def _run_forward(ctx, x_proj, c0, keep, W_c, W_v, W_g, b_g, ln_w, ln_b, p, p_ctx
     MU = torch.zeros(B, T, dtype=torch.float32, device=dev)
     RS = torch.zeros(B, T, dtype=torch.float32, device=dev)
     XS = torch.zeros(B, C, dtype=torch.float32, device=dev)
-    schedule = fused_schedule(B, dev)
+    schedule = fused_schedule(dev)
     if schedule == "layered":
         _forward_layered(_layered_blocks(B, C, H, dev), xp, c, kp, Wc, Wl, bl, Wv, Wg, bg, lnw, lnb, seed, Hs, Xin, Cin,
                          VS, G, MU, RS, XS, B, T, C, H, R, GIN, float(p), float(p_ctx), L, keep is not None, drop,

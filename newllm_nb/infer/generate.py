@@ -247,7 +247,7 @@ def persistent_decoder(model, batch_size: int = 1, chunk: Optional[int] = None, 
             return dec
         except Exception as e:  # ValueError: what it lacks; RuntimeError: the driver refused the grid
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    if why not in _SAID:  # once a reason a session: decode_ids asks again on every call
+    if why not in _SAID:  # each reason once a process: decode_ids asks again on every call
         _SAID.add(why)
         print(f"persistent decoder unavailable ({why}); decoding with graph_decoder's choice")
     return graph_decoder(model, batch_size, chunk)
